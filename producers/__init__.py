@@ -1,0 +1,2 @@
+"""Producers: the publisher library (used by the order system and the
+activity page) and the activity page itself."""

@@ -1,0 +1,240 @@
+"""The publisher library.
+
+    from producers.publisher import RabbitPublisher
+    from shared.messages import OrderPlaced
+
+    with RabbitPublisher.from_settings(load_settings()) as publisher:
+        publisher.publish(OrderPlaced(order_id="SO-1", member_id=7, amount_cents=1999, placed_at=now))
+        publisher.publish_many(events)   # confirmed as a batch
+
+Every message is persistent and counts as published only once RabbitMQ has
+confirmed it. ``publish_many`` keeps up to ``window`` messages in flight and
+collects their confirms together instead of waiting for each in turn. A
+dropped connection is re-opened and the unconfirmed messages are sent again:
+a message may then arrive twice, which the workers absorb (every message has
+a stable ID and an idempotency key).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import pika
+import pika.exceptions
+from pika.spec import Basic
+
+from shared import codec
+from shared.errors import PublishError
+from shared.messages import Message
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError)
+
+
+class Publisher(abc.ABC):
+    """Publishes messages so that they are safely in the broker on return."""
+
+    def publish(self, message: Message) -> None:
+        self.publish_many((message,))
+
+    @abc.abstractmethod
+    def publish_many(self, messages: Iterable[Message]) -> int:
+        """Publish all of ``messages``; return how many were confirmed.
+        Raises PublishError if any could not be confirmed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RabbitPublisher(Publisher):
+    """Publishes to RabbitMQ with pika, persistent messages and publisher confirms."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        window: int = 2000,
+        confirm_timeout: float = 30.0,
+        connect_attempts: int = 5,
+        declare: bool = True,
+    ) -> None:
+        self.url = url
+        self.window = window
+        self.confirm_timeout = confirm_timeout
+        self.connect_attempts = connect_attempts
+        self.declare = declare
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._next_tag = 1
+        self._pending: dict[int, bytes] = {}
+        self._routes: dict[int, str] = {}
+        self._failed: set[int] = set()
+        self._select_ok = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> RabbitPublisher:
+        return cls(settings.amqp_url, **options)
+
+    # -- connection ---------------------------------------------------------
+
+    def _connect(self) -> None:
+        params = pika.URLParameters(self.url)
+        params.heartbeat = 30
+        params.blocked_connection_timeout = self.confirm_timeout
+        last: Exception | None = None
+        for attempt in range(self.connect_attempts):
+            try:
+                self._connection = pika.BlockingConnection(params)
+                break
+            except CONNECTION_ERRORS as exc:
+                last = exc
+                time.sleep(min(0.2 * 2**attempt, 3.0))
+        else:
+            raise PublishError(f"cannot connect to RabbitMQ: {last}") from last
+        channel = self._connection.channel()
+        if self.declare:
+            for queue in codec.QUEUES:
+                channel.queue_declare(queue, durable=True, arguments=codec.queue_arguments(queue))
+                channel.queue_declare(codec.xq_name(queue), durable=True, arguments=codec.xq_arguments())
+        # Confirms are collected asynchronously (the blocking channel's own
+        # confirm mode waits for each publish in turn).
+        self._select_ok = False
+        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
+        channel._impl.add_on_return_callback(self._on_return)
+        self._channel = channel
+        self._next_tag = 1
+        self._wait(lambda: self._select_ok, "confirm.select-ok")
+
+    def _on_select_ok(self, _frame: Any) -> None:
+        self._select_ok = True
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tags = (
+            [t for t in self._pending if t <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        for tag in tags:
+            self._pending.pop(tag, None)
+            if isinstance(method, Basic.Nack):
+                self._failed.add(tag)
+
+    def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+        # Unroutable (its queue is gone): the ack that follows must not count.
+        for tag, mid in self._routes.items():
+            if mid == properties.message_id:
+                self._failed.add(tag)
+
+    def _wait(self, done: Any, what: str) -> None:
+        assert self._connection is not None
+        deadline = time.monotonic() + self.confirm_timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise PublishError(f"timed out waiting for {what}")
+            self._connection.process_data_events(time_limit=0.05)
+
+    # -- publishing ---------------------------------------------------------
+
+    def publish_many(self, messages: Iterable[Message]) -> int:
+        batch: list[tuple[str, bytes, str]] = []
+        confirmed = 0
+        for message in messages:
+            envelope = codec.envelope(message)
+            batch.append((envelope["queue_name"], codec.dumps(envelope), envelope["message_id"]))
+            if len(batch) >= self.window:
+                confirmed += self._publish_batch(batch)
+                batch = []
+        if batch:
+            confirmed += self._publish_batch(batch)
+        return confirmed
+
+    def publish_raw(self, queue: str, body: bytes, message_id: str) -> int:
+        """Publish an already-encoded envelope (replays of captured traffic)."""
+        return self._publish_batch([(queue, body, message_id)])
+
+    def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
+        remaining = list(batch)
+        for attempt in range(self.connect_attempts):
+            try:
+                remaining = self._try_batch(remaining)
+            except CONNECTION_ERRORS as exc:
+                log.warning("publish interrupted (%s); reconnecting, attempt %d", exc, attempt + 1)
+                self._drop()
+                continue
+            if not remaining:
+                return len(batch)
+        raise PublishError(f"{len(remaining)} of {len(batch)} messages were not confirmed")
+
+    def _try_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
+        """Publish, wait for every confirm, and return what must be sent again."""
+        if self._connection is None or self._connection.is_closed:
+            self._connect()
+        by_tag: dict[int, tuple[str, bytes, str]] = {}
+        self._failed.clear()
+        self._routes.clear()
+        for item in batch:
+            queue, body, message_id = item
+            tag = self._next_tag
+            self._next_tag += 1
+            self._pending[tag] = body
+            self._routes[tag] = message_id
+            by_tag[tag] = item
+            self._channel.basic_publish(
+                exchange="",
+                routing_key=queue,
+                body=body,
+                properties=pika.BasicProperties(
+                    delivery_mode=2, content_type=codec.CONTENT_TYPE, message_id=message_id
+                ),
+                mandatory=True,
+            )
+        self._wait(lambda: not self._pending, "publisher confirms")
+        return [by_tag[tag] for tag in sorted(self._failed)]
+
+    def _drop(self) -> None:
+        self._pending.clear()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # the connection is already broken
+                self._connection.close()
+        self._connection = None
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        self._connection = None
+
+
+class BrokerPublisher(Publisher):
+    """Publishes through a Dramatiq broker object: the in-process stub of the
+    embedded demo, or any broker a test hands in."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+
+    def publish_many(self, messages: Iterable[Message]) -> int:
+        from dramatiq import Message as DramatiqMessage
+
+        count = 0
+        for message in messages:
+            envelope = codec.envelope(message)
+            self.broker.enqueue(DramatiqMessage(**envelope))
+            count += 1
+        return count

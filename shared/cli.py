@@ -1,0 +1,228 @@
+"""The ``issuance`` command: schema, back office, publishing, workers,
+verification and the embedded demo. ``issuance --help`` lists everything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("issuance")
+
+
+def _session(settings: Settings) -> Any:
+    from sqlalchemy.orm import Session
+
+    from shared import database
+
+    return Session(database.engine(settings))
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import database
+
+    database.upgrade(settings, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_channel_create(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import backoffice
+
+    with _session(settings) as session, session.begin():
+        channel = backoffice.create_channel(session, args.name)
+        print(f"channel {channel.name} ({channel.channel_id})")
+    return 0
+
+
+def cmd_activity_create(args: argparse.Namespace, settings: Settings) -> int:
+    from shared import backoffice
+
+    data = json.loads(Path(args.file).read_text())
+    spec = backoffice.ActivitySpec.from_mapping(data)
+    with _session(settings) as session, session.begin():
+        activity = backoffice.create_activity(session, spec)
+        print(f"activity {activity.slug} ({activity.activity_id}) with budget {activity.budget}")
+    return 0
+
+
+def cmd_codes_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from shared import backoffice
+
+    with Progress(disable=args.count < 200_000 or not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"codes {args.template}", total=args.count)
+        with _session(settings) as session, session.begin():
+            batch = backoffice.generate_codes(
+                session, args.template, args.count, progress=lambda n: progress.advance(task, n)
+            )
+            print(f"batch {batch.batch_id}: {batch.size} codes for {args.template}")
+    return 0
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    with open(path, "rb") if path != "-" else sys.stdin.buffer as handle:
+        for line in handle:
+            if line.strip():
+                yield line
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    """Replay or backfill a JSON-lines file, one payload per line."""
+    from rich.progress import Progress
+
+    from producers.publisher import RabbitPublisher
+    from shared.codec import parse_line
+    from shared.errors import InvalidMessage
+
+    good, bad = [], 0
+    for number, line in enumerate(_lines(args.file), start=1):
+        try:
+            good.append(parse_line(args.type, line))
+        except InvalidMessage as exc:
+            bad += 1
+            print(f"line {number}: refused, {exc}", file=sys.stderr)
+    with (
+        RabbitPublisher.from_settings(settings) as publisher,
+        Progress(disable=not sys.stderr.isatty()) as bar,
+    ):
+        task = bar.add_task(f"publishing {args.type}", total=len(good))
+        for start in range(0, len(good), 1000):
+            bar.advance(task, publisher.publish_many(good[start : start + 1000]))
+    print(f"published {len(good)} {args.type} messages; refused {bad} lines")
+    return 1 if bad else 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from shared.verify import verify
+
+    with psycopg.connect(settings.database_url) as conn:
+        report = verify(conn)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print("counts: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+        print("refused: " + (", ".join(f"{k}={v}" for k, v in report.refusals.items()) or "none"))
+        for name, rows in report.breaches.items():
+            if rows:
+                print(f"BREACH {name}: {len(rows)} e.g. {rows[:3]}")
+        print("verify: clean" if report.clean else "verify: BREACHES FOUND")
+    return 0 if report.clean else 1
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the actors under Dramatiq's CLI (which forks the processes)."""
+    argv = ["dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
+    if args.queues:
+        argv += ["--queues", *args.queues]
+    os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606 - replaces this process
+
+
+def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.messages import MESSAGE_TYPES
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, message_type in MESSAGE_TYPES.items():
+        path = out / f"{name}.v{message_type.VERSION}.json"
+        path.write_text(json.dumps(message_type.json_schema(), indent=2) + "\n")
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(claims=args.claims, embedded=args.embedded)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="issuance", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the Alembic migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    channel = sub.add_parser("channel", help="distribution channels").add_subparsers(
+        dest="sub", required=True
+    )
+    create = channel.add_parser("create")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_channel_create)
+
+    activity = sub.add_parser("activity", help="activities (campaigns)").add_subparsers(
+        dest="sub", required=True
+    )
+    create = activity.add_parser("create", help="create an activity from a JSON file")
+    create.add_argument("--file", required=True)
+    create.set_defaults(func=cmd_activity_create)
+
+    codes = sub.add_parser("codes", help="code batches").add_subparsers(dest="sub", required=True)
+    generate = codes.add_parser("generate")
+    generate.add_argument("--template", required=True, help="the template's prefix")
+    generate.add_argument("--count", type=int, required=True)
+    generate.set_defaults(func=cmd_codes_generate)
+
+    publish = sub.add_parser("publish", help="publish a JSON-lines file of payloads")
+    publish.add_argument("type", choices=["order-placed", "share-opened", "claim-requested"])
+    publish.add_argument("--file", required=True, help="path, or - for standard input")
+    publish.set_defaults(func=cmd_publish)
+
+    verify = sub.add_parser("verify", help="check every invariant; non-zero exit on a breach")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
+
+    worker = sub.add_parser("worker", help="run the Dramatiq workers")
+    worker.add_argument("--processes", type=int, default=2)
+    worker.add_argument("--threads", type=int, default=8)
+    worker.add_argument("--queues", nargs="*")
+    worker.set_defaults(func=cmd_worker)
+
+    schemas = sub.add_parser("schemas", help="write the JSON Schema of every message")
+    schemas.add_argument("--out", default="shared/schemas")
+    schemas.set_defaults(func=cmd_schemas)
+
+    demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
+    demo.add_argument("--claims", type=int, default=3000)
+    demo.add_argument(
+        "--embedded",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="embedded PostgreSQL/Redis and the in-process broker (auto: unless service URLs are set)",
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        settings = load_settings()
+        return int(args.func(args, settings))
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # BackOfficeError and friends: an operator's mistake
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

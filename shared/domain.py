@@ -1,0 +1,220 @@
+"""The business rules of DOMAIN.md as plain functions.
+
+This module must not import database, broker, cache, network or metrics code
+(a unit test checks it): everything here is decided from values.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import hmac
+import math
+import secrets
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import phonenumbers
+
+# Codes use an alphabet without look-alikes (no 0/O, 1/I): 32 symbols,
+# exactly 5 bits each.
+CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+CODE_MIN_LENGTH = 10
+CODE_MAX_LENGTH = 16
+DEFAULT_CODE_RANDOM_BITS = 64
+
+# Share IDs are derived from order IDs, so the order system can build the link
+# itself and a replayed order-placed opens the same share.
+SHARE_NAMESPACE = uuid.UUID("6f1c51a4-2d55-4bd3-9a51-3c1f0f5ad2a1")
+
+
+class Refusal(enum.StrEnum):
+    """Why a claim was refused. The values are stable: they are stored and
+    shown to the activity page."""
+
+    BAD_PHONE = "bad_phone"
+    ALREADY_RECEIVED = "already_received"
+    SIMILAR_ACTIVITY = "similar_activity"
+    NOT_STARTED = "not_started"
+    ENDED = "ended"
+    SOLD_OUT = "sold_out"
+    POOL_EMPTY = "pool_empty"
+    UNKNOWN_ACTIVITY = "unknown_activity"
+
+    @property
+    def text(self) -> str:
+        """The sentence a member reads."""
+        return REFUSAL_TEXT[self]
+
+
+REFUSAL_TEXT: dict[Refusal, str] = {
+    Refusal.BAD_PHONE: "please enter a correct mobile number",
+    Refusal.ALREADY_RECEIVED: "you have already received this package",
+    Refusal.SIMILAR_ACTIVITY: "you have taken part in a similar activity, please check your coupons",
+    Refusal.NOT_STARTED: "this activity has not started yet",
+    Refusal.ENDED: "this activity has ended",
+    Refusal.SOLD_OUT: "all packages are gone",
+    Refusal.POOL_EMPTY: "all packages are gone",
+    Refusal.UNKNOWN_ACTIVITY: "this activity does not exist",
+}
+
+
+class InvalidPhone(ValueError):
+    """The text is not a valid mobile number."""
+
+
+def normalize_phone(raw: str, default_region: str) -> str:
+    """Parse a mobile number as typed and return it in E.164 form.
+
+    Raises :class:`InvalidPhone` for anything that is not a valid mobile (or
+    fixed-or-mobile) number.
+    """
+    if not isinstance(raw, str) or not 3 <= len(raw) <= 32:
+        raise InvalidPhone(Refusal.BAD_PHONE.text)
+    try:
+        parsed = phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException:
+        raise InvalidPhone(Refusal.BAD_PHONE.text) from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidPhone(Refusal.BAD_PHONE.text)
+    kind = phonenumbers.number_type(parsed)
+    if kind not in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE):
+        raise InvalidPhone(Refusal.BAD_PHONE.text)
+    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+def phone_digest(e164: str, key: str) -> bytes:
+    """The keyed hash a number is looked up by (HMAC-SHA256)."""
+    return hmac.new(key.encode(), e164.encode(), hashlib.sha256).digest()
+
+
+def mask_phone(e164: str) -> str:
+    """A number as it may appear in logs and screens: ``+86138****5678``."""
+    if len(e164) <= 8:
+        return "*" * len(e164)
+    return f"{e164[:6]}{'*' * (len(e164) - 10)}{e164[-4:]}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityRules:
+    """What the claim rules need to know about an activity."""
+
+    online: bool
+    starts_at: datetime
+    ends_at: datetime
+
+
+def window_refusal(rules: ActivityRules, at: datetime) -> Refusal | None:
+    """Refuse claims outside the activity's window, or while it is offline."""
+    if not rules.online:
+        return Refusal.ENDED
+    if at < rules.starts_at:
+        return Refusal.NOT_STARTED
+    if at >= rules.ends_at:
+        return Refusal.ENDED
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TemplateRef:
+    """A coupon template, as far as binding needs it."""
+
+    template_id: int
+    new_user_only: bool
+
+
+def templates_to_bind(templates: Sequence[TemplateRef], *, new_member: bool) -> list[TemplateRef]:
+    """One code per template of the package; new-user-exclusive templates
+    only when the number claims for the first time on the platform."""
+    return [t for t in templates if new_member or not t.new_user_only]
+
+
+def coupon_expiry(
+    claimed_at: datetime,
+    *,
+    zone: str,
+    validity_days: int | None,
+    valid_until: datetime | None,
+) -> datetime:
+    """When a coupon claimed at ``claimed_at`` expires.
+
+    With ``validity_days`` N: at 24:00 (the end) of claim-date + N days in the
+    activity's time zone. Otherwise the fixed window's end.
+    """
+    if validity_days is not None:
+        tz = ZoneInfo(zone)
+        claim_date: date = claimed_at.astimezone(tz).date()
+        end_day = claim_date + timedelta(days=validity_days + 1)
+        return datetime.combine(end_day, time(0), tzinfo=tz).astimezone(UTC)
+    if valid_until is None:
+        raise ValueError("an activity needs validity_days or a fixed validity window")
+    return valid_until
+
+
+def credit_deadline(claimed_at: datetime, promise_seconds: int) -> datetime:
+    """The promise printed on the page: credited within 24 hours of the claim."""
+    return claimed_at + timedelta(seconds=promise_seconds)
+
+
+def share_id_for(order_id: str) -> uuid.UUID:
+    """The share (red envelope) opened for an order."""
+    return uuid.uuid5(SHARE_NAMESPACE, order_id)
+
+
+def random_length(bits: int) -> int:
+    """How many alphabet symbols carry at least ``bits`` of randomness."""
+    return math.ceil(bits / math.log2(len(CODE_ALPHABET)))
+
+
+def validate_prefix(prefix: str, bits: int = DEFAULT_CODE_RANDOM_BITS) -> None:
+    """A prefix uses the code alphabet and leaves room for the random part."""
+    if not prefix or any(c not in CODE_ALPHABET for c in prefix):
+        raise ValueError(f"prefix {prefix!r} must use only {CODE_ALPHABET}")
+    total = len(prefix) + random_length(bits)
+    if not CODE_MIN_LENGTH <= total <= CODE_MAX_LENGTH:
+        raise ValueError(
+            f"prefix {prefix!r} with {bits} random bits makes {total}-character codes;"
+            f" codes must be {CODE_MIN_LENGTH} to {CODE_MAX_LENGTH} characters"
+        )
+
+
+def keyspace(bits: int = DEFAULT_CODE_RANDOM_BITS) -> int:
+    """How many distinct codes one prefix can hold."""
+    return int(len(CODE_ALPHABET) ** random_length(bits))
+
+
+# base32 maps 5 random bits to one of 32 symbols; translating its alphabet to
+# ours keeps every symbol uniformly random and costs one C call per batch.
+_B32_TO_CODE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", CODE_ALPHABET.encode())
+
+
+def new_codes(prefix: str, count: int, bits: int = DEFAULT_CODE_RANDOM_BITS) -> list[str]:
+    """``count`` codes: the prefix, then symbols from the OS CSPRNG."""
+    length = random_length(bits)
+    chunk = 16  # base32 of 10 bytes: 16 symbols, 80 bits
+    if length > chunk:
+        raise ValueError(f"at most {chunk * 5} random bits per code")
+    symbols = base64.b32encode(secrets.token_bytes(10 * count)).translate(_B32_TO_CODE).decode()
+    return [prefix + symbols[i : i + length] for i in range(0, chunk * count, chunk)]
+
+
+# Random codes stay unguessable and cheap to generate only while the pool
+# uses a sliver of the keyspace.
+MAX_KEYSPACE_FRACTION = 1e-6
+
+
+def check_capacity(prefix: str, existing: int, requested: int, bits: int = DEFAULT_CODE_RANDOM_BITS) -> None:
+    """Refuse a batch that cannot be unique (or would make codes guessable)."""
+    validate_prefix(prefix, bits)
+    limit = int(keyspace(bits) * MAX_KEYSPACE_FRACTION)
+    if requested < 1:
+        raise ValueError("a batch needs at least one code")
+    if existing + requested > limit:
+        raise ValueError(
+            f"{existing + requested} codes under {prefix!r} exceed {limit}, the most a keyspace of"
+            f" {keyspace(bits):.3g} holds while a guess stays under one in a million; use more random bits"
+        )

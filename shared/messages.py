@@ -1,0 +1,296 @@
+"""The messages that cross the broker: data only, named in the past tense.
+
+Each type knows its wire name and schema version and how to read itself from a
+decoded JSON payload, checking every field. The field specifications below
+are also the source of the published JSON Schemas (``issuance schemas``), so
+the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar, TypeVar
+
+from shared.errors import InvalidMessage
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+CODE = re.compile(r"^[23456789ABCDEFGHJKLMNPQRSTUVWXYZ]{10,16}$")
+MAX_AMOUNT_CENTS = 10**11  # a billion in currency units: anything above is a bug upstream
+MAX_CODES_PER_ORDER = 20
+MAX_MEMBER_ID = 2**63 - 1
+
+Parser = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """How one field is read from JSON and how the JSON Schema describes it."""
+
+    parse: Parser
+    schema: dict[str, Any]
+    required: bool = True
+
+
+def _fail(name: str, detail: str) -> InvalidMessage:
+    return InvalidMessage("bad_field", f"{name}: {detail}")
+
+
+def text(pattern: re.Pattern[str], description: str) -> FieldSpec:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise ValueError(f"must be {description}")
+        return value
+
+    return FieldSpec(parse, {"type": "string", "pattern": pattern.pattern, "description": description})
+
+
+def integer(lo: int, hi: int, description: str) -> FieldSpec:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"must be an integer from {lo} to {hi}")
+        return value
+
+    return FieldSpec(parse, {"type": "integer", "minimum": lo, "maximum": hi, "description": description})
+
+
+def timestamp(description: str) -> FieldSpec:
+    def parse(value: Any) -> datetime:
+        if not isinstance(value, str) or len(value) > 40:
+            raise ValueError("must be an RFC 3339 timestamp with an offset")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an RFC 3339 timestamp with an offset") from None
+        if parsed.tzinfo is None:
+            raise ValueError("must carry a UTC offset")
+        return parsed.astimezone(UTC)
+
+    return FieldSpec(parse, {"type": "string", "format": "date-time", "description": description})
+
+
+def uuid_field(description: str) -> FieldSpec:
+    def parse(value: Any) -> uuid.UUID:
+        if not isinstance(value, str) or len(value) != 36:
+            raise ValueError("must be a UUID in its 36-character form")
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise ValueError("must be a UUID in its 36-character form") from None
+
+    return FieldSpec(parse, {"type": "string", "format": "uuid", "description": description})
+
+
+def optional(spec: FieldSpec) -> FieldSpec:
+    def parse(value: Any) -> Any:
+        return None if value is None else spec.parse(value)
+
+    return FieldSpec(parse, {"anyOf": [spec.schema, {"type": "null"}]}, required=False)
+
+
+def code_list(description: str) -> FieldSpec:
+    def parse(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or len(value) > MAX_CODES_PER_ORDER:
+            raise ValueError(f"must be a list of at most {MAX_CODES_PER_ORDER} codes")
+        if not all(isinstance(c, str) and CODE.fullmatch(c) for c in value):
+            raise ValueError("every code must be 10 to 16 characters of the code alphabet")
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a code")
+        return tuple(value)
+
+    schema = {
+        "type": "array",
+        "items": {"type": "string", "pattern": CODE.pattern},
+        "maxItems": MAX_CODES_PER_ORDER,
+        "uniqueItems": True,
+        "description": description,
+    }
+    return FieldSpec(parse, schema, required=False)
+
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of every message type."""
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[Mapping[str, FieldSpec]]
+    EXAMPLE: ClassVar[Mapping[str, Any]]
+
+    @classmethod
+    def from_payload(cls: type[M], payload: Any) -> M:
+        """Read a message from its decoded JSON payload, or raise InvalidMessage."""
+        if not isinstance(payload, dict):
+            raise InvalidMessage("bad_payload", "the payload must be a JSON object")
+        version = payload.get("v")
+        if version != cls.VERSION:
+            raise InvalidMessage(
+                "unknown_version", f"{cls.TYPE} v{version!r} is not supported (v{cls.VERSION})"
+            )
+        unknown = set(payload) - set(cls.FIELDS) - {"v"}
+        if unknown:
+            raise InvalidMessage("unknown_field", f"{cls.TYPE} has no field {sorted(unknown)[0]!r}")
+        values: dict[str, Any] = {}
+        for name, spec in cls.FIELDS.items():
+            if name not in payload:
+                if spec.required:
+                    raise InvalidMessage("missing_field", f"{cls.TYPE} needs {name!r}")
+                continue
+            try:
+                values[name] = spec.parse(payload[name])
+            except ValueError as exc:
+                raise _fail(name, str(exc)) from None
+        return cls(**values)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON-ready payload (orjson serialises UUIDs and datetimes)."""
+        payload: dict[str, Any] = {"v": self.VERSION}
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+            payload[name] = value
+        return payload
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of the payload (``args[0]`` of the envelope)."""
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"urn:issuance:message:{cls.TYPE}:v{cls.VERSION}",
+            "title": cls.__name__,
+            "description": (cls.__doc__ or "").strip().splitlines()[0],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["v", *(n for n, s in cls.FIELDS.items() if s.required)],
+            "properties": {"v": {"const": cls.VERSION}, **{n: s.schema for n, s in cls.FIELDS.items()}},
+            "examples": [dict(cls.EXAMPLE)],
+        }
+
+    def business_key(self) -> str:
+        """The idempotency key: the same key is the same business event."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OrderPlaced(Message):
+    """An order was placed; the pipeline opens a share (red envelope) for it."""
+
+    TYPE: ClassVar[str] = "order-placed"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "order_id": text(ORDER_ID, "the order system's order ID (the idempotency key)"),
+        "member_id": integer(1, MAX_MEMBER_ID, "the buyer's member ID"),
+        "amount_cents": integer(0, MAX_AMOUNT_CENTS, "order amount in minor units"),
+        "placed_at": timestamp("when the order was placed"),
+        "activity": optional(text(SLUG, "slug of the activity whose envelope this order opens")),
+        "redeemed_codes": code_list("coupon codes redeemed in this order"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "order_id": "SO-20261111-000042",
+        "member_id": 1001,
+        "amount_cents": 25900,
+        "placed_at": "2026-11-11T00:00:05+08:00",
+        "activity": "double-eleven",
+        "redeemed_codes": [],
+    }
+
+    order_id: str
+    member_id: int
+    amount_cents: int
+    placed_at: datetime
+    activity: str | None = None
+    redeemed_codes: tuple[str, ...] = ()
+
+    def business_key(self) -> str:
+        return self.order_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ShareOpened(Message):
+    """Somebody opened a share link (a funnel and fraud signal)."""
+
+    TYPE: ClassVar[str] = "share-opened"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "event_id": uuid_field("client-chosen ID of this open (the idempotency key)"),
+        "share_id": uuid_field("the share that was opened"),
+        "opened_at": timestamp("when the page was opened"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "event_id": "0b5e7c1e-8d6a-4a8e-9d0c-5d2b7c1f9e01",
+        "share_id": "3f0c0e7e-2b2a-5c3e-8f6d-0a9b8c7d6e5f",
+        "opened_at": "2026-11-11T00:01:00Z",
+    }
+
+    event_id: uuid.UUID
+    share_id: uuid.UUID
+    opened_at: datetime
+
+    def business_key(self) -> str:
+        return str(self.event_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimRequested(Message):
+    """A mobile number asked for an activity's package."""
+
+    TYPE: ClassVar[str] = "claim-requested"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "claim_id": uuid_field("client-chosen claim ID (the idempotency key)"),
+        "activity": text(SLUG, "slug of the activity"),
+        "phone": text(re.compile(r"^\+?[0-9 ()-]{3,31}$"), "mobile number, E.164 preferred"),
+        "requested_at": timestamp("when the member tapped claim; the 24-hour promise runs from here"),
+        "share_id": optional(uuid_field("the share the claim came through, if any")),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "claim_id": "9a7b1d2e-3c4f-4a5b-8c6d-7e8f9a0b1c2d",
+        "activity": "double-eleven",
+        "phone": "+8613800138000",
+        "requested_at": "2026-11-11T00:01:30Z",
+        "share_id": "3f0c0e7e-2b2a-5c3e-8f6d-0a9b8c7d6e5f",
+    }
+
+    claim_id: uuid.UUID
+    activity: str
+    phone: str
+    requested_at: datetime
+    share_id: uuid.UUID | None = None
+
+    def business_key(self) -> str:
+        return str(self.claim_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CreditRequested(Message):
+    """Internal: a bound claim is ready to be credited to the wallet."""
+
+    TYPE: ClassVar[str] = "credit-requested"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "claim_id": uuid_field("the bound claim to credit"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {"v": 1, "claim_id": "9a7b1d2e-3c4f-4a5b-8c6d-7e8f9a0b1c2d"}
+
+    claim_id: uuid.UUID
+
+    def business_key(self) -> str:
+        return str(self.claim_id)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (OrderPlaced, ShareOpened, ClaimRequested, CreditRequested)
+}
+PUBLIC_TYPES = ("order-placed", "share-opened", "claim-requested")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
