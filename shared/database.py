@@ -22,8 +22,9 @@ def alembic_config(settings: Settings) -> Config:
     return config
 
 
-def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (``issuance db upgrade``)."""
+def upgrade(settings: Settings, revision: str = "heads") -> None:
+    """Bring the schema to ``revision`` (``issuance db upgrade``); "heads" applies
+    every branch of migrations."""
     command.upgrade(alembic_config(settings), revision)
 
 
