@@ -40,6 +40,14 @@ class Settings:
     fault: str = ""
     fault_trigger: str = ""
     metrics_port: int = 9191
+    # The activity page: attempts per client IP and per number in each rate
+    # window, extra origins allowed to post claims (comma-separated; the
+    # page's own origin always is), and how long activities are cached.
+    web_rate_per_ip: int = 120
+    web_rate_per_phone: int = 10
+    web_rate_window_seconds: int = 60
+    web_trusted_origins: str = ""
+    web_cache_seconds: int = 2
 
     @property
     def sqlalchemy_url(self) -> str:
