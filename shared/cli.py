@@ -140,6 +140,27 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    if args.sub == "drain":
+        from shared import database
+        from workers.dead_letters import drain
+
+        with database.pool(settings, max_size=2) as pool:
+            print(f"moved {drain(settings, pool)} messages from the .XQ queues")
+        return 0
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT created_at, queue, actor, reason, left(detail, 80) FROM dead_letters"
+            " ORDER BY dead_letter_id DESC LIMIT %s",
+            (args.limit,),
+        ).fetchall()
+    for row in rows:
+        print(" | ".join(str(v) for v in row))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from workers.demo import run_demo
 
@@ -194,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = sub.add_parser("schemas", help="write the JSON Schema of every message")
     schemas.add_argument("--out", default="shared/schemas")
     schemas.set_defaults(func=cmd_schemas)
+
+    dead = sub.add_parser("dead-letters", help="messages that could not be used, with reasons")
+    dead.add_argument("sub", choices=["list", "drain"])
+    dead.add_argument("--limit", type=int, default=50)
+    dead.set_defaults(func=cmd_dead_letters)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
     demo.add_argument("--claims", type=int, default=3000)

@@ -256,5 +256,7 @@ def insert_dead_letter(
     headers: dict[str, Any] | None = None,
 ) -> bool:
     """Keep a message that cannot be used, with its reason; once per (message, reason)."""
-    params = (message_key, queue, actor, reason, detail[:2000], body, Jsonb(headers) if headers else None)
+    # PostgreSQL text cannot hold NUL; a garbage body must still be kept.
+    detail, body = (v.replace("\x00", "\\x00") for v in (detail[:2000], body))
+    params = (message_key, queue, actor, reason, detail, body, Jsonb(headers) if headers else None)
     return conn.execute(INSERT_DEAD_LETTER, params).rowcount == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,10 +33,8 @@ def test_a_fixed_line_is_not_a_mobile_number():
 
 @given(st.text(max_size=40))
 def test_normalisation_never_crashes(text):
-    try:
+    with contextlib.suppress(domain.InvalidPhone):
         assert domain.normalize_phone(text, "CN").startswith("+")
-    except domain.InvalidPhone:
-        pass
 
 
 def test_digests_are_keyed_and_masks_hide_the_middle():

@@ -1,0 +1,85 @@
+"""Races: many deliveries of one claim, one number from many threads and
+processes, many claimants for the last packages and codes. The database
+decides; `issuance verify` must stay clean."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+
+from shared import database
+from shared.domain import Refusal
+from shared.messages import CreditRequested
+from shared.settings import Settings
+from tests.conftest import claim, make_activity, verify_clean
+from workers.handlers import ClaimOutcome, handle_claim, handle_credit
+
+
+def _race(pool, settings, messages, workers=16) -> list[ClaimOutcome]:
+    with ThreadPoolExecutor(workers) as executor:
+        return list(executor.map(lambda m: handle_claim(pool, settings, m), messages))
+
+
+def test_the_same_claim_delivered_by_many_threads_at_once_binds_once(settings, pool):
+    act = make_activity(settings, templates=2)
+    message = claim(act["slug"])
+    outcomes = _race(pool, settings, [message] * 32)
+    assert sum(not o.duplicate for o in outcomes) == 1
+    assert {o.status for o in outcomes} == {"bound"}
+    with ThreadPoolExecutor(8) as executor:
+        written = list(
+            executor.map(
+                lambda _: handle_credit(pool, CreditRequested(claim_id=message.claim_id))[0], range(8)
+            )
+        )
+    assert sorted(written) == [0] * 7 + [2]
+    assert verify_clean(settings)["counts"]["credits"] == 2
+
+
+def test_one_number_claiming_from_many_threads_gets_one_package(settings, pool):
+    act = make_activity(settings)
+    outcomes = _race(pool, settings, [claim(act["slug"], "+8613800138000") for _ in range(32)])
+    counts = Counter(o.reason for o in outcomes)
+    assert counts == {None: 1, Refusal.ALREADY_RECEIVED: 31}
+    verify_clean(settings)
+
+
+def test_many_claimants_racing_for_the_last_packages(settings, pool):
+    act = make_activity(settings, budget=25, codes=100)
+    outcomes = _race(pool, settings, [claim(act["slug"]) for _ in range(80)])
+    counts = Counter(o.reason for o in outcomes)
+    assert counts == {None: 25, Refusal.SOLD_OUT: 55}, "no overselling and no slot left unsold"
+    verify_clean(settings)
+
+
+def test_many_claimants_racing_for_the_last_codes(settings, pool):
+    act = make_activity(settings, budget=100, codes=20, templates=2)
+    outcomes = _race(pool, settings, [claim(act["slug"]) for _ in range(60)])
+    counts = Counter(o.reason for o in outcomes)
+    assert counts == {None: 20, Refusal.POOL_EMPTY: 40}
+    report = verify_clean(settings)
+    assert report["counts"]["codes_bound"] == 40 and report["counts"]["codes_available"] == 0
+
+
+def _claim_in_process(args: tuple[dict[str, str], str, int]) -> list[str]:
+    env, slug, count = args
+    from shared.settings import settings_from
+
+    settings = settings_from(env)
+    with database.pool(settings, max_size=4) as pool:
+        return [str(handle_claim(pool, settings, claim(slug, "+8613800138000")).reason) for _ in range(count)]
+
+
+def test_one_number_from_many_processes_gets_one_package(settings: Settings, service_env):
+    act = make_activity(settings)
+    with multiprocessing.get_context("spawn").Pool(4) as processes:
+        results = processes.map(_claim_in_process, [(service_env, act["slug"], 5)] * 4)
+    reasons = Counter(r for batch in results for r in batch)
+    assert reasons == {"None": 1, "already_received": 19}
+    with psycopg.connect(settings.database_url) as conn:
+        members = conn.execute("SELECT count(*) FROM members").fetchone()
+    assert members == (1,), "one number is one member"
+    verify_clean(settings)
