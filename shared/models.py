@@ -256,6 +256,9 @@ class Code(Base):
             postgresql_where=text("status = 'available'"),
         ),
         Index("codes_batch_idx", "batch_id"),
+        # Bound, used, expired and cancelled codes per template, counted without
+        # reading the pool of available ones (shared.analytics).
+        Index("codes_taken_idx", "template_id", "status", postgresql_where=text("status <> 'available'")),
     )
 
     code: Mapped[str] = mapped_column(String(16), primary_key=True)

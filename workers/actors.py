@@ -10,7 +10,7 @@ import os
 from shared import gate
 from shared.faults import crash_point
 from shared.messages import ClaimRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
-from shared.metrics import CLAIM_TO_CREDIT, CLAIMS, CODES_BOUND, CREDITS, DUPLICATES
+from shared.metrics import CLAIM_TO_CREDIT, CLAIMS, CODES_BOUND, CREDITS, DUPLICATES, PROMISE_BREACHES
 from shared.settings import load_settings
 from workers import handlers
 from workers.broker import build_broker
@@ -47,7 +47,10 @@ def credit_claim(message: CreditRequested) -> str:
         DUPLICATES.labels("credits").inc()
         return "duplicate"
     CREDITS.inc(written)
-    CLAIM_TO_CREDIT.observe(max((utcnow() - requested_at).total_seconds(), 0))
+    latency = max((utcnow() - requested_at).total_seconds(), 0)
+    CLAIM_TO_CREDIT.observe(latency)
+    if latency > resources().settings.credit_promise_seconds:
+        PROMISE_BREACHES.inc()
     return "ok"
 
 

@@ -20,6 +20,7 @@ from dramatiq.middleware import (
 
 from shared.codec import OrjsonEncoder
 from shared.settings import Settings
+from workers.metrics import WorkerMetrics
 
 # A handler that takes longer than this is stuck (a lock held by a dead
 # session, say); the time limit turns it into a retry.
@@ -34,6 +35,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         Callbacks(),
         Pipelines(),
         CurrentMessage(),
+        WorkerMetrics(),
         # Bounded so that a message retried through a long outage is still
         # handled well inside the credit promise (Dramatiq's default backoff
         # grows to 7 days).

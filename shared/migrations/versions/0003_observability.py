@@ -1,0 +1,30 @@
+"""observability: count taken codes per template without reading the pool
+
+Revision ID: 0003
+Revises: 0001
+Create Date: 2026-11-23 14:00:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "codes_taken_idx",
+        "codes",
+        ["template_id", "status"],
+        unique=False,
+        postgresql_where=sa.text("status <> 'available'"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("codes_taken_idx", table_name="codes", postgresql_where=sa.text("status <> 'available'"))
