@@ -161,6 +161,59 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _instant(value: str | None) -> Any:
+    """An RFC 3339 instant from the command line (the what-if clock)."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
+    from workers.sweeper import run_sweeper, sweep
+
+    grace = timedelta(seconds=args.grace)
+    if args.command == "sweeper":
+        run_sweeper(settings, interval=args.interval, grace=grace)
+        return 0
+    result = sweep(settings, now=_instant(args.now), grace=grace, limit=args.limit)
+    p = result.promise
+    print(
+        f"overdue for credit: {result.found}, re-sent: {result.requeued}; uncredited: {p.uncredited},"
+        f" oldest {p.oldest_age_seconds:.0f}s, overdue {p.overdue}, at risk 1h {p.at_risk_1h},"
+        f" 6h {p.at_risk_6h}"
+    )
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.exporter import run_exporter
+
+    run_exporter(settings, port=args.port, interval=args.interval, now=_instant(args.now))
+    return 0
+
+
+def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from shared.charts import load_series, render
+
+    with psycopg.connect(settings.database_url) as conn:
+        series = load_series(
+            conn, activity=args.activity, since=_instant(args.since), until=_instant(args.until)
+        )
+    if not series.times:
+        print("no granted claims match", file=sys.stderr)
+        return 1
+    path = render(series, args.out, promise_seconds=settings.credit_promise_seconds)
+    print(f"chart of {series.claimed[-1]} claims written to {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from workers.demo import run_demo
 
@@ -220,6 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("sub", choices=["list", "drain"])
     dead.add_argument("--limit", type=int, default=50)
     dead.set_defaults(func=cmd_dead_letters)
+
+    for name, text in (
+        ("sweep", "re-send the credit of claims bound but not credited after a grace period (one pass)"),
+        ("sweeper", "sweep every --interval seconds"),
+    ):
+        sweeper = sub.add_parser(name, help=text)
+        sweeper.add_argument("--grace", type=float, default=600, help="seconds after binding (default 600)")
+        sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass")
+        sweeper.add_argument("--interval", type=float, default=30)
+        sweeper.add_argument("--now", help="evaluate at this RFC 3339 instant instead of the clock")
+        sweeper.set_defaults(func=cmd_sweep)
+
+    exporter = sub.add_parser("exporter", help="serve campaign and promise gauges read from PostgreSQL")
+    exporter.add_argument("--port", type=int, default=9192)
+    exporter.add_argument("--interval", type=float, default=30, help="seconds between readings")
+    exporter.add_argument("--now", help="evaluate the promise as if the clock read this RFC 3339 instant")
+    exporter.set_defaults(func=cmd_exporter)
+
+    chart = sub.add_parser("chart", help="PNG chart: claims, credits, backlog and latency percentiles")
+    chart.add_argument("--activity", help="the activity's slug (default: every activity)")
+    chart.add_argument("--since", help="RFC 3339 start of the window (a benchmark run)")
+    chart.add_argument("--until", help="RFC 3339 end of the window")
+    chart.add_argument("--out", required=True, help="the PNG file to write")
+    chart.set_defaults(func=cmd_chart)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
     demo.add_argument("--claims", type=int, default=3000)

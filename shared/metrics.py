@@ -74,7 +74,7 @@ def mark_process_dead(pid: int | None = None) -> None:
     from prometheus_client import multiprocess
 
     pid = os.getpid() if pid is None else pid
-    multiprocess.mark_process_dead(pid, directory)
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
     (Path(directory) / f"process_{pid}.pid").unlink(missing_ok=True)
 
 
@@ -90,7 +90,7 @@ def reap_dead_processes(directory: str | os.PathLike[str]) -> list[int]:
     for pid in dead:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, str(path))
+        multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
         (path / f"process_{pid}.pid").unlink(missing_ok=True)
     return sorted(dead)
 
@@ -219,7 +219,7 @@ def multiprocess_registry() -> CollectorRegistry:
 
     reap_dead_processes(directory)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return registry
 
 

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class WorkerMetrics(dramatiq.Middleware):
         # Live gauges of this process stop counting as soon as it stops consuming.
         mark_process_dead()
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         from shared.metrics import IN_PROGRESS
 
         IN_PROGRESS.labels(message.queue_name, message.actor_name).inc()
@@ -54,7 +55,7 @@ class WorkerMetrics(dramatiq.Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message[Any],
+        message: MessageProxy,
         *,
         result: Any = None,
         exception: BaseException | None = None,
@@ -70,7 +71,8 @@ class WorkerMetrics(dramatiq.Middleware):
         if exception is not None:
             MESSAGE_ERRORS.labels(*labels).inc()
 
-    after_skip_message = after_process_message
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        self.after_process_message(broker, message)
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -1,0 +1,215 @@
+"""Read-only SQL for the exporter, the sweeper and the charts: the promise
+(claims bound but not credited, against their deadlines) and per-campaign
+figures. Every function takes ``now`` explicitly, so a test or an operator's
+what-if can look at the future without waiting for it.
+
+The queries are sized so that a 10-million-code pool costs nothing: the
+uncredited claims come from the partial index over bound claims, codes per
+template from the batch sizes minus the partial index over taken codes; only
+the claims of recent activities are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import Connection
+
+Conn = Connection[Any]
+
+# Campaigns stay in the figures this long after they end (credits and late
+# usage still move).
+REPORT_HORIZON = timedelta(days=2)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PromiseSnapshot:
+    """The uncredited claims against the 24-hour promise at ``now``."""
+
+    now: datetime
+    uncredited: int
+    oldest_requested_at: datetime | None
+    earliest_deadline: datetime | None
+    overdue: int
+    at_risk_1h: int
+    at_risk_6h: int
+
+    @property
+    def oldest_age_seconds(self) -> float:
+        if self.oldest_requested_at is None:
+            return 0.0
+        return max((self.now - self.oldest_requested_at).total_seconds(), 0.0)
+
+    @property
+    def headroom_seconds(self) -> float:
+        """Time left before the earliest deadline of an uncredited claim
+        (negative once it has passed; +Inf with nothing uncredited)."""
+        if self.earliest_deadline is None:
+            return float("inf")
+        return (self.earliest_deadline - self.now).total_seconds()
+
+
+PROMISE = """
+SELECT count(*),
+       min(requested_at),
+       min(deadline),
+       count(*) FILTER (WHERE deadline <= %(now)s),
+       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '1 hour'),
+       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours')
+  FROM claims
+ WHERE status = 'bound'
+"""
+
+
+def promise_snapshot(conn: Conn, now: datetime) -> PromiseSnapshot:
+    row = conn.execute(PROMISE, {"now": now}).fetchone()
+    assert row is not None
+    count, oldest, earliest, overdue, risk_1h, risk_6h = row
+    return PromiseSnapshot(
+        now=now,
+        uncredited=int(count),
+        oldest_requested_at=oldest,
+        earliest_deadline=earliest,
+        overdue=int(overdue),
+        at_risk_1h=int(risk_1h),
+        at_risk_6h=int(risk_6h),
+    )
+
+
+# The partial index over bound claims is in deadline order: the oldest first.
+OVERDUE_FOR_CREDIT = """
+SELECT claim_id
+  FROM claims
+ WHERE status = 'bound' AND decided_at <= %(cutoff)s
+ ORDER BY deadline
+ LIMIT %(limit)s
+"""
+
+
+def bound_not_credited(conn: Conn, *, now: datetime, grace: timedelta, limit: int) -> list[uuid.UUID]:
+    """Claims bound at least ``grace`` ago and still not credited, by deadline."""
+    rows = conn.execute(OVERDUE_FOR_CREDIT, {"cutoff": now - grace, "limit": limit}).fetchall()
+    return [row[0] for row in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityFigures:
+    slug: str
+    budget: int
+    claims: int  # requested and decided (granted + refused)
+    granted: int
+    credited: int
+    uncredited: int
+    refused: int
+    new_members: int
+    via_share: int
+    breaches: int  # credited late, or still uncredited past the deadline
+    shares: int
+    shares_opened: int
+
+
+ACTIVITIES = """
+SELECT a.activity_id, a.slug, a.budget,
+       count(c.claim_id),
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused'),
+       count(c.claim_id) FILTER (WHERE c.status = 'credited'),
+       count(c.claim_id) FILTER (WHERE c.status = 'bound'),
+       count(c.claim_id) FILTER (WHERE c.status = 'refused'),
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.new_member),
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.share_id IS NOT NULL),
+       count(c.claim_id) FILTER (WHERE (c.status = 'credited' AND c.credited_at > c.deadline)
+                                    OR (c.status = 'bound' AND c.deadline <= %(now)s))
+  FROM activities a
+  LEFT JOIN claims c ON c.activity_id = a.activity_id
+ WHERE a.ends_at > %(since)s AND a.starts_at <= %(now)s
+ GROUP BY a.activity_id
+ ORDER BY a.slug
+"""
+
+SHARES = """
+SELECT s.activity_id, count(DISTINCT s.share_id), count(o.event_id)
+  FROM shares s
+  LEFT JOIN share_opens o ON o.share_id = s.share_id
+ WHERE s.activity_id = ANY(%(ids)s)
+ GROUP BY s.activity_id
+"""
+
+
+def activity_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORIZON) -> list[ActivityFigures]:
+    """Figures of every activity running at ``now`` or ended within ``horizon``."""
+    rows = conn.execute(ACTIVITIES, {"now": now, "since": now - horizon}).fetchall()
+    ids = [row[0] for row in rows]
+    shares = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(SHARES, {"ids": ids}).fetchall()}
+    return [
+        ActivityFigures(
+            slug=slug,
+            budget=int(budget),
+            claims=int(claims),
+            granted=int(granted),
+            credited=int(credited),
+            uncredited=int(uncredited),
+            refused=int(refused),
+            new_members=int(new_members),
+            via_share=int(via_share),
+            breaches=int(breaches),
+            shares=shares.get(activity_id, (0, 0))[0],
+            shares_opened=shares.get(activity_id, (0, 0))[1],
+        )
+        for (
+            activity_id,
+            slug,
+            budget,
+            claims,
+            granted,
+            credited,
+            uncredited,
+            refused,
+            new_members,
+            via_share,
+            breaches,
+        ) in rows
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TemplateFigures:
+    activity: str
+    prefix: str
+    generated: int
+    taken: int  # bound to a member, used, expired or cancelled
+    used: int
+
+    @property
+    def available(self) -> int:
+        return max(self.generated - self.taken, 0)
+
+
+TEMPLATES = """
+SELECT a.slug, t.prefix,
+       coalesce((SELECT sum(b.size) FROM code_batches b WHERE b.template_id = t.template_id), 0),
+       coalesce(k.taken, 0), coalesce(k.used, 0)
+  FROM activities a
+  JOIN coupon_templates t ON t.activity_id = a.activity_id
+  LEFT JOIN (SELECT template_id, count(*) AS taken, count(*) FILTER (WHERE status = 'used') AS used
+               FROM codes
+              WHERE status <> 'available'
+                AND template_id IN (SELECT template_id FROM coupon_templates t2
+                                      JOIN activities a2 ON a2.activity_id = t2.activity_id
+                                     WHERE a2.ends_at > %(since)s AND a2.starts_at <= %(now)s)
+              GROUP BY template_id) k ON k.template_id = t.template_id
+ WHERE a.ends_at > %(since)s AND a.starts_at <= %(now)s
+ ORDER BY a.slug, t.position
+"""
+
+
+def template_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORIZON) -> list[TemplateFigures]:
+    """Codes per template of the reported activities: generated (the batch
+    sizes) minus taken (the partial index over non-available codes)."""
+    rows = conn.execute(TEMPLATES, {"now": now, "since": now - horizon}).fetchall()
+    return [
+        TemplateFigures(activity=a, prefix=p, generated=int(g), taken=int(t), used=int(u))
+        for a, p, g, t, u in rows
+    ]
