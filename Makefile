@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration e2e services clean
+.PHONY: install demo test lint typecheck unit integration e2e services promtool clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: install
 services:
 	deploy/local/ensure-services.sh
 
+## promtool checks the alert rules (tests/unit/test_alert_rules.py). Debian's
+## package ships it; its server is stopped again if the install started it.
+promtool:
+	command -v promtool >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && \
+	  (service prometheus stop >/dev/null 2>&1 || true))
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -30,7 +37,7 @@ typecheck: install
 	$(BIN)/mypy
 
 ## Everything CI runs: services up, lint, types, then the three test levels.
-test: install services lint typecheck
+test: install services promtool lint typecheck
 	$(BIN)/pytest tests
 
 unit: install
