@@ -44,10 +44,11 @@ ROUTES: dict[str, Route] = {
     "order-placed": Route("orders", "order_placed"),
     "share-opened": Route("shares", "share_opened"),
     "claim-requested": Route("claims", "claim_requested"),
+    "claims-requested": Route("claims", "claims_requested"),
     "credit-requested": Route("credits", "credit_claim"),
 }
 TYPE_BY_ACTOR = {route.actor: type_ for type_, route in ROUTES.items()}
-QUEUES = tuple(route.queue for route in ROUTES.values())
+QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))
 
 
 def xq_name(queue: str) -> str:

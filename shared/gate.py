@@ -27,17 +27,23 @@ def group_key(group: str) -> str:
     return f"{KEY_PREFIX}:group:{group}"
 
 
-def remember_grant(client: redis.Redis, *, activity: str, group: str, digest: bytes) -> None:
-    """Record that a number holds this activity's package (and so its group's)."""
-    member = digest.hex()
+def remember_grants(client: redis.Redis, grants: list[tuple[str, str, bytes]]) -> None:
+    """Record that numbers hold these activities' packages (and so their
+    groups'): (activity slug, group, phone digest) each, in one round trip."""
     try:
         pipe = client.pipeline(transaction=False)
-        for key in (activity_key(activity), group_key(group)):
-            pipe.sadd(key, member)
-            pipe.expire(key, TTL_SECONDS)
+        for activity, group, digest in grants:
+            for key in (activity_key(activity), group_key(group)):
+                pipe.sadd(key, digest.hex())
+                pipe.expire(key, TTL_SECONDS)
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("gate update skipped, Redis unavailable: %s", exc)
+
+
+def remember_grant(client: redis.Redis, *, activity: str, group: str, digest: bytes) -> None:
+    """Record one grant (see remember_grants)."""
+    remember_grants(client, [(activity, group, digest)])
 
 
 def known_refusal(client: redis.Redis, *, activity: str, group: str, digest: bytes) -> Refusal | None:

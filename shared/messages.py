@@ -9,6 +9,7 @@ the documentation cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -113,6 +114,24 @@ def code_list(description: str) -> FieldSpec:
     return FieldSpec(parse, schema, required=False)
 
 
+def uuid_list(description: str, most: int) -> FieldSpec:
+    item = uuid_field("")
+
+    def parse(value: Any) -> tuple[uuid.UUID, ...]:
+        if not isinstance(value, list) or not 1 <= len(value) <= most:
+            raise ValueError(f"must be a list of 1 to {most} UUIDs")
+        return tuple(item.parse(v) for v in value)
+
+    schema = {
+        "type": "array",
+        "items": {"type": "string", "format": "uuid"},
+        "minItems": 1,
+        "maxItems": most,
+        "description": description,
+    }
+    return FieldSpec(parse, schema)
+
+
 M = TypeVar("M", bound="Message")
 
 
@@ -156,7 +175,7 @@ class Message:
         for name in self.FIELDS:
             value = getattr(self, name)
             if isinstance(value, tuple):
-                value = list(value)
+                value = [v.to_payload() if isinstance(v, Message) else v for v in value]
             payload[name] = value
         return payload
 
@@ -270,26 +289,75 @@ class ClaimRequested(Message):
         return str(self.claim_id)
 
 
+MAX_BATCH = 1000
+
+
+def claim_list(description: str) -> FieldSpec:
+    def parse(value: Any) -> tuple[ClaimRequested, ...]:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
+            raise ValueError(f"must be a list of 1 to {MAX_BATCH} claim-requested payloads")
+        claims = []
+        for n, item in enumerate(value):
+            try:
+                claims.append(ClaimRequested.from_payload(item))
+            except InvalidMessage as exc:
+                raise ValueError(f"claim {n}: {exc}") from None
+        return tuple(claims)
+
+    item = {k: v for k, v in ClaimRequested.json_schema().items() if k not in ("$schema", "$id", "examples")}
+    schema = {
+        "type": "array",
+        "items": item,
+        "minItems": 1,
+        "maxItems": MAX_BATCH,
+        "description": description,
+    }
+    return FieldSpec(parse, schema)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimsRequested(Message):
+    """A batch of claims in one message, for producers that batch."""
+
+    TYPE: ClassVar[str] = "claims-requested"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "batch_id": uuid_field("producer-chosen ID of this batch"),
+        "claims": claim_list("claim-requested payloads, each with its own claim ID"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "batch_id": "5d1c7a9e-0b2f-4c3d-8e4f-6a7b8c9d0e1f",
+        "claims": [dict(ClaimRequested.EXAMPLE)],
+    }
+
+    batch_id: uuid.UUID
+    claims: tuple[ClaimRequested, ...]
+
+    def business_key(self) -> str:
+        return str(self.batch_id)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CreditRequested(Message):
-    """Internal: a bound claim is ready to be credited to the wallet."""
+    """Internal: bound claims are ready to be credited to their wallets."""
 
     TYPE: ClassVar[str] = "credit-requested"
     FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
-        "claim_id": uuid_field("the bound claim to credit"),
+        "claim_ids": uuid_list("the bound claims to credit", MAX_BATCH),
     }
-    EXAMPLE: ClassVar[Mapping[str, Any]] = {"v": 1, "claim_id": "9a7b1d2e-3c4f-4a5b-8c6d-7e8f9a0b1c2d"}
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {"v": 1, "claim_ids": ["9a7b1d2e-3c4f-4a5b-8c6d-7e8f9a0b1c2d"]}
 
-    claim_id: uuid.UUID
+    claim_ids: tuple[uuid.UUID, ...]
 
     def business_key(self) -> str:
-        return str(self.claim_id)
+        # Stable for one set of claims, whatever order a re-send lists them in.
+        return hashlib.sha256("".join(sorted(str(c) for c in self.claim_ids)).encode()).hexdigest()
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (OrderPlaced, ShareOpened, ClaimRequested, CreditRequested)
+    m.TYPE: m for m in (OrderPlaced, ShareOpened, ClaimRequested, ClaimsRequested, CreditRequested)
 }
-PUBLIC_TYPES = ("order-placed", "share-opened", "claim-requested")
+PUBLIC_TYPES = ("order-placed", "share-opened", "claim-requested", "claims-requested")
 
 
 def utcnow() -> datetime:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -72,137 +73,178 @@ def activity_by_slug(conn: Conn, slug: str) -> ActivityRow | None:
 
 
 def claim_by_id(conn: Conn, claim_id: uuid.UUID, *, lock: bool = False) -> ClaimRow | None:
-    sql = "SELECT claim_id, status, reason, member_id, payload_digest FROM claims WHERE claim_id = %s"
-    row = conn.execute(sql + (" FOR UPDATE" if lock else ""), (claim_id,)).fetchone()
-    if row is None:
-        return None
-    return ClaimRow(claim_id=row[0], status=row[1], reason=row[2], member_id=row[3], payload_digest=row[4])
+    found = claims_by_ids(conn, [claim_id], lock=lock)
+    return found.get(claim_id)
 
 
-UPSERT_MEMBER = """
-INSERT INTO members (phone_digest, phone_masked, status) VALUES (%s, %s, 'pending')
-ON CONFLICT (phone_digest) DO NOTHING
-RETURNING member_id
-"""
-
-
-def lock_member(conn: Conn, digest: bytes, masked: str) -> tuple[int, bool]:
-    """Resolve the member behind a number, creating a pending one if needed,
-    and lock its row: claims of one member are decided one at a time (no
-    global lock: other members go on in parallel). Returns (member_id, created)."""
-    row = conn.execute(UPSERT_MEMBER, (digest, masked)).fetchone()
-    if row is not None:
-        return int(row[0]), True
-    row = conn.execute(
-        "SELECT member_id FROM members WHERE phone_digest = %s FOR UPDATE", (digest,)
-    ).fetchone()
-    assert row is not None, "a member whose insert conflicted must exist"
-    return int(row[0]), False
-
-
-MEMBER_HISTORY = """
-SELECT count(*) > 0,
-       coalesce(bool_or(activity_id = %(activity_id)s), false),
-       coalesce(bool_or(exclusivity_group = %(group)s), false)
-  FROM claims
- WHERE member_id = %(member_id)s AND status <> 'refused'
-"""
-
-
-def member_history(conn: Conn, member_id: int, activity_id: int, group: str) -> tuple[bool, bool, bool]:
-    """(has any package on the platform, has this activity's, has one of its group)."""
-    row = conn.execute(MEMBER_HISTORY, {"member_id": member_id, "activity_id": activity_id, "group": group})
-    has_any, same_activity, same_group = row.fetchone() or (False, False, False)
-    return bool(has_any), bool(same_activity), bool(same_group)
-
-
-# SKIP LOCKED spreads concurrent claims over free rows instead of queueing
-# them on one; when it finds nothing, a blocking pass makes sure rows held by
-# transactions that roll back are not mistaken for "sold out".
-TAKE_SLOT = """
-UPDATE package_slots SET taken = true
- WHERE (activity_id, slot_no) = (
-       SELECT activity_id, slot_no FROM package_slots
-        WHERE activity_id = %s AND NOT taken
-        LIMIT 1 FOR UPDATE {skip})
-RETURNING slot_no
-"""
-
-
-def take_slot(conn: Conn, activity_id: int) -> int | None:
-    for skip in ("SKIP LOCKED", ""):
-        row = conn.execute(TAKE_SLOT.format(skip=skip), (activity_id,)).fetchone()
-        if row is not None:
-            return int(row[0])
-    return None
-
-
-BIND_CODE = """
-UPDATE codes SET status = 'unused', member_id = %(member_id)s, claim_id = %(claim_id)s,
-       bound_at = now(), expires_at = %(expires_at)s
- WHERE code = (
-       SELECT code FROM codes
-        WHERE template_id = %(template_id)s AND status = 'available'
-        LIMIT 1 FOR UPDATE {skip})
-RETURNING code
-"""
-
-
-def bind_code(
-    conn: Conn, *, template_id: int, claim_id: uuid.UUID, member_id: int, expires_at: datetime
-) -> str | None:
-    """Bind one available code of the template to the claim's member."""
-    params = {
-        "template_id": template_id,
-        "claim_id": claim_id,
-        "member_id": member_id,
-        "expires_at": expires_at,
+def claims_by_ids(
+    conn: Conn, claim_ids: Sequence[uuid.UUID], *, lock: bool = False
+) -> dict[uuid.UUID, ClaimRow]:
+    sql = "SELECT claim_id, status, reason, member_id, payload_digest FROM claims WHERE claim_id = ANY(%s)"
+    if lock:
+        sql += " ORDER BY claim_id FOR UPDATE"
+    return {
+        row[0]: ClaimRow(
+            claim_id=row[0], status=row[1], reason=row[2], member_id=row[3], payload_digest=row[4]
+        )
+        for row in conn.execute(sql, (list(claim_ids),))
     }
+
+
+# Inputs are sorted by digest and rows locked in member order, so concurrent
+# batches wait for each other instead of deadlocking (and a rare deadlock
+# between the two orders is retried by the caller).
+UPSERT_MEMBERS = """
+INSERT INTO members (phone_digest, phone_masked, status)
+SELECT d, m, 'pending' FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
+ON CONFLICT (phone_digest) DO NOTHING
+"""
+LOCK_MEMBERS = """
+SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s) ORDER BY member_id FOR UPDATE
+"""
+
+
+def lock_members(conn: Conn, numbers: dict[bytes, str]) -> dict[bytes, int]:
+    """Resolve the members behind phone digests, creating pending ones where
+    needed, and lock their rows: the claims of one member are decided one at
+    a time (no global lock: other members go on in parallel)."""
+    digests = sorted(numbers)
+    conn.execute(UPSERT_MEMBERS, (digests, [numbers[d] for d in digests]))
+    return {bytes(d): int(m) for d, m in conn.execute(LOCK_MEMBERS, (digests,))}
+
+
+MEMBER_GRANTS = """
+SELECT member_id, activity_id, exclusivity_group FROM claims
+ WHERE member_id = ANY(%s) AND status <> 'refused'
+"""
+
+
+def member_grants(conn: Conn, member_ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
+    """The (activity, group) of every package each member already holds."""
+    grants: dict[int, list[tuple[int, str]]] = {m: [] for m in member_ids}
+    for member_id, activity_id, group in conn.execute(MEMBER_GRANTS, (list(member_ids),)):
+        grants[member_id].append((activity_id, group))
+    return grants
+
+
+# SKIP LOCKED spreads concurrent batches over free rows instead of queueing
+# them on one; when it finds too few, a blocking pass makes sure rows held by
+# transactions that roll back are not mistaken for "sold out".
+FREE_SLOTS = """
+SELECT slot_no FROM package_slots
+ WHERE activity_id = %s AND NOT taken AND slot_no <> ALL(%s::int[])
+ LIMIT %s FOR UPDATE {skip}
+"""
+FREE_CODES = """
+SELECT code FROM codes
+ WHERE template_id = %s AND status = 'available' AND code <> ALL(%s::text[])
+ LIMIT %s FOR UPDATE {skip}
+"""
+
+
+def _lock_free(conn: Conn, sql: str, key: int, count: int) -> list[Any]:
+    found: list[Any] = []
     for skip in ("SKIP LOCKED", ""):
-        row = conn.execute(BIND_CODE.format(skip=skip), params).fetchone()
-        if row is not None:
-            return str(row[0])
-    return None
+        if len(found) >= count:
+            break
+        rows = conn.execute(sql.format(skip=skip), (key, found, count - len(found)))
+        found += [r[0] for r in rows]
+    return found
 
 
-INSERT_CLAIM = """
+def lock_free_slots(conn: Conn, activity_id: int, count: int) -> list[int]:
+    """Lock up to ``count`` free package slots of an activity."""
+    return _lock_free(conn, FREE_SLOTS, activity_id, count)
+
+
+def lock_free_codes(conn: Conn, template_id: int, count: int) -> list[str]:
+    """Lock up to ``count`` available codes of a template."""
+    return _lock_free(conn, FREE_CODES, template_id, count)
+
+
+INSERT_CLAIMS = """
 INSERT INTO claims (claim_id, activity_slug, activity_id, exclusivity_group, member_id, share_id,
                     slot_no, status, reason, new_member, payload_digest, requested_at, deadline)
-VALUES (%(claim_id)s, %(activity_slug)s, %(activity_id)s, %(group)s, %(member_id)s, %(share_id)s,
-        %(slot_no)s, %(status)s, %(reason)s, %(new_member)s, %(payload_digest)s, %(requested_at)s,
-        %(deadline)s)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::bigint[], %s::uuid[],
+                     %s::int[], %s::text[], %s::text[], %s::bool[], %s::bytea[], %s::timestamptz[],
+                     %s::timestamptz[])
 ON CONFLICT (claim_id) DO NOTHING
-RETURNING claim_id
 """
-
-
-def insert_claim(conn: Conn, **values: Any) -> bool:
-    """Record a claim's decision; False when the claim ID is already recorded."""
-    defaults: dict[str, Any] = {"activity_id": None, "group": None, "member_id": None, "share_id": None}
-    defaults.update(slot_no=None, reason=None, new_member=False)
-    return conn.execute(INSERT_CLAIM, {**defaults, **values}).fetchone() is not None
-
-
-CREDIT_CLAIM = """
-WITH credited AS (
-    INSERT INTO wallet_ledger (member_id, claim_id, code)
-    SELECT member_id, claim_id, code FROM codes WHERE claim_id = %(claim_id)s
-    ON CONFLICT (claim_id, code) DO NOTHING
-    RETURNING code
+CLAIM_COLUMNS = (
+    "claim_id",
+    "activity_slug",
+    "activity_id",
+    "group",
+    "member_id",
+    "share_id",
+    "slot_no",
+    "status",
+    "reason",
+    "new_member",
+    "payload_digest",
+    "requested_at",
+    "deadline",
 )
-SELECT count(*) FROM credited
+
+
+def insert_claims(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
+    """Record claim decisions; returns how many were new (a claim ID already
+    recorded by a concurrent delivery is skipped)."""
+    columns = [[row.get(c) for row in rows] for c in CLAIM_COLUMNS]
+    return conn.execute(INSERT_CLAIMS, columns).rowcount
+
+
+BIND_CODES = """
+UPDATE codes SET status = 'unused', member_id = u.member_id, claim_id = u.claim_id,
+       bound_at = now(), expires_at = u.expires_at
+  FROM unnest(%s::text[], %s::uuid[], %s::bigint[], %s::timestamptz[])
+       AS u(code, claim_id, member_id, expires_at)
+ WHERE codes.code = u.code AND codes.status = 'available'
+"""
+TAKE_SLOTS = """
+UPDATE package_slots SET taken = true
+  FROM unnest(%s::int[], %s::int[]) AS u(activity_id, slot_no)
+ WHERE (package_slots.activity_id, package_slots.slot_no) = (u.activity_id, u.slot_no)
 """
 
 
-def credit_claim(conn: Conn, claim_id: uuid.UUID) -> int:
-    """Write the wallet entries of a bound claim (each at most once) and mark
-    it credited. Returns how many entries this call wrote."""
-    row = conn.execute(CREDIT_CLAIM, {"claim_id": claim_id}).fetchone()
+def bind_codes(conn: Conn, bindings: Sequence[tuple[str, uuid.UUID, int, datetime]]) -> int:
+    """Bind locked codes: (code, claim, member, expiry) each."""
+    if not bindings:
+        return 0
+    return conn.execute(BIND_CODES, [list(col) for col in zip(*bindings, strict=True)]).rowcount
+
+
+def take_slots(conn: Conn, slots: Sequence[tuple[int, int]]) -> int:
+    if not slots:
+        return 0
+    return conn.execute(TAKE_SLOTS, [list(col) for col in zip(*slots, strict=True)]).rowcount
+
+
+CREDIT_CLAIMS = """
+INSERT INTO wallet_ledger (member_id, claim_id, code)
+SELECT member_id, claim_id, code FROM codes WHERE claim_id = ANY(%s)
+ON CONFLICT (claim_id, code) DO NOTHING
+"""
+LOCK_BOUND = """
+SELECT claim_id, requested_at FROM claims
+ WHERE claim_id = ANY(%s) AND status = 'bound' ORDER BY claim_id FOR UPDATE
+"""
+
+
+def credit_claims(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> tuple[int, list[tuple[uuid.UUID, datetime]]]:
+    """Write the wallet entries of the bound claims among ``claim_ids`` (each
+    at most once) and mark them credited. Returns the entries written and the
+    (claim, requested at) of each claim this call credited."""
+    bound = [(row[0], row[1]) for row in conn.execute(LOCK_BOUND, (list(claim_ids),))]
+    if not bound:
+        return 0, []
+    ids = [claim_id for claim_id, _ in bound]
+    written = conn.execute(CREDIT_CLAIMS, (ids,)).rowcount
     conn.execute(
-        "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = %s AND status = 'bound'",
-        (claim_id,),
+        "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = ANY(%s)", (ids,)
     )
-    return int(row[0]) if row else 0
+    return written, bound
 
 
 def claim_codes(conn: Conn, claim_id: uuid.UUID) -> list[str]:

@@ -6,51 +6,72 @@ is RabbitMQ unless ``ISSUANCE_BROKER=stub`` (the embedded demo)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from shared import gate
 from shared.faults import crash_point
-from shared.messages import ClaimRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
+from shared.messages import ClaimRequested, ClaimsRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
 from shared.metrics import CLAIM_TO_CREDIT, CLAIMS, CODES_BOUND, CREDITS, DUPLICATES, PROMISE_BREACHES
 from shared.settings import load_settings
 from workers import handlers
 from workers.broker import build_broker
-from workers.runtime import pipeline_actor, resources, send
+from workers.runtime import dead_letter, pipeline_actor, resources, send
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))
 
 
 @pipeline_actor(ClaimRequested)
 def claim_requested(message: ClaimRequested) -> str:
-    """Decide a claim and, once its codes are bound, hand it to the credit step."""
+    """Decide one claim and, once its codes are bound, hand it to the credit step."""
+    return _decide_claims([message])
+
+
+@pipeline_actor(ClaimsRequested)
+def claims_requested(message: ClaimsRequested) -> str:
+    """Decide a producer's batch of claims in one transaction."""
+    return _decide_claims(message.claims)
+
+
+def _decide_claims(claims: Sequence[ClaimRequested]) -> str:
     res = resources()
-    outcome = handlers.handle_claim(res.pool, res.settings, message)
-    if outcome.duplicate:
-        DUPLICATES.labels("claims").inc()
-    else:
-        CLAIMS.labels(outcome.status, outcome.reason or "").inc()
-        CODES_BOUND.inc(len(outcome.codes))
-    if outcome.status == "bound":
-        # Also on a duplicate: the first delivery may have died between its
-        # commit and this publish.
+    outcomes = handlers.handle_claims(res.pool, res.settings, claims)
+    for claim, outcome in zip(claims, outcomes, strict=True):
+        if outcome.status == "conflict":
+            dead_letter(
+                "claims", "claim_requested", "ConflictingDuplicate", "claim ID reused", claim.to_payload()
+            )
+        elif outcome.duplicate:
+            DUPLICATES.labels("claims").inc()
+        else:
+            CLAIMS.labels(outcome.status, outcome.reason or "").inc()
+            CODES_BOUND.inc(len(outcome.codes))
+    # Also for duplicates: the first delivery may have died between its commit
+    # and this publish. The credit step is idempotent.
+    bound = [o.claim_id for o in outcomes if o.status == "bound"]
+    if bound:
         crash_point(res.settings, "after_commit_before_publish")
-        send(credit_claim, CreditRequested(claim_id=message.claim_id))
-    if outcome.digest is not None and outcome.activity and outcome.group:
-        gate.remember_grant(res.redis, activity=outcome.activity, group=outcome.group, digest=outcome.digest)
-    return "duplicate" if outcome.duplicate else "ok"
+        send(credit_claim, CreditRequested(claim_ids=tuple(bound)))
+    granted = [(o.activity, o.group, o.digest) for o in outcomes if o.activity and o.group and o.digest]
+    if granted:
+        gate.remember_grants(res.redis, granted)
+    return "duplicate" if all(o.duplicate for o in outcomes) else "ok"
 
 
 @pipeline_actor(CreditRequested)
 def credit_claim(message: CreditRequested) -> str:
-    """Write a bound claim's coupons to the member's wallet, exactly once."""
-    written, requested_at = handlers.handle_credit(resources().pool, message)
-    if requested_at is None:
+    """Write bound claims' coupons to the members' wallets, exactly once."""
+    credited = handlers.handle_credit(resources().pool, message)
+    if not credited:
         DUPLICATES.labels("credits").inc()
         return "duplicate"
-    CREDITS.inc(written)
-    latency = max((utcnow() - requested_at).total_seconds(), 0)
-    CLAIM_TO_CREDIT.observe(latency)
-    if latency > resources().settings.credit_promise_seconds:
-        PROMISE_BREACHES.inc()
+    now = utcnow()
+    promise = resources().settings.credit_promise_seconds
+    for _, requested_at in credited:
+        latency = max((now - requested_at).total_seconds(), 0)
+        CLAIM_TO_CREDIT.observe(latency)
+        if latency > promise:
+            PROMISE_BREACHES.inc()
+    CREDITS.inc(len(credited))
     return "ok"
 
 

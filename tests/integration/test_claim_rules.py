@@ -20,9 +20,9 @@ def test_a_claim_binds_one_code_per_template_and_credits_once(settings, pool):
     assert outcome.status == "bound"
     assert len(outcome.codes) == 3
     assert {c[:3] for c in outcome.codes} == set(act["prefixes"])
-    message = CreditRequested(claim_id=outcome.claim_id)
-    assert handle_credit(pool, message)[0] == 3
-    assert handle_credit(pool, message)[0] == 0, "a second credit must write nothing"
+    message = CreditRequested(claim_ids=(outcome.claim_id,))
+    assert [c for c, _ in handle_credit(pool, message)] == [outcome.claim_id]
+    assert handle_credit(pool, message) == [], "a second credit must write nothing"
     report = verify_clean(settings)
     assert report["counts"]["credits"] == 3
     assert report["counts"]["credited"] == 1

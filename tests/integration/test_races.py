@@ -30,12 +30,9 @@ def test_the_same_claim_delivered_by_many_threads_at_once_binds_once(settings, p
     assert sum(not o.duplicate for o in outcomes) == 1
     assert {o.status for o in outcomes} == {"bound"}
     with ThreadPoolExecutor(8) as executor:
-        written = list(
-            executor.map(
-                lambda _: handle_credit(pool, CreditRequested(claim_id=message.claim_id))[0], range(8)
-            )
-        )
-    assert sorted(written) == [0] * 7 + [2]
+        credit = CreditRequested(claim_ids=(message.claim_id,))
+        credited = list(executor.map(lambda _: len(handle_credit(pool, credit)), range(8)))
+    assert sorted(credited) == [0] * 7 + [1]
     assert verify_clean(settings)["counts"]["credits"] == 2
 
 

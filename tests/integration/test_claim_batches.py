@@ -1,0 +1,69 @@
+"""Many claims in one transaction decide exactly as one at a time would."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+from shared.domain import Refusal
+from shared.messages import ClaimsRequested, CreditRequested
+from tests.conftest import claim, make_activity, verify_clean
+from workers.handlers import handle_claims, handle_credit
+
+
+def test_a_batch_applies_every_rule_within_itself(settings, pool):
+    act = make_activity(settings, budget=5, codes=10, templates=2)
+    other = make_activity(settings, group="g1")
+    similar = make_activity(settings, group="g1")
+    first = claim(act["slug"], "+8613800138000")
+    batch = [
+        first,
+        first,  # the same claim twice in one batch
+        claim(act["slug"], "+8613800138000"),  # same number, new claim ID
+        claim(act["slug"], "12345"),
+        claim("no-such-activity"),
+        claim(other["slug"], "+8613900139000"),
+        claim(similar["slug"], "+8613900139000"),  # same group, same batch
+        *[claim(act["slug"]) for _ in range(6)],  # only 4 packages left
+        claim(act["slug"], "+8613700137000", claim_id=first.claim_id),  # same ID, other payload
+    ]
+    outcomes = handle_claims(pool, settings, batch)
+    assert len(outcomes) == len(batch)
+    assert [o.claim_id for o in outcomes] == [m.claim_id for m in batch]
+    assert (outcomes[0].status, outcomes[0].duplicate) == ("bound", False)
+    assert (outcomes[1].status, outcomes[1].duplicate) == ("bound", True)
+    assert outcomes[2].reason is Refusal.ALREADY_RECEIVED
+    assert outcomes[3].reason is Refusal.BAD_PHONE
+    assert outcomes[4].reason is Refusal.UNKNOWN_ACTIVITY
+    assert outcomes[5].status == "bound" and outcomes[6].reason is Refusal.SIMILAR_ACTIVITY
+    assert Counter(o.reason for o in outcomes[7:13]) == {None: 4, Refusal.SOLD_OUT: 2}
+    assert outcomes[13].status == "conflict"
+
+    bound = tuple(o.claim_id for o in outcomes if o.status == "bound" and not o.duplicate)
+    assert len(handle_credit(pool, CreditRequested(claim_ids=bound))) == 6
+    assert handle_credit(pool, CreditRequested(claim_ids=bound)) == []
+    report = verify_clean(settings)
+    assert report["counts"]["credits"] == 5 * 2 + 1
+
+    # Delivered again, the whole batch changes nothing.
+    again = handle_claims(pool, settings, batch)
+    assert all(o.duplicate for o in again)
+    assert verify_clean(settings)["counts"] == report["counts"]
+
+
+def test_the_batch_message_round_trips_and_caps_its_size(settings):
+    claims = tuple(claim("spring") for _ in range(3))
+    message = ClaimsRequested(batch_id=uuid.uuid4(), claims=claims)
+    import orjson
+
+    decoded = ClaimsRequested.from_payload(orjson.loads(orjson.dumps(message.to_payload())))
+    assert decoded == message
+    import pytest
+
+    from shared.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage, match="1 to 1000"):
+        ClaimsRequested.from_payload({"v": 1, "batch_id": str(uuid.uuid4()), "claims": []})
+    bad = {**message.to_payload(), "claims": [{"v": 1}]}
+    with pytest.raises(InvalidMessage, match="claim 0"):
+        ClaimsRequested.from_payload(orjson.loads(orjson.dumps(bad)))
