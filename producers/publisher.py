@@ -53,6 +53,9 @@ class Publisher(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""
 
+    def keepalive(self) -> None:  # noqa: B027 - optional hook
+        """Serve heartbeats while idle; long-lived publishers call it now and then."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -215,6 +218,17 @@ class RabbitPublisher(Publisher):
                 self._connection.close()
         self._connection = None
         time.sleep(0.2)
+
+    def keepalive(self) -> None:
+        """A blocking connection answers heartbeats only while it is called:
+        an idle publisher calls this so RabbitMQ does not drop it."""
+        if self._connection is None or not self._connection.is_open:
+            return
+        try:
+            self._connection.process_data_events(time_limit=0)
+        except CONNECTION_ERRORS as exc:
+            log.warning("idle publisher connection lost (%s); reconnecting on the next publish", exc)
+            self._drop()
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:

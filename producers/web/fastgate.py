@@ -1,0 +1,176 @@
+"""The page's side of the Redis gate: one round trip per claim.
+
+A Lua script counts the attempt against the per-IP and per-number rate
+limits, looks the number up in the sets the workers fill after they commit
+(``shared.gate``: already received, similar activity), and takes one package
+from the activity's budget counter. The counter is seeded from PostgreSQL's
+count of granted packages and re-seeded every ``BUDGET_SYNC_SECONDS``: between
+seeds it also counts claims still in the queue, so a flood past the budget is
+answered "all packages are gone" at once instead of queueing.
+
+Redis is an optimisation, not the truth: when it is unreachable every check
+is skipped (the workers enforce every rule again) and Redis is left alone for
+a second, so an outage costs one timeout per second, not one per request.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import gate
+
+log = logging.getLogger(__name__)
+
+BUDGET_SYNC_SECONDS = 5
+ACCEPTED_TTL_SECONDS = 2 * 86_400
+BACKOFF_SECONDS = 1.0
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    RATE_IP = "rate_ip"
+    RATE_PHONE = "rate_phone"
+    ALREADY_RECEIVED = "already_received"
+    SIMILAR_ACTIVITY = "similar_activity"
+    SOLD_OUT = "sold_out"
+    DUPLICATE = "duplicate"  # this claim ID was already accepted for this number
+    CONFLICT = "conflict"  # this claim ID was already used for another number
+    UNCHECKED = "unchecked"  # Redis is unavailable: the workers decide
+
+
+CHECK_CLAIM = """
+local function hit(key, limit, window)
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('EXPIRE', key, window) end
+  return n > tonumber(limit)
+end
+if hit(KEYS[1], ARGV[2], ARGV[4]) then return 'rate_ip' end
+if hit(KEYS[2], ARGV[3], ARGV[4]) then return 'rate_phone' end
+local seen = redis.call('GET', KEYS[6])
+if seen then
+  if seen == ARGV[7] then return 'duplicate' end
+  return 'conflict'
+end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 'already_received' end
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return 'similar_activity' end
+redis.call('SET', KEYS[5], ARGV[5], 'NX', 'EX', ARGV[6])
+if redis.call('DECR', KEYS[5]) < 0 then return 'sold_out' end
+return 'ok'
+"""
+
+
+def rate_key(kind: str, value: str) -> str:
+    return f"{gate.KEY_PREFIX}:rate:{kind}:{value}"
+
+
+def budget_key(activity: str) -> str:
+    return f"{gate.KEY_PREFIX}:budget:{activity}"
+
+
+def accepted_key(claim_id: uuid.UUID) -> str:
+    return f"{gate.KEY_PREFIX}:accepted:{claim_id}"
+
+
+def fingerprint(activity: str, digest: bytes) -> str:
+    """What a claim ID is bound to once accepted (no number in clear)."""
+    return hashlib.sha256(activity.encode() + b"\0" + digest).hexdigest()[:32]
+
+
+class FastGate:
+    """Asynchronous checks against the gate, failing open."""
+
+    def __init__(
+        self, url: str, *, per_ip: int, per_phone: int, window_seconds: int, timeout: float = 0.25
+    ) -> None:
+        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.per_ip = per_ip
+        self.per_phone = per_phone
+        self.window_seconds = window_seconds
+        self._script = self.client.register_script(CHECK_CLAIM)
+        self._down_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._down_until = time.monotonic() + BACKOFF_SECONDS
+        log.warning("%s skipped, Redis unavailable: %s", what, exc)
+
+    async def check_claim(
+        self,
+        *,
+        client_ip: str,
+        activity: str,
+        group: str,
+        digest: bytes,
+        claim_id: uuid.UUID,
+        remaining: int,
+    ) -> Verdict:
+        """Count the attempt and answer what Redis already knows."""
+        if not self._available():
+            return Verdict.UNCHECKED
+        member = digest.hex()
+        keys = [
+            rate_key("ip", client_ip),
+            rate_key("phone", member),
+            gate.activity_key(activity),
+            gate.group_key(group),
+            budget_key(activity),
+            accepted_key(claim_id),
+        ]
+        args = [
+            member,
+            self.per_ip,
+            self.per_phone,
+            self.window_seconds,
+            max(remaining, 0),
+            BUDGET_SYNC_SECONDS,
+            fingerprint(activity, digest),
+        ]
+        try:
+            answer = await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            self._failed("claim check", exc)
+            return Verdict.UNCHECKED
+        return Verdict(answer.decode() if isinstance(answer, bytes) else answer)
+
+    async def give_back(self, activity: str) -> None:
+        """Return the package taken by a claim that could not be published."""
+        if not self._available():
+            return
+        try:
+            await self.client.incr(budget_key(activity))
+        except RedisError as exc:
+            self._failed("budget release", exc)
+
+    async def remember_accepted(self, claim_id: uuid.UUID, activity: str, digest: bytes) -> None:
+        """Remember a published claim: its status reads "accepted" until the
+        worker records it, and a re-sent claim ID is not published twice."""
+        if not self._available():
+            return
+        try:
+            await self.client.set(
+                accepted_key(claim_id), fingerprint(activity, digest), ex=ACCEPTED_TTL_SECONDS
+            )
+        except RedisError as exc:
+            self._failed("accepted marker", exc)
+
+    async def was_accepted(self, claim_id: uuid.UUID) -> bool | None:
+        """True or False; None when Redis cannot tell."""
+        if not self._available():
+            return None
+        try:
+            return bool(await self.client.exists(accepted_key(claim_id)))
+        except RedisError as exc:
+            self._failed("claim lookup", exc)
+            return None
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,334 @@
+"""The activity page against the real PostgreSQL, Redis and RabbitMQ: every
+refusal of DOMAIN.md, acceptance and status, and the outage answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import jsonschema
+import psycopg
+import pytest
+import redis
+
+from producers.web.fastgate import accepted_key, budget_key
+from producers.web.openapi import SPEC
+from shared import gate
+from shared.domain import Refusal, phone_digest, share_id_for
+from shared.messages import ShareOpened
+from shared.settings import Settings
+from tests.conftest import make_activity
+from tests.e2e.conftest import Workers, claim_states, wait_for
+from tests.integration.web_pipeline import (
+    page_client,
+    post_claim,
+    purge,
+    settle,
+    take_messages,
+    workers_running,
+)
+
+PHONE = "+8613800138000"
+ACCEPTED = "accepted: your coupons arrive within 24 hours"
+
+
+@pytest.fixture(autouse=True)
+def _empty_queues(settings: Settings) -> None:
+    purge(settings)
+
+
+@pytest.fixture
+def workers(service_env: dict[str, str], settings: Settings, tmp_path: Path) -> Iterator[Workers]:
+    with workers_running(service_env, settings, tmp_path / "workers.log") as running:
+        yield running
+
+
+def fresh(settings: Settings, **changes: object) -> Settings:
+    """The test's settings without the activity cache, so each read is current."""
+    return dataclasses.replace(settings, web_cache_seconds=0, **changes)  # type: ignore[arg-type]
+
+
+def test_page_renders_the_activity_and_a_share_open_is_published(settings: Settings) -> None:
+    act = make_activity(settings)
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE activities SET banner_url = %s, copy = %s, rules = %s, brand = %s WHERE slug = %s",
+            ("https://cdn.example/b.png", "Open <now>!", "One per number.", "Acme & Co", act["slug"]),
+        )
+    share = share_id_for("SO-web-1")
+    with page_client(fresh(settings)) as client:
+        response = client.get(f"/a/{act['slug']}", params={"share": str(share)})
+        assert response.status_code == 200
+        html = response.text
+        assert f"<title>Activity {act['slug']}</title>" in html
+        assert '<img class="banner" src="https://cdn.example/b.png"' in html
+        assert "Open &lt;now&gt;!" in html and "One per number." in html and "Acme &amp; Co" in html
+        assert 'id="phone"' in html and f'data-share="{share}"' in html
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert client.get("/static/claim.js").status_code == 200
+        deadline = time.monotonic() + 10
+        opened: list[object] = []
+        while not opened and time.monotonic() < deadline:
+            opened = take_messages(settings, "shares")
+            time.sleep(0.05)
+    assert len(opened) == 1
+    assert isinstance(opened[0], ShareOpened) and opened[0].share_id == share
+
+
+def test_page_states_ended_not_started_and_unknown(settings: Settings) -> None:
+    ended = make_activity(settings, starts_in=timedelta(days=-3), lasts=timedelta(days=1))
+    later = make_activity(settings, starts_in=timedelta(days=2))
+    offline = make_activity(settings, online=False)
+    with page_client(fresh(settings)) as client:
+        for act, text in (
+            (ended, Refusal.ENDED.text),
+            (later, Refusal.NOT_STARTED.text),
+            (offline, Refusal.ENDED.text),
+        ):
+            page = client.get(f"/a/{act['slug']}")
+            assert page.status_code == 200 and text in page.text and 'id="phone"' not in page.text
+            answer = post_claim(client, act["slug"], PHONE)
+            assert answer.status_code == 200
+            assert answer.json()["message"] == text
+        missing = client.get("/a/no-such-activity")
+        assert missing.status_code == 404 and Refusal.UNKNOWN_ACTIVITY.text in missing.text
+        answer = post_claim(client, "no-such-activity", PHONE)
+        assert answer.status_code == 404 and answer.json()["reason"] == "unknown_activity"
+    assert take_messages(settings, "claims") == []
+
+
+@pytest.mark.parametrize("phone", ["12345", "not a number", "+86 138", "+86 1380013800"])
+def test_bad_number_is_refused_at_once(settings: Settings, phone: str) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings)) as client:
+        answer = post_claim(client, act["slug"], phone)
+    assert answer.status_code == 422
+    assert answer.json() == {
+        "status": "refused",
+        "reason": "bad_phone",
+        "message": "please enter a correct mobile number",
+    }
+
+
+def granted_in_gate(settings: Settings, activity: str, phone: str) -> bool:
+    digest = phone_digest(phone, settings.phone_key).hex()
+    return bool(redis.Redis.from_url(settings.redis_url).sismember(gate.activity_key(activity), digest))
+
+
+def test_accepted_then_credited_then_already_received(settings: Settings, workers: Workers) -> None:
+    act = make_activity(settings, templates=2)
+    with page_client(fresh(settings)) as client:
+        answer = post_claim(client, act["slug"], "138 0013 8000")  # normalised with the default region
+        assert answer.status_code == 202
+        body = answer.json()
+        assert body["status"] == "accepted" and body["message"] == ACCEPTED
+        claim_id = body["claim_id"]
+        first = client.get(f"/api/claims/{claim_id}").json()
+        assert first["status"] in ("accepted", "bound", "credited")
+
+        (status,) = settle(client, claim_id)
+        assert status["status"] == "credited"
+        assert sorted(c["code"][:3] for c in status["coupons"]) == sorted(act["prefixes"])
+        jsonschema.validate(status, SPEC["components"]["schemas"]["ClaimStatus"])
+
+        wait_for(lambda: granted_in_gate(settings, act["slug"], PHONE), timeout=10, what="the gate")
+        again = post_claim(client, act["slug"], PHONE)
+        assert again.status_code == 200
+        assert again.json()["message"] == "you have already received this package"
+        jsonschema.validate(again.json(), SPEC["components"]["schemas"]["ClaimAnswer"])
+    assert claim_states(settings) == {"credited": 1}
+
+
+def test_worker_refusal_reaches_the_status(settings: Settings, workers: Workers) -> None:
+    """When the gate does not know (Redis emptied), the page accepts and the
+    worker's recorded reason is what the status reports."""
+    act = make_activity(settings)
+    with page_client(fresh(settings)) as client:
+        settle(client, post_claim(client, act["slug"], PHONE).json()["claim_id"])
+        wait_for(lambda: granted_in_gate(settings, act["slug"], PHONE), timeout=10, what="the gate")
+        redis.Redis.from_url(settings.redis_url).flushdb()
+        second = post_claim(client, act["slug"], PHONE)
+        assert second.status_code == 202
+        (status,) = settle(client, second.json()["claim_id"])
+    assert status["status"] == "refused" and status["reason"] == "already_received"
+    assert status["message"] == "you have already received this package"
+
+
+def test_similar_activity_is_refused_at_once(settings: Settings, workers: Workers) -> None:
+    first = make_activity(settings, group="double-eleven")
+    second = make_activity(settings, group="double-eleven")
+    with page_client(fresh(settings)) as client:
+        settle(client, post_claim(client, first["slug"], PHONE).json()["claim_id"])
+        wait_for(lambda: granted_in_gate(settings, first["slug"], PHONE), timeout=10, what="the gate")
+        answer = post_claim(client, second["slug"], PHONE)
+    assert answer.status_code == 200
+    assert answer.json()["message"] == "you have taken part in a similar activity, please check your coupons"
+
+
+def test_budget_counter_answers_all_packages_are_gone(settings: Settings, workers: Workers) -> None:
+    act = make_activity(settings, budget=2)
+    with page_client(fresh(settings)) as client:
+        accepted = [post_claim(client, act["slug"], f"+861380013800{i}") for i in (1, 2)]
+        assert [a.status_code for a in accepted] == [202, 202]
+        third = post_claim(client, act["slug"], "+8613800138003")
+        assert third.status_code == 200 and third.json()["message"] == "all packages are gone"
+        settle(client, *(a.json()["claim_id"] for a in accepted))
+        # A new counter is seeded from PostgreSQL's count of granted packages.
+        redis.Redis.from_url(settings.redis_url).flushdb()
+        fourth = post_claim(client, act["slug"], "+8613800138004")
+        assert fourth.json()["message"] == "all packages are gone"
+        page = client.get(f"/a/{act['slug']}")
+        assert "all packages are gone" in page.text and 'id="phone"' not in page.text
+    assert claim_states(settings) == {"credited": 2}
+
+
+def test_empty_code_pool_is_reported_by_the_status(settings: Settings, workers: Workers) -> None:
+    act = make_activity(settings, codes=0)
+    with page_client(fresh(settings)) as client:
+        claim_id = post_claim(client, act["slug"], PHONE).json()["claim_id"]
+        (status,) = settle(client, claim_id)
+    assert status == {
+        "claim_id": claim_id,
+        "status": "refused",
+        "reason": "pool_empty",
+        "message": "all packages are gone",
+    }
+
+
+def test_unknown_claim_status_is_404(settings: Settings) -> None:
+    with page_client(fresh(settings)) as client:
+        assert client.get(f"/api/claims/{uuid.uuid4()}").status_code == 404
+        assert client.get("/api/claims/not-a-uuid").status_code == 404
+
+
+def test_resent_claim_id_is_published_once(settings: Settings) -> None:
+    act = make_activity(settings)
+    claim_id = str(uuid.uuid4())
+    with page_client(fresh(settings)) as client:
+        first = post_claim(client, act["slug"], PHONE, claim_id=claim_id)
+        second = post_claim(client, act["slug"], PHONE, claim_id=claim_id)
+        other = post_claim(client, act["slug"], "+8613900139000", claim_id=claim_id)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["claim_id"] == second.json()["claim_id"] == claim_id
+    assert other.status_code == 409
+    assert len(take_messages(settings, "claims")) == 1
+
+
+def test_rate_limit_per_ip(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_rate_per_ip=3)) as client:
+        codes = [post_claim(client, act["slug"], f"+86138001380{i:02d}").status_code for i in range(5)]
+    assert codes == [202, 202, 202, 429, 429]
+
+
+def test_rate_limit_per_number(settings: Settings) -> None:
+    act = make_activity(settings)
+    other = make_activity(settings)
+    with page_client(fresh(settings, web_rate_per_phone=2)) as client:
+        # Every attempt counts, on any activity: an enumeration looks like this.
+        codes = [post_claim(client, slug, PHONE).status_code for slug in (act["slug"], other["slug"])]
+        limited = post_claim(client, other["slug"], PHONE)
+        another_number = post_claim(client, other["slug"], "+8613900139000")
+    assert codes == [202, 202]
+    assert limited.status_code == 429 and limited.json()["status"] == "limited"
+    assert int(limited.headers["retry-after"]) > 0
+    assert another_number.status_code == 202
+
+
+def test_rabbitmq_down_answers_busy_and_leaves_nothing_behind(settings: Settings) -> None:
+    act = make_activity(settings, budget=5)
+    down = fresh(settings, amqp_url="amqp://guest:guest@127.0.0.1:1/%2F")
+    r = redis.Redis.from_url(settings.redis_url)
+    with page_client(down) as client:
+        answer = post_claim(client, act["slug"], PHONE)
+        assert answer.status_code == 503
+        assert answer.json() == {"status": "busy", "message": "busy, try again"}
+        claim_id = uuid.uuid4()
+        assert post_claim(client, act["slug"], PHONE, claim_id=str(claim_id)).status_code == 503
+    assert int(r.get(budget_key(act["slug"])) or 0) == 5  # the package was given back
+    assert not r.exists(accepted_key(claim_id))
+    with page_client(fresh(settings)) as client:  # and it works again once RabbitMQ is back
+        assert post_claim(client, act["slug"], PHONE, claim_id=str(claim_id)).status_code == 202
+    assert [str(m.claim_id) for m in take_messages(settings, "claims")] == [str(claim_id)]  # type: ignore[attr-defined]
+
+
+def test_redis_down_still_accepts(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, redis_url="redis://127.0.0.1:1/0")) as client:
+        started = time.monotonic()
+        answers = [post_claim(client, act["slug"], PHONE) for _ in range(3)]
+        elapsed = time.monotonic() - started
+        status = client.get(f"/api/claims/{answers[0].json()['claim_id']}")
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert elapsed < 3
+    assert status.json()["status"] == "accepted"
+    assert len(take_messages(settings, "claims")) == 3  # the workers decide
+
+
+def test_request_hygiene(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings)) as client:
+        url = "/api/claims"
+        body = {"activity": act["slug"], "phone": PHONE}
+        cross = client.post(url, json=body, headers={"origin": "https://evil.example"})
+        assert cross.status_code == 403
+        cross_site = client.post(url, json=body, headers={"origin": "", "sec-fetch-site": "cross-site"})
+        assert cross_site.status_code == 403
+        form = client.post(url, data=body)  # a classic form post
+        assert form.status_code == 415
+        assert client.post(url, content=b"{", headers={"content-type": "application/json"}).status_code == 400
+        huge = client.post(url, json={**body, "phone": "1" * 5000})
+        assert huge.status_code == 413
+        for bad in (
+            {**body, "phone": 8613800138000},
+            {**body, "extra": 1},
+            {"phone": PHONE},
+            {**body, "share_id": "nope"},
+            [body],
+        ):
+            answer = client.post(url, json=bad)
+            assert answer.status_code == 422, bad
+            assert answer.json()["status"] == "invalid"
+        assert client.get(f"/api/claims/{uuid.uuid4()}").headers["cache-control"] == "no-store"
+    assert take_messages(settings, "claims") == []
+
+
+def test_trusted_origin_may_post(settings: Settings) -> None:
+    act = make_activity(settings)
+    trusted = fresh(settings, web_trusted_origins="https://m.shop.example, https://other.example")
+    with page_client(trusted) as client:
+        body = {"activity": act["slug"], "phone": PHONE}
+        answer = client.post("/api/claims", json=body, headers={"origin": "https://m.shop.example"})
+    assert answer.status_code == 202
+
+
+def test_no_number_in_clear_in_any_log_line(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    act = make_activity(settings)
+    caplog.set_level(logging.DEBUG)
+    with page_client(fresh(settings, web_rate_per_phone=1)) as client:
+        post_claim(client, act["slug"], PHONE)
+        post_claim(client, act["slug"], PHONE)  # limited, logged
+    with page_client(fresh(settings, amqp_url="amqp://guest:guest@127.0.0.1:1/%2F")) as client:
+        post_claim(client, act["slug"], "+8613900139000")  # busy, logged
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("+86138****8000" in line for line in lines)
+    for line in lines:
+        assert "13800138000" not in line and "13900139000" not in line
+
+
+def test_openapi_describes_the_endpoints(settings: Settings) -> None:
+    with page_client(fresh(settings)) as client:
+        spec = client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.1")
+    assert set(spec["paths"]) == {"/api/claims", "/api/claims/{claim_id}"}
+    form = spec["components"]["schemas"]["ClaimForm"]
+    jsonschema.validate({"activity": "a-1", "phone": PHONE, "share_id": None}, form)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"activity": "a-1", "phone": 1}, form)
