@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration e2e services promtool clean
+.PHONY: install demo test lint typecheck unit integration e2e services promtool browser clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ promtool:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && \
 	  (service prometheus stop >/dev/null 2>&1 || true))
 
+## The browser test (tests/e2e/test_browser.py) drives Debian's Chromium with
+## Playwright; nothing downloads a browser of its own.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,7 +43,7 @@ typecheck: install
 	$(BIN)/mypy
 
 ## Everything CI runs: services up, lint, types, then the three test levels.
-test: install services promtool lint typecheck
+test: install services promtool browser lint typecheck
 	$(BIN)/pytest tests
 
 unit: install
