@@ -69,6 +69,11 @@ class Activity(Base):
             name="activities_validity_check",
         ),
         CheckConstraint("slug ~ '^[a-z0-9][a-z0-9-]{0,62}$'", name="activities_slug_check"),
+        CheckConstraint("rebate_every >= 1", name="activities_rebate_every_check"),
+        CheckConstraint(
+            "rebate_amount_cents IS NULL OR (rebate_amount_cents > 0 AND rebate_template_id IS NULL)",
+            name="activities_rebate_kind_check",
+        ),
     )
 
     activity_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
@@ -91,6 +96,14 @@ class Activity(Base):
     valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     hold_until_registered: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Refer K, get one back: every ``rebate_every`` successful referrals earn
+    # the referrer either an amount or a coupon of a template (usually of a
+    # budget-0 "rewards" activity, so it is never part of a claimed package).
+    rebate_every: Mapped[int] = mapped_column(SmallInteger, server_default="3")
+    rebate_amount_cents: Mapped[int | None] = mapped_column(Integer)
+    rebate_template_id: Mapped[int | None] = mapped_column(
+        ForeignKey("coupon_templates.template_id", use_alter=True, name="activities_rebate_template_fkey")
+    )
     created_at: Mapped[datetime] = _now()
 
 
@@ -237,7 +250,22 @@ class Code(Base):
         CheckConstraint(
             "status IN ('available', 'unused', 'used', 'expired', 'cancelled')", name="codes_status_check"
         ),
-        CheckConstraint("(member_id IS NULL) = (claim_id IS NULL)", name="codes_binding_check"),
+        # A code belongs to a member through exactly one claim or one rebate.
+        CheckConstraint(
+            "(member_id IS NULL) = (claim_id IS NULL AND rebate_id IS NULL)", name="codes_binding_check"
+        ),
+        CheckConstraint("claim_id IS NULL OR rebate_id IS NULL", name="codes_one_owner_check"),
+        ForeignKeyConstraint(
+            ["rebate_id", "member_id"],
+            ["rebates.rebate_id", "rebates.referrer_member_id"],
+            name="codes_rebate_member_fkey",
+        ),
+        # A used coupon always names its order; returning it clears both.
+        CheckConstraint("(status = 'used') = (order_id IS NOT NULL)", name="codes_used_order_check"),
+        CheckConstraint(
+            "status <> 'used' OR (used_at IS NOT NULL AND discount_cents IS NOT NULL)",
+            name="codes_used_detail_check",
+        ),
         CheckConstraint(
             "(status = 'available') = (member_id IS NULL) OR status = 'cancelled'",
             name="codes_bound_status_check",
@@ -256,6 +284,9 @@ class Code(Base):
             postgresql_where=text("status = 'available'"),
         ),
         Index("codes_batch_idx", "batch_id"),
+        Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
+        Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),
+        Index("codes_rebate_idx", "rebate_id", postgresql_where=text("rebate_id IS NOT NULL")),
         # Bound, used, expired and cancelled codes per template, counted without
         # reading the pool of available ones (shared.analytics).
         Index("codes_taken_idx", "template_id", "status", postgresql_where=text("status <> 'available'")),
@@ -269,6 +300,11 @@ class Code(Base):
     claim_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     bound_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rebate_id: Mapped[int | None] = mapped_column(BigInteger)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.order_id"))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    discount_cents: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WalletEntry(Base):
@@ -303,4 +339,105 @@ class DeadLetter(Base):
     detail: Mapped[str] = mapped_column(Text)
     body: Mapped[str] = mapped_column(Text)
     headers: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class Order(Base):
+    """An order as far as coupons and referrals need it. Orders move
+    placed -> paid -> refunded, or placed -> cancelled."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint("status IN ('placed', 'paid', 'cancelled', 'refunded')", name="orders_status_check"),
+        CheckConstraint("(status IN ('paid', 'refunded')) = (paid_at IS NOT NULL)", name="orders_paid_check"),
+        CheckConstraint("(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="orders_cancelled_check"),
+        CheckConstraint("(status = 'refunded') = (refunded_at IS NOT NULL)", name="orders_refunded_check"),
+        CheckConstraint(
+            "amount_cents >= 0 AND discount_cents BETWEEN 0 AND amount_cents", name="orders_amount_check"
+        ),
+        Index("orders_member_idx", "member_id"),
+    )
+
+    order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int | None] = mapped_column(ForeignKey("activities.activity_id"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    discount_cents: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    status: Mapped[str] = mapped_column(String(12), server_default="placed")
+    placed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Referral(Base):
+    """One successful referral: a new member who claimed through a share and
+    then paid a first order. A referee counts once, never for themselves."""
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        CheckConstraint("referrer_member_id <> referee_member_id", name="referrals_not_self_check"),
+        Index("referrals_referrer_idx", "referrer_member_id", "activity_id"),
+    )
+
+    referee_member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), primary_key=True)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    share_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shares.share_id"))
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), unique=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.order_id"), unique=True)
+    counted_at: Mapped[datetime] = _now()
+
+
+class Rebate(Base):
+    """The rebate ledger: the n-th rebate of a referrer in an activity is
+    written once (an amount, or a coupon code bound through ``codes.rebate_id``)."""
+
+    __tablename__ = "rebates"
+    __table_args__ = (
+        UniqueConstraint("referrer_member_id", "activity_id", "rebate_no", name="rebates_once_key"),
+        UniqueConstraint("rebate_id", "referrer_member_id", name="rebates_id_member_key"),
+        CheckConstraint("rebate_no >= 1", name="rebates_no_check"),
+        CheckConstraint("(amount_cents IS NULL) <> (template_id IS NULL)", name="rebates_kind_check"),
+        CheckConstraint(
+            "(credited_at IS NOT NULL) = (amount_cents IS NOT NULL OR code IS NOT NULL)",
+            name="rebates_credited_check",
+        ),
+    )
+
+    rebate_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    rebate_no: Mapped[int] = mapped_column(Integer)
+    amount_cents: Mapped[int | None] = mapped_column(BigInteger)
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("coupon_templates.template_id"))
+    code: Mapped[str | None] = mapped_column(String(16))
+    earned_at: Mapped[datetime] = _now()
+    credited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class HeldCredit(Base):
+    """A bound claim whose credit waits for its member to register (activities
+    with ``hold_until_registered``); the promise then runs from registration."""
+
+    __tablename__ = "held_credits"
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), index=True)
+    held_at: Mapped[datetime] = _now()
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LifecycleRefusal(Base):
+    """An illegal transition asked for by a message or an operator, kept with
+    its reason (once per event, subject and reason) instead of retried."""
+
+    __tablename__ = "lifecycle_refusals"
+    __table_args__ = (UniqueConstraint("event_key", "subject", "reason", name="lifecycle_refusals_once_key"),)
+
+    refusal_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_key: Mapped[str] = mapped_column(String(120))
+    subject: Mapped[str] = mapped_column(String(80))
+    reason: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(Text, server_default="")
     created_at: Mapped[datetime] = _now()
