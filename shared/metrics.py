@@ -149,7 +149,9 @@ CLAIMS = Counter(
     ["outcome", "reason"],
 )
 CODES_BOUND = Counter("issuance_codes_bound_total", "Codes bound to members.")
-CREDITS = Counter("issuance_credits_total", "Wallet entries written.")
+CREDITS = Counter(
+    "issuance_credits_total", "Claims credited: packages written to members' wallets (once per claim)."
+)
 DEAD_LETTERS = Counter(
     "issuance_dead_letters_total", "Messages dead-lettered, by queue and reason.", ["queue", "reason"]
 )
