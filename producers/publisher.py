@@ -21,6 +21,7 @@ import abc
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +32,7 @@ from pika.spec import Basic
 
 from shared import codec
 from shared.errors import PublishError
-from shared.messages import Message
+from shared.messages import ClaimRequested, ClaimsRequested, Message
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,17 @@ class Publisher(abc.ABC):
     def publish_many(self, messages: Iterable[Message]) -> int:
         """Publish all of ``messages``; return how many were confirmed.
         Raises PublishError if any could not be confirmed."""
+
+    def publish_claims(self, claims: Sequence[ClaimRequested], *, batch: int = 200) -> int:
+        """Publish claims packed ``batch`` to a message (claims-requested): the
+        workers decide each batch in one transaction. Each claim keeps its own
+        claim ID, so packing changes nothing about idempotency."""
+        packed = [
+            ClaimsRequested(batch_id=uuid.uuid4(), claims=tuple(claims[i : i + batch]))
+            for i in range(0, len(claims), batch)
+        ]
+        self.publish_many(packed)
+        return len(claims)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""

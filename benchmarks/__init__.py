@@ -1,0 +1,1 @@
+"""Benchmarks: each reports its figures next to ceilings measured in the same run."""

@@ -1,0 +1,407 @@
+"""The pipeline benchmark: claims/s and claim-to-credit latency on real
+RabbitMQ, PostgreSQL and Redis, next to ceilings measured in the same run.
+
+    .venv/bin/python -m benchmarks.pipeline            # full run (several minutes)
+    .venv/bin/python -m benchmarks.pipeline --quick    # smoke run (seconds)
+
+Phases, each on a private database and vhost:
+  ceilings   (a) the claim SQL, one claim per transaction, 8 connections, no broker;
+             (b) the same SQL, many claims per transaction;
+             (c) RabbitMQ alone: persistent messages, publisher confirms, consumer acks (raw pika).
+  reference  one claim per message through the Dramatiq workers (a backlog, drained).
+  pipeline   claims published through the producer library (packed into
+             claims-requested batches) until credited: a drained backlog, a
+             sustained open-loop run, and latency at several offered rates.
+The workload has 5% re-sent claims and 2% bad numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from benchmarks.harness import ResourceMeter, WorkerProcesses, percentiles, private_services
+from producers.publisher import RabbitPublisher
+from shared import backoffice, database
+from shared.messages import ClaimRequested, utcnow
+from shared.settings import Settings
+from workers.handlers import handle_claims
+
+console = Console(stderr=True)
+
+
+def make_activity(settings: Settings, slug: str, budget: int, pool: int) -> str:
+    prefix = "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZ") for _ in range(3))
+    engine = database.engine(settings)
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        from sqlalchemy import select
+
+        from shared.models import Channel
+
+        if session.scalar(select(Channel).where(Channel.name == "bench")) is None:
+            backoffice.create_channel(session, "bench")
+        spec = backoffice.ActivitySpec.from_mapping(
+            {
+                "slug": slug,
+                "title": slug,
+                "channel": "bench",
+                "starts_at": now - timedelta(hours=1),
+                "ends_at": now + timedelta(days=2),
+                "budget": budget,
+                "templates": [{"prefix": prefix, "kind": "amount_off", "value": 500}],
+            }
+        )
+        backoffice.create_activity(session, spec)
+        backoffice.generate_codes(session, prefix, pool)
+    engine.dispose()
+    return slug
+
+
+class Workload:
+    """Claims with 5% re-sends and 2% bad numbers."""
+
+    def __init__(self, slug: str, seed: int) -> None:
+        self.slug = slug
+        self.rng = random.Random(seed)
+        self.sent: list[ClaimRequested] = []
+
+    def take(self, count: int) -> list[ClaimRequested]:
+        now = utcnow()
+        out = []
+        for _ in range(count):
+            roll = self.rng.random()
+            if roll < 0.05 and self.sent:
+                out.append(self.rng.choice(self.sent[-1000:]))
+                continue
+            phone = (
+                f"+86{self.rng.randrange(10**5)}" if roll < 0.07 else f"+8613{self.rng.randrange(10**9):09d}"
+            )
+            claim = ClaimRequested(claim_id=uuid.uuid4(), activity=self.slug, phone=phone, requested_at=now)
+            self.sent.append(claim)
+            out.append(claim)
+        return out
+
+    def unique_ids(self, since: int = 0) -> list[uuid.UUID]:
+        return [c.claim_id for c in self.sent[since:]]
+
+
+def decided(conn: psycopg.Connection[Any], slug: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM claims WHERE activity_slug = %s AND status <> 'bound'", (slug,)
+    ).fetchone()
+    conn.commit()
+    return int(row[0]) if row else 0
+
+
+def wait_decided(
+    conn: psycopg.Connection[Any], slug: str, expected: int, timeout: float, label: str
+) -> float:
+    """Seconds until ``expected`` claims of the activity are decided and credited."""
+    start = time.monotonic()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(label, total=expected)
+        while True:
+            done = decided(conn, slug)
+            progress.update(task, completed=done)
+            if done >= expected:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{label}: {done} of {expected} decided after {timeout}s")
+            time.sleep(0.1)
+
+
+# -- ceilings --------------------------------------------------------------
+
+
+def db_ceiling(settings: Settings, slug: str, seconds: float, threads: int, batch: int) -> float:
+    """Claims/s of the pipeline's own claim SQL, straight on PostgreSQL."""
+    workload = Workload(slug, seed=batch)
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    counted = [0]
+    with database.pool(settings, max_size=threads) as pool:
+
+        def run() -> None:
+            while time.monotonic() < stop:
+                with lock:
+                    claims = workload.take(batch)
+                handle_claims(pool, settings, claims)
+                with lock:
+                    counted[0] += len(claims)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(threads) as executor:
+            for future in [executor.submit(run) for _ in range(threads)]:
+                future.result()
+        return counted[0] / (time.monotonic() - started)
+
+
+def broker_ceiling(settings: Settings, seconds: float, body_size: int = 400) -> float:
+    """Messages/s through RabbitMQ alone: persistent, confirmed, acked (raw pika)."""
+    queue = "bench.ceiling"
+    params = pika.URLParameters(settings.amqp_url)
+    setup = pika.BlockingConnection(params)
+    setup.channel().queue_declare(queue, durable=True)
+    setup.close()
+    body = b"x" * body_size
+    stop = time.monotonic() + seconds
+    consumed = [0]
+
+    def consume() -> None:
+        connection = pika.BlockingConnection(params)
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1000)
+        for method, _, _ in channel.consume(queue, inactivity_timeout=1):
+            if method is None:
+                if time.monotonic() > stop + 2:
+                    break
+                continue
+            consumed[0] += 1
+            if consumed[0] % 100 == 0:
+                channel.basic_ack(method.delivery_tag, multiple=True)
+        connection.close()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    started = time.monotonic()
+    publisher = RabbitPublisher(settings.amqp_url, declare=False)
+    while time.monotonic() < stop:
+        for _ in range(10):
+            publisher._publish_batch([(queue, body, "x")] * 500)
+    publisher.close()
+    elapsed = time.monotonic() - started
+    consumer.join()
+    return consumed[0] / max(elapsed, 1e-9)
+
+
+# -- pipeline phases -----------------------------------------------------------
+
+
+def backlog_drain(
+    settings: Settings, env: dict[str, str], slug: str, count: int, args: argparse.Namespace, *, batched: bool
+) -> dict[str, Any]:
+    """Publish ``count`` claims with no worker running, then time the drain."""
+    workload = Workload(slug, seed=count)
+    with RabbitPublisher.from_settings(settings) as publisher:
+        for start in range(0, count, 10_000):
+            claims = workload.take(min(10_000, count - start))
+            if batched:
+                publisher.publish_claims(claims, batch=args.batch)
+            else:
+                publisher.publish_many(claims)
+    unique = len(workload.sent)
+    workers = WorkerProcesses(env, args.processes, args.threads, args.out / "workers.log")
+    meter = ResourceMeter(workers)
+    try:
+        meter.start()
+        with psycopg.connect(settings.database_url) as conn:
+            seconds = wait_decided(conn, slug, unique, args.timeout, f"draining {count} claims")
+            usage = meter.stop()
+            credited = conn.execute(
+                "SELECT count(*) FROM claims WHERE activity_slug = %s AND status = 'credited'", (slug,)
+            ).fetchone()
+    finally:
+        workers.stop()
+    return {
+        "messages": count,
+        "unique_claims": unique,
+        "seconds": round(seconds, 2),
+        "claims_per_s": round(count / seconds, 1),
+        "credited": credited[0] if credited else 0,
+        **usage,
+    }
+
+
+def open_loop(
+    settings: Settings,
+    conn: psycopg.Connection[Any],
+    workload: Workload,
+    rate: float,
+    seconds: float,
+    args: Any,
+) -> dict[str, Any]:
+    """Offer ``rate`` claims/s for ``seconds`` regardless of completions."""
+    before = len(workload.sent)
+    start_decided = decided(conn, workload.slug)
+    published = 0
+    started = time.monotonic()
+    with RabbitPublisher.from_settings(settings) as publisher:
+        while (elapsed := time.monotonic() - started) < seconds:
+            due = int(rate * elapsed) - published
+            if due > 0:
+                publisher.publish_claims(workload.take(due), batch=args.batch)
+                published += due
+            time.sleep(0.01)
+    offered_seconds = time.monotonic() - started
+    unique = len(workload.sent) - before
+    during = decided(conn, workload.slug) - start_decided
+    drain = wait_decided(
+        conn, workload.slug, start_decided + unique, args.timeout, f"draining at {rate:.0f}/s"
+    )
+    return {
+        "offered_rate": round(rate, 1),
+        "achieved_offer_rate": round(published / offered_seconds, 1),
+        "seconds": round(offered_seconds, 1),
+        "decided_during": during,
+        "throughput": round((during) / offered_seconds, 1),
+        "drain_after_s": round(drain, 2),
+        **percentiles(conn, workload.unique_ids(before)),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "started": utcnow().isoformat(),
+    }
+    with private_services("issuance_bench") as (settings, env):
+        console.print("[bold]setting up[/] activities and code pools")
+        planned = args.backlog + args.reference + int(args.sustained * 20_000) + 200_000
+        ceiling = make_activity(settings, "bench-ceiling", args.ceiling_pool, args.ceiling_pool)
+        reference = make_activity(settings, "bench-reference", args.reference, args.reference)
+        live = make_activity(settings, "bench-live", min(planned, args.pool), args.pool)
+
+        console.print("[bold]ceilings[/]")
+        results["ceilings"] = {
+            "db_one_claim_per_tx": round(db_ceiling(settings, ceiling, args.ceiling_seconds, 8, 1), 1),
+            "db_batched": round(db_ceiling(settings, ceiling, args.ceiling_seconds, 2, args.batch), 1),
+            "broker_confirmed_acked": round(broker_ceiling(settings, args.ceiling_seconds), 1),
+        }
+        console.print(results["ceilings"])
+
+        console.print("[bold]reference[/]: one claim per message")
+        results["reference"] = backlog_drain(settings, env, reference, args.reference, args, batched=False)
+        console.print(results["reference"])
+
+        console.print(f"[bold]pipeline[/]: backlog of {args.backlog} claims")
+        results["pipeline_backlog"] = backlog_drain(settings, env, live, args.backlog, args, batched=True)
+        console.print(results["pipeline_backlog"])
+        peak = results["pipeline_backlog"]["claims_per_s"]
+
+        workers = WorkerProcesses(env, args.processes, args.threads, args.out / "workers.log")
+        meter = ResourceMeter(workers)
+        try:
+            with psycopg.connect(settings.database_url) as conn:
+                workload = Workload(live, seed=99)
+                # Let the workers connect before offering load.
+                time.sleep(3)
+                meter.start()
+                console.print(f"[bold]sustained[/]: {args.sustained:.0f}s at {0.8 * peak:.0f}/s")
+                results["sustained"] = open_loop(settings, conn, workload, 0.8 * peak, args.sustained, args)
+                results["sustained"].update(meter.stop())
+                console.print(results["sustained"])
+                results["latency"] = []
+                for fraction in args.rates:
+                    point = open_loop(settings, conn, workload, fraction * peak, args.rate_seconds, args)
+                    point["fraction_of_peak"] = fraction
+                    results["latency"].append(point)
+                    console.print(point)
+        finally:
+            workers.stop()
+        with psycopg.connect(settings.database_url) as conn:
+            from shared.verify import verify
+
+            report = verify(conn)
+        results["verify"] = report.as_json()
+    return results
+
+
+def summarise(results: dict[str, Any]) -> Table:
+    c = results["ceilings"]
+    pipeline = results["pipeline_backlog"]["claims_per_s"]
+    sustained = results["sustained"]["throughput"]
+    reference = results["reference"]["claims_per_s"]
+    table = Table(title="claims/s, and the pipeline's ratio to each")
+    table.add_column("measure")
+    table.add_column("claims/s", justify="right")
+    table.add_column("pipeline (drain) / this", justify="right")
+    rows = [
+        ("ceiling: claim SQL, 1 claim/tx, 8 conns", c["db_one_claim_per_tx"]),
+        ("ceiling: claim SQL, batched", c["db_batched"]),
+        ("ceiling: RabbitMQ confirmed+acked msgs", c["broker_confirmed_acked"]),
+        ("reference: 1 claim per message (Dramatiq)", reference),
+        ("pipeline: backlog drain", pipeline),
+        ("pipeline: sustained open loop", sustained),
+    ]
+    for name, value in rows:
+        table.add_row(name, f"{value:,.0f}", f"{pipeline / value:.2f}x" if value else "-")
+    return table
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = results["latency"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    offered = [p["offered_rate"] for p in points]
+    left.plot(offered, [p["throughput"] for p in points], "o-", label="decided/s during the run")
+    left.plot(offered, offered, ":", color="grey", label="offered")
+    left.set_xlabel("offered claims/s")
+    left.set_ylabel("claims/s")
+    left.legend()
+    left.set_title("throughput against offered rate")
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        right.plot(offered, [p[key] or 0 for p in points], "o-", label=key)
+    right.set_xlabel("offered claims/s")
+    right.set_ylabel("claim-to-credit ms")
+    right.legend()
+    right.set_title("latency against offered rate (open loop)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=200, help="claims per claims-requested message")
+    parser.add_argument("--pool", type=int, default=1_000_000, help="codes in the live activity's pool")
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--reference", type=int, default=20_000)
+    parser.add_argument("--sustained", type=float, default=60.0, help="seconds of the sustained run")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75])
+    parser.add_argument("--rate-seconds", type=float, default=15.0)
+    parser.add_argument("--ceiling-seconds", type=float, default=10.0)
+    parser.add_argument("--ceiling-pool", type=int, default=400_000)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = parser.parse_args()
+    if args.quick:
+        args.pool, args.backlog, args.reference, args.sustained = 20_000, 2_000, 300, 3.0
+        args.rates, args.rate_seconds, args.ceiling_seconds, args.ceiling_pool = [0.5], 2.0, 1.0, 20_000
+    results = run(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"pipeline-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    chart(results, args.out / f"pipeline-{stamp}.png")
+    Console().print(summarise(results))
+    Console().print(
+        f"results: {args.out / f'pipeline-{stamp}.json'} and .png; verify clean: {results['verify']['clean']}"
+    )
+    return 0 if results["verify"]["clean"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
