@@ -1,0 +1,101 @@
+"""Multi-process metrics: the directory is wiped only when no live process
+owns it; dead processes' live gauges are dropped; the ASGI app answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared import metrics
+from workers.exporter import _divide, _rate
+
+ROOT = Path(__file__).parents[2]
+
+
+def dead_pid() -> int:
+    code = "import os; print(os.getpid())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_a_directory_left_by_dead_processes_is_wiped(tmp_path):
+    gone = dead_pid()
+    (tmp_path / f"counter_{gone}.db").write_bytes(b"stale")
+    (tmp_path / f"process_{gone}.pid").touch()
+    assert metrics.prepare_multiprocess_dir(tmp_path, pid=12345678) is True
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "process_12345678.pid"
+    ]
+
+
+def test_a_directory_with_a_live_sibling_is_kept(tmp_path):
+    (tmp_path / f"counter_{os.getpid()}.db").write_bytes(b"live")
+    assert metrics.prepare_multiprocess_dir(tmp_path, pid=12345678) is False
+    assert (tmp_path / f"counter_{os.getpid()}.db").read_bytes() == b"live"
+
+
+CHILD = "from shared.metrics import CREDITS, CONSUMERS; CREDITS.inc(2); CONSUMERS.labels('claims').inc()"
+PARENT = f"""
+import subprocess, sys
+from shared.metrics import metrics_response
+for _ in range(2):
+    subprocess.run([sys.executable, "-c", {CHILD!r}], check=True)
+sys.stdout.write(metrics_response()[0].decode())
+"""
+
+
+def test_processes_add_up_and_a_killed_process_stops_counting_in_live_gauges(tmp_path):
+    # A server process (the parent, alive throughout) and two workers that
+    # count and die without marking themselves dead.
+    (tmp_path / f"counter_{dead_pid()}.db").write_bytes(b"left by a run long gone")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", PARENT], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    values = {
+        s.name + str(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(out.stdout)
+        for s in f.samples
+    }
+    assert values["issuance_credits_total[]"] == 4
+    # Their live gauges were dropped by the scrape, their counters kept.
+    assert values.get("issuance_worker_consumers[('queue', 'claims')]", 0) == 0
+    assert len(list(tmp_path.glob("gauge_livesum_*.db"))) == 1, "only the live server's own"
+    assert len(list(tmp_path.glob("counter_*.db"))) == 3, "the two workers' and the server's"
+
+
+def test_the_asgi_app_serves_the_exposition_format():
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    metrics.CODES_BOUND.inc(0)
+    asyncio.run(metrics.asgi_app()({"type": "http", "path": "/metrics"}, receive, send))
+    assert sent[0]["status"] == 200
+    body = sent[1]["body"]
+    assert isinstance(body, bytes)
+    assert b"issuance_codes_bound_total" in body
+
+
+def test_rates_and_forecasts():
+    class R:
+        def __init__(self, at: float, n: int) -> None:
+            self.at, self.n = at, n
+
+    history = [R(0, 10), R(60, 40), R(120, 70)]
+    rates = _rate(history, history[-1], lambda r: {"a": r.n}, window=900)  # type: ignore[arg-type]
+    assert rates == {"a": 0.5}
+    assert _rate(history[:1], history[0], lambda r: {"a": r.n}, window=900) == {}  # type: ignore[arg-type]
+    assert _divide(100, 0.5) == 200
+    assert _divide(100, 0.0) == float("inf")
+    assert _divide(0, 0.0) == 0
+    assert _divide(5, None) != _divide(5, None)  # NaN: unknown until two readings
