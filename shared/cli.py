@@ -214,6 +214,31 @@ def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the activity page under uvicorn."""
+    import uvicorn
+
+    uvicorn.run(
+        "producers.web:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=not args.no_access_log,
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+    )
+    return 0
+
+
+def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish the pending rows of an order system's outbox table."""
+    from producers.outbox import relay_forever
+
+    relay_forever(args.dsn or settings.database_url, settings, batch=args.batch, table=args.table)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from workers.demo import run_demo
 
@@ -297,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     chart.add_argument("--until", help="RFC 3339 end of the window")
     chart.add_argument("--out", required=True, help="the PNG file to write")
     chart.set_defaults(func=cmd_chart)
+
+    web = sub.add_parser("web", help="serve the activity page (claims and their status)")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    web.add_argument("--no-access-log", action="store_true")
+    web.add_argument(
+        "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-For is trusted"
+    )
+    web.set_defaults(func=cmd_web)
+
+    relay = sub.add_parser("outbox-relay", help="publish an order system's transactional outbox")
+    relay.add_argument("--dsn", help="the order system's database (default: ISSUANCE_DATABASE_URL)")
+    relay.add_argument("--table", default="issuance_outbox")
+    relay.add_argument("--batch", type=int, default=500)
+    relay.set_defaults(func=cmd_outbox_relay)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
     demo.add_argument("--claims", type=int, default=3000)
