@@ -90,8 +90,7 @@ def load_series(
             p95=[],
             p99=[],
         )
-    bucket = max(timedelta(seconds=1), (end - start) / buckets)
-    bucket = timedelta(seconds=round(bucket.total_seconds()))
+    bucket = timedelta(milliseconds=max(round((end - start).total_seconds() * 1000 / buckets), 1))
     query = {**params, "bucket": bucket, "origin": start}
     claimed = dict(conn.execute(CLAIMED.format(where=where), query).fetchall())
     credited_rows = conn.execute(CREDITED.format(where=where), query).fetchall()
@@ -125,9 +124,15 @@ def render(series: Series, out: str | Path, *, promise_seconds: int = 86_400) ->
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     top.set_title(f"Claims, credits and backlog: {series.title}")
-    top.plot(series.times, series.claimed, label="claims granted (cumulative)")
-    top.plot(series.times, series.credited, label="claims credited (cumulative)")
-    top.fill_between(series.times, series.backlog, alpha=0.3, color="tab:red", label="backlog (uncredited)")
+    marker = "o" if len(series.times) < 20 else None
+    top.step(series.times, series.claimed, where="post", marker=marker, label="claims granted (cumulative)")
+    top.step(series.times, series.credited, where="post", marker=marker, label="claims credited (cumulative)")
+    top.fill_between(
+        series.times, series.backlog, step="post", alpha=0.3, color="tab:red", label="backlog (uncredited)"
+    )
+    if series.times:
+        span = max(series.times[-1] - series.times[0], timedelta(seconds=1))
+        top.set_xlim(series.times[0] - span / 20, series.times[-1] + span / 20)
     top.set_ylabel("claims")
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
@@ -136,7 +141,7 @@ def render(series: Series, out: str | Path, *, promise_seconds: int = 86_400) ->
         bottom.plot(series.latency_times, values, marker=".", label=label)
     if series.p99 and max(series.p99) > promise_seconds / 4:
         bottom.axhline(promise_seconds, color="tab:red", linestyle="--", label="promise")
-    if series.p99:
+    if series.p99 and max(series.p99) > 60:
         bottom.set_yscale("symlog", linthresh=1)
     bottom.set_ylabel("seconds")
     bottom.set_xlabel("time (UTC)")
