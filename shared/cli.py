@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     argv = ["dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
     if args.queues:
         argv += ["--queues", *args.queues]
+    # Worker processes count into files here; /metrics on the metrics port adds them up.
+    default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{settings.metrics_port}"
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
     os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606 - replaces this process
 
 
