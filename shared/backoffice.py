@@ -4,12 +4,16 @@ batches go through COPY, the fastest way into PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
 import re
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
@@ -148,18 +152,70 @@ def add_slots(session: Session, activity_id: int, first: int, count: int) -> Non
     )
 
 
+class _Chunks:
+    """Codes made on a background thread while the previous chunk is being
+    copied: the CSPRNG and the formatting overlap the server's work."""
+
+    def __init__(self, prefix: str, count: int, chunk: int, bits: int, suffix: bytes) -> None:
+        self._queue: queue.Queue[tuple[list[str], bytes] | None] = queue.Queue(maxsize=2)
+        self._args = (prefix, count, chunk, bits, suffix)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="codegen", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        prefix, count, chunk, bits, suffix = self._args
+        made = 0
+        while made < count and not self._stop.is_set():
+            self._queue.put(_rows(domain.new_codes(prefix, min(chunk, count - made), bits), suffix))
+            made += min(chunk, count - made)
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[tuple[list[str], bytes]]:
+        while (item := self._queue.get()) is not None:
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self._thread.join()
+
+
+def _rows(codes: list[str], suffix: bytes) -> tuple[list[str], bytes]:
+    # Sorted codes fill the primary key's leaf pages in order instead of at
+    # random: fewer pages touched, fewer full-page images in the WAL.
+    codes.sort()
+    return codes, b"".join(c.encode() + suffix for c in codes)
+
+
+COPY_CODES = "COPY codes (code, template_id, batch_id) FROM STDIN"
+STAGE_CODES = """
+INSERT INTO codes (code, template_id, batch_id)
+SELECT code, %s, %s FROM code_staging
+ON CONFLICT (code) DO NOTHING
+"""
+
+
 def generate_codes(
     session: Session,
     prefix: str,
     count: int,
     *,
+    bits: int = domain.DEFAULT_CODE_RANDOM_BITS,
     chunk: int = 100_000,
     progress: Callable[[int], None] | None = None,
 ) -> CodeBatch:
     """Generate a numbered batch of ``count`` codes for the template with
-    ``prefix``: random codes from the CSPRNG, loaded with COPY into a staging
-    table and moved with ``ON CONFLICT DO NOTHING`` (the primary key makes
-    them unique platform-wide); the rare collision is simply drawn again."""
+    ``prefix``, in the caller's transaction.
+
+    Codes come from the OS CSPRNG (shared.domain.new_codes) and are copied
+    straight into ``codes`` in sorted chunks, each under a savepoint. The
+    primary key keeps them unique platform-wide: a chunk that collides (about
+    one chance in 10^7 per million codes at 64 bits) is rolled back to its
+    savepoint and loaded again through a staging table with
+    ``ON CONFLICT DO NOTHING``, its losers drawn again."""
     template = session.scalar(select(CouponTemplate).where(CouponTemplate.prefix == prefix))
     if template is None:
         raise BackOfficeError(f"no coupon template with prefix {prefix!r}")
@@ -167,7 +223,7 @@ def generate_codes(
         select(func.count()).select_from(Code).where(Code.template_id == template.template_id)
     )
     try:
-        domain.check_capacity(prefix, existing or 0, count)
+        domain.check_capacity(prefix, existing or 0, count, bits)
     except ValueError as exc:
         raise BackOfficeError(str(exc)) from None
     batch = CodeBatch(template_id=template.template_id, size=count)
@@ -175,19 +231,56 @@ def generate_codes(
     session.flush()
     raw = session.connection().connection.driver_connection
     assert raw is not None
-    raw.execute("CREATE TEMP TABLE IF NOT EXISTS code_staging (code text) ON COMMIT DELETE ROWS")
-    made = 0
-    while made < count:
-        wanted = min(chunk, count - made)
-        raw.execute("TRUNCATE code_staging")
-        with raw.cursor().copy("COPY code_staging (code) FROM STDIN") as copy:
-            copy.write("\n".join(domain.new_codes(prefix, wanted)) + "\n")
-        inserted = raw.execute(
-            "INSERT INTO codes (code, template_id, batch_id) SELECT code, %s, %s FROM code_staging"
-            " ON CONFLICT (code) DO NOTHING",
-            (template.template_id, batch.batch_id),
-        ).rowcount
-        made += inserted
+    suffix = f"\t{template.template_id}\t{batch.batch_id}\n".encode()
+    chunks = _Chunks(prefix, count, chunk, bits, suffix)
+    missing = 0
+    try:
+        for codes, rows in chunks:
+            try:
+                with raw.transaction(), raw.cursor().copy(COPY_CODES) as copy:
+                    copy.write(rows)
+                inserted = len(codes)
+            except psycopg.errors.UniqueViolation:
+                inserted = _stage(raw, codes, template.template_id, batch.batch_id)
+                missing += len(codes) - inserted
+            if progress is not None:
+                progress(inserted)
+    finally:
+        chunks.close()
+    while missing:
+        inserted = _stage(raw, domain.new_codes(prefix, missing, bits), template.template_id, batch.batch_id)
+        missing -= inserted
         if progress is not None:
             progress(inserted)
     return batch
+
+
+def _stage(raw: psycopg.Connection[Any], codes: list[str], template_id: int, batch_id: int) -> int:
+    """Insert what does not collide; return how many codes went in."""
+    raw.execute("CREATE TEMP TABLE IF NOT EXISTS code_staging (code text) ON COMMIT DROP")
+    raw.execute("TRUNCATE code_staging")
+    with raw.cursor().copy("COPY code_staging (code) FROM STDIN") as copy:
+        copy.write("\n".join(codes) + "\n")
+    return raw.execute(STAGE_CODES, (template_id, batch_id)).rowcount
+
+
+EXPORT_BATCH = """
+COPY (
+    SELECT c.code, t.prefix AS template, c.status, c.member_id AS member, c.bound_at, c.expires_at
+      FROM codes c JOIN coupon_templates t USING (template_id)
+     WHERE c.batch_id = {batch}
+     ORDER BY c.code
+) TO STDOUT WITH (FORMAT csv, HEADER)
+"""
+
+
+def export_batch(conn: psycopg.Connection[Any], batch_id: int) -> Iterator[bytes]:
+    """Stream a batch as CSV (code, template, status, member, bound at,
+    expires at): COPY TO hands the rows over in pieces, so memory stays
+    constant whatever the batch size. Read-only: export as often as needed."""
+    if conn.execute("SELECT 1 FROM code_batches WHERE batch_id = %s", (batch_id,)).fetchone() is None:
+        raise BackOfficeError(f"no code batch {batch_id}")
+    # COPY takes no bound parameters; the batch number is an int by type.
+    with conn.cursor().copy(EXPORT_BATCH.format(batch=int(batch_id))) as copy:
+        for data in copy:
+            yield bytes(data)

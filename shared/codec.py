@@ -46,6 +46,8 @@ ROUTES: dict[str, Route] = {
     "claim-requested": Route("claims", "claim_requested"),
     "claims-requested": Route("claims", "claims_requested"),
     "credit-requested": Route("credits", "credit_claim"),
+    "order-status-changed": Route("orders", "order_status_changed"),
+    "member-registered": Route("members", "member_registered"),
 }
 TYPE_BY_ACTOR = {route.actor: type_ for type_, route in ROUTES.items()}
 QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))

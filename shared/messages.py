@@ -354,10 +354,85 @@ class CreditRequested(Message):
         return hashlib.sha256("".join(sorted(str(c) for c in self.claim_ids)).encode()).hexdigest()
 
 
+ORDER_STATUS = re.compile(r"^(paid|cancelled|refunded)$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OrderStatusChanged(Message):
+    """An order was paid, cancelled before payment, or refunded after it."""
+
+    TYPE: ClassVar[str] = "order-status-changed"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "order_id": text(ORDER_ID, "the order system's order ID"),
+        "status": text(ORDER_STATUS, "the new status: paid, cancelled or refunded"),
+        "changed_at": timestamp("when the order changed status"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "order_id": "SO-20261111-000042",
+        "status": "paid",
+        "changed_at": "2026-11-11T00:00:40+08:00",
+    }
+
+    order_id: str
+    status: str
+    changed_at: datetime
+
+    def business_key(self) -> str:
+        # An order reaches each status once.
+        return f"{self.order_id}:{self.status}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MemberRegistered(Message):
+    """A member registered on the platform (a pending member becomes real;
+    credits held until registration are released)."""
+
+    TYPE: ClassVar[str] = "member-registered"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "member_id": optional(integer(1, MAX_MEMBER_ID, "the member ID, when the number is not given")),
+        "phone": optional(text(re.compile(r"^\+?[0-9 ()-]{3,31}$"), "mobile number, E.164 preferred")),
+        "registered_at": timestamp("when the member registered; held credits' promise runs from here"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "phone": "+8613800138000",
+        "registered_at": "2026-11-12T09:30:00+08:00",
+    }
+
+    registered_at: datetime
+    member_id: int | None = None
+    phone: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.member_id is None) == (self.phone is None):
+            raise InvalidMessage("bad_field", f"{self.TYPE} needs exactly one of member_id and phone")
+
+    def business_key(self) -> str:
+        who = f"m{self.member_id}" if self.member_id is not None else "p" + (self.phone or "")
+        return hashlib.sha256(who.encode()).hexdigest()
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (OrderPlaced, ShareOpened, ClaimRequested, ClaimsRequested, CreditRequested)
+    m.TYPE: m
+    for m in (
+        OrderPlaced,
+        ShareOpened,
+        ClaimRequested,
+        ClaimsRequested,
+        CreditRequested,
+        OrderStatusChanged,
+        MemberRegistered,
+    )
 }
-PUBLIC_TYPES = ("order-placed", "share-opened", "claim-requested", "claims-requested")
+PUBLIC_TYPES = (
+    "order-placed",
+    "share-opened",
+    "claim-requested",
+    "claims-requested",
+    "order-status-changed",
+    "member-registered",
+)
 
 
 def utcnow() -> datetime:

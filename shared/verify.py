@@ -12,6 +12,43 @@ from typing import Any
 
 from shared.store import Conn
 
+# Coupons after issuance, orders, referrals and rebates.
+BACKOFFICE_CHECKS: dict[str, str] = {
+    "codes_differ_from_batches": """
+        SELECT b.batch_id, b.size, count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')),
+               count(c.code) FILTER (WHERE c.status = 'available'),
+               count(c.code) FILTER (WHERE c.status = 'cancelled')
+          FROM code_batches b LEFT JOIN codes c USING (batch_id)
+         GROUP BY b.batch_id HAVING count(c.code) <> b.size""",
+    "used_coupon_without_order": """
+        SELECT c.code FROM codes c LEFT JOIN orders o USING (order_id)
+         WHERE c.status = 'used' AND (o.order_id IS NULL OR o.status = 'cancelled')""",
+    "used_coupon_of_another_member": """
+        SELECT c.code FROM codes c JOIN orders o USING (order_id) WHERE c.member_id <> o.member_id""",
+    "order_discount_differs_from_coupons": """
+        SELECT o.order_id FROM orders o JOIN codes c USING (order_id)
+         WHERE o.status <> 'cancelled'
+         GROUP BY o.order_id HAVING sum(c.discount_cents) <> max(o.discount_cents)""",
+    "rebate_twice_per_referee": """
+        SELECT referee_member_id FROM referrals GROUP BY referee_member_id HAVING count(*) > 1""",
+    "self_referral": """
+        SELECT r.referee_member_id FROM referrals r
+          LEFT JOIN members a ON a.member_id = r.referrer_member_id
+          JOIN members b ON b.member_id = r.referee_member_id
+         WHERE r.referrer_member_id = r.referee_member_id OR a.phone_digest = b.phone_digest""",
+    "referral_without_paid_order": """
+        SELECT r.referee_member_id FROM referrals r JOIN orders o USING (order_id) WHERE o.paid_at IS NULL""",
+    "more_rebates_than_earned": """
+        SELECT b.referrer_member_id, b.activity_id FROM rebates b
+          JOIN activities a USING (activity_id)
+         GROUP BY b.referrer_member_id, b.activity_id, a.rebate_every
+        HAVING max(b.rebate_no) > (SELECT count(*) FROM referrals r
+                                    WHERE r.referrer_member_id = b.referrer_member_id
+                                      AND r.activity_id = b.activity_id) / a.rebate_every""",
+    "rebate_not_credited": """
+        SELECT rebate_id FROM rebates WHERE credited_at IS NULL""",
+}
+
 CHECKS: dict[str, str] = {
     "code_bound_to_refused_claim": """
         SELECT c.code FROM codes c JOIN claims k USING (claim_id) WHERE k.status = 'refused'""",
@@ -47,7 +84,10 @@ CHECKS: dict[str, str] = {
     "credit_for_uncredited_claim": """
         SELECT w.claim_id FROM wallet_ledger w JOIN claims k USING (claim_id) WHERE k.status <> 'credited'""",
     "uncredited_past_deadline": """
-        SELECT claim_id FROM claims WHERE status = 'bound' AND deadline < now()""",
+        SELECT claim_id FROM claims k WHERE status = 'bound' AND deadline < now()
+           AND NOT EXISTS (SELECT 1 FROM held_credits h
+                            WHERE h.claim_id = k.claim_id AND h.released_at IS NULL)""",
+    **BACKOFFICE_CHECKS,
 }
 
 COUNTS = """

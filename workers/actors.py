@@ -10,10 +10,19 @@ from collections.abc import Sequence
 
 from shared import gate
 from shared.faults import crash_point
-from shared.messages import ClaimRequested, ClaimsRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
+from shared.messages import (
+    ClaimRequested,
+    ClaimsRequested,
+    CreditRequested,
+    MemberRegistered,
+    OrderPlaced,
+    OrderStatusChanged,
+    ShareOpened,
+    utcnow,
+)
 from shared.metrics import CLAIM_TO_CREDIT, CLAIMS, CODES_BOUND, CREDITS, DUPLICATES, PROMISE_BREACHES
 from shared.settings import load_settings
-from workers import handlers
+from workers import handlers, lifecycle
 from workers.broker import build_broker
 from workers.runtime import dead_letter, pipeline_actor, resources, send
 
@@ -60,6 +69,12 @@ def _decide_claims(claims: Sequence[ClaimRequested]) -> str:
 @pipeline_actor(CreditRequested)
 def credit_claim(message: CreditRequested) -> str:
     """Write bound claims' coupons to the members' wallets, exactly once."""
+    # Activities that hold credits until registration keep pending members' back.
+    ready = lifecycle.hold_unregistered(resources().pool, message.claim_ids)
+    if not ready:
+        return "held"
+    if len(ready) < len(message.claim_ids):
+        message = CreditRequested(claim_ids=tuple(ready))
     credited = handlers.handle_credit(resources().pool, message)
     if not credited:
         DUPLICATES.labels("credits").inc()
@@ -77,8 +92,9 @@ def credit_claim(message: CreditRequested) -> str:
 
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
-    """Open the order's share (red envelope)."""
-    if handlers.handle_order_placed(resources().pool, message):
+    """Open the order's share (red envelope) and redeem the coupons it used."""
+    opened = handlers.handle_order_placed(resources().pool, message)
+    if lifecycle.record_order(resources().pool, message).recorded or opened:
         return "ok"
     DUPLICATES.labels("orders").inc()
     return "duplicate"
@@ -91,3 +107,23 @@ def share_opened(message: ShareOpened) -> str:
         return "ok"
     DUPLICATES.labels("shares").inc()
     return "duplicate"
+
+
+@pipeline_actor(OrderStatusChanged)
+def order_status_changed(message: OrderStatusChanged) -> str:
+    """Pay, cancel or refund an order: coupons return on a cancellation before
+    payment; a first paid order may complete a referral and earn a rebate."""
+    outcome = lifecycle.handle_order_status(resources().pool, message)
+    if outcome.outcome == "duplicate":
+        DUPLICATES.labels("orders").inc()
+    return outcome.outcome
+
+
+@pipeline_actor(MemberRegistered)
+def member_registered(message: MemberRegistered) -> str:
+    """Mark a member registered and send its held credits on."""
+    res = resources()
+    released = lifecycle.handle_member_registered(res.pool, res.settings, message)
+    if released:
+        send(credit_claim, CreditRequested(claim_ids=tuple(released)))
+    return "ok"
