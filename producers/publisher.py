@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError)
 
 
+def _noop() -> None:
+    pass
+
+
 class Publisher(abc.ABC):
     """Publishes messages so that they are safely in the broker on return."""
 
@@ -138,6 +142,15 @@ class RabbitPublisher(Publisher):
 
     def _on_select_ok(self, _frame: Any) -> None:
         self._select_ok = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the current ``process_data_events`` call now. The confirm
+        callbacks run on the low-level channel, which the blocking
+        connection's loop does not watch: without this wake-up every wait
+        lasted its whole time slice (50 ms a batch, 20 confirms/s one by one)."""
+        if self._connection is not None:
+            self._connection.add_callback_threadsafe(_noop)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -150,6 +163,8 @@ class RabbitPublisher(Publisher):
             self._pending.pop(tag, None)
             if isinstance(method, Basic.Nack):
                 self._failed.add(tag)
+        if not self._pending:
+            self._wake()
 
     def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
         # Unroutable (its queue is gone): the ack that follows must not count.
