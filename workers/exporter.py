@@ -29,9 +29,11 @@ from shared.analytics import (
     ActivityFigures,
     PromiseSnapshot,
     TemplateFigures,
+    UsageFigures,
     activity_figures,
     promise_snapshot,
     template_figures,
+    usage_figures,
 )
 from shared.codec import QUEUES, xq_name
 from shared.messages import utcnow
@@ -99,6 +101,31 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Funnel counts: shares, shares_opened, claims_requested, claims_via_share, granted, credited.",
         ("activity", "step"),
     ),
+    "issuance_activity_coupon_orders": (
+        "gauge",
+        "Orders (placed or paid) that used a coupon of the activity.",
+        ("activity",),
+    ),
+    "issuance_activity_discount_cents": (
+        "gauge",
+        "Total discount given by the activity's coupons, in minor currency units.",
+        ("activity",),
+    ),
+    "issuance_activity_coupon_sales_cents": (
+        "gauge",
+        "Sales of the orders that used the activity's coupons, in minor currency units.",
+        ("activity",),
+    ),
+    "issuance_activity_cost_effectiveness_ratio": (
+        "gauge",
+        "Sales of coupon orders / discount given.",
+        ("activity",),
+    ),
+    "issuance_activity_coupon_order_value_cents": (
+        "gauge",
+        "Average value of an order that used a coupon, in minor currency units.",
+        ("activity",),
+    ),
     "issuance_activity_claim_rate": (
         "gauge",
         "Packages granted per second over the recent window.",
@@ -158,6 +185,7 @@ class Reading:
     activities: list[ActivityFigures]
     templates: list[TemplateFigures]
     queues: dict[str, tuple[int, int]] | None
+    usage: list[UsageFigures] = dataclasses.field(default_factory=list)
 
 
 def _rate(history: Iterable[Reading], latest: Reading, value: Any, window: float) -> dict[Any, float]:
@@ -203,13 +231,14 @@ class Exporter(Collector):
                 promise = promise_snapshot(conn, now)
                 activities = activity_figures(conn, now, self.horizon)
                 templates = template_figures(conn, now, self.horizon)
+                usage = usage_figures(conn, now, self.horizon)
         except psycopg.Error as exc:
             log.error("cannot read PostgreSQL: %s", exc)
             with self._lock:
                 self.errors["postgres"] += 1
             return None
         queues = self._queues()
-        reading = Reading(time.time(), promise, activities, templates, queues)
+        reading = Reading(time.time(), promise, activities, templates, queues, usage)
         with self._lock:
             self.history.append(reading)
             while self.history and reading.at - self.history[0].at > self.rate_window * 2:
@@ -334,6 +363,20 @@ class Exporter(Collector):
                 families["issuance_activity_funnel"].add_metric([a.slug, step], value)
             families["issuance_activity_claim_rate"].add_metric(labels, claim_rates.get(a.slug, NAN))
 
+        usage = {u.slug: u for u in latest.usage}
+        for a in latest.activities:
+            u = usage.get(a.slug, UsageFigures(slug=a.slug, orders=0, discount_cents=0, sales_cents=0))
+            labels = [a.slug]
+            families["issuance_activity_coupon_orders"].add_metric(labels, u.orders)
+            families["issuance_activity_discount_cents"].add_metric(labels, u.discount_cents)
+            families["issuance_activity_coupon_sales_cents"].add_metric(labels, u.sales_cents)
+            families["issuance_activity_cost_effectiveness_ratio"].add_metric(
+                labels, u.sales_cents / u.discount_cents if u.discount_cents else NAN
+            )
+            families["issuance_activity_coupon_order_value_cents"].add_metric(
+                labels, u.sales_cents / u.orders if u.orders else NAN
+            )
+
         for queue, (messages, consumers) in (latest.queues or {}).items():
             families["issuance_queue_messages"].add_metric([queue], messages)
             families["issuance_queue_consumers"].add_metric([queue], consumers)
@@ -356,6 +399,9 @@ def run_exporter(
     """Serve ``/metrics`` on ``port`` and read every ``interval`` seconds.
     With ``now`` the promise is evaluated at that instant plus the time
     elapsed since start (an operator's what-if)."""
+    # A passive declare of a queue nobody declared yet is answered with a
+    # channel close that pika logs as a warning on every reading.
+    logging.getLogger("pika.channel").setLevel(logging.ERROR)
     exporter = Exporter(settings, rate_window=max(900.0, interval * 4))
     start_http_server(port, registry=registry_for(exporter))
     log.info("exporter serving on :%d/metrics, reading every %.0fs", port, interval)
