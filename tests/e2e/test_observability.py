@@ -52,6 +52,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(found)
 
 
+def value_or_zero(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
 def db(settings: Settings, sql: str, *params: Any) -> Any:
     with psycopg.connect(settings.database_url) as conn:
         return conn.execute(sql, params).fetchall()
@@ -115,8 +119,11 @@ def test_scraped_metrics_match_the_database(settings, service_env, start_workers
 
     def settled() -> Samples | None:
         s = scrape(port)
-        handled = value(s, "issuance_messages_total", queue="claims")
-        return s if handled == 53 and value(s, "issuance_messages_in_progress") == 0 else None
+        handled = sum(
+            value_or_zero(s, "issuance_messages_total", queue="claims", outcome=outcome)
+            for outcome in ("ok", "duplicate")
+        )
+        return s if handled == 53 and value_or_zero(s, "issuance_messages_in_progress") == 0 else None
 
     workers = wait_for(settled, timeout=30, what="every claim delivery counted")
 
