@@ -1,0 +1,341 @@
+"""Load on the activity page's claim endpoint, and the order publisher's
+confirmed throughput.
+
+    python -m benchmarks.web_load --seconds 15 --connections 64 --web-workers 2
+
+1. The publisher: confirmed messages/s from one process with batched
+   confirms (``publish_many``), next to one confirm at a time, in this run.
+2. The page (``issuance web`` under uvicorn) on a private database, vhost and
+   Redis server, loaded by ``wrk`` (a separate process, Debian's package)
+   with a unique mobile number per request: requests/s, p50/p99 latency.
+   With ``--kill-redis-at S`` the Redis server is killed S seconds into the
+   run and started again (empty) three seconds later.
+3. The workers then drain the queue; every accepted claim must be credited,
+   and ``issuance verify`` must be clean.
+
+Results go to stdout as JSON and, with ``--write``, to benchmarks/WEB_RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from benchmarks.harness import ROOT, WorkerProcesses, private_services
+from benchmarks.pipeline import make_activity
+from producers.publisher import Publisher, RabbitPublisher
+from shared.messages import OrderPlaced
+from shared.settings import PREFIX, Settings
+from shared.verify import verify
+
+RESULTS = ROOT / "benchmarks" / "WEB_RESULTS.md"
+
+WRK_SCRIPT = r"""
+local threads = {}
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+function init(args)
+  slug = args[1]
+  base = tonumber(args[2]) + id * 10000000
+  counter = 0
+  accepted = 0
+  refused = 0
+  busy = 0
+  other = 0
+end
+function request()
+  counter = counter + 1
+  local body = string.format('{"activity":"%s","phone":"+86139%08d"}', slug, base + counter)
+  return wrk.format("POST", "/api/claims", {["Content-Type"] = "application/json"}, body)
+end
+function response(status, headers, body)
+  if status == 202 then accepted = accepted + 1
+  elseif status == 200 then refused = refused + 1
+  elseif status == 503 then busy = busy + 1
+  else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local a, r, b, o = 0, 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + t:get("accepted"); r = r + t:get("refused"); b = b + t:get("busy"); o = o + t:get("other")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%d,"duration_s":%.3f,"accepted":%d,"refused":%d,"busy":%d,"other":%d,' ..
+    '"socket_errors":%d,"p50_ms":%.2f,"p90_ms":%.2f,"p99_ms":%.2f,"max_ms":%.2f}\n',
+    summary.requests, summary.duration / 1e6, a, r, b, o,
+    e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    latency.max / 1000))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateRedis:
+    """A Redis server of this run only, so killing it disturbs nobody else."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private Redis did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def publisher_rates(settings: Settings, seconds: float) -> dict[str, float]:
+    """Confirmed OrderPlaced messages/s: batched confirms vs one at a time."""
+    placed_at = datetime.now(UTC)
+
+    def events(start: int, count: int) -> list[OrderPlaced]:
+        return [
+            OrderPlaced(order_id=f"SO-bench-{n}", member_id=n + 1, amount_cents=1999, placed_at=placed_at)
+            for n in range(start, start + count)
+        ]
+
+    def measure(publisher: Publisher, chunk: int, one_by_one: bool) -> float:
+        sent, started = 0, time.monotonic()
+        while time.monotonic() - started < seconds:
+            batch = events(sent, chunk)
+            if one_by_one:
+                for event in batch:
+                    publisher.publish(event)
+            else:
+                publisher.publish_many(batch)
+            sent += chunk
+        return sent / (time.monotonic() - started)
+
+    with RabbitPublisher.from_settings(settings) as publisher:
+        publisher.publish_many(events(10**8, 100))  # connect and declare outside the clock
+        batched = measure(publisher, 2000, one_by_one=False)
+        single = measure(publisher, 50, one_by_one=True)
+    return {"batched_confirms_msgs_per_s": round(batched), "one_confirm_at_a_time_msgs_per_s": round(single)}
+
+
+def purge_orders(settings: Settings) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection.channel().queue_purge("orders")
+    connection.close()
+
+
+def run_wrk(url: str, script: Path, slug: str, base: int, seconds: int, connections: int) -> dict[str, Any]:
+    argv = [
+        "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+        url, "--", slug, str(base),
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    result["requests_per_s"] = round(result["requests"] / result["duration_s"])
+    return result
+
+
+def claim_counts(settings: Settings, slug: str) -> dict[str, int]:
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM claims WHERE activity_slug = %s GROUP BY status", (slug,)
+        ).fetchall()
+    return {status: int(n) for status, n in rows}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install -y wrk")
+    redis_server = PrivateRedis(free_port())
+    redis_server.start()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()},
+        "settings": {k: v for k, v in vars(args).items() if k != "write"},
+    }
+    work = Path(tempfile.mkdtemp(prefix="web-load-"))
+    script = work / "claims.lua"
+    script.write_text(WRK_SCRIPT)
+    try:
+        with private_services("issuance_bench_web") as (settings, service_env):
+            env = {**service_env, f"{PREFIX}REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0"}
+            results["publisher"] = publisher_rates(settings, args.publisher_seconds)
+            purge_orders(settings)
+            slug = make_activity(settings, "bench-web", args.budget, args.budget)
+            port = free_port()
+            page_env = {
+                **os.environ,
+                **env,
+                f"{PREFIX}WEB_RATE_PER_IP": str(10**9),
+                f"{PREFIX}WEB_RATE_PER_PHONE": str(10**9),
+            }
+            argv = [sys.executable, "-m", "shared.cli", "web", "--port", str(port)]
+            argv += ["--workers", str(args.web_workers), "--no-access-log"]
+            page = subprocess.Popen(
+                argv, env=page_env, cwd=ROOT, stdout=(work / "web.log").open("ab"), stderr=subprocess.STDOUT
+            )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        if httpx.get(f"{url}/healthz").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline or page.poll() is not None:
+                        raise RuntimeError((work / "web.log").read_text()[-3000:])
+                    time.sleep(0.2)
+                warmup = run_wrk(url, script, slug, 0, 2, args.connections)
+                killer = None
+                if args.kill_redis_at:
+
+                    def outage() -> None:
+                        time.sleep(args.kill_redis_at)
+                        redis_server.kill()
+                        time.sleep(3)
+                        redis_server.start()
+
+                    killer = threading.Thread(target=outage)
+                    killer.start()
+                load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
+                if killer is not None:
+                    killer.join()
+            finally:
+                page.terminate()
+                page.wait(30)
+            results["load"] = load
+            accepted = warmup["accepted"] + load["accepted"]
+            workers = WorkerProcesses(env, processes=2, threads=8, log=work / "workers.log")
+            started = time.monotonic()
+            try:
+                while time.monotonic() - started < args.drain_timeout:
+                    counts = claim_counts(settings, slug)
+                    if sum(counts.values()) >= accepted and "bound" not in counts:
+                        break
+                    time.sleep(0.5)
+            finally:
+                workers.stop()
+            counts = claim_counts(settings, slug)
+            with psycopg.connect(settings.database_url) as conn:
+                report = verify(conn)
+            results["drain"] = {
+                "accepted_by_page": accepted,
+                "claims_by_status": counts,
+                # wrk stops with requests in flight: the page may have accepted
+                # a few more claims than it counted answers for.
+                "every_accepted_claim_credited": (
+                    counts.get("credited", 0) >= accepted and set(counts) == {"credited"}
+                ),
+                "drain_seconds": round(time.monotonic() - started, 1),
+                "verify_clean": report.clean,
+            }
+    finally:
+        redis_server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def write_markdown(results: dict[str, Any], command: str) -> None:
+    load, pub, drain = results["load"], results["publisher"], results["drain"]
+    lines = [
+        "# Activity page and publisher: measured figures",
+        "",
+        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {results['machine']['cpus']} CPUs shared by the"
+        " load generator, uvicorn, RabbitMQ, PostgreSQL and Redis (and whatever else runs on the box).",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| claim endpoint (POST /api/claims) | value |",
+        "| --- | --- |",
+        f"| requests/s | {load['requests_per_s']} |",
+        f"| p50 latency | {load['p50_ms']} ms |",
+        f"| p90 latency | {load['p90_ms']} ms |",
+        f"| p99 latency | {load['p99_ms']} ms |",
+        f"| max latency | {load['max_ms']} ms |",
+        f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
+        f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
+        f"| accepted by the page (with warm-up) | {drain['accepted_by_page']} |",
+        f"| claims after the workers drained | {drain['claims_by_status']} |",
+        f"| every accepted claim credited | {drain['every_accepted_claim_credited']} |",
+        f"| issuance verify clean | {drain['verify_clean']} |",
+        "",
+        "| order publisher, one process | confirmed messages/s |",
+        "| --- | --- |",
+        f"| publish_many (batched confirms) | {pub['batched_confirms_msgs_per_s']} |",
+        f"| one confirm at a time | {pub['one_confirm_at_a_time_msgs_per_s']} |",
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=150_000)
+    parser.add_argument("--publisher-seconds", type=float, default=3.0)
+    parser.add_argument("--kill-redis-at", type=float, default=0.0)
+    parser.add_argument("--drain-timeout", type=float, default=600.0)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/WEB_RESULTS.md")
+    args = parser.parse_args()
+    results = run(args)
+    print(json.dumps(results, indent=2))
+    if args.write:
+        write_markdown(results, "python -m benchmarks.web_load " + " ".join(sys.argv[1:]))
+    ok = results["drain"]["every_accepted_claim_credited"] and results["drain"]["verify_clean"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
