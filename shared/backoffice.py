@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
+import yaml
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from shared import domain
-from shared.models import Activity, Channel, Code, CodeBatch, CouponTemplate
+from shared import coupon_store, domain
+from shared.coupons import LifecycleRefusal, cancel_refusal
+from shared.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -57,6 +62,11 @@ class ActivitySpec:
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     hold_until_registered: bool = False
+    # Refer K, get one back: an amount, or a coupon of the template with this
+    # prefix (a template of another activity, usually one with budget 0).
+    rebate_every: int = 3
+    rebate_amount_cents: int | None = None
+    rebate_template: str | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ActivitySpec:
@@ -99,6 +109,18 @@ class ActivitySpec:
                 )
             if template.value < 0 or template.threshold_cents < 0:
                 raise BackOfficeError("template values cannot be negative")
+            if template.kind == "discount_rate" and not 0 < template.value <= 10_000:
+                raise BackOfficeError("a discount rate is 1 to 10000 basis points (1500 = 15% off)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError):
+            raise BackOfficeError(f"unknown time zone {self.timezone!r}") from None
+        if self.rebate_every < 1:
+            raise BackOfficeError("rebate_every must be at least 1")
+        if self.rebate_amount_cents is not None and self.rebate_template is not None:
+            raise BackOfficeError("a rebate is an amount or a coupon template, not both")
+        if self.rebate_amount_cents is not None and self.rebate_amount_cents <= 0:
+            raise BackOfficeError("a rebate amount must be positive")
 
 
 def create_channel(session: Session, name: str) -> Channel:
@@ -127,7 +149,9 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     values = dataclasses.asdict(spec)
     values.pop("templates")
     values.pop("channel")
+    values.pop("rebate_template")
     values["exclusivity_group"] = spec.exclusivity_group or f"solo:{spec.slug}"
+    values["rebate_template_id"] = _rebate_template_id(session, spec.rebate_template, prefixes)
     activity = Activity(channel_id=channel.channel_id, **values)
     session.add(activity)
     session.flush()
@@ -140,6 +164,348 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     add_slots(session, activity.activity_id, 0, spec.budget)
     session.flush()
     return activity
+
+
+def _rebate_template_id(session: Session, prefix: str | None, own: Sequence[str]) -> int | None:
+    if prefix is None:
+        return None
+    if prefix in own:
+        raise BackOfficeError(
+            f"rebate template {prefix!r} is part of this activity's package; use a template of"
+            " another activity (e.g. a budget-0 rewards activity)"
+        )
+    template_id = session.scalar(select(CouponTemplate.template_id).where(CouponTemplate.prefix == prefix))
+    if template_id is None:
+        raise BackOfficeError(f"no coupon template with prefix {prefix!r} for the rebate")
+    return template_id
+
+
+def load_activity_file(path: str) -> ActivitySpec:
+    """An activity from a JSON or YAML file (``.yaml``/``.yml``), so that a
+    campaign can live in version control."""
+    text_ = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text_) if path.endswith((".yaml", ".yml")) else json.loads(text_)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise BackOfficeError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BackOfficeError(f"{path}: an activity file holds one mapping of fields")
+    return ActivitySpec.from_mapping(data)
+
+
+# What may change once an activity has granted packages: presentation,
+# distribution, the switch, the end of the window, the budget (within what is
+# issued) and future rebates. What may not: anything members were already
+# promised or that past claims were decided by.
+LIVE_EDITABLE = frozenset(
+    {
+        "title",
+        "banner_url",
+        "copy",
+        "rules",
+        "brand",
+        "channel",
+        "online",
+        "ends_at",
+        "budget",
+        "hold_until_registered",
+        "rebate_amount_cents",
+        "rebate_template",
+    }
+)
+FROZEN_AFTER_CLAIMS = {
+    "starts_at": "claims were already decided by the current window",
+    "timezone": "issued coupons' expiries were computed in the current time zone",
+    "validity_days": "issued coupons carry expiries computed from the current validity",
+    "valid_from": "issued coupons carry expiries computed from the current validity",
+    "valid_until": "issued coupons carry expiries computed from the current validity",
+    "exclusivity_group": "members were already admitted or refused by the current group",
+    "templates": "members already hold packages made of the current templates",
+    "rebate_every": "referrals were already counted towards rebates of the current size",
+}
+
+
+def update_activity(session: Session, slug: str, changes: Mapping[str, Any]) -> list[str]:
+    """Apply ``changes`` (field -> new value, as in an activity file) to a
+    live activity: what is safe changes, anything else is refused with the
+    reason and nothing changes. Returns the fields that changed."""
+    activity = session.scalar(select(Activity).where(Activity.slug == slug).with_for_update())
+    if activity is None:
+        raise BackOfficeError(f"no activity {slug!r}")
+    current = describe_activity(session, activity)
+    if "slug" in changes and changes["slug"] != slug:
+        raise BackOfficeError("an activity's slug is its identity and cannot change")
+    merged = ActivitySpec.from_mapping({**dataclasses.asdict(current), **changes})
+    merged.check()
+    changed = [
+        f.name
+        for f in dataclasses.fields(ActivitySpec)
+        if getattr(merged, f.name) != getattr(current, f.name)
+        and not (
+            f.name == "exclusivity_group"
+            and (merged.exclusivity_group or f"solo:{slug}") == activity.exclusivity_group
+        )
+    ]
+    if not changed:
+        return []
+    granted = session.scalar(
+        select(func.count())
+        .select_from(Claim)
+        .where(Claim.activity_id == activity.activity_id, Claim.status != "refused")
+    )
+    if granted:
+        frozen = [name for name in changed if name in FROZEN_AFTER_CLAIMS]
+        if frozen:
+            reasons = "; ".join(f"{name}: {FROZEN_AFTER_CLAIMS[name]}" for name in frozen)
+            raise BackOfficeError(f"{slug} has {granted} packages issued; cannot change {reasons}")
+    if "channel" in changed:
+        channel_id = session.scalar(select(Channel.channel_id).where(Channel.name == merged.channel))
+        if channel_id is None:
+            raise BackOfficeError(f"no channel {merged.channel!r}; create it first")
+        activity.channel_id = channel_id
+    if "templates" in changed:
+        _replace_templates(session, activity.activity_id, current.templates, merged.templates)
+    if "budget" in changed:
+        set_budget(session, activity.activity_id, merged.budget)
+    if "rebate_template" in changed:
+        activity.rebate_template_id = _rebate_template_id(
+            session, merged.rebate_template, [t.prefix for t in merged.templates]
+        )
+    for name in changed:
+        if name in ("channel", "templates", "rebate_template", "slug"):
+            continue
+        value = getattr(merged, name)
+        if name == "exclusivity_group":
+            value = value or f"solo:{slug}"
+        setattr(activity, name, value)
+    session.flush()
+    return changed
+
+
+def apply_activity(session: Session, spec: ActivitySpec) -> tuple[Activity, list[str]]:
+    """Create the activity of a file, or bring an existing one to it."""
+    existing = session.scalar(select(Activity).where(Activity.slug == spec.slug))
+    if existing is None:
+        return create_activity(session, spec), ["created"]
+    changes = {f.name: getattr(spec, f.name) for f in dataclasses.fields(ActivitySpec)}
+    changed = update_activity(session, spec.slug, changes)
+    return session.scalars(select(Activity).where(Activity.slug == spec.slug)).one(), changed
+
+
+def describe_activity(session: Session, activity: Activity) -> ActivitySpec:
+    """An activity as the spec (file form) that would create it."""
+    channel = session.scalar(select(Channel.name).where(Channel.channel_id == activity.channel_id))
+    templates = session.scalars(
+        select(CouponTemplate)
+        .where(CouponTemplate.activity_id == activity.activity_id)
+        .order_by(CouponTemplate.position)
+    ).all()
+    rebate_prefix = None
+    if activity.rebate_template_id is not None:
+        rebate_prefix = session.scalar(
+            select(CouponTemplate.prefix).where(CouponTemplate.template_id == activity.rebate_template_id)
+        )
+    return ActivitySpec(
+        slug=activity.slug,
+        title=activity.title,
+        channel=channel or "",
+        starts_at=activity.starts_at,
+        ends_at=activity.ends_at,
+        budget=activity.budget,
+        templates=tuple(
+            TemplateSpec(
+                prefix=t.prefix,
+                kind=t.kind,
+                value=t.value,
+                threshold_cents=t.threshold_cents,
+                new_user_only=t.new_user_only,
+                title=t.title,
+            )
+            for t in templates
+        ),
+        timezone=activity.timezone,
+        banner_url=activity.banner_url,
+        copy=activity.copy,
+        rules=activity.rules,
+        brand=activity.brand,
+        online=activity.online,
+        exclusivity_group=None
+        if activity.exclusivity_group == f"solo:{activity.slug}"
+        else activity.exclusivity_group,
+        validity_days=activity.validity_days,
+        valid_from=activity.valid_from,
+        valid_until=activity.valid_until,
+        hold_until_registered=activity.hold_until_registered,
+        rebate_every=activity.rebate_every,
+        rebate_amount_cents=activity.rebate_amount_cents,
+        rebate_template=rebate_prefix,
+    )
+
+
+def _replace_templates(
+    session: Session, activity_id: int, old: Sequence[TemplateSpec], new: Sequence[TemplateSpec]
+) -> None:
+    """Before any claim: templates may be edited, added, or removed while no
+    code was generated for them."""
+    old_prefixes = {t.prefix for t in old}
+    new_prefixes = [t.prefix for t in new]
+    added = [p for p in new_prefixes if p not in old_prefixes]
+    taken = session.scalars(select(CouponTemplate.prefix).where(CouponTemplate.prefix.in_(added))).all()
+    if taken or len(set(new_prefixes)) != len(new_prefixes):
+        raise BackOfficeError(
+            f"prefixes must be unique platform-wide; taken: {sorted(set(taken)) or new_prefixes}"
+        )
+    rows = {
+        t.prefix: t
+        for t in session.scalars(
+            select(CouponTemplate).where(CouponTemplate.activity_id == activity_id)
+        ).all()
+    }
+    for prefix in old_prefixes - set(new_prefixes):
+        codes = session.scalar(
+            select(func.count()).select_from(Code).where(Code.template_id == rows[prefix].template_id)
+        )
+        if codes:
+            raise BackOfficeError(
+                f"template {prefix} already has {codes} codes generated; it cannot be removed"
+            )
+        session.delete(rows.pop(prefix))
+    session.flush()
+    # Kept templates keep their places; new ones take the free places.
+    free = iter(sorted(set(range(1, 6)) - {row.position for row in rows.values()}))
+    for spec in new:
+        kept = rows.get(spec.prefix)
+        if kept is None:
+            session.add(
+                CouponTemplate(activity_id=activity_id, position=next(free), **dataclasses.asdict(spec))
+            )
+            continue
+        for name, value in dataclasses.asdict(spec).items():
+            setattr(kept, name, value)
+    session.flush()
+
+
+SHRINK_BUDGET = """
+DELETE FROM package_slots
+ WHERE (activity_id, slot_no) IN (
+       SELECT activity_id, slot_no FROM package_slots
+        WHERE activity_id = :activity_id AND NOT taken
+        ORDER BY slot_no DESC
+        LIMIT :count
+          FOR UPDATE SKIP LOCKED)
+"""
+
+
+def set_budget(session: Session, activity_id: int, budget: int) -> None:
+    """Grow the budget by adding package slots, or shrink it by deleting
+    slots no claim holds; refuse to shrink below what is issued."""
+    slots, top = session.execute(
+        text("SELECT count(*), coalesce(max(slot_no), -1) FROM package_slots WHERE activity_id = :a"),
+        {"a": activity_id},
+    ).one()
+    if budget > slots:
+        add_slots(session, activity_id, top + 1, budget - slots)
+    elif budget < slots:
+        surplus = slots - budget
+        result = session.execute(text(SHRINK_BUDGET), {"activity_id": activity_id, "count": surplus})
+        deleted = int(getattr(result, "rowcount", 0))
+        if deleted < surplus:
+            issued = slots - deleted
+            raise BackOfficeError(
+                f"cannot shrink the budget to {budget}: {issued} packages are issued or being issued"
+            )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityListing:
+    slug: str
+    title: str
+    channel: str
+    prefixes: tuple[str, ...]
+    validity: str
+    window: str
+    online: bool
+    budget: int
+    url: str
+
+
+PAGE_SIZE = 15
+
+
+def list_activities(session: Session, *, page: int = 1, base_url: str) -> list[ActivityListing]:
+    """One page of activities, newest first, 15 per page."""
+    if page < 1:
+        raise BackOfficeError("pages are numbered from 1")
+    rows = session.execute(
+        select(Activity, Channel.name)
+        .join(Channel, Channel.channel_id == Activity.channel_id)
+        .order_by(Activity.created_at.desc(), Activity.activity_id.desc())
+        .limit(PAGE_SIZE)
+        .offset((page - 1) * PAGE_SIZE)
+    ).all()
+    ids = [a.activity_id for a, _ in rows]
+    prefixes: dict[int, list[str]] = {i: [] for i in ids}
+    for activity_id, prefix in session.execute(
+        select(CouponTemplate.activity_id, CouponTemplate.prefix)
+        .where(CouponTemplate.activity_id.in_(ids))
+        .order_by(CouponTemplate.position)
+    ):
+        prefixes[activity_id].append(prefix)
+    listing = []
+    for activity, channel in rows:
+        zone = ZoneInfo(activity.timezone)
+        if activity.validity_days is not None:
+            validity = f"{activity.validity_days} days"
+        else:
+            assert activity.valid_until is not None
+            validity = f"until {activity.valid_until.astimezone(zone):%Y-%m-%d %H:%M}"
+        window = (
+            f"{activity.starts_at.astimezone(zone):%Y-%m-%d %H:%M} - "
+            f"{activity.ends_at.astimezone(zone):%Y-%m-%d %H:%M} {activity.timezone}"
+        )
+        listing.append(
+            ActivityListing(
+                slug=activity.slug,
+                title=activity.title,
+                channel=channel,
+                prefixes=tuple(prefixes[activity.activity_id]),
+                validity=validity,
+                window=window,
+                online=activity.online,
+                budget=activity.budget,
+                url=f"{base_url.rstrip('/')}/{activity.slug}",
+            )
+        )
+    return listing
+
+
+def expire_coupons(conn: psycopg.Connection[Any], now: datetime, *, chunk: int = 10_000) -> int:
+    """The periodic sweep: mark unused coupons past their expiry as expired,
+    ``chunk`` at a time (short transactions; rows being redeemed are skipped
+    and caught by the next sweep). Idempotent."""
+    total = 0
+    while True:
+        with conn.transaction():
+            done = coupon_store.expire_due(conn, now, chunk)
+        total += done
+        if done < chunk:
+            return total
+
+
+def cancel_coupon(conn: psycopg.Connection[Any], code: str, now: datetime) -> bool:
+    """An operator cancels a coupon (unused or never issued). False when it
+    was already cancelled; a used or expired coupon is refused with the reason."""
+    with conn.transaction():
+        status = coupon_store.lock_code_status(conn, code)
+        if status is None:
+            raise BackOfficeError(f"{code}: {LifecycleRefusal.UNKNOWN_CODE.text}")
+        if status == "cancelled":
+            return False
+        reason = cancel_refusal(status)
+        if reason is not None:
+            raise BackOfficeError(f"{code}: cannot cancel, {reason.text}")
+        coupon_store.cancel_code(conn, code, now)
+        return True
 
 
 def add_slots(session: Session, activity_id: int, first: int, count: int) -> None:

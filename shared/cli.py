@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.messages import PUBLIC_TYPES
 from shared.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("issuance")
@@ -31,41 +32,6 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
     database.upgrade(settings, args.revision)
     print(f"database at {args.revision}")
-    return 0
-
-
-def cmd_channel_create(args: argparse.Namespace, settings: Settings) -> int:
-    from shared import backoffice
-
-    with _session(settings) as session, session.begin():
-        channel = backoffice.create_channel(session, args.name)
-        print(f"channel {channel.name} ({channel.channel_id})")
-    return 0
-
-
-def cmd_activity_create(args: argparse.Namespace, settings: Settings) -> int:
-    from shared import backoffice
-
-    data = json.loads(Path(args.file).read_text())
-    spec = backoffice.ActivitySpec.from_mapping(data)
-    with _session(settings) as session, session.begin():
-        activity = backoffice.create_activity(session, spec)
-        print(f"activity {activity.slug} ({activity.activity_id}) with budget {activity.budget}")
-    return 0
-
-
-def cmd_codes_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.progress import Progress
-
-    from shared import backoffice
-
-    with Progress(disable=args.count < 200_000 or not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"codes {args.template}", total=args.count)
-        with _session(settings) as session, session.begin():
-            batch = backoffice.generate_codes(
-                session, args.template, args.count, progress=lambda n: progress.advance(task, n)
-            )
-            print(f"batch {batch.batch_id}: {batch.size} codes for {args.template}")
     return 0
 
 
@@ -259,28 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("revision", nargs="?", default="heads")
     up.set_defaults(func=cmd_db_upgrade)
 
-    channel = sub.add_parser("channel", help="distribution channels").add_subparsers(
-        dest="sub", required=True
-    )
-    create = channel.add_parser("create")
-    create.add_argument("name")
-    create.set_defaults(func=cmd_channel_create)
+    from shared import backoffice_cli
 
-    activity = sub.add_parser("activity", help="activities (campaigns)").add_subparsers(
-        dest="sub", required=True
-    )
-    create = activity.add_parser("create", help="create an activity from a JSON file")
-    create.add_argument("--file", required=True)
-    create.set_defaults(func=cmd_activity_create)
-
-    codes = sub.add_parser("codes", help="code batches").add_subparsers(dest="sub", required=True)
-    generate = codes.add_parser("generate")
-    generate.add_argument("--template", required=True, help="the template's prefix")
-    generate.add_argument("--count", type=int, required=True)
-    generate.set_defaults(func=cmd_codes_generate)
+    backoffice_cli.register(sub)
 
     publish = sub.add_parser("publish", help="publish a JSON-lines file of payloads")
-    publish.add_argument("type", choices=["order-placed", "share-opened", "claim-requested"])
+    publish.add_argument("type", choices=PUBLIC_TYPES)
     publish.add_argument("--file", required=True, help="path, or - for standard input")
     publish.set_defaults(func=cmd_publish)
 

@@ -40,6 +40,9 @@ class Settings:
     fault: str = ""
     fault_trigger: str = ""
     metrics_port: int = 9191
+    # Where activity pages are served: ``issuance activity list`` shows
+    # <activity_base_url>/<slug> as each activity's URL.
+    activity_base_url: str = "http://127.0.0.1:8000/a"
     # The activity page: attempts per client IP and per number in each rate
     # window, extra origins allowed to post claims (comma-separated; the
     # page's own origin always is), and how long activities are cached.
