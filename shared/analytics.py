@@ -36,6 +36,7 @@ class PromiseSnapshot:
     overdue: int
     at_risk_1h: int
     at_risk_6h: int
+    held: int = 0  # bound, waiting for the member to register
 
     @property
     def oldest_age_seconds(self) -> float:
@@ -52,22 +53,28 @@ class PromiseSnapshot:
         return (self.earliest_deadline - self.now).total_seconds()
 
 
-PROMISE = """
+# A claim whose credit is held until its member registers is not under the
+# promise yet (its deadline is set when the hold is released).
+NOT_HELD = """NOT EXISTS (SELECT 1 FROM held_credits h
+                   WHERE h.claim_id = claims.claim_id AND h.released_at IS NULL)"""
+
+PROMISE = f"""
 SELECT count(*),
        min(requested_at),
        min(deadline),
        count(*) FILTER (WHERE deadline <= %(now)s),
        count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '1 hour'),
-       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours')
+       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours'),
+       (SELECT count(*) FROM held_credits WHERE released_at IS NULL)
   FROM claims
- WHERE status = 'bound'
+ WHERE status = 'bound' AND {NOT_HELD}
 """
 
 
 def promise_snapshot(conn: Conn, now: datetime) -> PromiseSnapshot:
     row = conn.execute(PROMISE, {"now": now}).fetchone()
     assert row is not None
-    count, oldest, earliest, overdue, risk_1h, risk_6h = row
+    count, oldest, earliest, overdue, risk_1h, risk_6h, held = row
     return PromiseSnapshot(
         now=now,
         uncredited=int(count),
@@ -76,14 +83,15 @@ def promise_snapshot(conn: Conn, now: datetime) -> PromiseSnapshot:
         overdue=int(overdue),
         at_risk_1h=int(risk_1h),
         at_risk_6h=int(risk_6h),
+        held=int(held),
     )
 
 
 # The partial index over bound claims is in deadline order: the oldest first.
-OVERDUE_FOR_CREDIT = """
+OVERDUE_FOR_CREDIT = f"""
 SELECT claim_id
   FROM claims
- WHERE status = 'bound' AND decided_at <= %(cutoff)s
+ WHERE status = 'bound' AND decided_at <= %(cutoff)s AND {NOT_HELD}
  ORDER BY deadline
  LIMIT %(limit)s
 """
@@ -121,7 +129,10 @@ SELECT a.activity_id, a.slug, a.budget,
        count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.new_member),
        count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.share_id IS NOT NULL),
        count(c.claim_id) FILTER (WHERE (c.status = 'credited' AND c.credited_at > c.deadline)
-                                    OR (c.status = 'bound' AND c.deadline <= %(now)s))
+                                    OR (c.status = 'bound' AND c.deadline <= %(now)s
+                                        AND NOT EXISTS (SELECT 1 FROM held_credits h
+                                                         WHERE h.claim_id = c.claim_id
+                                                           AND h.released_at IS NULL)))
   FROM activities a
   LEFT JOIN claims c ON c.activity_id = a.activity_id
  WHERE a.ends_at > %(since)s AND a.starts_at <= %(now)s

@@ -63,6 +63,11 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("window",),
     ),
     "issuance_promise_claims_overdue": ("gauge", "Uncredited claims past their deadline.", ()),
+    "issuance_promise_held_claims": (
+        "gauge",
+        "Bound claims whose credit waits for the member to register (not under the promise yet).",
+        (),
+    ),
     "issuance_promise_credit_rate": (
         "gauge",
         "Claims credited per second over the recent window (NaN until two readings).",
@@ -321,6 +326,7 @@ class Exporter(Collector):
         families["issuance_promise_claims_at_risk"].add_metric(["1h"], p.at_risk_1h)
         families["issuance_promise_claims_at_risk"].add_metric(["6h"], p.at_risk_6h)
         families["issuance_promise_claims_overdue"].add_metric([], p.overdue)
+        families["issuance_promise_held_claims"].add_metric([], p.held)
         families["issuance_promise_credit_rate"].add_metric([], NAN if credit_rate is None else credit_rate)
         families["issuance_promise_drain_forecast_seconds"].add_metric([], _divide(p.uncredited, credit_rate))
 

@@ -46,6 +46,12 @@ def test_campaign_and_promise_figures(settings, pool):
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         use_code(conn, outcomes[0].codes[0], "SO-PAID", "paid", 10_000)
         use_code(conn, outcomes[1].codes[0], "SO-REFUNDED", "refunded", 7_000)
+        # One credit waits for its member to register: not under the promise yet.
+        conn.execute(
+            "INSERT INTO held_credits (claim_id, member_id) SELECT claim_id, member_id FROM claims"
+            " WHERE claim_id = %s",
+            (outcomes[3].claim_id,),
+        )
 
     exporter = Exporter(settings)
     first = exporter.refresh()
@@ -53,7 +59,7 @@ def test_campaign_and_promise_figures(settings, pool):
     before = samples(exporter)
     assert math.isnan(before[("issuance_promise_credit_rate", ())]), "unknown after one reading"
     handle_claim(pool, settings, claim(slug))
-    # A day minus half an hour later, the three uncredited claims are at risk.
+    # A day minus half an hour later, the two uncredited claims not held are at risk.
     later = utcnow() + timedelta(hours=23.5)
     exporter.refresh(later)
     after = samples(exporter)
@@ -75,8 +81,9 @@ def test_campaign_and_promise_figures(settings, pool):
     forecast = after[("issuance_template_exhaustion_forecast_seconds", (slug, prefix))]
     assert 0 < forecast < math.inf
 
-    assert after[("issuance_promise_uncredited_claims", ())] == 3
-    assert after[("issuance_promise_claims_at_risk", ("1h",))] == 3
+    assert after[("issuance_promise_uncredited_claims", ())] == 2
+    assert after[("issuance_promise_held_claims", ())] == 1
+    assert after[("issuance_promise_claims_at_risk", ("1h",))] == 2
     assert after[("issuance_promise_claims_overdue", ())] == 0
     assert 0 < after[("issuance_promise_headroom_seconds", ())] <= 1800
     assert after[("issuance_promise_oldest_uncredited_age_seconds", ())] >= 23.5 * 3600
