@@ -91,16 +91,23 @@ def claims_by_ids(
     }
 
 
-# Inputs are sorted by digest and rows locked in member order, so concurrent
-# batches wait for each other instead of deadlocking (and a rare deadlock
-# between the two orders is retried by the caller).
+def lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> None:
+    """Serialise concurrent deliveries of the same claims (transaction-level
+    advisory locks, taken in one global order so batches cannot deadlock)."""
+    keys = sorted({(c.int >> 64) - (1 << 63) for c in claim_ids})
+    conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (keys,))
+
+
+# DO UPDATE ... WHERE false updates nothing but locks every conflicting row,
+# in the order of the (sorted) input: concurrent batches wait for each other
+# in one global order instead of deadlocking.
 UPSERT_MEMBERS = """
 INSERT INTO members (phone_digest, phone_masked, status)
 SELECT d, m, 'pending' FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
-ON CONFLICT (phone_digest) DO NOTHING
+ON CONFLICT (phone_digest) DO UPDATE SET phone_masked = EXCLUDED.phone_masked WHERE false
 """
 LOCK_MEMBERS = """
-SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s) ORDER BY member_id FOR UPDATE
+SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s)
 """
 
 
@@ -194,31 +201,33 @@ def insert_claims(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
     return conn.execute(INSERT_CLAIMS, columns).rowcount
 
 
+# "code = ANY(...)" makes the plan a primary-key lookup per code whatever the
+# statistics say; a bare join on unnest() can turn into a scan of the pool.
 BIND_CODES = """
 UPDATE codes SET status = 'unused', member_id = u.member_id, claim_id = u.claim_id,
        bound_at = now(), expires_at = u.expires_at
-  FROM unnest(%s::text[], %s::uuid[], %s::bigint[], %s::timestamptz[])
+  FROM unnest(%(codes)s::varchar[], %(claims)s::uuid[], %(members)s::bigint[], %(expiry)s::timestamptz[])
        AS u(code, claim_id, member_id, expires_at)
- WHERE codes.code = u.code AND codes.status = 'available'
+ WHERE codes.code = ANY(%(codes)s::varchar[]) AND codes.code = u.code
 """
-TAKE_SLOTS = """
-UPDATE package_slots SET taken = true
-  FROM unnest(%s::int[], %s::int[]) AS u(activity_id, slot_no)
- WHERE (package_slots.activity_id, package_slots.slot_no) = (u.activity_id, u.slot_no)
-"""
+TAKE_SLOTS = "UPDATE package_slots SET taken = true WHERE activity_id = %s AND slot_no = ANY(%s::int[])"
 
 
 def bind_codes(conn: Conn, bindings: Sequence[tuple[str, uuid.UUID, int, datetime]]) -> int:
     """Bind locked codes: (code, claim, member, expiry) each."""
     if not bindings:
         return 0
-    return conn.execute(BIND_CODES, [list(col) for col in zip(*bindings, strict=True)]).rowcount
+    codes, claims, members, expiry = (list(col) for col in zip(*bindings, strict=True))
+    params = {"codes": codes, "claims": claims, "members": members, "expiry": expiry}
+    return conn.execute(BIND_CODES, params).rowcount
 
 
 def take_slots(conn: Conn, slots: Sequence[tuple[int, int]]) -> int:
-    if not slots:
-        return 0
-    return conn.execute(TAKE_SLOTS, [list(col) for col in zip(*slots, strict=True)]).rowcount
+    """Mark locked package slots taken: (activity, slot) each."""
+    by_activity: dict[int, list[int]] = {}
+    for activity_id, slot_no in slots:
+        by_activity.setdefault(activity_id, []).append(slot_no)
+    return sum(conn.execute(TAKE_SLOTS, (a, s)).rowcount for a, s in by_activity.items())
 
 
 CREDIT_CLAIMS = """

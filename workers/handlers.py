@@ -119,6 +119,7 @@ def _decide(
     conn: store.Conn, settings: Settings, messages: Sequence[ClaimRequested], now: datetime
 ) -> list[ClaimOutcome]:
     digests = [payload_digest(m) for m in messages]
+    store.lock_claim_ids(conn, [m.claim_id for m in messages])
     recorded = store.claims_by_ids(conn, [m.claim_id for m in messages])
     outcomes: list[ClaimOutcome | None] = [None] * len(messages)
     rows: list[dict[str, Any]] = []
