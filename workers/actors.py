@@ -23,6 +23,7 @@ from shared.messages import (
 from shared.metrics import CLAIM_TO_CREDIT, CLAIMS, CODES_BOUND, CREDITS, DUPLICATES, PROMISE_BREACHES
 from shared.settings import load_settings
 from workers import handlers, lifecycle
+from workers.batching import GroupCommit
 from workers.broker import build_broker
 from workers.runtime import dead_letter, pipeline_actor, resources, send
 
@@ -31,17 +32,20 @@ broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "r
 
 @pipeline_actor(ClaimRequested)
 def claim_requested(message: ClaimRequested) -> str:
-    """Decide one claim and, once its codes are bound, hand it to the credit step."""
-    return _decide_claims([message])
+    """Decide one claim and, once its codes are bound, hand it to the credit
+    step. Concurrent deliveries in this process share one transaction."""
+    outcome = _single_claims.submit(message)
+    return "duplicate" if outcome.duplicate else "ok"
 
 
 @pipeline_actor(ClaimsRequested)
 def claims_requested(message: ClaimsRequested) -> str:
     """Decide a producer's batch of claims in one transaction."""
-    return _decide_claims(message.claims)
+    outcomes = _decide_claims(message.claims)
+    return "duplicate" if all(o.duplicate for o in outcomes) else "ok"
 
 
-def _decide_claims(claims: Sequence[ClaimRequested]) -> str:
+def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
     res = resources()
     outcomes = handlers.handle_claims(res.pool, res.settings, claims)
     for claim, outcome in zip(claims, outcomes, strict=True):
@@ -63,7 +67,10 @@ def _decide_claims(claims: Sequence[ClaimRequested]) -> str:
     granted = [(o.activity, o.group, o.digest) for o in outcomes if o.activity and o.group and o.digest]
     if granted:
         gate.remember_grants(res.redis, granted)
-    return "duplicate" if all(o.duplicate for o in outcomes) else "ok"
+    return outcomes
+
+
+_single_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decide_claims)
 
 
 @pipeline_actor(CreditRequested)

@@ -1,0 +1,64 @@
+"""Group commit: many single-claim deliveries decided in one transaction.
+
+Dramatiq hands each message to a worker thread. A thread handling a
+single-claim message submits it here and waits; one flusher thread per
+process takes whatever has gathered (up to ``max_batch``), decides it as one
+batch, publishes its credit message, and wakes the submitters, which then
+return and let Dramatiq acknowledge their deliveries. Nothing is acknowledged
+before its batch has committed, so a crash anywhere re-delivers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    def __init__(
+        self, run: Callable[[Sequence[T]], Sequence[R]], *, max_batch: int = 500, linger: float = 0.002
+    ) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self.linger = linger
+        self.queue: queue.SimpleQueue[tuple[T, Future[R]]] = queue.SimpleQueue()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def submit(self, item: T) -> R:
+        """Decide ``item`` with whatever else is waiting; block until committed."""
+        self._start()
+        future: Future[R] = Future()
+        self.queue.put((item, future))
+        return future.result()
+
+    def _start(self) -> None:
+        with self._lock:
+            if not self._started:
+                threading.Thread(target=self._flush_forever, name="group-commit", daemon=True).start()
+                self._started = True
+
+    def _flush_forever(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            try:
+                while len(batch) < self.max_batch:
+                    batch.append(self.queue.get(timeout=self.linger))
+            except queue.Empty:
+                pass
+            try:
+                results = self.run([item for item, _ in batch])
+            except BaseException as exc:  # every submitter re-raises it: Dramatiq retries each message
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
