@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration e2e services promtool browser clean
+.PHONY: install demo test lint typecheck unit integration e2e services promtool browser clean chaos security audit
 
 install: $(STAMP)
 
@@ -42,8 +42,37 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-## Everything CI runs: services up, lint, types, then the three test levels.
-test: install services promtool browser lint typecheck
+## Static security checks: bandit over the project's code (findings are fixed
+## or carry a `# nosec <rule> - <reason>`), then the dependency audit.
+security: install
+	$(BIN)/bandit -q -c pyproject.toml -r shared workers producers
+
+## pip-audit asks PyPI's vulnerability API about every installed package. With
+## --strict a package it could not look up is an error: an audit that could not
+## run must not read as "no known vulnerabilities". AUDIT=skip skips it, loudly.
+audit: install
+ifeq ($(AUDIT),skip)
+	@echo "!!! pip-audit SKIPPED (AUDIT=skip): dependencies were NOT audited for known vulnerabilities !!!"
+else
+	@$(BIN)/pip-audit --strict --progress-spinner off || { \
+	  echo ""; \
+	  echo "!!! pip-audit FAILED: a vulnerability was found, or PyPI's vulnerability API could not be"; \
+	  echo "!!! reached for some packages (see above). Dependencies are NOT known to be clean."; \
+	  echo "!!! Fix the finding, or run where https://pypi.org is reachable; AUDIT=skip skips it knowingly."; \
+	  exit 1; }
+endif
+
+## The seeded chaos run on private services (tests/chaos). CHAOS_SCALE=short|full,
+## CHAOS_SEED=<n> replays a run; the report lands in benchmarks/out/chaos-<scale>.json.
+CHAOS_SCALE ?= short
+chaos: install
+	mkdir -p benchmarks/out
+	$(BIN)/python -m tests.chaos.run --scale $(CHAOS_SCALE) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) \
+	  --json benchmarks/out/chaos-$(CHAOS_SCALE).json
+
+## Everything CI runs: services up, lint, types, security, then the test levels
+## (the short chaos run is tests/chaos/test_chaos_short.py).
+test: install services promtool browser lint typecheck security audit
 	$(BIN)/pytest tests
 
 unit: install

@@ -95,7 +95,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # Worker processes count into files here; /metrics on the metrics port adds them up.
     default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{settings.metrics_port}"
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
-    os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606 - replaces this process
+    os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606  # nosec B606 - replaces this process
 
 
 def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:

@@ -24,6 +24,7 @@ from dramatiq.errors import DecodeError
 
 from shared.errors import InvalidMessage
 from shared.messages import MESSAGE_TYPES, Message
+from shared.signing import process_keys, sign_envelope
 
 CONTENT_TYPE = "application/json"
 # Dramatiq keeps dead-lettered messages in "<queue>.XQ" for 7 days.
@@ -78,7 +79,7 @@ def message_id_for(message: Message) -> str:
 def envelope(message: Message, *, timestamp_ms: int | None = None) -> dict[str, Any]:
     """The Dramatiq envelope that carries ``message``."""
     route = ROUTES[message.TYPE]
-    return {
+    fields = {
         "queue_name": route.queue,
         "actor_name": route.actor,
         "args": [message.to_payload()],
@@ -87,6 +88,8 @@ def envelope(message: Message, *, timestamp_ms: int | None = None) -> dict[str, 
         "message_id": message_id_for(message),
         "message_timestamp": timestamp_ms if timestamp_ms is not None else int(time.time() * 1000),
     }
+    # Signed when ISSUANCE_SIGNING_KEYS is set (shared.signing).
+    return sign_envelope(fields, process_keys())
 
 
 def encode(message: Message) -> bytes:

@@ -21,6 +21,8 @@ from dramatiq.middleware import (
 from shared.codec import OrjsonEncoder
 from shared.settings import Settings
 from workers.metrics import WorkerMetrics
+from workers.redaction import RedactLogs
+from workers.signing import Signing
 
 # A handler that takes longer than this is stuck (a lock held by a dead
 # session, say); the time limit turns it into a retry.
@@ -29,6 +31,9 @@ TIME_LIMIT_MS = 60_000
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
     return [
+        # First: a forged or unsigned message is refused before anything else runs.
+        Signing(),
+        RedactLogs(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),

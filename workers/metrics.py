@@ -101,7 +101,7 @@ def serve_metrics() -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         log.error("PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows no worker process")
     try:
-        server = ThreadingHTTPServer(("0.0.0.0", port), _MetricsHandler)  # noqa: S104 - scraped from outside
+        server = ThreadingHTTPServer(("0.0.0.0", port), _MetricsHandler)  # noqa: S104  # nosec B104 - scraped from outside
     except OSError as exc:
         log.error("cannot serve worker metrics on port %d: %s (set ISSUANCE_METRICS_PORT)", port, exc)
         return 1

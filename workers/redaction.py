@@ -1,0 +1,64 @@
+"""No phone number in clear in the workers' logs.
+
+Dramatiq logs a message's arguments when it retries or skips it ("Failed to
+process message claim_requested({'phone': '+86139...'})"). This middleware
+puts a filter on the process's log handlers at boot that masks phone
+numbers in every record, whoever logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import dramatiq
+
+# A phone field in a dict or JSON rendering, whatever its format.
+PHONE_FIELD = re.compile(r"""(['"]phone['"]\s*:\s*['"])([^'"]*)(['"])""")
+# E.164 numbers and bare mainland mobile numbers anywhere else.
+E164 = re.compile(r"(?<![\w+])\+\d{7,15}(?!\d)")
+CN_MOBILE = re.compile(r"(?<![\w.:-])1[3-9]\d{9}(?![\w.:-])")
+
+
+def _mask(number: str) -> str:
+    digits = len(number)
+    return number[:4] + "*" * max(digits - 6, 0) + number[-2:] if digits > 6 else "*" * digits
+
+
+def redact_text(text: str) -> str:
+    text = PHONE_FIELD.sub(lambda m: m.group(1) + _mask(m.group(2)) + m.group(3), text)
+    text = E164.sub(lambda m: _mask(m.group(0)), text)
+    return CN_MOBILE.sub(lambda m: _mask(m.group(0)), text)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave the record to logging's own error path
+            return True
+        record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        return True
+
+
+def install(logger: logging.Logger | None = None) -> None:
+    """Put the filter on every handler of ``logger`` (the root logger)."""
+    target = logger or logging.getLogger()
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+class RedactLogs(dramatiq.Middleware):
+    """Install the filter once Dramatiq has set up a process's logging."""
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        install()
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        install()
