@@ -80,7 +80,9 @@ class ActivitySpec:
             for key in ("starts_at", "ends_at", "valid_from", "valid_until"):
                 if isinstance(values.get(key), str):
                     values[key] = datetime.fromisoformat(values[key])
-            values["templates"] = tuple(TemplateSpec(**t) for t in values.get("templates", ()))
+            values["templates"] = tuple(
+                t if isinstance(t, TemplateSpec) else TemplateSpec(**t) for t in values.get("templates", ())
+            )
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise BackOfficeError(f"invalid activity: {exc}") from None

@@ -111,8 +111,9 @@ def activity_with(settings, *, codes: int = 20, templates: list[dict[str, Any]] 
         "starts_at": now - timedelta(hours=1),
         "ends_at": now + timedelta(days=1),
         "budget": 50,
-        "templates": templates
-        or [{"prefix": prefix(), "kind": "amount_off", "value": 500, "threshold_cents": 5000}],
+        "templates": [{"prefix": prefix(), "kind": "amount_off", "value": 500, "threshold_cents": 5000}]
+        if templates is None
+        else templates,
     }
     spec.update(fields)
     engine = database.engine(settings)
