@@ -152,6 +152,8 @@ class OrjsonEncoder(Encoder):
             raise _decode_error("envelope fields do not match Dramatiq's", data, None)
         if not isinstance(fields["args"], list) or not isinstance(fields["options"], dict):
             raise _decode_error("envelope args must be a list and options an object", data, None)
+        if len(fields["args"]) != 1:
+            raise _decode_error("envelope args must hold exactly one payload", data, None)
         if not isinstance(fields["kwargs"], dict) or fields["kwargs"]:
             raise _decode_error("envelope kwargs must be empty", data, None)
         return fields
