@@ -175,13 +175,18 @@ def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_coupons_expire(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
     from shared import backoffice
     from shared.messages import utcnow
 
-    with _connect(settings) as conn:
-        expired = backoffice.expire_coupons(conn, utcnow())
-    print(f"expired {expired} coupons")
-    return 0
+    while True:
+        with _connect(settings) as conn:
+            expired = backoffice.expire_coupons(conn, utcnow())
+        print(f"expired {expired} coupons", flush=True)
+        if not args.every:
+            return 0
+        time.sleep(args.every)
 
 
 def cmd_coupons_cancel(args: argparse.Namespace, settings: Settings) -> int:
@@ -254,6 +259,7 @@ def register(sub: Any) -> None:
         dest="sub", required=True
     )
     expire = coupons.add_parser("expire", help="the periodic sweep: mark unused coupons past expiry expired")
+    expire.add_argument("--every", type=float, help="run forever, sweeping every this many seconds")
     expire.set_defaults(func=cmd_coupons_expire)
     cancel = coupons.add_parser("cancel", help="cancel a coupon (unused or never issued)")
     cancel.add_argument("code")
