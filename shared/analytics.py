@@ -37,6 +37,13 @@ class PromiseSnapshot:
     at_risk_1h: int
     at_risk_6h: int
     held: int = 0  # bound, waiting for the member to register
+    credited_recent: int = 0  # claims credited in the window before now
+    window_seconds: float = 900.0
+
+    @property
+    def credit_rate(self) -> float:
+        """Claims credited per second over the window before ``now``."""
+        return self.credited_recent / self.window_seconds
 
     @property
     def oldest_age_seconds(self) -> float:
@@ -65,16 +72,20 @@ SELECT count(*),
        count(*) FILTER (WHERE deadline <= %(now)s),
        count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '1 hour'),
        count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours'),
-       (SELECT count(*) FROM held_credits WHERE released_at IS NULL)
+       (SELECT count(*) FROM held_credits WHERE released_at IS NULL),
+       (SELECT count(*) FROM claims
+         WHERE status = 'credited' AND credited_at > %(now)s - %(window)s AND credited_at <= %(now)s)
   FROM claims
  WHERE status = 'bound' AND {NOT_HELD}
 """
 
 
-def promise_snapshot(conn: Conn, now: datetime) -> PromiseSnapshot:
-    row = conn.execute(PROMISE, {"now": now}).fetchone()
+def promise_snapshot(conn: Conn, now: datetime, window: timedelta = timedelta(minutes=15)) -> PromiseSnapshot:
+    """The promise at ``now``; the credit rate over the ``window`` before it
+    (from the partial index over credited claims: recent rows only)."""
+    row = conn.execute(PROMISE, {"now": now, "window": window}).fetchone()
     assert row is not None
-    count, oldest, earliest, overdue, risk_1h, risk_6h, held = row
+    count, oldest, earliest, overdue, risk_1h, risk_6h, held, recent = row
     return PromiseSnapshot(
         now=now,
         uncredited=int(count),
@@ -84,6 +95,8 @@ def promise_snapshot(conn: Conn, now: datetime) -> PromiseSnapshot:
         at_risk_1h=int(risk_1h),
         at_risk_6h=int(risk_6h),
         held=int(held),
+        credited_recent=int(recent),
+        window_seconds=window.total_seconds(),
     )
 
 

@@ -163,7 +163,13 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from workers.exporter import run_exporter
 
-    run_exporter(settings, port=args.port, interval=args.interval, now=_instant(args.now))
+    run_exporter(
+        settings,
+        port=args.port,
+        interval=args.interval,
+        campaign_interval=args.campaign_interval,
+        now=_instant(args.now),
+    )
     return 0
 
 
@@ -267,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = sub.add_parser("exporter", help="serve campaign and promise gauges read from PostgreSQL")
     exporter.add_argument("--port", type=int, default=9192)
     exporter.add_argument("--interval", type=float, default=30, help="seconds between readings")
+    exporter.add_argument(
+        "--campaign-interval",
+        type=float,
+        help="seconds between campaign readings (default: max(2 x interval, 60))",
+    )
     exporter.add_argument("--now", help="evaluate the promise as if the clock read this RFC 3339 instant")
     exporter.set_defaults(func=cmd_exporter)
 

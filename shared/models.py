@@ -223,6 +223,8 @@ class Claim(Base):
         ),
         Index("claims_member_idx", "member_id"),
         Index("claims_uncredited_idx", "deadline", postgresql_where=text("status = 'bound'")),
+        # The recent credit rate of the promise exporter (shared.analytics).
+        Index("claims_credited_idx", "credited_at", postgresql_where=text("status = 'credited'")),
     )
 
     claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

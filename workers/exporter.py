@@ -2,10 +2,13 @@
 RabbitMQ's queue depths) every ``interval`` seconds and serves the figures as
 Prometheus gauges on ``/metrics``.
 
-Run it with ``issuance exporter --port 9192 --interval 30``. Rates (credit
-rate, claim rate) come from the difference between this process's successive
-readings over ``rate_window``: right after a start they are unknown (NaN) and
-so are the forecasts that divide by them.
+Run it with ``issuance exporter --port 9192 --interval 30``. The promise (the
+uncredited claims and the credit rate over the last ``rate_window``) is read
+on every refresh from two partial indexes, in milliseconds; campaign figures,
+whose cost grows with the claims of the running activities (never with the
+size of the code pools), every ``campaign_interval``. Claim and binding rates
+come from the difference between successive campaign readings: right after a
+start they are unknown (NaN), and so are the forecasts that divide by them.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "issuance_promise_credit_rate": (
         "gauge",
-        "Claims credited per second over the recent window (NaN until two readings).",
+        "Claims credited per second over the rate window before the reading.",
         (),
     ),
     "issuance_promise_drain_forecast_seconds": (
@@ -183,7 +186,7 @@ def exported_names() -> set[str]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reading:
-    """What one refresh read, and when (wall clock, for rates)."""
+    """What one refresh read, and when it started (wall clock, for rates)."""
 
     at: float
     promise: PromiseSnapshot
@@ -215,11 +218,22 @@ class Exporter(Collector):
     """Reads on demand (:meth:`refresh`) and exposes the last reading."""
 
     def __init__(
-        self, settings: Settings, *, rate_window: float = 900.0, horizon: timedelta = REPORT_HORIZON
+        self,
+        settings: Settings,
+        *,
+        rate_window: float = 900.0,
+        campaign_interval: float = 0.0,
+        horizon: timedelta = REPORT_HORIZON,
     ) -> None:
         self.settings = settings
         self.rate_window = rate_window
+        # The promise is read on every refresh (a few milliseconds); campaign
+        # figures, whose cost grows with the claims of running activities, at
+        # most this often.
+        self.campaign_interval = campaign_interval
         self.horizon = horizon
+        self.latest: Reading | None = None
+        # Readings with fresh campaign figures, for the claim and binding rates.
         self.history: collections.deque[Reading] = collections.deque(maxlen=512)
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_success = NAN
@@ -228,24 +242,31 @@ class Exporter(Collector):
 
     def refresh(self, now: datetime | None = None) -> Reading | None:
         """Read PostgreSQL (the promise at ``now``) and RabbitMQ once."""
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         now = now or utcnow()
+        previous = self.history[-1] if self.history else None
+        due = previous is None or started_at - previous.at >= self.campaign_interval
         try:
             with psycopg.connect(self.settings.database_url, connect_timeout=5) as conn:
                 conn.execute("SET LOCAL statement_timeout = '20s'")
-                promise = promise_snapshot(conn, now)
-                activities = activity_figures(conn, now, self.horizon)
-                templates = template_figures(conn, now, self.horizon)
-                usage = usage_figures(conn, now, self.horizon)
+                promise = promise_snapshot(conn, now, timedelta(seconds=self.rate_window))
+                if due or previous is None:
+                    activities = activity_figures(conn, now, self.horizon)
+                    templates = template_figures(conn, now, self.horizon)
+                    usage = usage_figures(conn, now, self.horizon)
+                else:
+                    activities, templates, usage = previous.activities, previous.templates, previous.usage
         except psycopg.Error as exc:
             log.error("cannot read PostgreSQL: %s", exc)
             with self._lock:
                 self.errors["postgres"] += 1
             return None
         queues = self._queues()
-        reading = Reading(time.time(), promise, activities, templates, queues, usage)
+        reading = Reading(started_at, promise, activities, templates, queues, usage)
         with self._lock:
-            self.history.append(reading)
+            self.latest = reading
+            if due:
+                self.history.append(reading)
             while self.history and reading.at - self.history[0].at > self.rate_window * 2:
                 self.history.popleft()
             self.last_success = reading.at
@@ -284,6 +305,7 @@ class Exporter(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             history = list(self.history)
+            latest = self.latest
             errors = dict(self.errors)
             last_success, last_duration = self.last_success, self.last_duration
         families = {
@@ -297,16 +319,12 @@ class Exporter(Collector):
         families["issuance_exporter_refresh_duration_seconds"].add_metric([], last_duration)
         for source in ("postgres", "rabbitmq"):
             families["issuance_exporter_refresh_errors"].add_metric([source], errors.get(source, 0))
-        if history:
-            self._add_reading(families, history)
+        if latest is not None and history:
+            self._add_reading(families, latest, history)
         yield from families.values()
 
-    def _add_reading(self, families: Mapping[str, Any], history: list[Reading]) -> None:
-        latest = history[-1]
+    def _add_reading(self, families: Mapping[str, Any], latest: Reading, history: list[Reading]) -> None:
         window = self.rate_window
-
-        def credited(r: Reading) -> dict[str, float]:
-            return {a.slug: a.credited for a in r.activities}
 
         def granted(r: Reading) -> dict[str, float]:
             return {a.slug: a.granted for a in r.activities}
@@ -314,10 +332,8 @@ class Exporter(Collector):
         def taken(r: Reading) -> dict[tuple[str, str], float]:
             return {(t.activity, t.prefix): t.taken for t in r.templates}
 
-        credit_rates = _rate(history, latest, credited, window)
-        claim_rates = _rate(history, latest, granted, window)
-        take_rates = _rate(history, latest, taken, window)
-        credit_rate = sum(credit_rates.values()) if credit_rates else None
+        claim_rates = _rate(history, history[-1], granted, window)
+        take_rates = _rate(history, history[-1], taken, window)
 
         p = latest.promise
         families["issuance_promise_uncredited_claims"].add_metric([], p.uncredited)
@@ -327,8 +343,10 @@ class Exporter(Collector):
         families["issuance_promise_claims_at_risk"].add_metric(["6h"], p.at_risk_6h)
         families["issuance_promise_claims_overdue"].add_metric([], p.overdue)
         families["issuance_promise_held_claims"].add_metric([], p.held)
-        families["issuance_promise_credit_rate"].add_metric([], NAN if credit_rate is None else credit_rate)
-        families["issuance_promise_drain_forecast_seconds"].add_metric([], _divide(p.uncredited, credit_rate))
+        families["issuance_promise_credit_rate"].add_metric([], p.credit_rate)
+        families["issuance_promise_drain_forecast_seconds"].add_metric(
+            [], _divide(p.uncredited, p.credit_rate)
+        )
 
         used_by_activity: collections.Counter[str] = collections.Counter()
         taken_by_activity: collections.Counter[str] = collections.Counter()
@@ -399,16 +417,18 @@ def run_exporter(
     *,
     port: int,
     interval: float,
+    campaign_interval: float | None = None,
     now: datetime | None = None,
     passes: int | None = None,
 ) -> None:
     """Serve ``/metrics`` on ``port`` and read every ``interval`` seconds.
     With ``now`` the promise is evaluated at that instant plus the time
     elapsed since start (an operator's what-if)."""
+    campaign_interval = max(interval * 2, 60.0) if campaign_interval is None else campaign_interval
     # A passive declare of a queue nobody declared yet is answered with a
     # channel close that pika logs as a warning on every reading.
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
-    exporter = Exporter(settings, rate_window=max(900.0, interval * 4))
+    exporter = Exporter(settings, rate_window=max(900.0, interval * 4), campaign_interval=campaign_interval)
     start_http_server(port, registry=registry_for(exporter))
     log.info("exporter serving on :%d/metrics, reading every %.0fs", port, interval)
     offset = (now - utcnow()) if now is not None else timedelta(0)

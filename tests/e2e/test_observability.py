@@ -70,6 +70,7 @@ def start_exporter(service_env: dict[str, str], tmp_path: Path) -> Iterator[Call
         env = {**os.environ, **service_env}
         log = (tmp_path / "exporter.log").open("ab")
         argv = [sys.executable, "-m", "shared.cli", "exporter", "--port", str(port), "--interval", "0.5"]
+        argv += ["--campaign-interval", "0.5"]
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         started.append(proc)
         wait_for(lambda: _serving(port, proc), timeout=30, what="the exporter to serve")
@@ -258,11 +259,8 @@ def test_a_stopped_credit_step_puts_the_promise_at_risk_then_drains(
 
     exporter_port = start_exporter()
 
-    def stalled() -> Samples | None:
-        s = scrape(exporter_port)
-        return s if value(s, "issuance_promise_credit_rate") == 0 else None  # NaN until two readings
-
-    at_risk = wait_for(stalled, timeout=30, what="two exporter readings")
+    at_risk = scrape(exporter_port)
+    assert value(at_risk, "issuance_promise_credit_rate") == 0
     assert value(at_risk, "issuance_promise_uncredited_claims") == 30
     assert value(at_risk, "issuance_promise_claims_at_risk", window="1h") == 29
     assert value(at_risk, "issuance_promise_claims_at_risk", window="6h") == 29
@@ -292,7 +290,8 @@ def test_a_stopped_credit_step_puts_the_promise_at_risk_then_drains(
 
     def drained() -> Samples | None:
         s = scrape(exporter_port)
-        return s if value(s, "issuance_promise_uncredited_claims") == 0 else None
+        credited = value(s, "issuance_activity_claims", activity=act["slug"], status="credited")
+        return s if value(s, "issuance_promise_uncredited_claims") == 0 and credited == 30 else None
 
     after = wait_for(drained, timeout=30, what="the exporter to see the backlog drained")
     assert value(after, "issuance_promise_claims_at_risk", window="1h") == 0

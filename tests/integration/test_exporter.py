@@ -57,7 +57,8 @@ def test_campaign_and_promise_figures(settings, pool):
     first = exporter.refresh()
     assert first is not None
     before = samples(exporter)
-    assert math.isnan(before[("issuance_promise_credit_rate", ())]), "unknown after one reading"
+    assert before[("issuance_promise_credit_rate", ())] == 2 / 900, "two credits in the last 15 minutes"
+    assert math.isnan(before[("issuance_activity_claim_rate", (slug,))]), "unknown after one reading"
     handle_claim(pool, settings, claim(slug))
     # A day minus half an hour later, the two uncredited claims not held are at risk.
     later = utcnow() + timedelta(hours=23.5)

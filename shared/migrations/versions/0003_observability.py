@@ -1,4 +1,4 @@
-"""observability: count taken codes per template without reading the pool
+"""observability: taken codes per template, recent credits
 
 Revision ID: 0003
 Revises: 0001
@@ -24,7 +24,15 @@ def upgrade() -> None:
         unique=False,
         postgresql_where=sa.text("status <> 'available'"),
     )
+    op.create_index(
+        "claims_credited_idx",
+        "claims",
+        ["credited_at"],
+        unique=False,
+        postgresql_where=sa.text("status = 'credited'"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("claims_credited_idx", table_name="claims", postgresql_where=sa.text("status = 'credited'"))
     op.drop_index("codes_taken_idx", table_name="codes", postgresql_where=sa.text("status <> 'available'"))
