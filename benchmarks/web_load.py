@@ -19,10 +19,12 @@ Results go to stdout as JSON and, with ``--write``, to benchmarks/WEB_RESULTS.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pika
 import psycopg
 
 from benchmarks.harness import ROOT, WorkerProcesses, private_services
 from benchmarks.pipeline import make_activity
 from producers.publisher import Publisher, RabbitPublisher
 from shared.messages import OrderPlaced
-from shared.settings import PREFIX, Settings
+from shared.settings import PREFIX, Settings, settings_from
 from shared.verify import verify
 
 RESULTS = ROOT / "benchmarks" / "WEB_RESULTS.md"
@@ -54,6 +57,8 @@ end
 function init(args)
   slug = args[1]
   base = tonumber(args[2]) + id * 10000000
+  ids = io.open(string.format("%s/accepted-%s-%d.txt", args[3], args[2], id), "w")
+  ids:setvbuf("line")
   counter = 0
   accepted = 0
   refused = 0
@@ -66,7 +71,9 @@ function request()
   return wrk.format("POST", "/api/claims", {["Content-Type"] = "application/json"}, body)
 end
 function response(status, headers, body)
-  if status == 202 then accepted = accepted + 1
+  if status == 202 then
+    accepted = accepted + 1
+    ids:write(string.match(body, '"claim_id":"([%x%-]+)"'), "\n")
   elseif status == 200 then refused = refused + 1
   elseif status == 503 then busy = busy + 1
   else other = other + 1 end
@@ -130,6 +137,56 @@ class PrivateRedis:
             self.proc = None
 
 
+class PrivateRabbit:
+    """A RabbitMQ node of this run only (its own port, name and data
+    directory), so killing it mid-run disturbs nobody else."""
+
+    SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.home = home
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        (self.home / "plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": f"webbench{self.port}@localhost",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.home / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.home / "none"),
+            "HOME": str(self.home),
+        }
+        log = (self.home / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.SERVER], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                pika.BlockingConnection(pika.URLParameters(self.url)).close()
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError("private RabbitMQ did not start")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: whatever was confirmed must survive it."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
 def publisher_rates(settings: Settings, seconds: float) -> dict[str, float]:
     """Confirmed OrderPlaced messages/s: batched confirms vs one at a time."""
     placed_at = datetime.now(UTC)
@@ -160,8 +217,6 @@ def publisher_rates(settings: Settings, seconds: float) -> dict[str, float]:
 
 
 def purge_orders(settings: Settings) -> None:
-    import pika
-
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     connection.channel().queue_purge("orders")
     connection.close()
@@ -170,7 +225,7 @@ def purge_orders(settings: Settings) -> None:
 def run_wrk(url: str, script: Path, slug: str, base: int, seconds: int, connections: int) -> dict[str, Any]:
     argv = [
         "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
-        url, "--", slug, str(base),
+        url, "--", slug, str(base), str(script.parent),
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     match = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
@@ -179,6 +234,41 @@ def run_wrk(url: str, script: Path, slug: str, base: int, seconds: int, connecti
     result: dict[str, Any] = json.loads(match.group(1))
     result["requests_per_s"] = round(result["requests"] / result["duration_s"])
     return result
+
+
+def outage(server: PrivateRedis | PrivateRabbit, at: float, seconds: float) -> threading.Thread:
+    """Kill ``server`` ``at`` seconds from now and start it again ``seconds`` later."""
+
+    def run() -> None:
+        time.sleep(at)
+        server.kill()
+        time.sleep(seconds)
+        server.start()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def credited_among(settings: Settings, claim_ids: list[str]) -> int:
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM claims WHERE claim_id = ANY(%s::uuid[]) AND status = 'credited'",
+            (claim_ids,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = connection.channel()
+        return {
+            queue: int(channel.queue_declare(queue, passive=True).method.message_count)
+            for queue in ("claims", "credits")
+        }
+    finally:
+        connection.close()
 
 
 def claim_counts(settings: Settings, slug: str) -> dict[str, int]:
@@ -201,9 +291,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="web-load-"))
     script = work / "claims.lua"
     script.write_text(WRK_SCRIPT)
+    rabbit = PrivateRabbit(work) if args.kill_rabbitmq_at else None
     try:
-        with private_services("issuance_bench_web") as (settings, service_env):
+        with private_services("issuance_bench_web") as (_, service_env):
             env = {**service_env, f"{PREFIX}REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0"}
+            if rabbit is not None:
+                rabbit.start()
+                env[f"{PREFIX}AMQP_URL"] = rabbit.url
+            settings = settings_from(env)
             results["publisher"] = publisher_rates(settings, args.publisher_seconds)
             purge_orders(settings)
             slug = make_activity(settings, "bench-web", args.budget, args.budget)
@@ -232,51 +327,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         raise RuntimeError((work / "web.log").read_text()[-3000:])
                     time.sleep(0.2)
                 warmup = run_wrk(url, script, slug, 0, 2, args.connections)
-                killer = None
+                killers = []
                 if args.kill_redis_at:
-
-                    def outage() -> None:
-                        time.sleep(args.kill_redis_at)
-                        redis_server.kill()
-                        time.sleep(3)
-                        redis_server.start()
-
-                    killer = threading.Thread(target=outage)
-                    killer.start()
+                    killers.append(outage(redis_server, args.kill_redis_at, args.outage_seconds))
+                if rabbit is not None:
+                    killers.append(outage(rabbit, args.kill_rabbitmq_at, args.outage_seconds))
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
-                if killer is not None:
+                for killer in killers:
                     killer.join()
             finally:
                 page.terminate()
                 page.wait(30)
             results["load"] = load
-            accepted = warmup["accepted"] + load["accepted"]
+            accepted_ids = [
+                line for path in sorted(work.glob("accepted-*.txt")) for line in path.read_text().split()
+            ]
+            accepted = len(accepted_ids)
+            assert accepted == warmup["accepted"] + load["accepted"], "every 202 carries its claim ID"
             workers = WorkerProcesses(env, processes=2, threads=8, log=work / "workers.log")
             started = time.monotonic()
             try:
                 while time.monotonic() - started < args.drain_timeout:
-                    counts = claim_counts(settings, slug)
-                    if sum(counts.values()) >= accepted and "bound" not in counts:
+                    if credited_among(settings, accepted_ids) == accepted:
                         break
                     time.sleep(0.5)
+                left = queue_depths(settings)
             finally:
                 workers.stop()
             counts = claim_counts(settings, slug)
+            credited_accepted = credited_among(settings, accepted_ids)
             with psycopg.connect(settings.database_url) as conn:
                 report = verify(conn)
             results["drain"] = {
                 "accepted_by_page": accepted,
                 "claims_by_status": counts,
-                # wrk stops with requests in flight: the page may have accepted
-                # a few more claims than it counted answers for.
-                "every_accepted_claim_credited": (
-                    counts.get("credited", 0) >= accepted and set(counts) == {"credited"}
-                ),
+                "accepted_claims_credited": credited_accepted,
+                # Claim IDs read from each 202 answer, looked up one by one. Extra
+                # credited claims are requests wrk cut off at the end, or answered
+                # "busy" by a page whose broker died after taking the message.
+                "every_accepted_claim_credited": credited_accepted == accepted,
+                "messages_left_in_queues": left,
                 "drain_seconds": round(time.monotonic() - started, 1),
                 "verify_clean": report.clean,
             }
     finally:
         redis_server.kill()
+        if rabbit is not None:
+            rabbit.kill()
         shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -293,6 +390,10 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         command,
         "```",
         "",
+        f"Outages during the load: Redis killed at {results['settings']['kill_redis_at'] or '-'} s,"
+        f" RabbitMQ killed at {results['settings']['kill_rabbitmq_at'] or '-'} s, each for"
+        f" {results['settings']['outage_seconds']} s plus its restart.",
+        "",
         "| claim endpoint (POST /api/claims) | value |",
         "| --- | --- |",
         f"| requests/s | {load['requests_per_s']} |",
@@ -303,8 +404,10 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
         f"| accepted by the page (with warm-up) | {drain['accepted_by_page']} |",
-        f"| claims after the workers drained | {drain['claims_by_status']} |",
-        f"| every accepted claim credited | {drain['every_accepted_claim_credited']} |",
+        f"| claims after the workers drained | {drain['claims_by_status']}, in"
+        f" {drain['drain_seconds']} s; messages left {drain['messages_left_in_queues']} |",
+        f"| accepted claims credited (by claim ID) | {drain['accepted_claims_credited']} of"
+        f" {drain['accepted_by_page']} |",
         f"| issuance verify clean | {drain['verify_clean']} |",
         "",
         "| order publisher, one process | confirmed messages/s |",
@@ -325,7 +428,14 @@ def main() -> int:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--budget", type=int, default=150_000)
     parser.add_argument("--publisher-seconds", type=float, default=3.0)
-    parser.add_argument("--kill-redis-at", type=float, default=0.0)
+    parser.add_argument("--kill-redis-at", type=float, default=0.0, help="kill Redis S seconds into the run")
+    parser.add_argument(
+        "--kill-rabbitmq-at",
+        type=float,
+        default=0.0,
+        help="run a private RabbitMQ node and kill it S seconds in",
+    )
+    parser.add_argument("--outage-seconds", type=float, default=3.0)
     parser.add_argument("--drain-timeout", type=float, default=600.0)
     parser.add_argument("--write", action="store_true", help="write benchmarks/WEB_RESULTS.md")
     args = parser.parse_args()

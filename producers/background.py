@@ -5,7 +5,8 @@ confirms, so an event loop must not call it directly. :class:`PublisherThread`
 keeps one connection for the whole process; coroutines hand it messages and
 await the broker's confirm. Messages that arrive while a batch is in flight
 are published together as the next batch, so a burst of concurrent requests
-costs one confirm round trip, not one each.
+costs one confirm round trip, not one each, and its claims travel packed in
+claims-requested messages.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 from producers.publisher import Publisher
 from shared.errors import PublishError
-from shared.messages import Message
+from shared.messages import ClaimRequested, Message
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,16 @@ class PublisherThread:
 
     def _publish(self, publisher: Publisher, batch: list[tuple[Message, Waiter] | object]) -> None:
         items = [item for item in batch if isinstance(item, tuple)]
+        claims = [message for message, _ in items if isinstance(message, ClaimRequested)]
+        others = [message for message, _ in items if not isinstance(message, ClaimRequested)]
         error: Exception | None = None
         try:
-            publisher.publish_many([message for message, _ in items])
+            # Claims that arrived together travel packed (claims-requested):
+            # the workers decide a pack in one transaction.
+            if claims:
+                publisher.publish_claims(claims)
+            if others:
+                publisher.publish_many(others)
         except Exception as exc:  # every failure must reach the waiting requests
             error = exc if isinstance(exc, PublishError) else PublishError(f"publish failed: {exc!r}")
             log.warning("a batch of %d messages was not confirmed: %s", len(items), exc)

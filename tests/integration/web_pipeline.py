@@ -20,7 +20,7 @@ import uvicorn
 
 from producers.web import create_app
 from shared import codec
-from shared.messages import Message
+from shared.messages import ClaimsRequested, Message
 from shared.settings import Settings
 from tests.e2e.conftest import Workers, consumers, wait_for
 
@@ -58,7 +58,8 @@ def post_claim(client: httpx.Client, activity: str, phone: str, **extra: Any) ->
 
 
 def take_messages(settings: Settings, queue: str) -> list[Message]:
-    """Everything waiting in ``queue``, acknowledged and decoded."""
+    """Everything waiting in ``queue``, acknowledged and decoded (packed
+    claims unpacked)."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         channel = connection.channel()
@@ -68,7 +69,9 @@ def take_messages(settings: Settings, queue: str) -> list[Message]:
             if method is None:
                 return messages
             envelope = orjson.loads(body)
-            messages.append(codec.decode_payload(envelope["actor_name"], envelope["args"][0]))
+            message = codec.decode_payload(envelope["actor_name"], envelope["args"][0])
+            # The page packs claims that arrive together: count each claim.
+            messages.extend(message.claims if isinstance(message, ClaimsRequested) else [message])
             channel.basic_ack(method.delivery_tag)
     finally:
         connection.close()
