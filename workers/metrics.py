@@ -99,7 +99,9 @@ def serve_metrics() -> int:
 
     port = load_settings().metrics_port
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        log.error("PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows no worker process")
+        # Each worker process keeps its values in memory: nothing to add up.
+        log.warning("PROMETHEUS_MULTIPROC_DIR is not set: worker metrics are not served")
+        return 0
     try:
         server = ThreadingHTTPServer(("0.0.0.0", port), _MetricsHandler)  # noqa: S104  # nosec B104 - scraped from outside
     except OSError as exc:
