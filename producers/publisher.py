@@ -92,12 +92,16 @@ class RabbitPublisher(Publisher):
         confirm_timeout: float = 30.0,
         connect_attempts: int = 5,
         declare: bool = True,
+        exchange: str = "",
     ) -> None:
         self.url = url
         self.window = window
         self.confirm_timeout = confirm_timeout
         self.connect_attempts = connect_attempts
-        self.declare = declare
+        # Through a producers' exchange the queues are provisioned by the
+        # deploy definitions: the producer user may not declare (configure).
+        self.declare = declare and not exchange
+        self.exchange = exchange
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._next_tag = 1
@@ -108,6 +112,7 @@ class RabbitPublisher(Publisher):
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> RabbitPublisher:
+        options.setdefault("exchange", settings.producer_exchange)
         return cls(settings.amqp_url, **options)
 
     # -- connection ---------------------------------------------------------
@@ -227,7 +232,7 @@ class RabbitPublisher(Publisher):
             self._routes[tag] = message_id
             by_tag[tag] = item
             self._channel.basic_publish(
-                exchange="",
+                exchange=self.exchange,
                 routing_key=queue,
                 body=body,
                 properties=pika.BasicProperties(

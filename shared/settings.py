@@ -51,6 +51,10 @@ class Settings:
     web_rate_window_seconds: int = 60
     web_trusted_origins: str = ""
     web_cache_seconds: int = 2
+    # Producers publish through this exchange when set (deploy/rabbitmq:
+    # "issuance.producers", the only thing the producer user may write to);
+    # empty: the default exchange, with the queues declared by the publisher.
+    producer_exchange: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:
