@@ -81,7 +81,7 @@ SCALES = {
     ),
     "full": Scale(
         messages=100_000,
-        rate=180,
+        rate=55,
         faults={
             "worker_kill": 50,
             "worker_stop": 6,
