@@ -39,7 +39,7 @@ import httpx
 import pika
 import psycopg
 
-from benchmarks.harness import ROOT, WorkerProcesses, private_services
+from benchmarks.harness import ROOT, ResourceMeter, WorkerProcesses, _stat, private_services
 from benchmarks.pipeline import make_activity
 from producers.publisher import Publisher, RabbitPublisher
 from shared.messages import OrderPlaced
@@ -271,6 +271,11 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         connection.close()
 
 
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
 def claim_counts(settings: Settings, slug: str) -> dict[str, int]:
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
@@ -332,7 +337,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     killers.append(outage(redis_server, args.kill_redis_at, args.outage_seconds))
                 if rabbit is not None:
                     killers.append(outage(rabbit, args.kill_rabbitmq_at, args.outage_seconds))
+                page_pids = [page.pid, *children(page.pid)]
+                meter = ResourceMeter(None)
+                meter.start()
+                page_cpu = sum(_stat(pid)[0] for pid in page_pids)
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
+                page_cpu = sum(_stat(pid)[0] for pid in page_pids) - page_cpu
+                usage = meter.stop()
+                usage["page_cpu_cores"] = round(page_cpu / load["duration_s"], 2)
+                usage["page_cpu_ms_per_request"] = round(page_cpu * 1000 / max(load["requests"], 1), 3)
+                usage["load_average"] = os.getloadavg()[0]
+                load["cpu"] = usage
                 for killer in killers:
                     killer.join()
             finally:
@@ -401,6 +416,11 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| p90 latency | {load['p90_ms']} ms |",
         f"| p99 latency | {load['p99_ms']} ms |",
         f"| max latency | {load['max_ms']} ms |",
+        f"| CPU during the load (cores) | page {load['cpu']['page_cpu_cores']},"
+        f" RabbitMQ {load['cpu']['rabbitmq_cpu_cores']}, Redis {load['cpu']['redis_cpu_cores']},"
+        f" PostgreSQL {load['cpu']['postgresql_cpu_cores']};"
+        f" load average {load['cpu']['load_average']:.1f} |",
+        f"| page CPU per request | {load['cpu']['page_cpu_ms_per_request']} ms |",
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
         f"| accepted by the page (with warm-up) | {drain['accepted_by_page']} |",
