@@ -55,8 +55,19 @@ def private_services(tag: str) -> Iterator[tuple[Settings, dict[str, str]]]:
 class WorkerProcesses:
     """``dramatiq workers.actors`` as a process tree we can measure and stop."""
 
-    def __init__(self, env: dict[str, str], processes: int, threads: int, log: Path) -> None:
-        argv = [sys.executable, "-m", "dramatiq", "workers.actors", "-p", str(processes), "-t", str(threads)]
+    def __init__(
+        self,
+        env: dict[str, str],
+        processes: int,
+        threads: int,
+        log: Path,
+        modules: tuple[str, ...] = (),
+        queues: tuple[str, ...] = (),
+    ) -> None:
+        argv = [sys.executable, "-m", "dramatiq", "workers.actors", *modules]
+        argv += ["-p", str(processes), "-t", str(threads)]
+        if queues:
+            argv += ["--queues", *queues]
         self.proc = subprocess.Popen(
             argv,
             env={**os.environ, **env},

@@ -28,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pika
 import psycopg
 from rich.console import Console
@@ -36,8 +37,10 @@ from rich.table import Table
 from sqlalchemy.orm import Session
 
 from benchmarks.harness import ResourceMeter, WorkerProcesses, percentiles, private_services
+from benchmarks.reference_actor import QUEUE
 from producers.publisher import RabbitPublisher
 from shared import backoffice, database
+from shared.codec import envelope, queue_arguments
 from shared.messages import ClaimRequested, utcnow
 from shared.settings import Settings
 from workers.handlers import handle_claims
@@ -110,7 +113,7 @@ def decided(conn: psycopg.Connection[Any], slug: str) -> int:
 
 
 def wait_decided(
-    conn: psycopg.Connection[Any], slug: str, expected: int, timeout: float, label: str
+    conn: psycopg.Connection[Any], slug: str, expected: int, timeout: float, label: str, alive: Any = None
 ) -> float:
     """Seconds until ``expected`` claims of the activity are decided and credited."""
     start = time.monotonic()
@@ -121,7 +124,7 @@ def wait_decided(
             progress.update(task, completed=done)
             if done >= expected:
                 return time.monotonic() - start
-            if time.monotonic() - start > timeout:
+            if time.monotonic() - start > timeout or (alive is not None and not alive()):
                 raise TimeoutError(f"{label}: {done} of {expected} decided after {timeout}s")
             time.sleep(0.1)
 
@@ -190,6 +193,62 @@ def broker_ceiling(settings: Settings, seconds: float, body_size: int = 400) -> 
     return consumed[0] / max(elapsed, 1e-9)
 
 
+def publisher_rates(settings: Settings, slug: str, count: int) -> dict[str, float]:
+    """Confirmed claim-requested messages/s from one process: the library's
+    windowed confirms, next to waiting for each confirm in turn."""
+    workload = Workload(slug, seed=7)
+    messages = workload.take(count)
+    with RabbitPublisher.from_settings(settings) as publisher:
+        started = time.monotonic()
+        publisher.publish_many(messages)
+        windowed = count / (time.monotonic() - started)
+    with RabbitPublisher.from_settings(settings, window=1) as publisher:
+        one = messages[: max(count // 10, 1)]
+        started = time.monotonic()
+        publisher.publish_many(one)
+        single = len(one) / (time.monotonic() - started)
+    purge(settings, "claims")
+    return {"windowed_confirms": round(windowed, 1), "one_confirm_at_a_time": round(single, 1)}
+
+
+def purge(settings: Settings, queue: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection.channel().queue_purge(queue)
+    connection.close()
+
+
+def growth(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Allocation rate (the batched claim SQL) as the pool grows and fills."""
+    points = []
+    for size in args.growth_pools:
+        slug = make_activity(settings, f"bench-pool-{size}", 2_000_000, size)
+        rate = db_ceiling(settings, slug, args.ceiling_seconds, 2, args.batch)
+        points.append({"pool": size, "state": "fresh", "claims_per_s": round(rate, 1)})
+        console.print(points[-1])
+    size = args.growth_pools[-1]
+    slug = f"bench-pool-{size}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        # Take 90% of the pool out of circulation the way binding does: the
+        # rows leave the partial index of available codes and leave dead
+        # tuples behind until vacuum.
+        conn.execute(
+            """UPDATE codes SET status = 'cancelled' WHERE code IN (
+                 SELECT code FROM codes c JOIN coupon_templates t USING (template_id)
+                   JOIN activities a USING (activity_id)
+                  WHERE a.slug = %s AND c.status = 'available'
+                  LIMIT %s)""",
+            (slug, int(size * 0.9)),
+        )
+        rate = db_ceiling(settings, slug, args.ceiling_seconds, 2, args.batch)
+        points.append({"pool": size, "state": "90% used, before vacuum", "claims_per_s": round(rate, 1)})
+        console.print(points[-1])
+        conn.execute("VACUUM ANALYZE codes")
+        rate = db_ceiling(settings, slug, args.ceiling_seconds, 2, args.batch)
+        points.append({"pool": size, "state": "90% used, after vacuum", "claims_per_s": round(rate, 1)})
+        console.print(points[-1])
+    return points
+
+
 # -- pipeline phases -----------------------------------------------------------
 
 
@@ -199,19 +258,35 @@ def backlog_drain(
     """Publish ``count`` claims with no worker running, then time the drain."""
     workload = Workload(slug, seed=count)
     with RabbitPublisher.from_settings(settings) as publisher:
+        if not batched:
+            publisher._connect()
+            publisher._channel.queue_declare(QUEUE, durable=True, arguments=queue_arguments(QUEUE))
         for start in range(0, count, 10_000):
             claims = workload.take(min(10_000, count - start))
             if batched:
                 publisher.publish_claims(claims, batch=args.batch)
             else:
-                publisher.publish_many(claims)
+                raw = []
+                for claim in claims:
+                    body = envelope(claim)
+                    body.update(queue_name=QUEUE, actor_name="reference_claim")
+                    raw.append((QUEUE, orjson.dumps(body), body["message_id"]))
+                publisher._publish_batch(raw)
     unique = len(workload.sent)
-    workers = WorkerProcesses(env, args.processes, args.threads, args.out / "workers.log")
+    modules, queues = ((), ()) if batched else (("benchmarks.reference_actor",), (QUEUE, "credits"))
+    workers = WorkerProcesses(env, args.processes, args.threads, args.out / "workers.log", modules, queues)
     meter = ResourceMeter(workers)
     try:
         meter.start()
         with psycopg.connect(settings.database_url) as conn:
-            seconds = wait_decided(conn, slug, unique, args.timeout, f"draining {count} claims")
+            seconds = wait_decided(
+                conn,
+                slug,
+                unique,
+                args.timeout,
+                f"draining {count} claims",
+                lambda: workers.proc.poll() is None,
+            )
             usage = meter.stop()
             credited = conn.execute(
                 "SELECT count(*) FROM claims WHERE activity_slug = %s AND status = 'credited'", (slug,)
@@ -271,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: str(v) for k, v in vars(args).items()},
         "started": utcnow().isoformat(),
     }
-    with private_services("issuance_bench") as (settings, env):
+    with private_services(f"issuance_bench_{uuid.uuid4().hex[:8]}") as (settings, env):
         console.print("[bold]setting up[/] activities and code pools")
         planned = args.backlog + args.reference + int(args.sustained * 20_000) + 200_000
         ceiling = make_activity(settings, "bench-ceiling", args.ceiling_pool, args.ceiling_pool)
@@ -285,6 +360,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "broker_confirmed_acked": round(broker_ceiling(settings, args.ceiling_seconds), 1),
         }
         console.print(results["ceilings"])
+
+        console.print("[bold]publisher[/]: confirmed messages/s from one process")
+        results["publisher"] = publisher_rates(settings, reference, args.publisher_messages)
+        console.print(results["publisher"])
 
         console.print("[bold]reference[/]: one claim per message")
         results["reference"] = backlog_drain(settings, env, reference, args.reference, args, batched=False)
@@ -315,6 +394,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     console.print(point)
         finally:
             workers.stop()
+        if args.growth_pools:
+            console.print("[bold]cost growth[/]: allocation rate against pool size and use")
+            results["growth"] = growth(settings, args)
         with psycopg.connect(settings.database_url) as conn:
             from shared.verify import verify
 
@@ -337,6 +419,7 @@ def summarise(results: dict[str, Any]) -> Table:
         ("ceiling: claim SQL, batched", c["db_batched"]),
         ("ceiling: RabbitMQ confirmed+acked msgs", c["broker_confirmed_acked"]),
         ("reference: 1 claim per message (Dramatiq)", reference),
+        ("publisher: confirmed claim messages/s, one process", results["publisher"]["windowed_confirms"]),
         ("pipeline: backlog drain", pipeline),
         ("pipeline: sustained open loop", sustained),
     ]
@@ -387,11 +470,19 @@ def main() -> int:
     parser.add_argument("--ceiling-seconds", type=float, default=10.0)
     parser.add_argument("--ceiling-pool", type=int, default=400_000)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--publisher-messages", type=int, default=50_000)
+    parser.add_argument(
+        "--growth-pools",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="pool sizes for the cost-growth phase, e.g. 1000000,10000000 (the last is filled to 90%%)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     if args.quick:
         args.pool, args.backlog, args.reference, args.sustained = 20_000, 2_000, 300, 3.0
         args.rates, args.rate_seconds, args.ceiling_seconds, args.ceiling_pool = [0.5], 2.0, 1.0, 20_000
+        args.publisher_messages = 2_000
     results = run(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"pipeline-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
