@@ -37,8 +37,12 @@ class PublisherThread:
         *,
         max_batch: int = 500,
         idle_seconds: float = 5.0,
+        on_confirmed: Callable[[list[Message]], None] | None = None,
     ) -> None:
+        """``on_confirmed`` runs in the publishing thread after each confirmed
+        batch, before the waiting requests are answered."""
         self._factory = factory
+        self._on_confirmed = on_confirmed
         self._max_batch = max_batch
         self._idle_seconds = idle_seconds
         self._queue: queue.SimpleQueue[tuple[Message, Waiter] | object] = queue.SimpleQueue()
@@ -111,17 +115,26 @@ class PublisherThread:
         except Exception as exc:  # every failure must reach the waiting requests
             error = exc if isinstance(exc, PublishError) else PublishError(f"publish failed: {exc!r}")
             log.warning("a batch of %d messages was not confirmed: %s", len(items), exc)
+        if error is None and self._on_confirmed is not None:
+            try:
+                self._on_confirmed([message for message, _ in items])
+            except Exception as exc:  # a hook must not turn a confirmed batch into a failure
+                log.warning("after-confirm hook failed: %s", exc)
+        # One wake-up per event loop for the whole batch, not one per request.
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for _, waiter in items:
             if waiter is not None:
-                loop, future = waiter
-                with contextlib.suppress(RuntimeError):  # that loop has closed
-                    loop.call_soon_threadsafe(_settle, future, error)
+                by_loop.setdefault(waiter[0], []).append(waiter[1])
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(_settle, futures, error)
 
 
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
-    if future.done():  # the request was cancelled (client went away)
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for future in futures:
+        if future.done():  # the request was cancelled (client went away)
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

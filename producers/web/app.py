@@ -34,7 +34,7 @@ from producers.web.queries import ActivityPage, Queries
 from producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origins, same_site
 from shared.domain import InvalidPhone, Refusal, mask_phone, normalize_phone, phone_digest, window_refusal
 from shared.errors import PublishError
-from shared.messages import SLUG, ClaimRequested, ShareOpened, utcnow
+from shared.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class ActivityPageApp:
             per_phone=settings.web_rate_per_phone,
             window_seconds=settings.web_rate_window_seconds,
         )
-        self.publisher = PublisherThread(self._publisher_factory)
+        self.publisher = PublisherThread(self._publisher_factory, on_confirmed=self._remember_confirmed)
         self.publisher.start()
         try:
             yield
@@ -154,6 +154,16 @@ class ActivityPageApp:
             self.publisher.stop()
             await self.gate.close()
             await pool.close()
+
+    def _remember_confirmed(self, messages: list[Message]) -> None:
+        key = self.settings.phone_key
+        self.gate.remember_accepted(
+            [
+                (m.claim_id, m.activity, phone_digest(m.phone, key))
+                for m in messages
+                if isinstance(m, ClaimRequested)
+            ]
+        )
 
     # -- the page -----------------------------------------------------------
 
@@ -244,7 +254,6 @@ class ActivityPageApp:
             if verdict is Verdict.OK:
                 await self.gate.give_back(activity.slug)
             return JSON({"status": "busy", "message": BUSY}, 503, headers={"retry-after": "2"})
-        await self.gate.remember_accepted(claim_id, activity.slug, digest)
         log.debug("claim %s accepted for %s in %s", claim_id, mask_phone(e164), activity.slug)
         return self._accepted(claim_id)
 

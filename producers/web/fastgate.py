@@ -15,12 +15,14 @@ a second, so an outage costs one timeout per second, not one per request.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import logging
 import time
 import uuid
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -87,9 +89,24 @@ class FastGate:
     """Asynchronous checks against the gate, failing open."""
 
     def __init__(
-        self, url: str, *, per_ip: int, per_phone: int, window_seconds: int, timeout: float = 0.25
+        self,
+        url: str,
+        *,
+        per_ip: int,
+        per_phone: int,
+        window_seconds: int,
+        timeout: float = 0.5,
+        max_connections: int = 64,
     ) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # At most ``max_connections`` calls at once: a burst of requests waits
+        # its turn here instead of opening hundreds of connections, whose
+        # connect timeouts would trip the fail-open backoff and switch the
+        # gate off in the very burst it is for.
+        self._slots = asyncio.Semaphore(max_connections)
+        self.client = aioredis.Redis.from_url(
+            url, max_connections=max_connections, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.sync_client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.per_ip = per_ip
         self.per_phone = per_phone
         self.window_seconds = window_seconds
@@ -125,7 +142,7 @@ class FastGate:
             budget_key(activity),
             accepted_key(claim_id),
         ]
-        args = [
+        args: list[str | int] = [
             member,
             self.per_ip,
             self.per_phone,
@@ -135,7 +152,8 @@ class FastGate:
             fingerprint(activity, digest),
         ]
         try:
-            answer = await self._script(keys=keys, args=args)
+            async with self._slots:
+                answer = await self._script(keys=keys, args=args)
         except RedisError as exc:
             self._failed("claim check", exc)
             return Verdict.UNCHECKED
@@ -146,31 +164,37 @@ class FastGate:
         if not self._available():
             return
         try:
-            await self.client.incr(budget_key(activity))
+            async with self._slots:
+                await self.client.incr(budget_key(activity))
         except RedisError as exc:
             self._failed("budget release", exc)
 
-    async def remember_accepted(self, claim_id: uuid.UUID, activity: str, digest: bytes) -> None:
-        """Remember a published claim: its status reads "accepted" until the
-        worker records it, and a re-sent claim ID is not published twice."""
-        if not self._available():
+    def remember_accepted(self, claims: list[tuple[uuid.UUID, str, bytes]]) -> None:
+        """Remember published claims (claim ID, activity, phone digest): their
+        status reads "accepted" until a worker records them, and a re-sent
+        claim ID is not published twice. Called by the publishing thread for
+        each confirmed batch (one round trip per batch, not per request)."""
+        if not claims or not self._available():
             return
         try:
-            await self.client.set(
-                accepted_key(claim_id), fingerprint(activity, digest), ex=ACCEPTED_TTL_SECONDS
-            )
+            pipe = self.sync_client.pipeline(transaction=False)
+            for claim_id, activity, digest in claims:
+                pipe.set(accepted_key(claim_id), fingerprint(activity, digest), ex=ACCEPTED_TTL_SECONDS)
+            pipe.execute()
         except RedisError as exc:
-            self._failed("accepted marker", exc)
+            self._failed("accepted markers", exc)
 
     async def was_accepted(self, claim_id: uuid.UUID) -> bool | None:
         """True or False; None when Redis cannot tell."""
         if not self._available():
             return None
         try:
-            return bool(await self.client.exists(accepted_key(claim_id)))
+            async with self._slots:
+                return bool(await self.client.exists(accepted_key(claim_id)))
         except RedisError as exc:
             self._failed("claim lookup", exc)
             return None
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
+        self.sync_client.close()
