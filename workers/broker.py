@@ -5,6 +5,9 @@ same middleware."""
 from __future__ import annotations
 
 import dramatiq
+import psycopg
+import psycopg_pool
+import redis
 from dramatiq.broker import Broker
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
@@ -19,6 +22,7 @@ from dramatiq.middleware import (
 )
 
 from shared.codec import OrjsonEncoder
+from shared.errors import TransientError
 from shared.settings import Settings
 from workers.metrics import WorkerMetrics
 from workers.redaction import RedactLogs
@@ -41,15 +45,29 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         Pipelines(),
         CurrentMessage(),
         WorkerMetrics(),
-        # Bounded so that a message retried through a long outage is still
-        # handled well inside the credit promise (Dramatiq's default backoff
-        # grows to 7 days).
+        # The backoff is capped so that a message retried through a long
+        # outage is handled soon after it ends, well inside the credit promise
+        # (Dramatiq's default backoff grows to 7 days).
         Retries(
-            max_retries=settings.max_retries,
             min_backoff=settings.min_backoff_ms,
             max_backoff=settings.max_backoff_ms,
+            retry_when=RetryPolicy(settings.max_retries),
         ),
     ]
+
+
+# An unavailable dependency is waited out, however long it takes; any other
+# failure is a bug or bad data, retried a bounded number of times and then
+# dead-lettered (see workers.dead_letters).
+OUTAGES = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
+
+
+class RetryPolicy:
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, retries: int, exception: BaseException) -> bool:
+        return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
 
 
 def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:

@@ -145,3 +145,12 @@ def test_a_broker_side_redelivery_after_a_lost_ack_is_absorbed(settings, start_w
     wait_for(_all_decided(settings, 2, credited=2), what="the sentinel claim credited")
     report = verify_clean(settings)
     assert report["counts"]["credits"] == 2 and report["counts"]["claims"] == 2
+
+
+def test_with_redis_down_the_workers_go_on(settings, start_workers):
+    act = make_activity(settings, budget=50, codes=50)
+    start_workers(queues=["claims", "credits"], ISSUANCE_REDIS_URL="redis://127.0.0.1:1/0")
+    with RabbitPublisher.from_settings(settings) as publisher:
+        publisher.publish_claims([claim(act["slug"]) for _ in range(30)], batch=10)
+    wait_for(_all_decided(settings, 30, credited=30), timeout=60, what="claims credited without Redis")
+    verify_clean(settings)
