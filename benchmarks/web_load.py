@@ -13,7 +13,8 @@ confirmed throughput.
 3. The workers then drain the queue; every accepted claim must be credited,
    and ``issuance verify`` must be clean.
 
-Results go to stdout as JSON and, with ``--write``, to benchmarks/WEB_RESULTS.md.
+Results go to stdout as JSON and, with ``--write``, are appended to
+benchmarks/WEB_RESULTS.md.
 """
 
 from __future__ import annotations
@@ -396,10 +397,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def write_markdown(results: dict[str, Any], command: str) -> None:
     load, pub, drain = results["load"], results["publisher"], results["drain"]
     lines = [
-        "# Activity page and publisher: measured figures",
+        f"## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {results['machine']['cpus']} CPUs shared by the"
-        " load generator, uvicorn, RabbitMQ, PostgreSQL and Redis (and whatever else runs on the box).",
+        f"{results['machine']['cpus']} CPUs shared by the load generator, uvicorn, RabbitMQ, PostgreSQL"
+        " and Redis (and whatever else runs on the box: see the load average).",
         "",
         "```",
         command,
@@ -436,7 +437,9 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| one confirm at a time | {pub['one_confirm_at_a_time_msgs_per_s']} |",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    header = "# Activity page and publisher: measured figures\n\nEach run appends a section.\n\n"
+    previous = RESULTS.read_text() if RESULTS.exists() else header
+    RESULTS.write_text(previous + "\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -457,7 +460,9 @@ def main() -> int:
     )
     parser.add_argument("--outage-seconds", type=float, default=3.0)
     parser.add_argument("--drain-timeout", type=float, default=600.0)
-    parser.add_argument("--write", action="store_true", help="write benchmarks/WEB_RESULTS.md")
+    parser.add_argument(
+        "--write", action="store_true", help="append the figures to benchmarks/WEB_RESULTS.md"
+    )
     args = parser.parse_args()
     results = run(args)
     print(json.dumps(results, indent=2))
