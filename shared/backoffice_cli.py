@@ -203,7 +203,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from shared import reports
 
     with _connect(settings) as conn:
-        report = reports.activity_report(conn, args.activity)
+        if args.channel:
+            report = reports.channel_report(conn, args.channel)
+        else:
+            report = reports.activity_report(conn, args.activity)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
@@ -266,6 +269,8 @@ def register(sub: Any) -> None:
     cancel.set_defaults(func=cmd_coupons_cancel)
 
     report = sub.add_parser("report", help="a campaign's report: packages, usage, cost, funnel, rebates")
-    report.add_argument("--activity", required=True, help="the activity's slug")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--activity", help="the activity's slug")
+    which.add_argument("--channel", help="a channel's name: every activity on it")
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_report)

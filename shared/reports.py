@@ -243,3 +243,58 @@ def render_table(report: ActivityReport) -> str:
             f"  {t.expired:>7}  {t.cancelled:>9}"
         )
     return "\n".join(out)
+
+
+CHANNEL_ACTIVITIES = """
+SELECT a.slug FROM activities a JOIN channels ch USING (channel_id)
+ WHERE ch.name = %s ORDER BY a.created_at, a.activity_id
+"""
+_SUMMED = (
+    "packages_offered",
+    "packages_claimed",
+    "packages_remaining",
+    "coupons_claimed",
+    "coupons_used",
+    "total_discount_cents",
+    "orders_with_coupon",
+    "sales_with_coupon_cents",
+    "new_members",
+    "shares",
+    "shares_opened",
+    "claims_requested",
+    "claims_refused",
+    "claims_credited",
+    "credits_held",
+    "referrals",
+    "rebates_earned",
+    "rebate_amount_cents",
+    "rebate_coupons",
+    "claims_last_24h",
+)
+
+
+def channel_report(conn: Conn, channel: str) -> ActivityReport:
+    """The same figures over every activity of a channel."""
+    reports = [
+        activity_report(conn, slug) for (slug,) in conn.execute(CHANNEL_ACTIVITIES, (channel,)).fetchall()
+    ]
+    if not reports:
+        raise UnknownActivity(f"no activity on channel {channel!r}")
+    totals = {name: sum(getattr(r, name) for r in reports) for name in _SUMMED}
+    stock = min([totals["packages_remaining"], *(t.available for r in reports for t in r.templates)])
+    return ActivityReport(
+        slug=f"channel:{channel}",
+        title=f"{len(reports)} activities",
+        channel=channel,
+        collect_rate=_ratio(totals["packages_claimed"], totals["packages_offered"]),
+        usage_rate=_ratio(totals["coupons_used"], totals["coupons_claimed"]),
+        cost_effectiveness=_ratio(totals["sales_with_coupon_cents"], totals["total_discount_cents"]),
+        average_order_with_coupon_cents=_ratio(
+            totals["sales_with_coupon_cents"], totals["orders_with_coupon"]
+        ),
+        days_until_exhausted=None
+        if not totals["claims_last_24h"]
+        else round(stock / totals["claims_last_24h"], 2),
+        templates=tuple(t for r in reports for t in r.templates),
+        **totals,
+    )

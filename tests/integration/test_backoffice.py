@@ -325,3 +325,23 @@ def test_the_report_counts_what_the_campaign_offered_cost_and_brought(settings, 
     table = issuance(service_env, "report", "--activity", act["slug"]).stdout
     assert "collect rate" in table and "20.0%" in table
     verify_clean(settings)
+
+
+def test_a_channel_report_sums_its_activities(settings, pool, service_env):
+    first = activity_with(settings, budget=4, codes=5)
+    second = activity_with(settings, budget=6, codes=5)
+    for slug, n in ((first["slug"], 1), (second["slug"], 3)):
+        for _ in range(n):
+            member, (code,), _ = member_with_package(pool, settings, slug)
+    place(pool, member, amount=8_000, codes=(code,))
+    report = json.loads(issuance(service_env, "report", "--channel", "test", "--json").stdout)
+    assert (report["packages_offered"], report["packages_claimed"], report["packages_remaining"]) == (
+        10,
+        4,
+        6,
+    )
+    assert report["collect_rate"] == 0.4 and report["coupons_used"] == 1 and report["usage_rate"] == 0.25
+    assert report["total_discount_cents"] == 500 and report["cost_effectiveness"] == 16.0
+    assert len(report["templates"]) == 2
+    missing = issuance(service_env, "report", "--channel", "nowhere", check=False)
+    assert missing.returncode == 2 and "no activity on channel" in missing.stderr
