@@ -417,3 +417,15 @@ def release_held(
     deadline = registered_at + timedelta(seconds=promise_seconds)
     conn.execute(RELEASE_HELD, {"now": now, "member": member_id, "deadline": deadline})
     return [r[0] for r in conn.execute(RELEASED_UNCREDITED, (member_id,)).fetchall()]
+
+
+PROMISE_STARTS = """
+SELECT h.claim_id, m.registered_at
+  FROM held_credits h JOIN members m USING (member_id)
+ WHERE h.claim_id = ANY(%s) AND h.released_at IS NOT NULL AND m.registered_at IS NOT NULL
+"""
+
+
+def promise_starts(conn: Conn, claim_ids: list[uuid.UUID]) -> dict[uuid.UUID, datetime]:
+    """For claims released from a hold: their promise runs from registration."""
+    return {r[0]: r[1] for r in conn.execute(PROMISE_STARTS, (claim_ids,)).fetchall()}

@@ -77,19 +77,20 @@ _single_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit
 def credit_claim(message: CreditRequested) -> str:
     """Write bound claims' coupons to the members' wallets, exactly once."""
     # Activities that hold credits until registration keep pending members' back.
-    ready = lifecycle.hold_unregistered(resources().pool, message.claim_ids)
-    if not ready:
+    plan = lifecycle.prepare_credit(resources().pool, message.claim_ids)
+    if not plan.ready:
         return "held"
-    if len(ready) < len(message.claim_ids):
-        message = CreditRequested(claim_ids=tuple(ready))
+    if len(plan.ready) < len(message.claim_ids):
+        message = CreditRequested(claim_ids=tuple(plan.ready))
     credited = handlers.handle_credit(resources().pool, message)
     if not credited:
         DUPLICATES.labels("credits").inc()
         return "duplicate"
     now = utcnow()
     promise = resources().settings.credit_promise_seconds
-    for _, requested_at in credited:
-        latency = max((now - requested_at).total_seconds(), 0)
+    for claim_id, requested_at in credited:
+        # A credit held until registration is promised from registration.
+        latency = max((now - plan.promise_from.get(claim_id, requested_at)).total_seconds(), 0)
         CLAIM_TO_CREDIT.observe(latency)
         if latency > promise:
             PROMISE_BREACHES.inc()

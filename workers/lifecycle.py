@@ -222,12 +222,27 @@ def credit_rebates(conn: Conn, referrer: int, activity_id: int, now: datetime) -
     return tuple(written)
 
 
-def hold_unregistered(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CreditPlan:
+    """What the credit step may do now: the claims to credit, and for those
+    released from a hold, when their promise started (registration)."""
+
+    ready: list[uuid.UUID]
+    promise_from: dict[uuid.UUID, datetime]
+
+
+def prepare_credit(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> CreditPlan:
     """Hold the credits of claims whose activity waits for registration while
-    their member is pending; return the claims that may be credited now."""
+    their member is pending; the others may be credited now."""
     with pool.connection() as conn, conn.transaction():
         held = cs.hold_credits(conn, list(claim_ids))
-    return [c for c in claim_ids if c not in held]
+        released = cs.promise_starts(conn, list(claim_ids))
+    return CreditPlan(ready=[c for c in claim_ids if c not in held], promise_from=released)
+
+
+def hold_unregistered(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """The claims that may be credited now (see prepare_credit)."""
+    return prepare_credit(pool, claim_ids).ready
 
 
 def handle_member_registered(

@@ -14,7 +14,7 @@ from shared.messages import CreditRequested, MemberRegistered, utcnow
 from tests.conftest import claim, verify_clean
 from tests.integration.lifecycle_support import activity_with, one, phone, refusals
 from workers.handlers import handle_claim, handle_credit
-from workers.lifecycle import handle_member_registered, hold_unregistered
+from workers.lifecycle import handle_member_registered, hold_unregistered, prepare_credit
 
 
 def test_by_default_a_pending_member_is_credited_at_once(settings, pool):
@@ -49,7 +49,9 @@ def test_held_credits_wait_for_registration_and_the_promise_moves(settings, pool
     assert deadline == registered_at + timedelta(seconds=settings.credit_promise_seconds)
     # Delivered again before the credit went through: the claim is sent on again.
     assert handle_member_registered(pool, settings, message) == [held.claim_id]
-    assert hold_unregistered(pool, [held.claim_id]) == [held.claim_id]
+    plan = prepare_credit(pool, [held.claim_id, plain.claim_id])
+    assert plan.ready == [held.claim_id, plain.claim_id]
+    assert plan.promise_from == {held.claim_id: registered_at}, "latency is measured from registration"
     assert len(handle_credit(pool, CreditRequested(claim_ids=(held.claim_id,)))) == 1
     assert handle_member_registered(pool, settings, message) == []
     assert one(
