@@ -345,3 +345,18 @@ def test_a_channel_report_sums_its_activities(settings, pool, service_env):
     assert len(report["templates"]) == 2
     missing = issuance(service_env, "report", "--channel", "nowhere", check=False)
     assert missing.returncode == 2 and "no activity on channel" in missing.stderr
+
+
+def test_the_coupon_commands_sweep_and_cancel(settings, pool, service_env):
+    act = activity_with(settings, budget=5, codes=5)
+    _, (old,), _ = member_with_package(pool, settings, act["slug"])
+    _, (fresh,), _ = member_with_package(pool, settings, act["slug"])
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("UPDATE codes SET expires_at = now() - interval '1 second' WHERE code = %s", (old,))
+    assert issuance(service_env, "coupons", "expire").stdout.strip() == "expired 1 coupons"
+    assert issuance(service_env, "coupons", "expire").stdout.strip() == "expired 0 coupons"
+    assert "cancelled" in issuance(service_env, "coupons", "cancel", fresh).stdout
+    refused = issuance(service_env, "coupons", "cancel", old, check=False)
+    assert refused.returncode == 2 and "the coupon has expired" in refused.stderr
+    assert one(settings, "SELECT status FROM codes WHERE code = %s", fresh) == "cancelled"
+    verify_clean(settings)
