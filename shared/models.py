@@ -289,9 +289,16 @@ class Code(Base):
         Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
         Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),
         Index("codes_rebate_idx", "rebate_id", postgresql_where=text("rebate_id IS NOT NULL")),
-        # Bound, used, expired and cancelled codes per template, counted without
-        # reading the pool of available ones (shared.analytics).
-        Index("codes_taken_idx", "template_id", "status", postgresql_where=text("status <> 'available'")),
+        # Bound, used, expired and cancelled codes per template, and the orders
+        # and discounts of used ones, read without the pool of available codes
+        # or the table (shared.analytics).
+        Index(
+            "codes_taken_idx",
+            "template_id",
+            "status",
+            postgresql_include=["order_id", "discount_cents"],
+            postgresql_where=text("status <> 'available'"),
+        ),
     )
 
     code: Mapped[str] = mapped_column(String(16), primary_key=True)

@@ -1,7 +1,7 @@
 """observability: taken codes per template, recent credits
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0001 (depends on 0002)
 Create Date: 2026-11-23 14:00:00
 """
 
@@ -13,7 +13,8 @@ from alembic import op
 revision = "0003"
 down_revision = "0001"
 branch_labels = None
-depends_on = None
+# The index covers columns that the back-office migration adds to codes.
+depends_on = "0002"
 
 
 def upgrade() -> None:
@@ -22,6 +23,7 @@ def upgrade() -> None:
         "codes",
         ["template_id", "status"],
         unique=False,
+        postgresql_include=["order_id", "discount_cents"],
         postgresql_where=sa.text("status <> 'available'"),
     )
     op.create_index(
