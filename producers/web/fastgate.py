@@ -1,4 +1,5 @@
-"""The page's side of the Redis gate: one round trip per claim.
+"""The page's side of the Redis gate: one script call per claim, the calls of
+concurrent claims sent together, one pipeline per round trip.
 
 A Lua script counts the attempt against the per-IP and per-number rate
 limits, looks the number up in the sets the workers fill after they commit
@@ -21,10 +22,11 @@ import hashlib
 import logging
 import time
 import uuid
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared import gate
 
@@ -110,7 +112,9 @@ class FastGate:
         self.per_ip = per_ip
         self.per_phone = per_phone
         self.window_seconds = window_seconds
-        self._script = self.client.register_script(CHECK_CLAIM)
+        self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Verdict]]] = []
+        self._drainer: asyncio.Task[None] | None = None
         self._down_until = 0.0
 
     def _available(self) -> bool:
@@ -151,13 +155,59 @@ class FastGate:
             BUDGET_SYNC_SECONDS,
             fingerprint(activity, digest),
         ]
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, future))
+        if self._drainer is None:
+            # Started on the next loop turn: the requests that arrived with
+            # this one join its batch, and more gather while it is in flight.
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Send the queued checks as one pipeline per round trip."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                verdicts = await self._check_batch([(keys, args) for keys, args, _ in batch])
+                for (_, _, future), verdict in zip(batch, verdicts, strict=True):
+                    if not future.done():
+                        future.set_result(verdict)
+        finally:
+            self._drainer = None
+            for _, _, future in self._queued:  # only left behind if this task was cancelled
+                if not future.done():
+                    future.set_result(Verdict.UNCHECKED)
+            self._queued = []
+
+    async def _check_batch(self, batch: list[tuple[list[str], list[str | int]]]) -> list[Verdict]:
+        answers: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
         try:
             async with self._slots:
-                answer = await self._script(keys=keys, args=args)
+                for attempt in range(2):
+                    pipe = self.client.pipeline(transaction=False)
+                    for i in todo:
+                        keys, args = batch[i]
+                        pipe.evalsha(self._sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                    for i, result in zip(todo, results, strict=True):
+                        answers[i] = result
+                    todo = [i for i in todo if isinstance(answers[i], NoScriptError)]
+                    if not todo or attempt:
+                        break
+                    # Redis restarted and lost the script: load it, run those again.
+                    await self.client.script_load(CHECK_CLAIM)
         except RedisError as exc:
             self._failed("claim check", exc)
-            return Verdict.UNCHECKED
-        return Verdict(answer.decode() if isinstance(answer, bytes) else answer)
+            return [Verdict.UNCHECKED] * len(batch)
+        verdicts = []
+        for answer in answers:
+            if isinstance(answer, bytes):
+                verdicts.append(Verdict(answer.decode()))
+            else:  # an error reply for this one check: the workers decide
+                log.warning("claim check failed: %s", answer)
+                verdicts.append(Verdict.UNCHECKED)
+        return verdicts
 
     async def give_back(self, activity: str) -> None:
         """Return the package taken by a claim that could not be published."""
