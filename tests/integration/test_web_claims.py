@@ -332,3 +332,13 @@ def test_openapi_describes_the_endpoints(settings: Settings) -> None:
     jsonschema.validate({"activity": "a-1", "phone": PHONE, "share_id": None}, form)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"activity": "a-1", "phone": 1}, form)
+
+
+def test_gate_survives_a_redis_restart_that_lost_its_scripts(settings: Settings) -> None:
+    act = make_activity(settings)
+    r = redis.Redis.from_url(settings.redis_url)
+    with page_client(fresh(settings, web_rate_per_ip=3)) as client:
+        codes = [post_claim(client, act["slug"], f"+86138001380{i:02d}").status_code for i in range(2)]
+        r.script_flush()
+        codes += [post_claim(client, act["slug"], f"+86138001381{i:02d}").status_code for i in range(2)]
+    assert codes == [202, 202, 202, 429]  # still counted after the script was loaded again
