@@ -279,12 +279,10 @@ class Code(Base):
         ),
         UniqueConstraint("claim_id", "template_id", name="codes_one_per_template_key"),
         UniqueConstraint("code", "claim_id", "member_id", name="codes_binding_key"),
-        Index(
-            "codes_available_idx",
-            "template_id",
-            "code",
-            postgresql_where=text("status = 'available'"),
-        ),
+        # The pool a claim draws from. Keyed by template alone: a random code
+        # as a second key made every generated code a random index insert, and
+        # binding never asks for a particular code.
+        Index("codes_available_idx", "template_id", postgresql_where=text("status = 'available'")),
         Index("codes_batch_idx", "batch_id"),
         Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
         Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),

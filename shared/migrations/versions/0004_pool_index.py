@@ -1,0 +1,33 @@
+"""pool index keyed by template alone; joins the back-office and observability branches
+
+Revision ID: 0004
+Revises: 0002, 0003
+Create Date: 2026-11-23 14:50:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = ("0002", "0003")
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.drop_index("codes_available_idx", table_name="codes", postgresql_where=sa.text("status = 'available'"))
+    op.create_index(
+        "codes_available_idx", "codes", ["template_id"], postgresql_where=sa.text("status = 'available'")
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("codes_available_idx", table_name="codes", postgresql_where=sa.text("status = 'available'"))
+    op.create_index(
+        "codes_available_idx",
+        "codes",
+        ["template_id", "code"],
+        postgresql_where=sa.text("status = 'available'"),
+    )
