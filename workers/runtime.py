@@ -89,11 +89,17 @@ def use_resources(value: Resources) -> None:
 
 
 def redact(payload: Any) -> Any:
-    """A payload as it may be stored or logged: the phone number masked."""
-    if isinstance(payload, dict) and isinstance(payload.get("phone"), str):
-        phone = payload["phone"]
-        return {**payload, "phone": phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:]}
-    return payload
+    """A payload as it may be stored or logged: every phone number masked,
+    also those of the claims inside a batch (claims-requested)."""
+    if not isinstance(payload, dict):
+        return payload
+    masked = dict(payload)
+    if isinstance(masked.get("phone"), str):
+        phone = masked["phone"]
+        masked["phone"] = phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:]
+    if isinstance(masked.get("claims"), list):
+        masked["claims"] = [redact(item) for item in masked["claims"]]
+    return masked
 
 
 def dead_letter(queue: str, actor: str, reason: str, detail: str, payload: Any) -> None:
