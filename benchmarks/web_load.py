@@ -60,6 +60,8 @@ function init(args)
   base = tonumber(args[2]) + id * 10000000
   ids = io.open(string.format("%s/accepted-%s-%d.txt", args[3], args[2], id), "w")
   ids:setvbuf("line")
+  reasons = io.open(string.format("%s/refused-%s-%d.txt", args[3], args[2], id), "w")
+  reasons:setvbuf("line")
   counter = 0
   accepted = 0
   refused = 0
@@ -75,7 +77,9 @@ function response(status, headers, body)
   if status == 202 then
     accepted = accepted + 1
     ids:write(string.match(body, '"claim_id":"([%x%-]+)"'), "\n")
-  elseif status == 200 then refused = refused + 1
+  elseif status == 200 then
+    refused = refused + 1
+    reasons:write(string.match(body, '"reason":"([%w_]+)"') or "?", "\n")
   elseif status == 503 then busy = busy + 1
   else other = other + 1 end
 end
@@ -359,6 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 line for path in sorted(work.glob("accepted-*.txt")) for line in path.read_text().split()
             ]
             accepted = len(accepted_ids)
+            reasons = [line for path in work.glob("refused-*.txt") for line in path.read_text().split()]
+            load["refused_by_reason"] = {reason: reasons.count(reason) for reason in sorted(set(reasons))}
             assert accepted == warmup["accepted"] + load["accepted"], "every 202 carries its claim ID"
             workers = WorkerProcesses(env, processes=2, threads=8, log=work / "workers.log")
             started = time.monotonic()
@@ -424,6 +430,7 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| page CPU per request | {load['cpu']['page_cpu_ms_per_request']} ms |",
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
+        f"| refused, by reason | {load['refused_by_reason'] or '-'} |",
         f"| accepted by the page (with warm-up) | {drain['accepted_by_page']} |",
         f"| claims after the workers drained | {drain['claims_by_status']}, in"
         f" {drain['drain_seconds']} s; messages left {drain['messages_left_in_queues']} |",

@@ -70,6 +70,15 @@ return 'ok'
 """
 
 
+# Only into a live counter: an INCR on an expired one would create a counter
+# without expiry, holding 1, and every claim after it would read "all
+# packages are gone" until someone deleted it.
+GIVE_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCR', KEYS[1]) end
+return false
+"""
+
+
 def rate_key(kind: str, value: str) -> str:
     return f"{gate.KEY_PREFIX}:rate:{kind}:{value}"
 
@@ -115,6 +124,7 @@ class FastGate:
         self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Verdict]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._give_back = self.client.register_script(GIVE_BACK)
         self._down_until = 0.0
 
     def _available(self) -> bool:
@@ -215,7 +225,7 @@ class FastGate:
             return
         try:
             async with self._slots:
-                await self.client.incr(budget_key(activity))
+                await self._give_back(keys=[budget_key(activity)])
         except RedisError as exc:
             self._failed("budget release", exc)
 

@@ -342,3 +342,25 @@ def test_gate_survives_a_redis_restart_that_lost_its_scripts(settings: Settings)
         r.script_flush()
         codes += [post_claim(client, act["slug"], f"+86138001381{i:02d}").status_code for i in range(2)]
     assert codes == [202, 202, 202, 429]  # still counted after the script was loaded again
+
+
+def test_give_back_never_creates_a_counter_without_expiry(settings: Settings) -> None:
+    """A package given back after the counter expired must not leave a
+    counter of 1 behind that would refuse every later claim as sold out."""
+    import asyncio
+
+    from producers.web.fastgate import FastGate
+
+    r = redis.Redis.from_url(settings.redis_url)
+
+    async def give_back() -> None:
+        fast = FastGate(settings.redis_url, per_ip=10, per_phone=10, window_seconds=60)
+        await fast.give_back("expired-activity")
+        r.set(budget_key("live-activity"), 4, ex=5)
+        await fast.give_back("live-activity")
+        await fast.close()
+
+    asyncio.run(give_back())
+    assert not r.exists(budget_key("expired-activity"))
+    assert int(r.get(budget_key("live-activity")) or 0) == 5
+    assert 0 < r.ttl(budget_key("live-activity")) <= 5
