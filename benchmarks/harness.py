@@ -116,7 +116,7 @@ class ResourceMeter:
 
     def __init__(self, workers: WorkerProcesses | None) -> None:
         self.workers = workers
-        self.start_cpu: dict[str, float] = {}
+        self.start_cpu: dict[str, dict[int, float]] = {}
 
     def groups(self) -> dict[str, list[int]]:
         groups = {
@@ -128,20 +128,23 @@ class ResourceMeter:
             groups["workers"] = self.workers.pids()
         return groups
 
-    def _cpu(self) -> dict[str, float]:
-        return {name: sum(_stat(pid)[0] for pid in pids) for name, pids in self.groups().items()}
+    def _cpu(self) -> dict[str, dict[int, float]]:
+        return {name: {pid: _stat(pid)[0] for pid in pids} for name, pids in self.groups().items()}
 
     def start(self) -> None:
         self.start_cpu = self._cpu()
         self.started = time.monotonic()
 
     def stop(self) -> dict[str, Any]:
+        """CPU cores used per group: processes alive at the end, counted from
+        the start (or from their birth). Processes that exited in between are
+        not counted, so the figures are lower bounds."""
         elapsed = time.monotonic() - self.started
-        now = self._cpu()
-        usage: dict[str, Any] = {
-            f"{name}_cpu_cores": round((now[name] - self.start_cpu.get(name, 0.0)) / elapsed, 2)
-            for name in now
-        }
+        usage: dict[str, Any] = {}
+        for name, now in self._cpu().items():
+            before = self.start_cpu.get(name, {})
+            used = sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
+            usage[f"{name}_cpu_cores"] = round(used / elapsed, 2)
         if self.workers is not None:
             usage["worker_peak_rss_mb"] = {
                 pid: round(_stat(pid)[1] / 2**20, 1) for pid in self.workers.pids() if _stat(pid)[1]
