@@ -28,8 +28,9 @@ class Settings:
     phone_key: str = "dev-only-phone-key-change-me"
     default_region: str = "CN"
     credit_promise_seconds: int = 86_400
-    # Retry policy for transient failures (database or Redis down). The sum of
-    # the backoffs stays far inside the credit promise.
+    # Retries (workers.broker.RetryPolicy): an outage is retried until it
+    # ends, anything else at most max_retries times; the backoff is capped so
+    # that work resumes soon after an outage, well inside the promise.
     max_retries: int = 40
     min_backoff_ms: int = 500
     max_backoff_ms: int = 60_000
