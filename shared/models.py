@@ -157,6 +157,8 @@ class PackageSlot(Base):
     """One row per package in an activity's budget."""
 
     __tablename__ = "package_slots"
+    # Free slots only: a claim never scans the slots already taken.
+    __table_args__ = (Index("package_slots_free_idx", "activity_id", postgresql_where=text("NOT taken")),)
 
     activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"), primary_key=True)
     slot_no: Mapped[int] = mapped_column(Integer, primary_key=True)

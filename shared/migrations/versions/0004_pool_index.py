@@ -1,4 +1,5 @@
-"""pool index keyed by template alone; joins the back-office and observability branches
+"""pool index keyed by template alone, an index of free package slots; joins the back-office and
+observability branches
 
 Revision ID: 0004
 Revises: 0002, 0003
@@ -17,6 +18,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_index(
+        "package_slots_free_idx", "package_slots", ["activity_id"], postgresql_where=sa.text("NOT taken")
+    )
     op.drop_index("codes_available_idx", table_name="codes", postgresql_where=sa.text("status = 'available'"))
     op.create_index(
         "codes_available_idx", "codes", ["template_id"], postgresql_where=sa.text("status = 'available'")
@@ -24,6 +28,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("package_slots_free_idx", table_name="package_slots", postgresql_where=sa.text("NOT taken"))
     op.drop_index("codes_available_idx", table_name="codes", postgresql_where=sa.text("status = 'available'"))
     op.create_index(
         "codes_available_idx",
