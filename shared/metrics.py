@@ -289,3 +289,17 @@ def sample_names(name: str, kind: str) -> set[str]:
     if kind == "histogram":
         return {name + s for s in ("_bucket", "_sum", "_count", "_created")}
     return {name}
+
+
+# The activity page (producers/web): requests by route template and status.
+WEB_REQUESTS = Counter(
+    "issuance_web_requests_total",
+    "Requests to the activity page, by route template and status.",
+    ["route", "status"],
+)
+WEB_REQUEST_SECONDS = Histogram(
+    "issuance_web_request_seconds",
+    "Time to answer a request to the activity page, by route template.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -35,6 +36,7 @@ from producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origi
 from shared.domain import InvalidPhone, Refusal, mask_phone, normalize_phone, phone_digest, window_refusal
 from shared.errors import PublishError
 from shared.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
+from shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -312,8 +314,44 @@ def create_app(
         Route("/api/claims/{claim_id}", page.claim_status, methods=["GET"]),
         Route("/openapi.json", page.openapi, methods=["GET"]),
         Route("/healthz", page.health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=page.lifespan)
     app.add_middleware(SecurityMiddleware)
+    app.add_middleware(RequestMetrics)
     return app
+
+
+async def metrics(_: Request) -> Response:
+    """Prometheus metrics of every process of this server."""
+    body, content_type = metrics_response()
+    return Response(body, media_type=content_type)
+
+
+class RequestMetrics:
+    """Requests by route template and status, and their duration (the RED
+    view of the page). Route templates keep the labels bounded."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def record(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "other")
+            WEB_REQUESTS.labels(template, str(status[0])).inc()
+            WEB_REQUEST_SECONDS.labels(template).observe(time.perf_counter() - started)

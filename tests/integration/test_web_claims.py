@@ -364,3 +364,31 @@ def test_give_back_never_creates_a_counter_without_expiry(settings: Settings) ->
     assert not r.exists(budget_key("expired-activity"))
     assert int(r.get(budget_key("live-activity")) or 0) == 5
     assert 0 < r.ttl(budget_key("live-activity")) <= 5
+
+
+def test_the_page_serves_its_request_metrics(settings: Settings) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    act = make_activity(settings)
+    with page_client(fresh(settings)) as client:
+        before = samples(client.get("/metrics").text)
+        assert post_claim(client, act["slug"], PHONE).status_code == 202
+        assert post_claim(client, act["slug"], "12345").status_code == 422
+        scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    after = samples(scraped.text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("issuance_web_requests_total", route="/api/claims", status="202") == 1
+    assert grew("issuance_web_requests_total", route="/api/claims", status="422") == 1
+    assert grew("issuance_web_request_seconds_count", route="/api/claims") == 2
