@@ -318,6 +318,8 @@ def create_app(
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=page.lifespan)
+    # A path that does not match is a 404, never a redirect to a guessed one.
+    app.router.redirect_slashes = False
     app.add_middleware(SecurityMiddleware)
     app.add_middleware(RequestMetrics)
     return app
