@@ -10,7 +10,6 @@ from collections import Counter
 from urllib.parse import quote
 
 import httpx
-import orjson
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given
@@ -21,7 +20,8 @@ from tests.conftest import make_activity
 from tests.integration.web_pipeline import purge, serve
 
 CASES = int(os.environ.get("FUZZ_HTTP_CASES", "300"))
-ALLOWED = {200, 202, 400, 403, 404, 405, 409, 413, 415, 422, 429, 503}
+# 307: Starlette redirects a path with a trailing slash to the one without.
+ALLOWED = {200, 202, 307, 400, 403, 404, 405, 409, 413, 415, 422, 429, 503}
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -41,11 +41,11 @@ def claim_bodies(slug: str) -> st.SearchStrategy[tuple[str, bytes, str]]:
         optional={"share_id": st.one_of(st.uuids().map(str), st.text(max_size=40)), "extra": JSON_VALUES},
     )
     return st.one_of(
-        fields.map(lambda b: ("claim_fields", orjson.dumps(b), "application/json")),
+        fields.map(lambda b: ("claim_fields", json.dumps(b).encode(), "application/json")),
         JSON_VALUES.map(lambda b: ("any_json", json.dumps(b).encode(), "application/json")),
         st.binary(max_size=300).map(lambda b: ("malformed_json", b, "application/json")),
         st.just(("oversized", b'{"phone": "' + b"9" * 200_000 + b'"}', "application/json")),
-        fields.map(lambda b: ("wrong_content_type", orjson.dumps(b), "text/plain")),
+        fields.map(lambda b: ("wrong_content_type", json.dumps(b).encode(), "text/plain")),
     )
 
 
