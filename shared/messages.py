@@ -175,7 +175,7 @@ class Message:
         for name in self.FIELDS:
             value = getattr(self, name)
             if isinstance(value, tuple):
-                value = [v.to_payload() if isinstance(v, Message) else v for v in value]
+                value = [v.to_payload() if isinstance(v, (Message, RejectedClaim)) else v for v in value]
             payload[name] = value
         return payload
 
@@ -292,16 +292,29 @@ class ClaimRequested(Message):
 MAX_BATCH = 1000
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RejectedClaim:
+    """An item of a claim batch that failed validation: the batch's other
+    claims go on, this one is dead-lettered with its reason."""
+
+    index: int
+    error: InvalidMessage
+    payload: Any
+
+    def to_payload(self) -> Any:
+        return self.payload
+
+
 def claim_list(description: str) -> FieldSpec:
-    def parse(value: Any) -> tuple[ClaimRequested, ...]:
+    def parse(value: Any) -> tuple[ClaimRequested | RejectedClaim, ...]:
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise ValueError(f"must be a list of 1 to {MAX_BATCH} claim-requested payloads")
-        claims = []
+        claims: list[ClaimRequested | RejectedClaim] = []
         for n, item in enumerate(value):
             try:
                 claims.append(ClaimRequested.from_payload(item))
             except InvalidMessage as exc:
-                raise ValueError(f"claim {n}: {exc}") from None
+                claims.append(RejectedClaim(n, exc, item))
         return tuple(claims)
 
     item = {k: v for k, v in ClaimRequested.json_schema().items() if k not in ("$schema", "$id", "examples")}
@@ -331,7 +344,15 @@ class ClaimsRequested(Message):
     }
 
     batch_id: uuid.UUID
-    claims: tuple[ClaimRequested, ...]
+    claims: tuple[ClaimRequested | RejectedClaim, ...]
+
+    @property
+    def valid(self) -> tuple[ClaimRequested, ...]:
+        return tuple(c for c in self.claims if isinstance(c, ClaimRequested))
+
+    @property
+    def rejected(self) -> tuple[RejectedClaim, ...]:
+        return tuple(c for c in self.claims if isinstance(c, RejectedClaim))
 
     def business_key(self) -> str:
         return str(self.batch_id)

@@ -40,9 +40,19 @@ def claim_requested(message: ClaimRequested) -> str:
 
 @pipeline_actor(ClaimsRequested)
 def claims_requested(message: ClaimsRequested) -> str:
-    """Decide a producer's batch of claims in one transaction."""
-    outcomes = _decide_claims(message.claims)
-    return "duplicate" if all(o.duplicate for o in outcomes) else "ok"
+    """Decide a producer's batch of claims in one transaction; an invalid
+    item is dead-lettered alone."""
+    for rejected in message.rejected:
+        dead_letter(
+            "claims",
+            "claims_requested",
+            rejected.error.reason,
+            f"claim {rejected.index} of batch {message.batch_id}: {rejected.error.detail}",
+            rejected.payload,
+            key=f"{message.batch_id}:{rejected.index}",
+        )
+    outcomes = _decide_claims(message.valid) if message.valid else []
+    return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
 
 
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:

@@ -102,11 +102,15 @@ def redact(payload: Any) -> Any:
     return masked
 
 
-def dead_letter(queue: str, actor: str, reason: str, detail: str, payload: Any) -> None:
-    """Keep an unusable message in PostgreSQL with the reason it was refused."""
+def dead_letter(
+    queue: str, actor: str, reason: str, detail: str, payload: Any, *, key: str | None = None
+) -> None:
+    """Keep an unusable message in PostgreSQL with the reason it was refused
+    (once per message key and reason: a re-delivery stores nothing new)."""
     current = CurrentMessage.get_current_message()
     body = orjson.dumps(redact(payload), default=str).decode()
-    key = current.message_id if current is not None else hashlib.sha256(body.encode()).hexdigest()
+    if key is None:
+        key = current.message_id if current is not None else hashlib.sha256(body.encode()).hexdigest()
     with resources().pool.connection() as conn, conn.transaction():
         stored = store.insert_dead_letter(
             conn, message_key=key, queue=queue, actor=actor, reason=reason, detail=detail, body=body

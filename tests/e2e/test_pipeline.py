@@ -154,3 +154,23 @@ def test_with_redis_down_the_workers_go_on(settings, start_workers):
         publisher.publish_claims([claim(act["slug"]) for _ in range(30)], batch=10)
     wait_for(_all_decided(settings, 30, credited=30), timeout=60, what="claims credited without Redis")
     verify_clean(settings)
+
+
+def test_a_bad_item_in_a_claim_batch_is_dead_lettered_alone(settings, start_workers):
+    from shared.messages import ClaimsRequested
+
+    act = make_activity(settings)
+    good = [claim(act["slug"]) for _ in range(3)]
+    batch = ClaimsRequested(batch_id=uuid.uuid4(), claims=tuple(good))
+    body = envelope(batch)
+    body["args"][0]["claims"].insert(1, {"v": 1, "claim_id": "broken", "phone": good[0].phone})
+    start_workers(queues=["claims", "credits"])
+    _publish_raw(settings, "claims", orjson.dumps(body))
+    wait_for(_all_decided(settings, 3, credited=3), what="the good claims of the batch credited")
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute("SELECT reason, detail, body FROM dead_letters").fetchall()
+    assert len(rows) == 1
+    reason, detail, stored = rows[0]
+    assert reason == "bad_field" and "claim 1 of batch" in detail
+    assert good[0].phone not in stored, "the stored item is redacted"
+    verify_clean(settings)

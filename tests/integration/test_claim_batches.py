@@ -64,6 +64,9 @@ def test_the_batch_message_round_trips_and_caps_its_size(settings):
 
     with pytest.raises(InvalidMessage, match="1 to 1000"):
         ClaimsRequested.from_payload({"v": 1, "batch_id": str(uuid.uuid4()), "claims": []})
-    bad = {**message.to_payload(), "claims": [{"v": 1}]}
-    with pytest.raises(InvalidMessage, match="claim 0"):
-        ClaimsRequested.from_payload(orjson.loads(orjson.dumps(bad)))
+    # One bad item does not sink the batch: it is set aside with its reason.
+    bad = orjson.loads(orjson.dumps({**message.to_payload(), "claims": [{"v": 1}, claims[0].to_payload()]}))
+    mixed = ClaimsRequested.from_payload(bad)
+    assert mixed.valid == claims[:1]
+    (rejected,) = mixed.rejected
+    assert (rejected.index, rejected.error.reason, rejected.payload) == (0, "missing_field", {"v": 1})
