@@ -191,9 +191,9 @@ class Pipeline:
         monkeypatch.setattr(actors, "send", lambda actor, message: self.sent.append(message))
         original = runtime.dead_letter
 
-        def recorded(queue: str, actor: str, reason: str, detail: str, payload: Any) -> None:
+        def recorded(queue: str, actor: str, reason: str, detail: str, payload: Any, **options: Any) -> None:
             self.reasons.append(reason)
-            original(queue, actor, reason, detail, payload)
+            original(queue, actor, reason, detail, payload, **options)
 
         monkeypatch.setattr(runtime, "dead_letter", recorded)
         monkeypatch.setattr(actors, "dead_letter", recorded)
