@@ -121,7 +121,7 @@ class FastGate:
         self.per_ip = per_ip
         self.per_phone = per_phone
         self.window_seconds = window_seconds
-        self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324  # nosec B324 - Redis names scripts by SHA-1
         self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Verdict]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._give_back = self.client.register_script(GIVE_BACK)
