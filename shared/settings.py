@@ -56,6 +56,8 @@ class Settings:
     # "issuance.producers", the only thing the producer user may write to);
     # empty: the default exchange, with the queues declared by the publisher.
     producer_exchange: str = ""
+    # "kid:secret,..." signs messages (shared.signing); empty: signing off.
+    signing_keys: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from shared.settings import settings_from
+
 ENV = "ISSUANCE_SIGNING_KEYS"
 MIN_SECRET_BYTES = 16
 OPTION = "signature"
@@ -68,7 +70,7 @@ def process_keys() -> SigningKeys:
     """The keys of this process, read once from the environment."""
     global _process_keys  # noqa: PLW0603 - one key set per process
     if _process_keys is None:
-        _process_keys = parse_keys(os.environ.get(ENV, ""))
+        _process_keys = parse_keys(settings_from(os.environ).signing_keys)
     return _process_keys
 
 
