@@ -518,6 +518,14 @@ def add_slots(session: Session, activity_id: int, first: int, count: int) -> Non
         ),
         {"activity_id": activity_id, "first": first, "last": first + count - 1},
     )
+    if count >= BULK_ROWS:
+        # Fresh statistics keep the planner on the index of free slots; with
+        # the table's old size it may scan every slot instead.
+        session.execute(text("ANALYZE package_slots"))
+
+
+# After this many rows, a bulk load refreshes the table's statistics.
+BULK_ROWS = 10_000
 
 
 class _Chunks:
@@ -620,6 +628,8 @@ def generate_codes(
         missing -= inserted
         if progress is not None:
             progress(inserted)
+    if count >= BULK_ROWS:
+        raw.execute("ANALYZE codes")
     return batch
 
 
