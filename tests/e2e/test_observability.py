@@ -119,7 +119,10 @@ def test_scraped_metrics_match_the_database(settings, service_env, start_workers
     port = int(env["ISSUANCE_METRICS_PORT"])
 
     def settled() -> Samples | None:
-        s = scrape(port)
+        try:
+            s = scrape(port)
+        except OSError:  # the exposition process is still starting
+            return None
         handled = sum(
             value_or_zero(s, "issuance_messages_total", queue="claims", outcome=outcome)
             for outcome in ("ok", "duplicate")
