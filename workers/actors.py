@@ -34,7 +34,7 @@ broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "r
 def claim_requested(message: ClaimRequested) -> str:
     """Decide one claim and, once its codes are bound, hand it to the credit
     step. Concurrent deliveries in this process share one transaction."""
-    outcome = _single_claims.submit(message)
+    outcome = _claims.submit(message)
     return "duplicate" if outcome.duplicate else "ok"
 
 
@@ -51,7 +51,7 @@ def claims_requested(message: ClaimsRequested) -> str:
             rejected.payload,
             key=f"{message.batch_id}:{rejected.index}",
         )
-    outcomes = _decide_claims(message.valid) if message.valid else []
+    outcomes = _claims.submit_many(message.valid)
     return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
 
 
@@ -80,7 +80,7 @@ def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutco
     return outcomes
 
 
-_single_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decide_claims)
+_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decide_claims)
 
 
 @pipeline_actor(CreditRequested)

@@ -1,11 +1,12 @@
-"""Group commit: many single-claim deliveries decided in one transaction.
+"""Group commit: the claims of concurrent deliveries decided in one transaction.
 
-Dramatiq hands each message to a worker thread. A thread handling a
-single-claim message submits it here and waits; one flusher thread per
-process takes whatever has gathered (up to ``max_batch``), decides it as one
-batch, publishes its credit message, and wakes the submitters, which then
-return and let Dramatiq acknowledge their deliveries. Nothing is acknowledged
-before its batch has committed, so a crash anywhere re-delivers.
+Dramatiq hands each message to a worker thread. A thread handling a claim
+message (one claim, or a producer's batch) submits its claims here and waits;
+one flusher thread per process takes whatever has gathered (up to
+``max_batch`` claims), decides it as one batch, publishes its credit message,
+and wakes the submitters, which then return and let Dramatiq acknowledge their
+deliveries. Nothing is acknowledged before its claims have committed, so a
+crash anywhere re-delivers. Many small messages cost few transactions.
 """
 
 from __future__ import annotations
@@ -35,10 +36,18 @@ class GroupCommit(Generic[T, R]):
 
     def submit(self, item: T) -> R:
         """Decide ``item`` with whatever else is waiting; block until committed."""
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: Sequence[T]) -> list[R]:
+        """Decide ``items`` with whatever else is waiting (possibly over more
+        than one transaction); block until all are committed."""
         self._start()
-        future: Future[R] = Future()
-        self.queue.put((item, future))
-        return future.result()
+        futures: list[Future[R]] = []
+        for item in items:
+            future: Future[R] = Future()
+            self.queue.put((item, future))
+            futures.append(future)
+        return [future.result() for future in futures]
 
     def _start(self) -> None:
         with self._lock:
