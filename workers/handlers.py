@@ -1,9 +1,10 @@
 """What each message does, one function per message type.
 
-Handlers take a connection pool and a typed message, run one transaction (two
-when a claim is refused after work that must be rolled back), and return a
-value saying what happened. They send nothing: the actors publish follow-up
-messages only after the handler's transaction has committed.
+Handlers take a connection pool and typed messages, run one transaction (a
+batch of claims is decided in one, retried whole after a deadlock or a
+concurrent delivery of the same claim), and return values saying what
+happened. They send nothing: the actors publish follow-up messages only after
+the handler's transaction has committed.
 """
 
 from __future__ import annotations
