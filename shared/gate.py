@@ -1,4 +1,5 @@
-"""The fast gate in Redis: what the activity page may answer at once.
+"""The fast gate in Redis: what the activity page may answer at once (read
+by producers/web/fastgate.py in one Lua script).
 
 PostgreSQL stays the truth; the workers write here after they commit, and any
 Redis failure is logged and ignored (the workers enforce every rule again).
@@ -11,8 +12,6 @@ import logging
 import time
 
 import redis
-
-from shared.domain import Refusal
 
 log = logging.getLogger(__name__)
 # After a failure the gate is left alone for a while, so that a Redis outage
@@ -58,26 +57,3 @@ def remember_grants(client: redis.Redis, grants: list[tuple[str, str, bytes]]) -
         pipe.execute()
     except redis.RedisError as exc:
         _failed(exc)
-
-
-def remember_grant(client: redis.Redis, *, activity: str, group: str, digest: bytes) -> None:
-    """Record one grant (see remember_grants)."""
-    remember_grants(client, [(activity, group, digest)])
-
-
-def known_refusal(client: redis.Redis, *, activity: str, group: str, digest: bytes) -> Refusal | None:
-    """A refusal the gate already knows, or None (then the workers decide)."""
-    member = digest.hex()
-    try:
-        pipe = client.pipeline(transaction=False)
-        pipe.sismember(activity_key(activity), member)
-        pipe.sismember(group_key(group), member)
-        in_activity, in_group = pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("gate check skipped, Redis unavailable: %s", exc)
-        return None
-    if in_activity:
-        return Refusal.ALREADY_RECEIVED
-    if in_group:
-        return Refusal.SIMILAR_ACTIVITY
-    return None

@@ -72,11 +72,6 @@ def activity_by_slug(conn: Conn, slug: str) -> ActivityRow | None:
     )
 
 
-def claim_by_id(conn: Conn, claim_id: uuid.UUID, *, lock: bool = False) -> ClaimRow | None:
-    found = claims_by_ids(conn, [claim_id], lock=lock)
-    return found.get(claim_id)
-
-
 def claims_by_ids(
     conn: Conn, claim_ids: Sequence[uuid.UUID], *, lock: bool = False
 ) -> dict[uuid.UUID, ClaimRow]:
@@ -254,11 +249,6 @@ def credit_claims(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> tuple[int, list
         "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = ANY(%s)", (ids,)
     )
     return written, bound
-
-
-def claim_codes(conn: Conn, claim_id: uuid.UUID) -> list[str]:
-    rows = conn.execute("SELECT code FROM codes WHERE claim_id = %s ORDER BY code", (claim_id,)).fetchall()
-    return [r[0] for r in rows]
 
 
 OPEN_SHARE = """

@@ -240,11 +240,6 @@ def prepare_credit(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> Cred
     return CreditPlan(ready=[c for c in claim_ids if c not in held], promise_from=released)
 
 
-def hold_unregistered(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """The claims that may be credited now (see prepare_credit)."""
-    return prepare_credit(pool, claim_ids).ready
-
-
 def handle_member_registered(
     pool: ConnectionPool, settings: Settings, message: MemberRegistered, *, now: datetime | None = None
 ) -> list[uuid.UUID]:

@@ -14,13 +14,13 @@ from shared.messages import CreditRequested, MemberRegistered, utcnow
 from tests.conftest import claim, verify_clean
 from tests.integration.lifecycle_support import activity_with, one, phone, refusals
 from workers.handlers import handle_claim, handle_credit
-from workers.lifecycle import handle_member_registered, hold_unregistered, prepare_credit
+from workers.lifecycle import handle_member_registered, prepare_credit
 
 
 def test_by_default_a_pending_member_is_credited_at_once(settings, pool):
     act = activity_with(settings)
     outcome = handle_claim(pool, settings, claim(act["slug"], phone()))
-    assert hold_unregistered(pool, [outcome.claim_id]) == [outcome.claim_id]
+    assert prepare_credit(pool, [outcome.claim_id]).ready == [outcome.claim_id]
     assert one(settings, "SELECT status FROM members") == "pending"
 
 
@@ -31,8 +31,8 @@ def test_held_credits_wait_for_registration_and_the_promise_moves(settings, pool
     held = handle_claim(pool, settings, claim(held_act["slug"], number))
     plain = handle_claim(pool, settings, claim(plain_act["slug"], phone()))
     ids = [held.claim_id, plain.claim_id]
-    assert hold_unregistered(pool, ids) == [plain.claim_id]
-    assert hold_unregistered(pool, ids) == [plain.claim_id], "a redelivery stays held"
+    assert prepare_credit(pool, ids).ready == [plain.claim_id]
+    assert prepare_credit(pool, ids).ready == [plain.claim_id], "a redelivery stays held"
     handle_credit(pool, CreditRequested(claim_ids=(plain.claim_id,)))
     assert one(settings, "SELECT status FROM claims WHERE claim_id = %s", held.claim_id) == "bound"
     # A held claim past its original deadline is not a broken promise.
@@ -74,7 +74,7 @@ def test_a_registered_member_is_not_held(settings, pool):
     number = phone()
     handle_member_registered(pool, settings, MemberRegistered(phone=number, registered_at=utcnow()))
     outcome = handle_claim(pool, settings, claim(act["slug"], number))
-    assert hold_unregistered(pool, [outcome.claim_id]) == [outcome.claim_id]
+    assert prepare_credit(pool, [outcome.claim_id]).ready == [outcome.claim_id]
 
 
 def test_unknown_member_ids_are_recorded_and_bad_numbers_dead_lettered(settings, pool):
