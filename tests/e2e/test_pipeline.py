@@ -125,7 +125,9 @@ def test_a_worker_killed_after_commit_loses_nothing_and_doubles_nothing(
     )
     report = verify_clean(settings)
     assert report["counts"]["credits"] == 20
-    assert "Worker with PID" in (tmp_path / "workers.log").read_text()
+    # Dramatiq's supervisor exits non-zero when a worker process is killed
+    # (its log line about it is not always flushed before it exits).
+    assert doomed.proc.returncode != 0
 
 
 def test_a_broker_side_redelivery_after_a_lost_ack_is_absorbed(settings, start_workers):
