@@ -157,8 +157,12 @@ class PackageSlot(Base):
     """One row per package in an activity's budget."""
 
     __tablename__ = "package_slots"
-    # Free slots only: a claim never scans the slots already taken.
-    __table_args__ = (Index("package_slots_free_idx", "activity_id", postgresql_where=text("NOT taken")),)
+    # Free slots only, in slot order: a claim starts where the last one in
+    # its process stopped (shared.store) instead of walking over the entries
+    # of slots just taken, which stay in the index until vacuum.
+    __table_args__ = (
+        Index("package_slots_free_idx", "activity_id", "slot_no", postgresql_where=text("NOT taken")),
+    )
 
     activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"), primary_key=True)
     slot_no: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -281,10 +285,12 @@ class Code(Base):
         ),
         UniqueConstraint("claim_id", "template_id", name="codes_one_per_template_key"),
         UniqueConstraint("code", "claim_id", "member_id", name="codes_binding_key"),
-        # The pool a claim draws from. Keyed by template alone: a random code
-        # as a second key made every generated code a random index insert, and
-        # binding never asks for a particular code.
-        Index("codes_available_idx", "template_id", postgresql_where=text("status = 'available'")),
+        # The pool a claim draws from, in generation order: a generated code is
+        # an append at the index's right edge (a random code as the key made
+        # it a random insert), and a claim starts where the last one in its
+        # process stopped (shared.store) instead of walking over the entries
+        # of codes just bound, which stay in the index until vacuum.
+        Index("codes_available_idx", "template_id", "seq", postgresql_where=text("status = 'available'")),
         Index("codes_batch_idx", "batch_id"),
         Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
         Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),
@@ -302,6 +308,8 @@ class Code(Base):
     )
 
     code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # Generation order: the order in which the pool is handed out.
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
     template_id: Mapped[int] = mapped_column(ForeignKey("coupon_templates.template_id"))
     batch_id: Mapped[int] = mapped_column(ForeignKey("code_batches.batch_id"))
     status: Mapped[str] = mapped_column(String(12), server_default="available")

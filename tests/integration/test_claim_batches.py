@@ -70,3 +70,30 @@ def test_the_batch_message_round_trips_and_caps_its_size(settings):
     assert mixed.valid == claims[:1]
     (rejected,) = mixed.rejected
     assert (rejected.index, rejected.error.reason, rejected.payload) == (0, "missing_field", {"v": 1})
+
+
+def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, pool):
+    """Allocation starts where the last one in this process stopped; codes and
+    slots it passed over (held by a transaction that rolled back) must still
+    be found before the pool is called empty or the activity sold out."""
+    from shared import store
+
+    act = make_activity(settings, budget=6, codes=6)
+    with pool.connection() as conn:
+        (activity_id, template_id) = conn.execute(
+            "SELECT a.activity_id, t.template_id FROM activities a"
+            " JOIN coupon_templates t USING (activity_id) WHERE a.slug = %s",
+            (act["slug"],),
+        ).fetchone()
+        with conn.transaction(force_rollback=True):
+            assert len(store.lock_free_codes(conn, template_id, 3)) == 3
+            assert len(store.lock_free_slots(conn, activity_id, 3)) == 3
+    outcomes = handle_claims(pool, settings, [claim(act["slug"]) for _ in range(7)])
+    assert Counter(o.status for o in outcomes) == {"bound": 6, "refused": 1}
+    assert [o.reason for o in outcomes if o.status == "refused"] == [Refusal.SOLD_OUT]
+    with pool.connection() as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM codes WHERE template_id = %s AND status = 'available'", (template_id,)
+        )
+        assert left.fetchone() == (0,)
+    verify_clean(settings)
