@@ -28,6 +28,10 @@ class Settings:
     phone_key: str = "dev-only-phone-key-change-me"
     default_region: str = "CN"
     credit_promise_seconds: int = 86_400
+    # Credit a package in the transaction that binds it (one transaction per
+    # batch, no credit message). False: every credit goes through the credit
+    # step (credit_claim), as credits held until registration always do.
+    credit_inline: bool = True
     # Retries (workers.broker.RetryPolicy): an outage is retried until it
     # ends, anything else at most max_retries times; the backoff is capped so
     # that work resumes soon after an outage, well inside the promise.
@@ -69,6 +73,8 @@ class Settings:
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("int", int)}
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("bool", bool)}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 FAULTS = ("", "after_commit_before_ack", "after_commit_before_publish")
 
 
@@ -84,6 +90,10 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
                 values[field.name] = int(raw)
             except ValueError:
                 raise SettingsError(f"{PREFIX}{field.name.upper()} must be an integer, got {raw!r}") from None
+        elif field.name in _BOOL_FIELDS:
+            if raw.lower() not in _BOOLS:
+                raise SettingsError(f"{PREFIX}{field.name.upper()} must be true or false, got {raw!r}")
+            values[field.name] = _BOOLS[raw.lower()]
         else:
             values[field.name] = raw
     settings = Settings(**values)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ class ActivityRow:
     exclusivity_group: str
     validity_days: int | None
     valid_until: datetime | None
+    hold_until_registered: bool
     templates: tuple[TemplateRef, ...]
 
 
@@ -43,7 +44,7 @@ class ClaimRow:
 
 ACTIVITY_BY_SLUG = """
 SELECT a.activity_id, a.slug, a.online, a.starts_at, a.ends_at, a.timezone,
-       a.exclusivity_group, a.validity_days, a.valid_until,
+       a.exclusivity_group, a.validity_days, a.valid_until, a.hold_until_registered,
        coalesce(array_agg(t.template_id ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}'),
        coalesce(array_agg(t.new_user_only ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}')
   FROM activities a
@@ -57,7 +58,7 @@ def activity_by_slug(conn: Conn, slug: str) -> ActivityRow | None:
     row = conn.execute(ACTIVITY_BY_SLUG, (slug,)).fetchone()
     if row is None:
         return None
-    (activity_id, slug, online, starts_at, ends_at, tz, group, days, until, template_ids, new_only) = row
+    (activity_id, slug, online, starts_at, ends_at, tz, group, days, until, hold, ids, new_only) = row
     return ActivityRow(
         activity_id=activity_id,
         slug=slug,
@@ -66,8 +67,9 @@ def activity_by_slug(conn: Conn, slug: str) -> ActivityRow | None:
         exclusivity_group=group,
         validity_days=days,
         valid_until=until,
+        hold_until_registered=hold,
         templates=tuple(
-            TemplateRef(template_id=t, new_user_only=n) for t, n in zip(template_ids, new_only, strict=True)
+            TemplateRef(template_id=t, new_user_only=n) for t, n in zip(ids, new_only, strict=True)
         ),
     )
 
@@ -180,10 +182,14 @@ def lock_free_codes(conn: Conn, template_id: int, count: int) -> list[str]:
 
 INSERT_CLAIMS = """
 INSERT INTO claims (claim_id, activity_slug, activity_id, exclusivity_group, member_id, share_id,
-                    slot_no, status, reason, new_member, payload_digest, requested_at, deadline)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::bigint[], %s::uuid[],
-                     %s::int[], %s::text[], %s::text[], %s::bool[], %s::bytea[], %s::timestamptz[],
-                     %s::timestamptz[])
+                    slot_no, status, reason, new_member, payload_digest, requested_at, deadline,
+                    credited_at)
+SELECT u.*, CASE WHEN u.status = 'credited' THEN now() END
+  FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::bigint[], %s::uuid[],
+              %s::int[], %s::text[], %s::text[], %s::bool[], %s::bytea[], %s::timestamptz[],
+              %s::timestamptz[])
+       AS u(claim_id, activity_slug, activity_id, exclusivity_group, member_id, share_id,
+            slot_no, status, reason, new_member, payload_digest, requested_at, deadline)
 ON CONFLICT (claim_id) DO NOTHING
 """
 CLAIM_COLUMNS = (
@@ -239,11 +245,19 @@ def take_slots(conn: Conn, slots: Sequence[tuple[int, int]]) -> int:
     return sum(conn.execute(TAKE_SLOTS, (a, s)).rowcount for a, s in by_activity.items())
 
 
-CREDIT_CLAIMS = """
+WRITE_WALLET = """
 INSERT INTO wallet_ledger (member_id, claim_id, code)
 SELECT member_id, claim_id, code FROM codes WHERE claim_id = ANY(%s)
 ON CONFLICT (claim_id, code) DO NOTHING
 """
+
+
+def write_wallet(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> int:
+    """Write the wallet entries of the codes bound to ``claim_ids``, each at
+    most once; returns how many were new."""
+    return conn.execute(WRITE_WALLET, (list(claim_ids),)).rowcount
+
+
 LOCK_BOUND = """
 SELECT claim_id, requested_at FROM claims
  WHERE claim_id = ANY(%s) AND status = 'bound' ORDER BY claim_id FOR UPDATE
@@ -258,7 +272,7 @@ def credit_claims(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> tuple[int, list
     if not bound:
         return 0, []
     ids = [claim_id for claim_id, _ in bound]
-    written = conn.execute(CREDIT_CLAIMS, (ids,)).rowcount
+    written = write_wallet(conn, ids)
     conn.execute(
         "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = ANY(%s)", (ids,)
     )

@@ -8,6 +8,7 @@ parallel runs on one machine cannot see each other's data.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -87,6 +88,12 @@ def settings(service_env: dict[str, str]) -> Iterator[Settings]:
         conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     redis.Redis.from_url(current.redis_url).flushdb()
     yield current
+
+
+@pytest.fixture
+def two_step(settings: Settings) -> Settings:
+    """Settings that leave every credit to the credit step (credit_inline off)."""
+    return dataclasses.replace(settings, credit_inline=False)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import datetime
 
 from shared import gate
 from shared.faults import crash_point
@@ -32,8 +33,9 @@ broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "r
 
 @pipeline_actor(ClaimRequested)
 def claim_requested(message: ClaimRequested) -> str:
-    """Decide one claim and, once its codes are bound, hand it to the credit
-    step. Concurrent deliveries in this process share one transaction."""
+    """Decide one claim: refuse it, or bind its codes and credit them (or hand
+    it to the credit step). Concurrent deliveries in this process share one
+    transaction."""
     outcome = _claims.submit(message)
     return "duplicate" if outcome.duplicate else "ok"
 
@@ -58,6 +60,7 @@ def claims_requested(message: ClaimsRequested) -> str:
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
     res = resources()
     outcomes = handlers.handle_claims(res.pool, res.settings, claims)
+    now = utcnow()
     for claim, outcome in zip(claims, outcomes, strict=True):
         if outcome.status == "conflict":
             dead_letter(
@@ -66,8 +69,10 @@ def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutco
         elif outcome.duplicate:
             DUPLICATES.labels("claims").inc()
         else:
-            CLAIMS.labels(outcome.status, outcome.reason or "").inc()
+            CLAIMS.labels("refused" if outcome.reason else "bound", outcome.reason or "").inc()
             CODES_BOUND.inc(len(outcome.codes))
+            if outcome.status == "credited":
+                _credited(now, claim.requested_at)
     # Also for duplicates: the first delivery may have died between its commit
     # and this publish. The credit step is idempotent.
     bound = [o.claim_id for o in outcomes if o.status == "bound"]
@@ -97,15 +102,18 @@ def credit_claim(message: CreditRequested) -> str:
         DUPLICATES.labels("credits").inc()
         return "duplicate"
     now = utcnow()
-    promise = resources().settings.credit_promise_seconds
     for claim_id, requested_at in credited:
         # A credit held until registration is promised from registration.
-        latency = max((now - plan.promise_from.get(claim_id, requested_at)).total_seconds(), 0)
-        CLAIM_TO_CREDIT.observe(latency)
-        if latency > promise:
-            PROMISE_BREACHES.inc()
-    CREDITS.inc(len(credited))
+        _credited(now, plan.promise_from.get(claim_id, requested_at))
     return "ok"
+
+
+def _credited(now: datetime, promised_from: datetime) -> None:
+    latency = max((now - promised_from).total_seconds(), 0)
+    CLAIM_TO_CREDIT.observe(latency)
+    if latency > resources().settings.credit_promise_seconds:
+        PROMISE_BREACHES.inc()
+    CREDITS.inc()
 
 
 @pipeline_actor(OrderPlaced)

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimOutcome:
     claim_id: uuid.UUID
-    status: str  # "bound", "credited", "refused", or "conflict" (same ID, other payload)
+    # "credited", "bound" (to be credited by the credit step), "refused", or
+    # "conflict" (same ID, other payload)
+    status: str
     reason: Refusal | None = None
     duplicate: bool = False
     codes: tuple[str, ...] = ()
@@ -172,6 +174,7 @@ def _decide(
 
     bindings: list[tuple[str, uuid.UUID, int, datetime]] = []
     taken: list[tuple[int, int]] = []
+    credit_now: list[uuid.UUID] = []
     for c in candidates:
         member_id = members[c.digest]
         held = grants[member_id]
@@ -202,12 +205,17 @@ def _decide(
         codes = tuple(pool_codes[t.template_id].pop() for t in templates)
         bindings += [(code, c.message.claim_id, member_id, expires_at) for code in codes]
         held.append((activity.activity_id, activity.exclusivity_group))
+        # Credited in this transaction unless the credit may have to wait
+        # for the member's registration (the credit step decides that).
+        status = "credited" if settings.credit_inline and not activity.hold_until_registered else "bound"
+        if status == "credited":
+            credit_now.append(c.message.claim_id)
         rows.append(
             _row(
                 settings,
                 c.message,
                 digests[c.index],
-                status="bound",
+                status=status,
                 group=activity.exclusivity_group,
                 slot_no=slot,
                 new_member=new_member,
@@ -216,7 +224,7 @@ def _decide(
         )
         outcomes[c.index] = ClaimOutcome(
             claim_id=c.message.claim_id,
-            status="bound",
+            status=status,
             codes=codes,
             activity=activity.slug,
             group=activity.exclusivity_group,
@@ -227,6 +235,8 @@ def _decide(
         raise _Concurrent
     store.take_slots(conn, taken)
     store.bind_codes(conn, bindings)
+    if credit_now:
+        store.write_wallet(conn, credit_now)
     for i, message in enumerate(messages):
         if outcomes[i] is None:  # a repeat, within the batch, of a claim decided above
             first = outcomes[first_of[message.claim_id]]

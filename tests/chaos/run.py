@@ -323,6 +323,9 @@ class WorkerGroup:
             **env,
             f"{PREFIX}FAULT": fault,
             f"{PREFIX}FAULT_TRIGGER": str(self.trigger),
+            # The crash before the credit publish needs the separate credit
+            # step; the other group credits inline: both paths face the faults.
+            f"{PREFIX}CREDIT_INLINE": "false" if fault == "after_commit_before_publish" else "true",
             f"{PREFIX}METRICS_PORT": str(free_port()),
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }

@@ -72,14 +72,14 @@ def test_publish_replays_a_file_refusing_bad_lines_and_verify_reports(
     verify_clean(settings)
 
 
-def test_verify_exits_non_zero_on_a_breach(settings, service_env, pool):
+def test_verify_exits_non_zero_on_a_breach(settings, two_step, service_env, pool):
     import psycopg
 
     from tests.conftest import claim
     from workers.handlers import handle_claim
 
     act = make_activity(settings)
-    handle_claim(pool, settings, claim(act["slug"]))
+    handle_claim(pool, two_step, claim(act["slug"]))
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         # A bound claim whose promise has run out: the one breach no constraint can stop.
         conn.execute("UPDATE claims SET deadline = now() - interval '1 minute'")

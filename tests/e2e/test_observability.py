@@ -247,7 +247,9 @@ def test_a_stopped_credit_step_puts_the_promise_at_risk_then_drains(
     act = make_activity(settings, budget=50, codes=50)
     claims = [claim(act["slug"]) for _ in range(30)]
     env = metrics_env(tmp_path)
-    claim_only = start_workers(processes=1, threads=4, queues=["claims"], **env)
+    claim_only = start_workers(
+        processes=1, threads=4, queues=["claims"], ISSUANCE_CREDIT_INLINE="false", **env
+    )
     with RabbitPublisher.from_settings(settings) as publisher:
         publisher.publish_many(claims)
     wait_for(lambda: claim_states(settings).get("bound") == 30, timeout=60, what="30 claims bound")

@@ -110,7 +110,14 @@ def test_a_worker_killed_after_commit_loses_nothing_and_doubles_nothing(
     act = make_activity(settings, budget=50, codes=50)
     trigger = tmp_path / "crash-once"
     trigger.touch()
-    doomed = start_workers(queues=["claims"], ISSUANCE_FAULT=fault, ISSUANCE_FAULT_TRIGGER=str(trigger))
+    # The publish of a credit message happens only with the separate credit step.
+    inline = "false" if fault == "after_commit_before_publish" else "true"
+    doomed = start_workers(
+        queues=["claims"],
+        ISSUANCE_FAULT=fault,
+        ISSUANCE_FAULT_TRIGGER=str(trigger),
+        ISSUANCE_CREDIT_INLINE=inline,
+    )
     messages = [claim(act["slug"]) for _ in range(20)]
     with RabbitPublisher.from_settings(settings) as publisher:
         publisher.publish_many(messages)
@@ -118,7 +125,7 @@ def test_a_worker_killed_after_commit_loses_nothing_and_doubles_nothing(
     assert not trigger.exists(), "the crash point fired"
     assert consumers(settings, "claims") == 0
     # The unacknowledged claim comes back to the next worker, which finds it
-    # already recorded and (re)sends its credit.
+    # already recorded (and credited, or bound: then it sends its credit again).
     start_workers(queues=["claims", "credits"])
     wait_for(
         _all_decided(settings, 20, credited=20), timeout=120, what="all 20 claims credited after the crash"

@@ -151,7 +151,7 @@ def test_budget_grows_and_shrinks_by_untaken_slots_never_below_what_is_issued(se
     assert one(settings, "SELECT budget FROM activities WHERE slug = %s", act["slug"]) == 2
     assert handle_claim(pool, settings, claim(act["slug"])).reason == "sold_out"
     edit(settings, act["slug"], budget=3)
-    assert handle_claim(pool, settings, claim(act["slug"])).status == "bound"
+    assert handle_claim(pool, settings, claim(act["slug"])).status == "credited"
     verify_clean(settings)
 
 
@@ -163,7 +163,7 @@ def test_live_edits_allow_what_is_safe_and_refuse_the_rest(settings, pool, servi
     assert edit(settings, act["slug"], templates=templates, validity_days=3) == ["templates", "validity_days"]
     with session(settings) as s, s.begin():
         backoffice.generate_codes(s, new_prefix, 5)
-    assert handle_claim(pool, settings, claim(act["slug"])).status == "bound"
+    assert handle_claim(pool, settings, claim(act["slug"])).status == "credited"
     changed = edit(
         settings,
         act["slug"],

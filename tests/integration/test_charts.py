@@ -13,9 +13,9 @@ from workers.sweeper import credit_messages
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_chart_of_an_activity_with_a_backlog(settings, pool, service_env, monkeypatch, tmp_path):
+def test_a_chart_of_an_activity_with_a_backlog(settings, two_step, pool, service_env, monkeypatch, tmp_path):
     act = make_activity(settings, budget=30, codes=30)
-    outcomes = [handle_claim(pool, settings, claim(act["slug"])) for _ in range(20)]
+    outcomes = [handle_claim(pool, two_step, claim(act["slug"])) for _ in range(20)]
     for message in credit_messages([o.claim_id for o in outcomes[:15]]):
         handle_credit(pool, message)
 

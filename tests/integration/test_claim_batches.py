@@ -11,7 +11,7 @@ from tests.conftest import claim, make_activity, verify_clean
 from workers.handlers import handle_claims, handle_credit
 
 
-def test_a_batch_applies_every_rule_within_itself(settings, pool):
+def test_a_batch_applies_every_rule_within_itself(settings, two_step, pool):
     act = make_activity(settings, budget=5, codes=10, templates=2)
     other = make_activity(settings, group="g1")
     similar = make_activity(settings, group="g1")
@@ -27,7 +27,7 @@ def test_a_batch_applies_every_rule_within_itself(settings, pool):
         *[claim(act["slug"]) for _ in range(6)],  # only 4 packages left
         claim(act["slug"], "+8613700137000", claim_id=first.claim_id),  # same ID, other payload
     ]
-    outcomes = handle_claims(pool, settings, batch)
+    outcomes = handle_claims(pool, two_step, batch)
     assert len(outcomes) == len(batch)
     assert [o.claim_id for o in outcomes] == [m.claim_id for m in batch]
     assert (outcomes[0].status, outcomes[0].duplicate) == ("bound", False)
@@ -46,7 +46,7 @@ def test_a_batch_applies_every_rule_within_itself(settings, pool):
     assert report["counts"]["credits"] == 5 * 2 + 1
 
     # Delivered again, the whole batch changes nothing.
-    again = handle_claims(pool, settings, batch)
+    again = handle_claims(pool, two_step, batch)
     assert all(o.duplicate for o in again)
     assert verify_clean(settings)["counts"] == report["counts"]
 
@@ -89,7 +89,7 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
             assert len(store.lock_free_codes(conn, template_id, 3)) == 3
             assert len(store.lock_free_slots(conn, activity_id, 3)) == 3
     outcomes = handle_claims(pool, settings, [claim(act["slug"]) for _ in range(7)])
-    assert Counter(o.status for o in outcomes) == {"bound": 6, "refused": 1}
+    assert Counter(o.status for o in outcomes) == {"credited": 6, "refused": 1}
     assert [o.reason for o in outcomes if o.status == "refused"] == [Refusal.SOLD_OUT]
     with pool.connection() as conn:
         left = conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import psycopg
@@ -14,14 +15,17 @@ from tests.conftest import claim, make_activity, verify_clean
 from workers.handlers import handle_claim, handle_credit
 
 
-def test_a_claim_binds_one_code_per_template_and_credits_once(settings, pool):
+@pytest.mark.parametrize("inline", [True, False], ids=["credited-inline", "credit-step"])
+def test_a_claim_binds_one_code_per_template_and_credits_once(settings, pool, inline):
     act = make_activity(settings, templates=3, codes=5)
+    settings = dataclasses.replace(settings, credit_inline=inline)
     outcome = handle_claim(pool, settings, claim(act["slug"], "+8613800138000"))
-    assert outcome.status == "bound"
+    assert outcome.status == ("credited" if inline else "bound")
     assert len(outcome.codes) == 3
     assert {c[:3] for c in outcome.codes} == set(act["prefixes"])
     message = CreditRequested(claim_ids=(outcome.claim_id,))
-    assert [c for c, _ in handle_credit(pool, message)] == [outcome.claim_id]
+    if not inline:
+        assert [c for c, _ in handle_credit(pool, message)] == [outcome.claim_id]
     assert handle_credit(pool, message) == [], "a second credit must write nothing"
     report = verify_clean(settings)
     assert report["counts"]["credits"] == 3
@@ -33,8 +37,8 @@ def test_the_same_claim_twice_is_one_package(settings, pool):
     message = claim(act["slug"])
     first = handle_claim(pool, settings, message)
     second = handle_claim(pool, settings, message)
-    assert (first.status, first.duplicate) == ("bound", False)
-    assert (second.status, second.duplicate) == ("bound", True)
+    assert (first.status, first.duplicate) == ("credited", False)
+    assert (second.status, second.duplicate) == ("credited", True)
     assert verify_clean(settings)["counts"]["codes_bound"] == 1
 
 
@@ -58,7 +62,7 @@ def test_one_package_per_number_per_activity(settings, pool):
 def test_one_package_per_exclusivity_group(settings, pool):
     first = make_activity(settings, group="spring")
     second = make_activity(settings, group="spring")
-    assert handle_claim(pool, settings, claim(first["slug"], "+8613800138000")).status == "bound"
+    assert handle_claim(pool, settings, claim(first["slug"], "+8613800138000")).status == "credited"
     refused = handle_claim(pool, settings, claim(second["slug"], "+8613800138000"))
     assert refused.reason is Refusal.SIMILAR_ACTIVITY
     assert (
@@ -95,7 +99,7 @@ def test_budget_spent_is_sold_out_and_an_empty_pool_refuses_without_side_effects
     assert Refusal.SOLD_OUT.text == "all packages are gone"
 
     dry = make_activity(settings, budget=10, codes=1)
-    assert handle_claim(pool, settings, claim(dry["slug"])).status == "bound"
+    assert handle_claim(pool, settings, claim(dry["slug"])).status == "credited"
     empty = handle_claim(pool, settings, claim(dry["slug"]))
     assert empty.reason is Refusal.POOL_EMPTY
     report = verify_clean(settings)

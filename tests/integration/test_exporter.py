@@ -37,10 +37,10 @@ def use_code(conn: psycopg.Connection[object], code: str, order: str, status: st
     conn.execute(use + " WHERE code = %s", (order, code))
 
 
-def test_campaign_and_promise_figures(settings, pool):
+def test_campaign_and_promise_figures(settings, two_step, pool):
     act = make_activity(settings, budget=10, codes=20)
     slug, prefix = act["slug"], act["prefixes"][0]
-    outcomes = [handle_claim(pool, settings, claim(slug)) for _ in range(4)]
+    outcomes = [handle_claim(pool, two_step, claim(slug)) for _ in range(4)]
     for message in credit_messages([o.claim_id for o in outcomes[:2]]):
         handle_credit(pool, message)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
@@ -59,7 +59,7 @@ def test_campaign_and_promise_figures(settings, pool):
     before = samples(exporter)
     assert before[("issuance_promise_credit_rate", ())] == 2 / 900, "two credits in the last 15 minutes"
     assert math.isnan(before[("issuance_activity_claim_rate", (slug,))]), "unknown after one reading"
-    handle_claim(pool, settings, claim(slug))
+    handle_claim(pool, two_step, claim(slug))
     # A day minus half an hour later, the two uncredited claims not held are at risk.
     later = utcnow() + timedelta(hours=23.5)
     exporter.refresh(later)

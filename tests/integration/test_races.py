@@ -4,11 +4,13 @@ decides; `issuance verify` must stay clean."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+import pytest
 
 from shared import database
 from shared.domain import Refusal
@@ -23,16 +25,18 @@ def _race(pool, settings, messages, workers=16) -> list[ClaimOutcome]:
         return list(executor.map(lambda m: handle_claim(pool, settings, m), messages))
 
 
-def test_the_same_claim_delivered_by_many_threads_at_once_binds_once(settings, pool):
+@pytest.mark.parametrize("inline", [True, False], ids=["credited-inline", "credit-step"])
+def test_the_same_claim_delivered_by_many_threads_at_once_binds_once(settings, pool, inline):
     act = make_activity(settings, templates=2)
     message = claim(act["slug"])
+    settings = dataclasses.replace(settings, credit_inline=inline)
     outcomes = _race(pool, settings, [message] * 32)
     assert sum(not o.duplicate for o in outcomes) == 1
-    assert {o.status for o in outcomes} == {"bound"}
+    assert {o.status for o in outcomes} == {"credited" if inline else "bound"}
     with ThreadPoolExecutor(8) as executor:
         credit = CreditRequested(claim_ids=(message.claim_id,))
         credited = list(executor.map(lambda _: len(handle_credit(pool, credit)), range(8)))
-    assert sorted(credited) == [0] * 7 + [1]
+    assert sorted(credited) == ([0] * 8 if inline else [0] * 7 + [1])
     assert verify_clean(settings)["counts"]["credits"] == 2
 
 

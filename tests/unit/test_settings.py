@@ -26,3 +26,11 @@ def test_bad_values_are_refused_with_the_variable_name():
 def test_retries_must_fit_inside_the_promise():
     with pytest.raises(SettingsError, match="promise"):
         settings_from({"ISSUANCE_MAX_RETRIES": "10000", "ISSUANCE_MAX_BACKOFF_MS": "3600000"})
+
+
+def test_switches_take_true_or_false_and_refuse_anything_else():
+    assert Settings().credit_inline is True
+    assert settings_from({"ISSUANCE_CREDIT_INLINE": "false"}).credit_inline is False
+    assert settings_from({"ISSUANCE_CREDIT_INLINE": "YES"}).credit_inline is True
+    with pytest.raises(SettingsError, match="ISSUANCE_CREDIT_INLINE must be true or false"):
+        settings_from({"ISSUANCE_CREDIT_INLINE": "maybe"})
