@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,10 +40,21 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError)
+# Publishes are written out (and confirms read in) every this many messages
+# rather than after each one.
+FLUSH_EVERY = 200
+
+# (queue, encoded envelope, message ID)
+Item = tuple[str, bytes, str]
 
 
 def _noop() -> None:
     pass
+
+
+def _encode(message: Message) -> Item:
+    envelope = codec.envelope(message)
+    return envelope["queue_name"], codec.dumps(envelope), envelope["message_id"]
 
 
 class Publisher(abc.ABC):
@@ -88,7 +101,7 @@ class RabbitPublisher(Publisher):
         self,
         url: str,
         *,
-        window: int = 2000,
+        window: int = 5000,
         confirm_timeout: float = 30.0,
         connect_attempts: int = 5,
         declare: bool = True,
@@ -105,7 +118,8 @@ class RabbitPublisher(Publisher):
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._next_tag = 1
-        self._pending: dict[int, bytes] = {}
+        # Unconfirmed delivery tags, in publishing order.
+        self._pending: OrderedDict[int, None] = OrderedDict()
         self._routes: dict[int, str] = {}
         self._failed: set[int] = set()
         self._select_ok = False
@@ -142,7 +156,9 @@ class RabbitPublisher(Publisher):
         channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
         channel._impl.add_on_return_callback(self._on_return)
         self._channel = channel
+        # A new channel numbers its deliveries from 1 again.
         self._next_tag = 1
+        self._pending.clear()
         self._wait(lambda: self._select_ok, "confirm.select-ok")
 
     def _on_select_ok(self, _frame: Any) -> None:
@@ -159,15 +175,16 @@ class RabbitPublisher(Publisher):
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        tags = (
-            [t for t in self._pending if t <= method.delivery_tag]
-            if method.multiple
-            else [method.delivery_tag]
-        )
-        for tag in tags:
-            self._pending.pop(tag, None)
-            if isinstance(method, Basic.Nack):
-                self._failed.add(tag)
+        if method.multiple:
+            # Everything still unconfirmed up to the tag: the oldest entries.
+            tags = []
+            while self._pending and next(iter(self._pending)) <= method.delivery_tag:
+                tags.append(self._pending.popitem(last=False)[0])
+        else:
+            self._pending.pop(method.delivery_tag, None)
+            tags = [method.delivery_tag]
+        if isinstance(method, Basic.Nack):
+            self._failed.update(tags)
         if not self._pending:
             self._wake()
 
@@ -188,50 +205,63 @@ class RabbitPublisher(Publisher):
     # -- publishing ---------------------------------------------------------
 
     def publish_many(self, messages: Iterable[Message]) -> int:
-        batch: list[tuple[str, bytes, str]] = []
+        encoded = map(_encode, messages)
         confirmed = 0
-        for message in messages:
-            envelope = codec.envelope(message)
-            batch.append((envelope["queue_name"], codec.dumps(envelope), envelope["message_id"]))
-            if len(batch) >= self.window:
-                confirmed += self._publish_batch(batch)
-                batch = []
-        if batch:
-            confirmed += self._publish_batch(batch)
+        # Each batch is the next message and up to window - 1 more, encoded
+        # as they are sent: the broker takes the first ones meanwhile.
+        for first in encoded:
+            confirmed += self._publish_batch(
+                itertools.chain((first,), itertools.islice(encoded, self.window - 1))
+            )
         return confirmed
 
     def publish_raw(self, queue: str, body: bytes, message_id: str) -> int:
         """Publish an already-encoded envelope (replays of captured traffic)."""
         return self._publish_batch([(queue, body, message_id)])
 
-    def _publish_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> int:
-        remaining = list(batch)
+    def _publish_batch(self, batch: Iterable[Item]) -> int:
+        """Publish ``batch`` (read once, by the first attempt) until every
+        message is confirmed; return how many there were."""
+        todo = iter(batch)
+        failed: list[Item] = []
+        size: int | None = None
         for attempt in range(self.connect_attempts):
+            sent: dict[int, Item] = {}
             try:
-                remaining = self._try_batch(remaining)
+                failed = self._try_batch(todo, sent)
             except CONNECTION_ERRORS as exc:
                 log.warning("publish interrupted (%s); reconnecting, attempt %d", exc, attempt + 1)
                 self._drop()
+                # All of this attempt again: what went out and what had not yet.
+                failed = [*sent.values(), *todo]
+                size = len(failed) if size is None else size
+                todo = iter(failed)
                 continue
-            if not remaining:
-                return len(batch)
-        raise PublishError(f"{len(remaining)} of {len(batch)} messages were not confirmed")
+            size = len(sent) if size is None else size
+            if not failed:
+                return size
+            todo = iter(failed)
+        raise PublishError(f"{len(failed)} of {size} messages were not confirmed")
 
-    def _try_batch(self, batch: Sequence[tuple[str, bytes, str]]) -> list[tuple[str, bytes, str]]:
-        """Publish, wait for every confirm, and return what must be sent again."""
+    def _try_batch(self, batch: Iterator[Item], sent: dict[int, Item]) -> list[Item]:
+        """Publish, noting each message in ``sent`` under its delivery tag as it
+        goes out; wait for every confirm and return what must be sent again."""
         if self._connection is None or self._connection.is_closed:
             self._connect()
-        by_tag: dict[int, tuple[str, bytes, str]] = {}
+        assert self._connection is not None
         self._failed.clear()
         self._routes.clear()
+        # The low-level channel's publish only buffers the frames: the
+        # blocking one would write them and poll the socket for every message.
+        publish = self._channel._impl.basic_publish
         for item in batch:
             queue, body, message_id = item
             tag = self._next_tag
             self._next_tag += 1
-            self._pending[tag] = body
+            sent[tag] = item
+            self._pending[tag] = None
             self._routes[tag] = message_id
-            by_tag[tag] = item
-            self._channel.basic_publish(
+            publish(
                 exchange=self.exchange,
                 routing_key=queue,
                 body=body,
@@ -240,8 +270,10 @@ class RabbitPublisher(Publisher):
                 ),
                 mandatory=True,
             )
+            if len(sent) % FLUSH_EVERY == 0:
+                self._connection.process_data_events(time_limit=0)
         self._wait(lambda: not self._pending, "publisher confirms")
-        return [by_tag[tag] for tag in sorted(self._failed)]
+        return [sent[tag] for tag in sorted(self._failed)]
 
     def _drop(self) -> None:
         self._pending.clear()
