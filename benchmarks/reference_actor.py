@@ -1,5 +1,5 @@
 """The reference: what a team would write first. One Dramatiq actor, one
-claim per message, one transaction per claim, one credit message per claim.
+claim per message, one transaction per claim (which binds and credits it).
 
 It runs the pipeline's own claim SQL (so the comparison is about batching,
 not about the SQL) on a queue of its own:

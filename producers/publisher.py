@@ -52,7 +52,8 @@ def _noop() -> None:
     pass
 
 
-def _encode(message: Message) -> Item:
+def encode(message: Message) -> Item:
+    """A message as it goes on the wire: (queue, body, message ID)."""
     envelope = codec.envelope(message)
     return envelope["queue_name"], codec.dumps(envelope), envelope["message_id"]
 
@@ -205,7 +206,7 @@ class RabbitPublisher(Publisher):
     # -- publishing ---------------------------------------------------------
 
     def publish_many(self, messages: Iterable[Message]) -> int:
-        encoded = map(_encode, messages)
+        encoded = map(encode, messages)
         confirmed = 0
         # Each batch is the next message and up to window - 1 more, encoded
         # as they are sent: the broker takes the first ones meanwhile.

@@ -79,8 +79,8 @@ def normalize_phone(raw: str, default_region: str) -> str:
         parsed = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException:
         raise InvalidPhone(Refusal.BAD_PHONE.text) from None
-    if not phonenumbers.is_valid_number(parsed):
-        raise InvalidPhone(Refusal.BAD_PHONE.text)
+    # A number of one of these types is valid (is_valid_number would ask
+    # the same metadata the same question a second time).
     kind = phonenumbers.number_type(parsed)
     if kind not in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE):
         raise InvalidPhone(Refusal.BAD_PHONE.text)

@@ -213,10 +213,12 @@ class Claim(Base):
         ),
         UniqueConstraint("activity_id", "slot_no", name="claims_slot_key"),
         UniqueConstraint("claim_id", "member_id", name="claims_id_member_key"),
+        # Member first: it also finds the packages a member holds (the claim
+        # rules, referrals), so claims need no other index on member_id.
         Index(
             "claims_one_package_per_activity",
-            "activity_id",
             "member_id",
+            "activity_id",
             unique=True,
             postgresql_where=text(GRANTED),
         ),
@@ -227,7 +229,6 @@ class Claim(Base):
             unique=True,
             postgresql_where=text(GRANTED),
         ),
-        Index("claims_member_idx", "member_id"),
         Index("claims_uncredited_idx", "deadline", postgresql_where=text("status = 'bound'")),
         # The recent credit rate of the promise exporter (shared.analytics).
         Index("claims_credited_idx", "credited_at", postgresql_where=text("status = 'credited'")),
@@ -328,6 +329,9 @@ class WalletEntry(Base):
     __tablename__ = "wallet_ledger"
     __table_args__ = (
         UniqueConstraint("claim_id", "code", name="wallet_one_credit_per_claim_code"),
+        # The entry's code, claim and member are the code's binding; the
+        # binding's own keys (codes -> claims -> members) make separate keys to
+        # claims and members redundant work on every credit.
         ForeignKeyConstraint(
             ["code", "claim_id", "member_id"],
             ["codes.code", "codes.claim_id", "codes.member_id"],
@@ -337,8 +341,8 @@ class WalletEntry(Base):
     )
 
     entry_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"))
-    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"))
+    member_id: Mapped[int] = mapped_column(BigInteger)
+    claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     code: Mapped[str] = mapped_column(String(16))
     credited_at: Mapped[datetime] = _now()
 

@@ -102,6 +102,7 @@ UPSERT_MEMBERS = """
 INSERT INTO members (phone_digest, phone_masked, status)
 SELECT d, m, 'pending' FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
 ON CONFLICT (phone_digest) DO UPDATE SET phone_masked = EXCLUDED.phone_masked WHERE false
+RETURNING phone_digest, member_id
 """
 LOCK_MEMBERS = """
 SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s)
@@ -113,8 +114,12 @@ def lock_members(conn: Conn, numbers: dict[bytes, str]) -> dict[bytes, int]:
     needed, and lock their rows: the claims of one member are decided one at
     a time (no global lock: other members go on in parallel)."""
     digests = sorted(numbers)
-    conn.execute(UPSERT_MEMBERS, (digests, [numbers[d] for d in digests]))
-    return {bytes(d): int(m) for d, m in conn.execute(LOCK_MEMBERS, (digests,))}
+    rows = conn.execute(UPSERT_MEMBERS, (digests, [numbers[d] for d in digests]))
+    members = {bytes(d): int(m) for d, m in rows}  # the new ones
+    known = [d for d in digests if d not in members]
+    if known:
+        members.update((bytes(d), int(m)) for d, m in conn.execute(LOCK_MEMBERS, (known,)))
+    return members
 
 
 MEMBER_GRANTS = """

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import domain
@@ -116,3 +116,26 @@ def test_the_domain_imports_no_infrastructure():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & forbidden
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.from_regex(r"\A\+?(86|1|44|852|91)?1[0-9]{5,11}\Z") | st.from_regex(r"\A\+?[0-9 ]{3,20}\Z"))
+def test_a_number_is_accepted_exactly_when_it_is_a_valid_mobile_number(text):
+    import phonenumbers
+
+    try:
+        parsed = phonenumbers.parse(text, "CN")
+    except phonenumbers.NumberParseException:
+        expected = None
+    else:
+        mobile = phonenumbers.number_type(parsed) in (
+            phonenumbers.PhoneNumberType.MOBILE,
+            phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE,
+        )
+        valid = phonenumbers.is_valid_number(parsed) and mobile
+        expected = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) if valid else None
+    try:
+        got = domain.normalize_phone(text, "CN")
+    except domain.InvalidPhone:
+        got = None
+    assert got == expected
