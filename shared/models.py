@@ -292,7 +292,8 @@ class Code(Base):
         # process stopped (shared.store) instead of walking over the entries
         # of codes just bound, which stay in the index until vacuum.
         Index("codes_available_idx", "template_id", "seq", postgresql_where=text("status = 'available'")),
-        Index("codes_batch_idx", "batch_id"),
+        # No index by batch: every bind would update it (a bind is not a HOT
+        # update), for the sake of an occasional export that can scan.
         Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
         Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),
         Index("codes_rebate_idx", "rebate_id", postgresql_where=text("rebate_id IS NOT NULL")),

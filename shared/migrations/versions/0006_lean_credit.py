@@ -1,5 +1,5 @@
 """fewer index entries and key checks per granted claim: the member-first unique index serves member
-lookups; the wallet's binding key implies its claim and member keys
+lookups; the wallet's binding key implies its claim and member keys; no index of codes by batch
 
 Revision ID: 0006
 Revises: 0005
@@ -31,9 +31,11 @@ def upgrade() -> None:
     op.drop_index("claims_member_idx", table_name="claims")
     op.drop_constraint("wallet_ledger_claim_id_fkey", "wallet_ledger", type_="foreignkey")
     op.drop_constraint("wallet_ledger_member_id_fkey", "wallet_ledger", type_="foreignkey")
+    op.drop_index("codes_batch_idx", table_name="codes")
 
 
 def downgrade() -> None:
+    op.create_index("codes_batch_idx", "codes", ["batch_id"])
     op.create_foreign_key(
         "wallet_ledger_member_id_fkey", "wallet_ledger", "members", ["member_id"], ["member_id"]
     )
