@@ -121,13 +121,16 @@ def wait_decided(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(label, total=expected)
         while True:
+            asked = time.monotonic()
             done = decided(conn, slug)
             progress.update(task, completed=done)
             if done >= expected:
                 return time.monotonic() - start
             if time.monotonic() - start > timeout or (alive is not None and not alive()):
                 raise TimeoutError(f"{label}: {done} of {expected} decided after {timeout}s")
-            time.sleep(0.1)
+            # Counting a large table is work for the database too: keep it
+            # to a tenth of one core.
+            time.sleep(max(0.1, 9 * (time.monotonic() - asked)))
 
 
 # -- ceilings --------------------------------------------------------------
@@ -391,6 +394,71 @@ def open_loop(
     }
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def soak(args: argparse.Namespace) -> dict[str, Any]:
+    """Worker memory over ``args.soak`` single-claim messages (one claim per
+    message, through claim_requested): each worker process's RSS once warm
+    (after the first 10% of the claims) against its largest later value."""
+    count = args.soak
+    with private_services(f"issuance_bench_{uuid.uuid4().hex[:8]}") as (settings, env):
+        console.print(f"[bold]soak[/]: a pool of {count:,} codes, then {count:,} single-claim messages")
+        slug = make_activity(settings, "bench-soak", count, count)
+        workload = Workload(slug, seed=count)
+        with RabbitPublisher.from_settings(settings) as publisher:
+            for start in range(0, count, 50_000):
+                publisher.publish_many(workload.take(min(50_000, count - start)))
+        unique = len(workload.sent)
+        workers = WorkerProcesses(env, args.processes, args.threads, args.out / "workers.log")
+        samples: list[dict[str, Any]] = []
+        started = time.monotonic()
+        try:
+            with psycopg.connect(settings.database_url) as conn:
+                done = 0
+                while done < unique:
+                    if workers.proc.poll() is not None or time.monotonic() - started > args.timeout:
+                        raise RuntimeError(f"soak stopped: {done} of {unique} decided")
+                    asked = time.monotonic()
+                    done = decided(conn, slug)
+                    children = workers.pids()[1:]
+                    samples.append(
+                        {
+                            "seconds": round(time.monotonic() - started, 1),
+                            "decided": done,
+                            "rss_mb": {pid: mb for pid in children if (mb := round(rss_mb(pid), 1))},
+                        }
+                    )
+                    console.print(f"  {done:,} of {unique:,} decided; RSS MB {samples[-1]['rss_mb']}")
+                    time.sleep(max(5.0, 9 * (time.monotonic() - asked)))
+        finally:
+            workers.stop()
+        seconds = time.monotonic() - started
+        warm = next(s for s in samples if s["decided"] >= unique // 10)
+        growth = {}
+        for pid, at_warm in warm["rss_mb"].items():
+            later = [s["rss_mb"].get(pid, 0.0) for s in samples if s["decided"] >= warm["decided"]]
+            peak = max(later)
+            growth[pid] = {"warm_mb": at_warm, "max_after_mb": peak, "ratio": round(peak / at_warm, 3)}
+        with psycopg.connect(settings.database_url) as conn:
+            from shared.verify import verify
+
+            report = verify(conn).as_json()
+    return {
+        "messages": count,
+        "unique_claims": unique,
+        "seconds": round(seconds, 1),
+        "claims_per_s": round(unique / seconds, 1),
+        "rss": growth,
+        "samples": samples,
+        "verify": report,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -530,7 +598,23 @@ def main() -> int:
         help="pool sizes for the cost-growth phase, e.g. 1000000,10000000 (the last is filled to 90%%)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        help="run only the memory soak: this many single-claim messages through the workers",
+    )
     args = parser.parse_args()
+    if args.soak:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = soak(args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (args.out / f"soak-{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
+        Console().print({k: v for k, v in result.items() if k not in ("samples", "verify")})
+        Console().print(
+            f"results: {args.out / f'soak-{stamp}.json'}; verify clean: {result['verify']['clean']}"
+        )
+        return 0 if result["verify"]["clean"] else 1
     if args.quick:
         args.pool, args.backlog, args.reference, args.sustained = 20_000, 2_000, 300, 3.0
         args.rates, args.rate_seconds, args.ceiling_seconds, args.ceiling_pool = [0.5], 2.0, 1.0, 20_000
