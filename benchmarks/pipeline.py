@@ -357,6 +357,61 @@ def backlog_drain(
     }
 
 
+class Observer(threading.Thread):
+    """Watches a sample of claims from outside, as a client would: the time
+    from a claim's request until a query sees it credited (or refused) is an
+    upper bound of its latency (it includes the commit, and up to one poll
+    interval). The database's own ``credited_at`` is stamped inside the
+    transaction, before its commit."""
+
+    def __init__(self, settings: Settings, every: int = 20, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.every, self.interval = settings, every, interval
+        self.pending: dict[uuid.UUID, Any] = {}
+        self.latencies: list[float] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def add(self, claims: list[ClaimRequested]) -> None:
+        with self.lock:
+            for claim in claims[:: self.every]:
+                self.pending[claim.claim_id] = claim.requested_at
+
+    def run(self) -> None:
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            while not (self.done.is_set() and not self.pending):
+                with self.lock:
+                    ids = list(self.pending)
+                if ids:
+                    rows = conn.execute(
+                        "SELECT claim_id FROM claims WHERE claim_id = ANY(%s) AND status <> 'bound'", (ids,)
+                    ).fetchall()
+                    seen = utcnow()
+                    with self.lock:
+                        for (claim_id,) in rows:
+                            asked = self.pending.pop(claim_id)
+                            self.latencies.append((seen - asked).total_seconds())
+                time.sleep(self.interval)
+
+    def stop(self) -> dict[str, float | None]:
+        self.done.set()
+        self.join(timeout=120)
+        if not self.latencies:
+            return {}
+        ordered = sorted(self.latencies)
+
+        def at(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+        return {
+            "observed_sample": len(ordered),
+            "observed_p50_ms": at(0.5),
+            "observed_p95_ms": at(0.95),
+            "observed_p99_ms": at(0.99),
+            "observed_max_ms": round(ordered[-1] * 1000, 1),
+        }
+
+
 def open_loop(
     settings: Settings,
     conn: psycopg.Connection[Any],
@@ -369,12 +424,16 @@ def open_loop(
     before = len(workload.sent)
     start_decided = decided(conn, workload.slug)
     published = 0
+    observer = Observer(settings)
+    observer.start()
     started = time.monotonic()
     with RabbitPublisher.from_settings(settings) as publisher:
         while (elapsed := time.monotonic() - started) < seconds:
             due = int(rate * elapsed) - published
             if due > 0:
+                known = len(workload.sent)
                 publisher.publish_claims(workload.take(due), batch=args.batch)
+                observer.add(workload.sent[known:])
                 published += due
             time.sleep(0.01)
     offered_seconds = time.monotonic() - started
@@ -391,6 +450,7 @@ def open_loop(
         "throughput": round((during) / offered_seconds, 1),
         "drain_after_s": round(drain, 2),
         **percentiles(conn, workload.unique_ids(before)),
+        **observer.stop(),
     }
 
 

@@ -185,11 +185,14 @@ def lock_free_codes(conn: Conn, template_id: int, count: int) -> list[str]:
     return _lock_free(conn, FREE_CODES, template_id, count)
 
 
+# A claim credited in this transaction is stamped when its row is written
+# (clock_timestamp(): now() would be the transaction's start, before the
+# batch's decisions), the closest the row can come to the commit.
 INSERT_CLAIMS = """
 INSERT INTO claims (claim_id, activity_slug, activity_id, exclusivity_group, member_id, share_id,
                     slot_no, status, reason, new_member, payload_digest, requested_at, deadline,
                     credited_at)
-SELECT u.*, CASE WHEN u.status = 'credited' THEN now() END
+SELECT u.*, CASE WHEN u.status = 'credited' THEN clock_timestamp() END
   FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::bigint[], %s::uuid[],
               %s::int[], %s::text[], %s::text[], %s::bool[], %s::bytea[], %s::timestamptz[],
               %s::timestamptz[])
