@@ -49,8 +49,10 @@ from workers.handlers import handle_claims
 console = Console(stderr=True)
 
 
-def make_activity(settings: Settings, slug: str, budget: int, pool: int) -> str:
-    prefix = "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZ") for _ in range(3))
+def make_activity(settings: Settings, slug: str, budget: int, pool: int, coupons: int = 1) -> str:
+    """A live activity whose packages hold ``coupons`` coupons, each template
+    with a pool of ``pool`` codes."""
+    prefixes = ["".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZ") for _ in range(3)) for _ in range(coupons)]
     engine = database.engine(settings)
     now = utcnow()
     with Session(engine) as session, session.begin():
@@ -68,11 +70,12 @@ def make_activity(settings: Settings, slug: str, budget: int, pool: int) -> str:
                 "starts_at": now - timedelta(hours=1),
                 "ends_at": now + timedelta(days=2),
                 "budget": budget,
-                "templates": [{"prefix": prefix, "kind": "amount_off", "value": 500}],
+                "templates": [{"prefix": p, "kind": "amount_off", "value": 500} for p in prefixes],
             }
         )
         backoffice.create_activity(session, spec)
-        backoffice.generate_codes(session, prefix, pool)
+        for prefix in prefixes:
+            backoffice.generate_codes(session, prefix, pool)
     engine.dispose()
     return slug
 
@@ -299,6 +302,21 @@ def growth(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]
         conn.execute("VACUUM ANALYZE codes")
         rate = db_ceiling(settings, slug, args.ceiling_seconds, 2, args.batch)
         points.append({"pool": size, "state": "90% used, after vacuum", "claims_per_s": round(rate, 1)})
+        console.print(points[-1])
+    return points
+
+
+def scaling(settings: Settings, env: dict[str, str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Backlog drains of the same size: with 1..N worker processes
+    (single-coupon packages), then with three-coupon packages."""
+    count = args.scaling_claims
+    runs = [(processes, 1) for processes in args.scaling_processes] + [(args.processes, 3)]
+    points = []
+    for processes, coupons in runs:
+        slug = make_activity(settings, f"bench-p{processes}-c{coupons}", count, count, coupons)
+        options = argparse.Namespace(**{**vars(args), "processes": processes})
+        result = backlog_drain(settings, env, slug, count, options, batched=True)
+        points.append({"processes": processes, "coupons": coupons, **result})
         console.print(points[-1])
     return points
 
@@ -576,6 +594,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.growth_pools:
             console.print("[bold]cost growth[/]: allocation rate against pool size and use")
             results["growth"] = growth(settings, args)
+        if args.scaling_processes:
+            console.print("[bold]cost growth[/]: worker processes and package size")
+            results["scaling"] = scaling(settings, env, args)
         with psycopg.connect(settings.database_url) as conn:
             from shared.verify import verify
 
@@ -658,6 +679,14 @@ def main() -> int:
         help="pool sizes for the cost-growth phase, e.g. 1000000,10000000 (the last is filled to 90%%)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument(
+        "--scaling-processes",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="worker process counts for backlog drains of --scaling-claims claims, e.g. 1,2,3,4;"
+        " then the same drain with three-coupon packages",
+    )
+    parser.add_argument("--scaling-claims", type=int, default=50_000)
     parser.add_argument(
         "--soak",
         type=int,
