@@ -14,7 +14,7 @@ import argparse
 import functools
 import time
 import uuid
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +41,7 @@ STEPS = {
 }
 
 
-def timed(spent: Counter[str], name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+def timed(spent: defaultdict[str, float], name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch", type=int, default=200)
     args = parser.parse_args()
-    spent: Counter[str] = Counter()
+    spent: defaultdict[str, float] = defaultdict(float)
     for module, names in STEPS.items():
         for name in names:
             setattr(module, name, timed(spent, name, getattr(module, name)))
@@ -76,13 +76,19 @@ def main() -> None:
                 conn.execute("ANALYZE claims")
                 conn.execute("ANALYZE members")
             spent.clear()
+            with pool.connection() as conn:
+                wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
             started = time.perf_counter()
             for _ in range(args.batches):
                 handlers.handle_claims(pool, settings, workload.take(args.batch))
             total = time.perf_counter() - started
+            with pool.connection() as conn:
+                row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", wal_before).fetchone()
+                wal = float(row[0]) if row else 0.0
     claims = args.batches * args.batch
     print(f"{claims} claims in batches of {args.batch}: {total * 1e6 / claims:.1f} us per claim in all")
-    for name, seconds in spent.most_common():
+    print(f"  WAL written: {wal / claims:,.0f} bytes per claim")
+    for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
         print(f"  {name:20s} {seconds * 1e6 / claims:7.1f} us/claim")
     rest = total - sum(spent.values())
     print(f"  {'the rest (Python, commit)':20s} {rest * 1e6 / claims:7.1f} us/claim")
