@@ -179,3 +179,20 @@ def verify_clean(settings: Settings) -> dict[str, Any]:
         report = verify(conn)
     assert report.clean, report.as_json()
     return report.as_json()
+
+
+def take_all(settings: Settings, queue: str) -> list[tuple[Any, bytes]]:
+    """(properties, body) of every message in ``queue``, taken off it in order."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    out = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((properties, body))
+    finally:
+        connection.close()

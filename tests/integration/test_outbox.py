@@ -21,6 +21,7 @@ from producers.publisher import Publisher, RabbitPublisher
 from shared import codec
 from shared.messages import MESSAGE_TYPES, PUBLIC_TYPES, Message, OrderPlaced
 from shared.settings import Settings
+from tests.conftest import take_all
 from tests.e2e.conftest import wait_for
 from tests.integration.web_pipeline import purge, workers_running
 
@@ -59,19 +60,12 @@ def place_order(conn: psycopg.Connection[Any], event: OrderPlaced) -> None:
 
 def queued(settings: Settings, queue: str = "orders") -> list[tuple[str, dict[str, Any]]]:
     """(message ID, payload) of every message in ``queue``, taken off it."""
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     out = []
-    try:
-        channel = connection.channel()
-        while True:
-            method, props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return out
-            envelope = orjson.loads(body)
-            assert props.delivery_mode == 2 and envelope["actor_name"] == "order_placed"
-            out.append((props.message_id, envelope["args"][0]))
-    finally:
-        connection.close()
+    for props, body in take_all(settings, queue):
+        envelope = orjson.loads(body)
+        assert props.delivery_mode == 2 and envelope["actor_name"] == "order_placed"
+        out.append((props.message_id, envelope["args"][0]))
+    return out
 
 
 def pending(conn: psycopg.Connection[Any]) -> int:

@@ -15,6 +15,7 @@ from shared import codec
 from shared.errors import PublishError
 from shared.messages import ClaimRequested, utcnow
 from shared.settings import Settings
+from tests.conftest import take_all
 from tests.integration.web_pipeline import purge
 
 
@@ -28,17 +29,7 @@ def claims(count: int) -> list[ClaimRequested]:
 
 def drain(settings: Settings, queue: str) -> list[Any]:
     """The properties of every message in ``queue``, taken off it in order."""
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    out = []
-    try:
-        channel = connection.channel()
-        while True:
-            method, properties, _body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return out
-            out.append(properties)
-    finally:
-        connection.close()
+    return [properties for properties, _ in take_all(settings, queue)]
 
 
 def test_batches_larger_than_the_window_arrive_persistent_and_in_order(settings: Settings) -> None:
