@@ -739,7 +739,8 @@ def main() -> int:
         )
         return 0 if result["verify"]["clean"] else 1
     if args.quick:
-        args.pool, args.backlog, args.reference, args.sustained = 20_000, 2_000, 300, 3.0
+        # The live pool must outlast 3 s at the full rate and 2 s at half of it.
+        args.pool, args.backlog, args.reference, args.sustained = 100_000, 2_000, 300, 3.0
         args.rates, args.rate_seconds, args.ceiling_seconds, args.ceiling_pool = [0.5], 2.0, 1.0, 20_000
         args.publisher_messages = 2_000
     results = run(args)
