@@ -97,3 +97,27 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
         )
         assert left.fetchone() == (0,)
     verify_clean(settings)
+
+
+def test_statements_are_planned_for_their_parameters_whatever_the_statistics(settings, pool):
+    """A plan cached while ``claims`` was empty must not outlive its growth:
+    after many executions on an empty, never analysed table, a lookup by
+    claim ID on a large one still uses the primary key."""
+    from shared import store
+
+    with pool.connection() as conn:
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
+        for _ in range(20):  # enough for a prepared statement and a generic plan
+            store.claims_by_ids(conn, [uuid.uuid4()])
+        conn.commit()
+        act = make_activity(settings, budget=3000, codes=3000)
+        handle_claims(pool, settings, [claim(act["slug"]) for _ in range(3000)])
+        before = conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'claims'").fetchone()
+        conn.commit()
+        store.claims_by_ids(conn, [uuid.uuid4()])
+        conn.commit()
+        import time
+
+        time.sleep(0.7)  # table statistics reach the view within half a second
+        after = conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'claims'").fetchone()
+    assert after == before
