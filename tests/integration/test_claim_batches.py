@@ -100,9 +100,9 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
 
 
 def test_statements_are_planned_for_their_parameters_whatever_the_statistics(settings, pool):
-    """A plan cached while ``claims`` was empty must not outlive its growth:
-    after many executions on an empty, never analysed table, a lookup by
-    claim ID on a large one still uses the primary key."""
+    """Pool connections plan each statement for its parameters (no generic
+    plan cached while a table was small), and a lookup by claim ID on a
+    table grown since, never analysed, still uses the primary key."""
     from shared import store
 
     with pool.connection() as conn:
