@@ -40,11 +40,7 @@ def pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) 
         min_size=min_size,
         max_size=max_size or settings.db_pool_size,
         check=ConnectionPool.check_connection,
-        # A plan for the parameters at hand every time: a generic plan cached
-        # while a table was small (a seq scan) would otherwise outlive its
-        # growth until the next ANALYZE (found: claim lookups scanning 780k
-        # rows where autovacuum was off).
-        kwargs={"autocommit": False, "options": "-c plan_cache_mode=force_custom_plan"},
+        kwargs={"autocommit": False},
         open=True,
         name="issuance",
     )

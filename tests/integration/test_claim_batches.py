@@ -100,13 +100,11 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
 
 
 def test_statements_are_planned_for_their_parameters_whatever_the_statistics(settings, pool):
-    """Pool connections plan each statement for its parameters (no generic
-    plan cached while a table was small), and a lookup by claim ID on a
-    table grown since, never analysed, still uses the primary key."""
+    """A lookup by claim ID, run many times while ``claims`` was empty, still
+    uses the primary key once the table has grown (never analysed)."""
     from shared import store
 
     with pool.connection() as conn:
-        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
         for _ in range(20):  # enough for a prepared statement and a generic plan
             store.claims_by_ids(conn, [uuid.uuid4()])
         conn.commit()
