@@ -1,5 +1,5 @@
 """Where the time of a claim batch goes: wall time per claim of each step of
-the claim transaction (each SQL statement of shared.store, phone parsing,
+the claim transaction (each SQL statement of issuance.shared.db.store, phone parsing,
 digests), one batch at a time on one connection, on a private database.
 
     .venv/bin/python -m benchmarks.claim_profile [--pool 300000] [--batches 50] [--batch 200]
@@ -18,10 +18,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from issuance.shared.db import database, store
+from issuance.workers import handlers
+
 from benchmarks.harness import private_services
 from benchmarks.pipeline import Workload, make_activity
-from shared import database, store
-from workers import handlers
 
 STEPS = {
     store: [

@@ -4,7 +4,7 @@
 
 In one private database and one run: (1) the ceiling, a COPY into ``codes``
 of codes generated beforehand (only the COPY is timed); (2) ``issuance codes
-generate``'s path, ``shared.backoffice.generate_codes``, timed end to end
+generate``'s path, ``issuance.shared.backoffice.catalog.generate_codes``, timed end to end
 (CSPRNG, formatting, COPY, batch row, commit). Rounds alternate so that
 neither path always meets the bigger table.
 """
@@ -19,10 +19,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from issuance.shared import domain
+from issuance.shared.backoffice import catalog
+from issuance.shared.db import database
+from issuance.shared.settings import settings_from
 from sqlalchemy.orm import Session
-
-from shared import backoffice, database, domain
-from shared.settings import settings_from
 
 ADMIN_DSN = os.environ.get("ISSUANCE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -124,7 +125,7 @@ def generate(settings, prefix: str, count: int) -> float:
     engine = database.engine(settings)
     started = time.perf_counter()
     with Session(engine) as session, session.begin():
-        backoffice.generate_codes(session, prefix, count)
+        catalog.generate_codes(session, prefix, count)
     elapsed = time.perf_counter() - started
     engine.dispose()
     return elapsed
@@ -146,7 +147,7 @@ def main() -> None:
         now = datetime.now(UTC)
         engine = database.engine(settings)
         with Session(engine) as session, session.begin():
-            backoffice.create_channel(session, "bench")
+            catalog.create_channel(session, "bench")
             spec = {
                 "slug": "bench",
                 "title": "bench",
@@ -156,7 +157,7 @@ def main() -> None:
                 "budget": 0,
                 "templates": [{"prefix": p, "kind": "gift", "value": 100} for p in prefixes],
             }
-            backoffice.create_activity(session, backoffice.ActivitySpec.from_mapping(spec))
+            catalog.create_activity(session, catalog.ActivitySpec.from_mapping(spec))
         engine.dispose()
         results = []
         for r in range(args.rounds):

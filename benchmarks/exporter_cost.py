@@ -31,9 +31,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from shared import analytics, database
-from shared.settings import settings_from
-from workers.exporter import Exporter
+from issuance.shared.db import analytics, database
+from issuance.shared.settings import settings_from
+from issuance.workers.exporter import Exporter
 
 ADMIN_DSN = os.environ.get("ISSUANCE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

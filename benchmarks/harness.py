@@ -15,9 +15,8 @@ from typing import Any
 
 import psycopg
 import redis
-
-from shared import database
-from shared.settings import PREFIX, Settings, settings_from
+from issuance.shared.db import database
+from issuance.shared.settings import PREFIX, Settings, settings_from
 
 ROOT = Path(__file__).parents[1]
 ADMIN_DSN = os.environ.get("ISSUANCE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -53,7 +52,7 @@ def private_services(tag: str) -> Iterator[tuple[Settings, dict[str, str]]]:
 
 
 class WorkerProcesses:
-    """``dramatiq workers.actors`` as a process tree we can measure and stop."""
+    """``dramatiq issuance.workers.actors`` as a process tree we can measure and stop."""
 
     def __init__(
         self,
@@ -64,7 +63,7 @@ class WorkerProcesses:
         modules: tuple[str, ...] = (),
         queues: tuple[str, ...] = (),
     ) -> None:
-        argv = [sys.executable, "-m", "dramatiq", "workers.actors", *modules]
+        argv = [sys.executable, "-m", "dramatiq", "issuance.workers.actors", *modules]
         argv += ["-p", str(processes), "-t", str(threads)]
         if queues:
             argv += ["--queues", *queues]

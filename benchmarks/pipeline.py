@@ -32,6 +32,14 @@ from typing import Any
 import orjson
 import pika
 import psycopg
+from issuance.shared.backoffice import catalog
+from issuance.shared.db import database, store
+from issuance.shared.settings import Settings
+from issuance.shared.wire import codec
+from issuance.shared.wire.codec import envelope, queue_arguments
+from issuance.shared.wire.messages import ClaimRequested, utcnow
+from issuance.shared.wire.publisher import FLUSH_EVERY, RabbitPublisher, encode
+from issuance.workers.handlers import handle_claims
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -39,12 +47,6 @@ from sqlalchemy.orm import Session
 
 from benchmarks.harness import ResourceMeter, WorkerProcesses, percentiles, private_services
 from benchmarks.reference_actor import QUEUE
-from producers.publisher import FLUSH_EVERY, RabbitPublisher, encode
-from shared import backoffice, codec, database, store
-from shared.codec import envelope, queue_arguments
-from shared.messages import ClaimRequested, utcnow
-from shared.settings import Settings
-from workers.handlers import handle_claims
 
 console = Console(stderr=True)
 
@@ -56,13 +58,12 @@ def make_activity(settings: Settings, slug: str, budget: int, pool: int, coupons
     engine = database.engine(settings)
     now = utcnow()
     with Session(engine) as session, session.begin():
+        from issuance.shared.db.models import Channel
         from sqlalchemy import select
 
-        from shared.models import Channel
-
         if session.scalar(select(Channel).where(Channel.name == "bench")) is None:
-            backoffice.create_channel(session, "bench")
-        spec = backoffice.ActivitySpec.from_mapping(
+            catalog.create_channel(session, "bench")
+        spec = catalog.ActivitySpec.from_mapping(
             {
                 "slug": slug,
                 "title": slug,
@@ -73,9 +74,9 @@ def make_activity(settings: Settings, slug: str, budget: int, pool: int, coupons
                 "templates": [{"prefix": p, "kind": "amount_off", "value": 500} for p in prefixes],
             }
         )
-        backoffice.create_activity(session, spec)
+        catalog.create_activity(session, spec)
         for prefix in prefixes:
-            backoffice.generate_codes(session, prefix, pool)
+            catalog.generate_codes(session, prefix, pool)
     engine.dispose()
     return slug
 
@@ -542,7 +543,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             peak = max(later)
             growth[pid] = {"warm_mb": at_warm, "max_after_mb": peak, "ratio": round(peak / at_warm, 3)}
         with psycopg.connect(settings.database_url) as conn:
-            from shared.verify import verify
+            from issuance.shared.db.verify import verify
 
             report = verify(conn).as_json()
     return {
@@ -617,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             console.print("[bold]cost growth[/]: worker processes and package size")
             results["scaling"] = scaling(settings, env, args)
         with psycopg.connect(settings.database_url) as conn:
-            from shared.verify import verify
+            from issuance.shared.db.verify import verify
 
             report = verify(conn)
         results["verify"] = report.as_json()

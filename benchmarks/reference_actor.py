@@ -4,7 +4,7 @@ claim per message, one transaction per claim (which binds and credits it).
 It runs the pipeline's own claim SQL (so the comparison is about batching,
 not about the SQL) on a queue of its own:
 
-    dramatiq workers.actors benchmarks.reference_actor --queues reference credits
+    dramatiq issuance.workers.actors benchmarks.reference_actor --queues reference credits
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
-
-from shared.messages import ClaimRequested, CreditRequested
-from workers import actors, handlers
-from workers.runtime import resources, send
+from issuance.shared.wire.messages import ClaimRequested, CreditRequested
+from issuance.workers import actors, handlers
+from issuance.workers.runtime import resources, send
 
 QUEUE = "reference"
 

@@ -39,13 +39,13 @@ from typing import Any
 import httpx
 import pika
 import psycopg
+from issuance.shared.db.verify import verify
+from issuance.shared.settings import PREFIX, Settings, settings_from
+from issuance.shared.wire.messages import OrderPlaced
+from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
 from benchmarks.harness import ROOT, ResourceMeter, WorkerProcesses, _stat, private_services
 from benchmarks.pipeline import make_activity
-from producers.publisher import Publisher, RabbitPublisher
-from shared.messages import OrderPlaced
-from shared.settings import PREFIX, Settings, settings_from
-from shared.verify import verify
 
 RESULTS = ROOT / "benchmarks" / "WEB_RESULTS.md"
 
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{PREFIX}WEB_RATE_PER_IP": str(10**9),
                 f"{PREFIX}WEB_RATE_PER_PHONE": str(10**9),
             }
-            argv = [sys.executable, "-m", "shared.cli", "web", "--port", str(port)]
+            argv = [sys.executable, "-m", "issuance.shared.cli", "web", "--port", str(port)]
             argv += ["--workers", str(args.web_workers), "--no-access-log"]
             page = subprocess.Popen(
                 argv, env=page_env, cwd=ROOT, stdout=(work / "web.log").open("ab"), stderr=subprocess.STDOUT

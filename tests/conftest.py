@@ -20,8 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-
-from shared.settings import PREFIX, Settings, settings_from
+from issuance.shared.settings import PREFIX, Settings, settings_from
 
 ADMIN_DSN = os.environ.get("ISSUANCE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_HOST = "127.0.0.1:5672"
@@ -71,7 +70,7 @@ def service_env() -> Iterator[dict[str, str]]:
         redis.Redis.from_url(env[f"{PREFIX}REDIS_URL"]).flushdb()
     except redis.RedisError as exc:
         pytest.fail(f"Redis is not reachable ({exc}); run `make services`", pytrace=False)
-    from shared import database
+    from issuance.shared.db import database
 
     database.upgrade(settings_from(env))
     yield env
@@ -98,7 +97,7 @@ def two_step(settings: Settings) -> Settings:
 
 @pytest.fixture
 def pool(settings: Settings) -> Iterator[Any]:
-    from shared import database
+    from issuance.shared.db import database
 
     p = database.pool(settings, max_size=20)
     yield p
@@ -119,13 +118,13 @@ def make_activity(
     online: bool = True,
 ) -> dict[str, Any]:
     """Create a channel (if needed), an activity and its code pool."""
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.db import database
+    from issuance.shared.db.models import Channel
+    from issuance.shared.domain import CODE_ALPHABET
+    from issuance.shared.wire.messages import utcnow
     from sqlalchemy import select
     from sqlalchemy.orm import Session
-
-    from shared import backoffice, database
-    from shared.domain import CODE_ALPHABET
-    from shared.messages import utcnow
-    from shared.models import Channel
 
     slug = slug or f"act-{secrets.token_hex(3)}"
     prefixes = ["".join(secrets.choice(CODE_ALPHABET) for _ in range(3)) for _ in range(templates)]
@@ -136,8 +135,8 @@ def make_activity(
     engine = database.engine(settings)
     with Session(engine) as session, session.begin():
         if session.scalar(select(Channel).where(Channel.name == "test")) is None:
-            backoffice.create_channel(session, "test")
-        spec = backoffice.ActivitySpec.from_mapping(
+            catalog.create_channel(session, "test")
+        spec = catalog.ActivitySpec.from_mapping(
             {
                 "slug": slug,
                 "title": f"Activity {slug}",
@@ -150,16 +149,16 @@ def make_activity(
                 "online": online,
             }
         )
-        backoffice.create_activity(session, spec)
+        catalog.create_activity(session, spec)
         for prefix in prefixes:
             if codes:
-                backoffice.generate_codes(session, prefix, codes)
+                catalog.generate_codes(session, prefix, codes)
     engine.dispose()
     return {"slug": slug, "prefixes": prefixes}
 
 
 def claim(activity: str, phone: str | None = None, **overrides: Any) -> Any:
-    from shared.messages import ClaimRequested, utcnow
+    from issuance.shared.wire.messages import ClaimRequested, utcnow
 
     values: dict[str, Any] = {
         "claim_id": uuid.uuid4(),
@@ -173,7 +172,7 @@ def claim(activity: str, phone: str | None = None, **overrides: Any) -> Any:
 
 def verify_clean(settings: Settings) -> dict[str, Any]:
     """Run the reconciliation and fail the test on any breach."""
-    from shared.verify import verify
+    from issuance.shared.db.verify import verify
 
     with psycopg.connect(settings.database_url) as conn:
         report = verify(conn)

@@ -39,11 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from issuance.shared.db import database
+from issuance.shared.domain import share_id_for
+from issuance.shared.settings import PREFIX, Settings, settings_from
+from issuance.shared.wire.messages import (
+    ClaimRequested,
+    ClaimsRequested,
+    Message,
+    OrderPlaced,
+    ShareOpened,
+    utcnow,
+)
 
-from shared import database
-from shared.domain import share_id_for
-from shared.messages import ClaimRequested, ClaimsRequested, Message, OrderPlaced, ShareOpened, utcnow
-from shared.settings import PREFIX, Settings, settings_from
 from tests.chaos.proxy import FaultLoop, FaultProxy
 from tests.chaos.services import PrivateServices, free_port
 
@@ -105,7 +112,7 @@ SCALES = {
 def _order_status_supported() -> bool:
     """Order status changes are part of the mix once the pipeline has them."""
     try:
-        from shared.messages import MESSAGE_TYPES
+        from issuance.shared.wire.messages import MESSAGE_TYPES
     except ImportError:
         return False
     actors = (ROOT / "workers" / "actors.py").read_text()
@@ -210,7 +217,7 @@ class Workload:
                     event_id=self._uuid(), share_id=share_id_for(rng.choice(self.orders)), opened_at=utcnow()
                 )
             elif roll < 0.23 and self.orders and self.order_status:
-                from shared.messages import MESSAGE_TYPES
+                from issuance.shared.wire.messages import MESSAGE_TYPES
 
                 changed = MESSAGE_TYPES["order-status-changed"]
                 order_id = self.orders[rng.randrange(max(len(self.orders) - 50, 1))]
@@ -277,7 +284,7 @@ class Producer(threading.Thread):
         self.lock = threading.Lock()
 
     def publish(self, messages: list[Message], *, probe: bool = False) -> None:
-        from producers.publisher import RabbitPublisher
+        from issuance.shared.wire.publisher import RabbitPublisher
 
         first = True
         while not self.stop_event.is_set():
@@ -311,7 +318,7 @@ class Producer(threading.Thread):
 
 # --------------------------------------------------------------------------- workers
 class WorkerGroup:
-    """One `dramatiq workers.actors` process tree, armed with one crash point."""
+    """One `dramatiq issuance.workers.actors` process tree, armed with one crash point."""
 
     def __init__(self, name: str, env: dict[str, str], base: Path, fault: str) -> None:
         self.name = name
@@ -339,7 +346,7 @@ class WorkerGroup:
     def start(self) -> None:
         self.duplicates_banked += self.duplicates_now
         self.duplicates_now = 0.0
-        argv = [sys.executable, "-m", "dramatiq", "workers.actors", "-p", "1", "-t", "4"]
+        argv = [sys.executable, "-m", "dramatiq", "issuance.workers.actors", "-p", "1", "-t", "4"]
         self.proc = subprocess.Popen(
             argv,
             env=self.env,
@@ -737,13 +744,13 @@ class ChaosRun:
         return {"without_faults": summary(quiet), "with_faults": summary(faulty)}
 
     def _judge(self, drain_s: float) -> dict[str, Any]:
-        from shared.verify import verify
-        from workers.dead_letters import drain
+        from issuance.shared.db.verify import verify
+        from issuance.workers.dead_letters import drain
 
         with database.pool(self.settings, max_size=1) as pool:
             drain(self.settings, pool)
         cli = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "verify", "--json"],
+            [sys.executable, "-m", "issuance.shared.cli", "verify", "--json"],
             env={**os.environ, **self.direct_env},
             cwd=ROOT,
             capture_output=True,

@@ -14,17 +14,25 @@ from typing import Any
 import pika
 import psycopg
 import pytest
-
-from shared.settings import Settings
+from issuance.shared.settings import Settings
 
 ROOT = Path(__file__).parents[2]
 
 
 class Workers:
-    """A `dramatiq workers.actors` process tree."""
+    """A `dramatiq issuance.workers.actors` process tree."""
 
     def __init__(self, env: dict[str, str], processes: int, threads: int, queues: list[str] | None) -> None:
-        argv = [sys.executable, "-m", "dramatiq", "workers.actors", "-p", str(processes), "-t", str(threads)]
+        argv = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "issuance.workers.actors",
+            "-p",
+            str(processes),
+            "-t",
+            str(threads),
+        ]
         if queues:
             argv += ["--queues", *queues]
         self.log = Path(env["ISSUANCE_TEST_LOG"])
@@ -59,7 +67,7 @@ def consumers(settings: Settings, queue: str) -> int:
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         channel = connection.channel()
-        from shared.codec import queue_arguments
+        from issuance.shared.wire.codec import queue_arguments
 
         declared = channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
         return int(declared.method.consumer_count)
@@ -84,7 +92,12 @@ def start_workers(
     started: list[Workers] = []
 
     def start(processes: int = 1, threads: int = 4, queues: list[str] | None = None, **extra: str) -> Workers:
-        env = {**os.environ, **service_env, "ISSUANCE_TEST_LOG": str(tmp_path / "workers.log"), **extra}
+        env = {
+            **os.environ,
+            **service_env,
+            "ISSUANCE_TEST_LOG": str(tmp_path / "workers.log"),
+            **extra,
+        }
         env.pop("PYTEST_CURRENT_TEST", None)
         workers = Workers(env, processes, threads, queues)
         started.append(workers)

@@ -10,10 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from issuance.shared.domain import share_id_for
+from issuance.shared.settings import Settings
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from shared.domain import share_id_for
-from shared.settings import Settings
 from tests.conftest import make_activity, verify_clean
 from tests.e2e.conftest import wait_for
 from tests.integration.web_pipeline import purge, serve

@@ -9,8 +9,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from producers.publisher import RabbitPublisher  # noqa: F401 - the command publishes with it
-from shared.messages import ClaimRequested, utcnow
+from issuance.shared.wire.messages import ClaimRequested, utcnow
+from issuance.shared.wire.publisher import RabbitPublisher  # noqa: F401 - the command publishes with it
+
 from tests.conftest import make_activity, verify_clean
 from tests.e2e.conftest import claim_states, wait_for
 
@@ -22,7 +23,7 @@ def issuance(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "issuance.shared.cli", *args],
         env={**clean, **(env or {})},
         cwd=ROOT,
         capture_output=True,
@@ -74,9 +75,9 @@ def test_publish_replays_a_file_refusing_bad_lines_and_verify_reports(
 
 def test_verify_exits_non_zero_on_a_breach(settings, two_step, service_env, pool):
     import psycopg
+    from issuance.workers.handlers import handle_claim
 
     from tests.conftest import claim
-    from workers.handlers import handle_claim
 
     act = make_activity(settings)
     handle_claim(pool, two_step, claim(act["slug"]))

@@ -4,10 +4,10 @@ pipeline: messages published to RabbitMQ, the actors in worker subprocesses."""
 from __future__ import annotations
 
 import psycopg
+from issuance.shared.domain import share_id_for
+from issuance.shared.wire.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
+from issuance.shared.wire.publisher import RabbitPublisher
 
-from producers.publisher import RabbitPublisher
-from shared.domain import share_id_for
-from shared.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
 from tests.conftest import claim, verify_clean
 from tests.e2e.conftest import wait_for
 from tests.integration.lifecycle_support import activity_with, one, rows

@@ -11,9 +11,9 @@ import sys
 
 import orjson
 import pika
+from issuance.shared.wire.codec import envelope, queue_arguments
+from issuance.shared.wire.publisher import RabbitPublisher
 
-from producers.publisher import RabbitPublisher
-from shared.codec import envelope, queue_arguments
 from tests.conftest import claim, make_activity, verify_clean
 from tests.e2e.conftest import ROOT, claim_states, consumers, wait_for
 
@@ -34,7 +34,7 @@ def test_worker_logs_hold_no_phone_number_in_clear(service_env, settings, tmp_pa
         sys.executable,
         "-m",
         "dramatiq",
-        "workers.actors",
+        "issuance.workers.actors",
         "-p",
         "1",
         "-t",

@@ -18,10 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from issuance.shared.settings import Settings
+from issuance.shared.wire.publisher import RabbitPublisher
 from prometheus_client.parser import text_string_to_metric_families
 
-from producers.publisher import RabbitPublisher
-from shared.settings import Settings
 from tests.conftest import claim, make_activity, verify_clean
 from tests.e2e.conftest import ROOT, claim_states, wait_for
 
@@ -69,7 +69,16 @@ def start_exporter(service_env: dict[str, str], tmp_path: Path) -> Iterator[Call
         port = free_port()
         env = {**os.environ, **service_env}
         log = (tmp_path / "exporter.log").open("ab")
-        argv = [sys.executable, "-m", "shared.cli", "exporter", "--port", str(port), "--interval", "0.5"]
+        argv = [
+            sys.executable,
+            "-m",
+            "issuance.shared.cli",
+            "exporter",
+            "--port",
+            str(port),
+            "--interval",
+            "0.5",
+        ]
         argv += ["--campaign-interval", "0.5"]
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         started.append(proc)
@@ -96,7 +105,7 @@ def metrics_env(tmp_path: Path) -> dict[str, str]:
 
 def leave_stale_values(directory: str, service_env: dict[str, str]) -> None:
     """A previous run that counted 1000 credits and exited."""
-    code = "from shared.metrics import CREDITS; CREDITS.inc(1000)"
+    code = "from issuance.shared.metrics import CREDITS; CREDITS.inc(1000)"
     env = {**os.environ, **service_env, "PROMETHEUS_MULTIPROC_DIR": directory}
     subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
     assert any(Path(directory).glob("counter_*.db"))
@@ -235,7 +244,7 @@ def promise_series(samples: Samples) -> dict[str, float]:
 
 def sweep(service_env: dict[str, str], *args: str) -> str:
     env = {**os.environ, **service_env}
-    argv = [sys.executable, "-m", "shared.cli", "sweep", *args]
+    argv = [sys.executable, "-m", "issuance.shared.cli", "sweep", *args]
     result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

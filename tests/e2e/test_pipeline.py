@@ -9,10 +9,10 @@ import orjson
 import pika
 import psycopg
 import pytest
+from issuance.shared.wire.codec import envelope, queue_arguments
+from issuance.shared.wire.messages import ClaimRequested, OrderPlaced, ShareOpened, utcnow
+from issuance.shared.wire.publisher import RabbitPublisher
 
-from producers.publisher import RabbitPublisher
-from shared.codec import envelope, queue_arguments
-from shared.messages import ClaimRequested, OrderPlaced, ShareOpened, utcnow
 from tests.conftest import claim, make_activity, verify_clean
 from tests.e2e.conftest import claim_states, consumers, wait_for
 
@@ -45,7 +45,7 @@ def test_orders_open_shares_and_opens_are_recorded_once(settings, start_workers)
     order = OrderPlaced(
         order_id="SO-1", member_id=42, amount_cents=100, placed_at=utcnow(), activity="spring-sale"
     )
-    from shared.domain import share_id_for
+    from issuance.shared.domain import share_id_for
 
     opened = ShareOpened(event_id=uuid.uuid4(), share_id=share_id_for("SO-1"), opened_at=utcnow())
     start_workers(queues=["orders", "shares"])
@@ -72,8 +72,8 @@ def _publish_raw(settings, queue: str, body: bytes) -> None:
 
 
 def test_bad_messages_are_dead_lettered_with_a_reason_and_never_loop(settings, start_workers):
-    from shared import database
-    from workers.dead_letters import drain
+    from issuance.shared.db import database
+    from issuance.workers.dead_letters import drain
 
     act = make_activity(settings)
     good = claim(act["slug"])
@@ -166,7 +166,7 @@ def test_with_redis_down_the_workers_go_on(settings, start_workers):
 
 
 def test_a_bad_item_in_a_claim_batch_is_dead_lettered_alone(settings, start_workers):
-    from shared.messages import ClaimsRequested
+    from issuance.shared.wire.messages import ClaimsRequested
 
     act = make_activity(settings)
     good = [claim(act["slug"]) for _ in range(3)]

@@ -10,9 +10,9 @@ import orjson
 import pika
 import psycopg
 import pytest
+from issuance.shared.wire import codec, signing
+from issuance.shared.wire.publisher import RabbitPublisher
 
-from producers.publisher import RabbitPublisher
-from shared import codec, signing
 from tests.conftest import claim, make_activity, verify_clean
 from tests.e2e.conftest import claim_states, wait_for
 

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from issuance.shared.domain import share_id_for
+from issuance.shared.wire.messages import CreditRequested, OrderPlaced, OrderStatusChanged, utcnow
+from issuance.workers import lifecycle
+from issuance.workers.handlers import handle_claim, handle_credit, handle_order_placed
 
-from shared.domain import share_id_for
-from shared.messages import CreditRequested, OrderPlaced, OrderStatusChanged, utcnow
 from tests.conftest import claim
-from workers import lifecycle
-from workers.handlers import handle_claim, handle_credit, handle_order_placed
 
 
 def phone() -> str:
@@ -90,7 +90,7 @@ def later(days: float) -> datetime:
 
 
 def prefix() -> str:
-    from shared.domain import CODE_ALPHABET
+    from issuance.shared.domain import CODE_ALPHABET
 
     return "".join(secrets.choice(CODE_ALPHABET) for _ in range(3))
 
@@ -98,11 +98,11 @@ def prefix() -> str:
 def activity_with(settings, *, codes: int = 20, templates: list[dict[str, Any]] | None = None, **fields: Any):
     """An activity from a full spec (defaults: live for a day, budget 50, one
     amount-off template of 5.00 above 50.00), with ``codes`` codes per template."""
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.db import database
+    from issuance.shared.db.models import Channel
     from sqlalchemy import select
     from sqlalchemy.orm import Session
-
-    from shared import backoffice, database
-    from shared.models import Channel
 
     now = utcnow()
     spec: dict[str, Any] = {
@@ -120,10 +120,10 @@ def activity_with(settings, *, codes: int = 20, templates: list[dict[str, Any]] 
     engine = database.engine(settings)
     with Session(engine) as session, session.begin():
         if session.scalar(select(Channel).where(Channel.name == "test")) is None:
-            backoffice.create_channel(session, "test")
-        backoffice.create_activity(session, backoffice.ActivitySpec.from_mapping(spec))
+            catalog.create_channel(session, "test")
+        catalog.create_activity(session, catalog.ActivitySpec.from_mapping(spec))
         for template in spec["templates"]:
             if codes:
-                backoffice.generate_codes(session, template["prefix"], codes)
+                catalog.generate_codes(session, template["prefix"], codes)
     engine.dispose()
     return spec

@@ -18,13 +18,15 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from issuance.shared import domain
+from issuance.shared.backoffice import catalog
+from issuance.shared.db import database
+from issuance.shared.wire.messages import utcnow
+from issuance.workers.handlers import handle_claim
 from sqlalchemy.orm import Session
 
-from shared import backoffice, database, domain
-from shared.messages import utcnow
 from tests.conftest import claim, verify_clean
 from tests.integration.lifecycle_support import activity_with, member_with_package, move, one, place, prefix
-from workers.handlers import handle_claim
 
 ROOT = Path(__file__).parents[2]
 
@@ -32,7 +34,7 @@ ROOT = Path(__file__).parents[2]
 def issuance(service_env, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")} | service_env
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "issuance.shared.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -51,7 +53,7 @@ def session(settings) -> Session:
 
 def edit(settings, slug: str, **changes) -> list[str]:
     with session(settings) as s, s.begin():
-        return backoffice.update_activity(s, slug, changes)
+        return catalog.update_activity(s, slug, changes)
 
 
 def test_channel_names_are_unique(settings, service_env):
@@ -127,14 +129,14 @@ def test_an_activity_file_in_yaml_creates_every_field_and_lists_newest_first(set
     ],
 )
 def test_template_rules_are_checked(settings, templates, message):
-    with pytest.raises(backoffice.BackOfficeError, match=message):
+    with pytest.raises(catalog.BackOfficeError, match=message):
         activity_with(settings, codes=0, templates=templates)
 
 
 def test_a_prefix_is_unique_platform_wide(settings):
     taken = prefix()
     activity_with(settings, codes=0, templates=[{"prefix": taken, "kind": "gift", "value": 1}])
-    with pytest.raises(backoffice.BackOfficeError, match="unique platform-wide"):
+    with pytest.raises(catalog.BackOfficeError, match="unique platform-wide"):
         activity_with(settings, codes=0, templates=[{"prefix": taken, "kind": "gift", "value": 1}])
 
 
@@ -146,7 +148,7 @@ def test_budget_grows_and_shrinks_by_untaken_slots_never_below_what_is_issued(se
     verify_clean(settings)
     assert edit(settings, act["slug"], budget=2) == ["budget"]
     verify_clean(settings)
-    with pytest.raises(backoffice.BackOfficeError, match="2 packages are issued"):
+    with pytest.raises(catalog.BackOfficeError, match="2 packages are issued"):
         edit(settings, act["slug"], budget=1)
     assert one(settings, "SELECT budget FROM activities WHERE slug = %s", act["slug"]) == 2
     assert handle_claim(pool, settings, claim(act["slug"])).reason == "sold_out"
@@ -162,7 +164,7 @@ def test_live_edits_allow_what_is_safe_and_refuse_the_rest(settings, pool, servi
     templates = [*act["templates"], {"prefix": new_prefix, "kind": "gift", "value": 100}]
     assert edit(settings, act["slug"], templates=templates, validity_days=3) == ["templates", "validity_days"]
     with session(settings) as s, s.begin():
-        backoffice.generate_codes(s, new_prefix, 5)
+        catalog.generate_codes(s, new_prefix, 5)
     assert handle_claim(pool, settings, claim(act["slug"])).status == "credited"
     changed = edit(
         settings,
@@ -180,12 +182,12 @@ def test_live_edits_allow_what_is_safe_and_refuse_the_rest(settings, pool, servi
         ("starts_at", utcnow()),
         ("templates", act["templates"]),
     ]:
-        with pytest.raises(backoffice.BackOfficeError, match=f"packages issued; cannot change {field}"):
+        with pytest.raises(catalog.BackOfficeError, match=f"packages issued; cannot change {field}"):
             edit(settings, act["slug"], **{field: value})
     refused = issuance(service_env, "activity", "edit", act["slug"], "--set", "validity_days=9", check=False)
     assert refused.returncode == 2 and "cannot change validity_days" in refused.stderr
     assert "online" in issuance(service_env, "activity", "edit", act["slug"], "--set", "online=true").stdout
-    with pytest.raises(backoffice.BackOfficeError, match="must end after it starts"):
+    with pytest.raises(catalog.BackOfficeError, match="must end after it starts"):
         edit(settings, act["slug"], ends_at=utcnow() - timedelta(days=2))
     verify_clean(settings)
 
@@ -194,8 +196,8 @@ def test_a_batch_is_numbered_random_prefixed_and_unique(settings):
     p = prefix()
     activity_with(settings, codes=0, templates=[{"prefix": p, "kind": "gift", "value": 1}])
     with session(settings) as s, s.begin():
-        first = backoffice.generate_codes(s, p, 5000)
-        second = backoffice.generate_codes(s, p, 3000)
+        first = catalog.generate_codes(s, p, 5000)
+        second = catalog.generate_codes(s, p, 3000)
     assert second.batch_id == first.batch_id + 1
     codes = [
         r[0] for r in psycopg.connect(settings.database_url).execute("SELECT code FROM codes").fetchall()
@@ -219,7 +221,7 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
     p = prefix()
     activity_with(settings, codes=0, templates=[{"prefix": p, "kind": "gift", "value": 1}])
     with session(settings) as s, s.begin():
-        backoffice.generate_codes(s, p, 10)
+        catalog.generate_codes(s, p, 10)
     existing = [
         r[0] for r in psycopg.connect(settings.database_url).execute("SELECT code FROM codes").fetchall()
     ]
@@ -233,7 +235,7 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
 
     monkeypatch.setattr(domain, "new_codes", colliding)
     with session(settings) as s, s.begin():
-        batch = backoffice.generate_codes(s, p, 50, chunk=20)
+        batch = catalog.generate_codes(s, p, 50, chunk=20)
     assert one(settings, "SELECT count(*) FROM codes WHERE batch_id = %s", batch.batch_id) == 50
     assert calls[-1] == 3, "the three losers are drawn again"
     verify_clean(settings)
@@ -245,9 +247,9 @@ def test_a_batch_that_cannot_be_unique_is_refused_before_generating(settings, se
     with (
         session(settings) as s,
         s.begin(),
-        pytest.raises(backoffice.BackOfficeError, match="use more random bits"),
+        pytest.raises(catalog.BackOfficeError, match="use more random bits"),
     ):
-        backoffice.generate_codes(s, p, 100_000, bits=35)  # 32^7 codes: at most 34,359 stay unguessable
+        catalog.generate_codes(s, p, 100_000, bits=35)  # 32^7 codes: at most 34,359 stay unguessable
     refused = issuance(
         service_env, "codes", "generate", "--template", p, "--count", "40000", "--bits", "35", check=False
     )
@@ -281,10 +283,10 @@ def test_export_memory_stays_flat_whatever_the_batch_size(settings):
     p = prefix()
     activity_with(settings, codes=0, templates=[{"prefix": p, "kind": "gift", "value": 1}])
     with session(settings) as s, s.begin():
-        batch = backoffice.generate_codes(s, p, 100_000)
+        batch = catalog.generate_codes(s, p, 100_000)
     with psycopg.connect(settings.database_url) as conn:
         tracemalloc.start()
-        size = sum(len(chunk) for chunk in backoffice.export_batch(conn, batch.batch_id))
+        size = sum(len(chunk) for chunk in catalog.export_batch(conn, batch.batch_id))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert size > 2_000_000
@@ -295,8 +297,8 @@ def test_the_report_counts_what_the_campaign_offered_cost_and_brought(settings, 
     act = activity_with(settings, budget=10, codes=20, rebate_every=1, rebate_amount_cents=300)
     number = "+8613700137000"
     # A buyer whose order opened a share; two friends claim through it.
-    from shared.messages import MemberRegistered
-    from workers.lifecycle import handle_member_registered
+    from issuance.shared.wire.messages import MemberRegistered
+    from issuance.workers.lifecycle import handle_member_registered
 
     handle_member_registered(pool, settings, MemberRegistered(phone=number, registered_at=utcnow()))
     buyer = one(settings, "SELECT member_id FROM members")

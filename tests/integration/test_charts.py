@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import psycopg
+from issuance.shared.backoffice.charts import load_series
+from issuance.shared.cli import main
+from issuance.workers.handlers import handle_claim, handle_credit
+from issuance.workers.sweeper import credit_messages
 
-from shared.charts import load_series
-from shared.cli import main
 from tests.conftest import claim, make_activity
-from workers.handlers import handle_claim, handle_credit
-from workers.sweeper import credit_messages
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-from shared.domain import Refusal
-from shared.messages import ClaimsRequested, CreditRequested
+from issuance.shared.domain import Refusal
+from issuance.shared.wire.messages import ClaimsRequested, CreditRequested
+from issuance.workers.handlers import handle_claims, handle_credit
+
 from tests.conftest import claim, make_activity, verify_clean
-from workers.handlers import handle_claims, handle_credit
 
 
 def test_a_batch_applies_every_rule_within_itself(settings, two_step, pool):
@@ -59,8 +60,7 @@ def test_the_batch_message_round_trips_and_caps_its_size(settings):
     decoded = ClaimsRequested.from_payload(orjson.loads(orjson.dumps(message.to_payload())))
     assert decoded == message
     import pytest
-
-    from shared.errors import InvalidMessage
+    from issuance.shared.errors import InvalidMessage
 
     with pytest.raises(InvalidMessage, match="1 to 1000"):
         ClaimsRequested.from_payload({"v": 1, "batch_id": str(uuid.uuid4()), "claims": []})
@@ -76,7 +76,7 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
     """Allocation starts where the last one in this process stopped; codes and
     slots it passed over (held by a transaction that rolled back) must still
     be found before the pool is called empty or the activity sold out."""
-    from shared import store
+    from issuance.shared.db import store
 
     act = make_activity(settings, budget=6, codes=6)
     with pool.connection() as conn:
@@ -102,7 +102,7 @@ def test_rows_left_behind_the_allocation_mark_are_still_handed_out(settings, poo
 def test_statements_are_planned_for_their_parameters_whatever_the_statistics(settings, pool):
     """A lookup by claim ID, run many times while ``claims`` was empty, still
     uses the primary key once the table has grown (never analysed)."""
-    from shared import store
+    from issuance.shared.db import store
 
     with pool.connection() as conn:
         for _ in range(20):  # enough for a prepared statement and a generic plan

@@ -7,12 +7,12 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from issuance.shared.domain import Refusal
+from issuance.shared.errors import ConflictingDuplicate
+from issuance.shared.wire.messages import CreditRequested
+from issuance.workers.handlers import handle_claim, handle_credit
 
-from shared.domain import Refusal
-from shared.errors import ConflictingDuplicate
-from shared.messages import CreditRequested
 from tests.conftest import claim, make_activity, verify_clean
-from workers.handlers import handle_claim, handle_credit
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["credited-inline", "credit-step"])

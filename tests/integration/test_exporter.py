@@ -7,12 +7,12 @@ import math
 from datetime import timedelta
 
 import psycopg
+from issuance.shared.wire.messages import utcnow
+from issuance.workers.exporter import Exporter, registry_for
+from issuance.workers.handlers import handle_claim, handle_credit
+from issuance.workers.sweeper import credit_messages
 
-from shared.messages import utcnow
 from tests.conftest import claim, make_activity
-from workers.exporter import Exporter, registry_for
-from workers.handlers import handle_claim, handle_credit
-from workers.sweeper import credit_messages
 
 
 def samples(exporter: Exporter) -> dict[tuple[str, tuple[str, ...]], float]:

@@ -10,10 +10,11 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from issuance.shared.backoffice import catalog
+from issuance.shared.domain.coupons import LifecycleRefusal
+from issuance.shared.wire.messages import utcnow
+from issuance.workers.lifecycle import OrderNotYetKnown, record_order
 
-from shared import backoffice
-from shared.coupons import LifecycleRefusal
-from shared.messages import utcnow
 from tests.conftest import verify_clean
 from tests.integration.lifecycle_support import (
     activity_with,
@@ -24,7 +25,6 @@ from tests.integration.lifecycle_support import (
     prefix,
     refusals,
 )
-from workers.lifecycle import OrderNotYetKnown, record_order
 
 
 def test_redeemed_codes_become_used_with_order_and_discount_once(settings, pool):
@@ -85,7 +85,7 @@ def test_an_expired_or_cancelled_coupon_cannot_be_used(settings, pool):
 
     member2, (code2,), _ = member_with_package(pool, settings, act["slug"])
     with psycopg.connect(settings.database_url) as conn:
-        assert backoffice.cancel_coupon(conn, code2, utcnow())
+        assert catalog.cancel_coupon(conn, code2, utcnow())
     place(pool, member2, codes=(code2,))
     assert (code2, LifecycleRefusal.CANCELLED) in refusals(settings)
     verify_clean(settings)
@@ -168,8 +168,8 @@ def test_the_sweep_expires_only_coupons_past_expiry_and_is_idempotent(settings, 
             ([*coupons[:2], used],),
         )
     with psycopg.connect(settings.database_url) as conn:
-        assert backoffice.expire_coupons(conn, utcnow(), chunk=1) == 2
-        assert backoffice.expire_coupons(conn, utcnow()) == 0
+        assert catalog.expire_coupons(conn, utcnow(), chunk=1) == 2
+        assert catalog.expire_coupons(conn, utcnow()) == 0
     statuses = dict(
         (c, one(settings, "SELECT status FROM codes WHERE code = %s", c)) for c in [*coupons, used]
     )
@@ -182,18 +182,18 @@ def test_operators_cancel_unused_or_unissued_coupons_but_not_used_ones(settings,
     _, (code,), _ = member_with_package(pool, settings, act["slug"])
     spare = one(settings, "SELECT code FROM codes WHERE status = 'available' LIMIT 1")
     with psycopg.connect(settings.database_url) as conn:
-        assert backoffice.cancel_coupon(conn, code, utcnow())
-        assert not backoffice.cancel_coupon(conn, code, utcnow()), "cancelling twice changes nothing"
-        assert backoffice.cancel_coupon(conn, spare, utcnow())
-        with pytest.raises(backoffice.BackOfficeError, match="no such coupon code"):
-            backoffice.cancel_coupon(conn, "ZZZZZZZZZZZZ", utcnow())
+        assert catalog.cancel_coupon(conn, code, utcnow())
+        assert not catalog.cancel_coupon(conn, code, utcnow()), "cancelling twice changes nothing"
+        assert catalog.cancel_coupon(conn, spare, utcnow())
+        with pytest.raises(catalog.BackOfficeError, match="no such coupon code"):
+            catalog.cancel_coupon(conn, "ZZZZZZZZZZZZ", utcnow())
     other, (used,), _ = member_with_package(pool, settings, act["slug"])
     place(pool, other, codes=(used,))
     with (
         psycopg.connect(settings.database_url) as conn,
-        pytest.raises(backoffice.BackOfficeError, match="already used"),
+        pytest.raises(catalog.BackOfficeError, match="already used"),
     ):
-        backoffice.cancel_coupon(conn, used, utcnow())
+        catalog.cancel_coupon(conn, used, utcnow())
     assert one(settings, "SELECT status FROM codes WHERE code = %s", used) == "used"
     report = verify_clean(settings)
     assert report["breaches"]["codes_differ_from_batches"] == 0
@@ -226,7 +226,7 @@ def test_verify_catches_codes_missing_from_their_batch_and_coupons_of_cancelled_
             "UPDATE orders SET status = 'cancelled', cancelled_at = now() WHERE order_id = %s",
             (order.order_id,),
         )
-    from shared.verify import verify
+    from issuance.shared.db.verify import verify
 
     with psycopg.connect(settings.database_url) as conn:
         report = verify(conn).as_json()

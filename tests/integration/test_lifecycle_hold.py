@@ -8,13 +8,13 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from issuance.shared.errors import InvalidMessage
+from issuance.shared.wire.messages import CreditRequested, MemberRegistered, utcnow
+from issuance.workers.handlers import handle_claim, handle_credit
+from issuance.workers.lifecycle import handle_member_registered, prepare_credit
 
-from shared.errors import InvalidMessage
-from shared.messages import CreditRequested, MemberRegistered, utcnow
 from tests.conftest import claim, verify_clean
 from tests.integration.lifecycle_support import activity_with, one, phone, refusals
-from workers.handlers import handle_claim, handle_credit
-from workers.lifecycle import handle_member_registered, prepare_credit
 
 
 def test_by_default_a_pending_member_is_credited_at_once(settings, pool):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from issuance.shared.db.models import Base
 from sqlalchemy import create_engine
-
-from shared.models import Base
 
 
 def test_migrated_schema_matches_the_models(settings):

@@ -15,12 +15,12 @@ import orjson
 import pika
 import psycopg
 import pytest
+from issuance.producers import outbox
+from issuance.shared.settings import Settings
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import MESSAGE_TYPES, PUBLIC_TYPES, Message, OrderPlaced
+from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
-from producers import outbox
-from producers.publisher import Publisher, RabbitPublisher
-from shared import codec
-from shared.messages import MESSAGE_TYPES, PUBLIC_TYPES, Message, OrderPlaced
-from shared.settings import Settings
 from tests.conftest import take_all
 from tests.e2e.conftest import wait_for
 from tests.integration.web_pipeline import purge, workers_running

@@ -9,12 +9,12 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
+from issuance.shared.errors import PublishError
+from issuance.shared.settings import Settings
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import ClaimRequested, utcnow
+from issuance.shared.wire.publisher import FLUSH_EVERY, RabbitPublisher
 
-from producers.publisher import FLUSH_EVERY, RabbitPublisher
-from shared import codec
-from shared.errors import PublishError
-from shared.messages import ClaimRequested, utcnow
-from shared.settings import Settings
 from tests.conftest import take_all
 from tests.integration.web_pipeline import purge
 

@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from issuance.shared.db import database
+from issuance.shared.domain import Refusal
+from issuance.shared.settings import Settings
+from issuance.shared.wire.messages import CreditRequested
+from issuance.workers.handlers import ClaimOutcome, handle_claim, handle_credit
 
-from shared import database
-from shared.domain import Refusal
-from shared.messages import CreditRequested
-from shared.settings import Settings
 from tests.conftest import claim, make_activity, verify_clean
-from workers.handlers import ClaimOutcome, handle_claim, handle_credit
 
 
 def _race(pool, settings, messages, workers=16) -> list[ClaimOutcome]:
@@ -67,7 +67,7 @@ def test_many_claimants_racing_for_the_last_codes(settings, pool):
 
 def _claim_in_process(args: tuple[dict[str, str], str, int]) -> list[str]:
     env, slug, count = args
-    from shared.settings import settings_from
+    from issuance.shared.settings import settings_from
 
     settings = settings_from(env)
     with database.pool(settings, max_size=4) as pool:

@@ -10,8 +10,9 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from issuance.shared.wire.messages import MemberRegistered, utcnow
+from issuance.workers.lifecycle import handle_member_registered
 
-from shared.messages import MemberRegistered, utcnow
 from tests.conftest import verify_clean
 from tests.integration.lifecycle_support import (
     activity_with,
@@ -25,7 +26,6 @@ from tests.integration.lifecycle_support import (
     rows,
     share_of,
 )
-from workers.lifecycle import handle_member_registered
 
 
 def referrer(pool, settings, slug: str) -> tuple[int, object]:

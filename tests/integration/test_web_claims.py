@@ -15,13 +15,13 @@ import jsonschema
 import psycopg
 import pytest
 import redis
+from issuance.producers.web.fastgate import accepted_key, budget_key
+from issuance.producers.web.openapi import SPEC
+from issuance.shared import gate
+from issuance.shared.domain import Refusal, phone_digest, share_id_for
+from issuance.shared.settings import Settings
+from issuance.shared.wire.messages import ShareOpened
 
-from producers.web.fastgate import accepted_key, budget_key
-from producers.web.openapi import SPEC
-from shared import gate
-from shared.domain import Refusal, phone_digest, share_id_for
-from shared.messages import ShareOpened
-from shared.settings import Settings
 from tests.conftest import make_activity
 from tests.e2e.conftest import Workers, claim_states, wait_for
 from tests.integration.web_pipeline import (
@@ -349,7 +349,7 @@ def test_give_back_never_creates_a_counter_without_expiry(settings: Settings) ->
     counter of 1 behind that would refuse every later claim as sold out."""
     import asyncio
 
-    from producers.web.fastgate import FastGate
+    from issuance.producers.web.fastgate import FastGate
 
     r = redis.Redis.from_url(settings.redis_url)
 

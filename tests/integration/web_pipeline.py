@@ -17,11 +17,11 @@ import httpx
 import orjson
 import pika
 import uvicorn
+from issuance.producers.web import create_app
+from issuance.shared.settings import Settings
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import ClaimsRequested, Message
 
-from producers.web import create_app
-from shared import codec
-from shared.messages import ClaimsRequested, Message
-from shared.settings import Settings
 from tests.e2e.conftest import Workers, consumers, wait_for
 
 

@@ -2,7 +2,7 @@
 
 Every case is raw bytes as they would arrive from RabbitMQ: the codec
 decodes the envelope (layer ``envelope``), the actor's wrapper
-(workers.runtime.pipeline_actor) reads the payload (layer ``validation``,
+(issuance.workers.runtime.pipeline_actor) reads the payload (layer ``validation``,
 dead-lettered with its reason) and calls the handler, which may refuse it on
 business rules (layer ``handler``: a refused claim with its reason, an
 unknown claim, an ID reused with another payload) or accept it.
@@ -33,10 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from issuance.shared.errors import TransientError
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import CODE, MESSAGE_TYPES, ClaimRequested
 
-from shared import codec
-from shared.errors import TransientError
-from shared.messages import CODE, MESSAGE_TYPES, ClaimRequested
 from tests.conftest import make_activity, verify_clean
 
 CASES = int(os.environ.get("FUZZ_CASES", "300"))
@@ -183,8 +183,7 @@ class Pipeline:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
         monkeypatch.setenv("ISSUANCE_BROKER", "stub")
         import dramatiq
-
-        from workers import actors, runtime
+        from issuance.workers import actors, runtime
 
         self.sent: list[Any] = []
         self.reasons: list[str] = []

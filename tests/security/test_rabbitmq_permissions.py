@@ -15,11 +15,11 @@ from pathlib import Path
 import pika
 import pika.exceptions
 import pytest
+from issuance.shared.errors import PublishError
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import CreditRequested
+from issuance.shared.wire.publisher import RabbitPublisher
 
-from producers.publisher import RabbitPublisher
-from shared import codec
-from shared.errors import PublishError
-from shared.messages import CreditRequested
 from tests.chaos.services import PrivateRabbit
 from tests.conftest import claim
 

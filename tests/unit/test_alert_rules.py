@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from shared import metrics
-from workers import exporter
+from issuance.shared import metrics
+from issuance.workers import exporter
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"

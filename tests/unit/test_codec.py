@@ -13,12 +13,11 @@ from dramatiq import Message as DramatiqMessage
 from dramatiq.errors import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from issuance.shared.errors import InvalidMessage
+from issuance.shared.wire import codec
+from issuance.shared.wire.messages import MESSAGE_TYPES, ClaimRequested, OrderPlaced
 
-from shared import codec
-from shared.errors import InvalidMessage
-from shared.messages import MESSAGE_TYPES, ClaimRequested, OrderPlaced
-
-SCHEMAS = Path(__file__).parents[2] / "shared" / "schemas"
+SCHEMAS = Path(__file__).parents[2] / "shared" / "issuance" / "shared" / "wire" / "schemas"
 
 
 @pytest.mark.parametrize("type_", sorted(MESSAGE_TYPES))

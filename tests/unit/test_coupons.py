@@ -1,4 +1,4 @@
-"""The pure rules of shared.coupons and the back-office messages."""
+"""The pure rules of issuance.shared.domain.coupons and the back-office messages."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from shared import coupons
-from shared.codec import ROUTES, encode
-from shared.coupons import CouponView, LifecycleRefusal, OrderStep, TransitionRefused
-from shared.errors import InvalidMessage
-from shared.messages import MemberRegistered, OrderStatusChanged
+from issuance.shared.domain import coupons
+from issuance.shared.domain.coupons import CouponView, LifecycleRefusal, OrderStep, TransitionRefused
+from issuance.shared.errors import InvalidMessage
+from issuance.shared.wire.codec import ROUTES, encode
+from issuance.shared.wire.messages import MemberRegistered, OrderStatusChanged
 
 NOW = datetime(2026, 11, 11, 12, tzinfo=UTC)
 
@@ -131,7 +130,15 @@ def test_the_rules_import_no_database_broker_or_network_code():
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    forbidden = ("sqlalchemy", "psycopg", "pika", "redis", "dramatiq", "prometheus_client", "shared.store")
+    forbidden = (
+        "sqlalchemy",
+        "psycopg",
+        "pika",
+        "redis",
+        "dramatiq",
+        "prometheus_client",
+        "issuance.shared.db.store",
+    )
     assert not [m for m in imported if m.startswith(forbidden)]
 
 

@@ -1,4 +1,4 @@
-"""The pure rules of shared.domain."""
+"""The pure rules of issuance.shared.domain."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from shared import domain
-from shared.domain import ActivityRules, Refusal, TemplateRef
+from issuance.shared import domain
+from issuance.shared.domain import ActivityRules, Refusal, TemplateRef
 
 
 def test_numbers_are_normalised_to_e164_whatever_the_typing():

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from issuance.shared import metrics
+from issuance.workers.exporter import _divide, _rate
 from prometheus_client.parser import text_string_to_metric_families
-
-from shared import metrics
-from workers.exporter import _divide, _rate
 
 ROOT = Path(__file__).parents[2]
 
@@ -39,10 +38,12 @@ def test_a_directory_with_a_live_sibling_is_kept(tmp_path):
     assert (tmp_path / f"counter_{os.getpid()}.db").read_bytes() == b"live"
 
 
-CHILD = "from shared.metrics import CREDITS, CONSUMERS; CREDITS.inc(2); CONSUMERS.labels('claims').inc()"
+CHILD = (
+    "from issuance.shared.metrics import CREDITS, CONSUMERS; CREDITS.inc(2); CONSUMERS.labels('claims').inc()"
+)
 PARENT = f"""
 import subprocess, sys
-from shared.metrics import metrics_response
+from issuance.shared.metrics import metrics_response
 for _ in range(2):
     subprocess.run([sys.executable, "-c", {CHILD!r}], check=True)
 sys.stdout.write(metrics_response()[0].decode())

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from issuance.shared.wire.publisher import RabbitPublisher
 from pika.spec import Basic
-
-from producers.publisher import RabbitPublisher
 
 
 def publisher_with_pending(*tags: int) -> RabbitPublisher:

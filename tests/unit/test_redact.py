@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import orjson
-
-from shared.messages import ClaimRequested, ClaimsRequested
-from workers.runtime import redact
+from issuance.shared.wire.messages import ClaimRequested, ClaimsRequested
+from issuance.workers.runtime import redact
 
 
 def test_a_batch_dead_letter_masks_every_claim_number():

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import psycopg
 import redis
-
-from shared.errors import InvalidMessage, TransientError
-from workers.broker import RetryPolicy
+from issuance.shared.errors import InvalidMessage, TransientError
+from issuance.workers.broker import RetryPolicy
 
 
 def test_outages_are_waited_out_and_bugs_are_bounded():

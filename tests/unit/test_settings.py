@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from shared.settings import Settings, SettingsError, settings_from
+from issuance.shared.settings import Settings, SettingsError, settings_from
 
 
 def test_defaults_work_on_a_laptop():

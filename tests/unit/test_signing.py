@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from issuance.shared.wire import codec, signing
+from issuance.shared.wire.signing import SigningConfigError, parse_keys, refusal, sign_envelope
+from issuance.workers.redaction import RedactingFilter, redact_text
 
-from shared import codec, signing
-from shared.signing import SigningConfigError, parse_keys, refusal, sign_envelope
 from tests.conftest import claim
-from workers.redaction import RedactingFilter, redact_text
 
 KEYS = "k2:second-secret-0123456789,k1:first-secret-0123456789"
 

@@ -9,14 +9,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+from issuance.producers.web.app import ClaimForm, InvalidForm
+from issuance.producers.web.openapi import SPEC
+from issuance.producers.web.page import page_state, render_page
+from issuance.producers.web.queries import ActivityPage
+from issuance.producers.web.security import parse_origins, same_site
+from issuance.shared.domain import ActivityRules
 from starlette.requests import Request
-
-from producers.web.app import ClaimForm, InvalidForm
-from producers.web.openapi import SPEC
-from producers.web.page import page_state, render_page
-from producers.web.queries import ActivityPage
-from producers.web.security import parse_origins, same_site
-from shared.domain import ActivityRules
 
 NOW = datetime(2026, 11, 11, 12, 0, tzinfo=UTC)
 

@@ -1,0 +1,365 @@
+"""The activity page: an ASGI app (Starlette) that renders an activity,
+takes claims and reports their status.
+
+The endpoints only parse, check what is known at once, and hand the claim to
+the pipeline with a confirmed publish; the workers decide everything else
+(and enforce every rule again, since Redis is only a fast gate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from issuance.producers.background import PublisherThread
+from issuance.producers.web.fastgate import FastGate, Verdict
+from issuance.producers.web.openapi import MAX_PHONE_CHARS, SPEC
+from issuance.producers.web.page import render_not_found, render_page
+from issuance.producers.web.queries import ActivityPage, Queries
+from issuance.producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origins, same_site
+from issuance.shared.domain import (
+    InvalidPhone,
+    Refusal,
+    mask_phone,
+    normalize_phone,
+    phone_digest,
+    window_refusal,
+)
+from issuance.shared.errors import PublishError
+from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
+from issuance.shared.settings import Settings, load_settings
+from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
+from issuance.shared.wire.publisher import Publisher, RabbitPublisher
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+FORM_FIELDS = frozenset(("activity", "phone", "share_id", "claim_id"))
+BUSY = "busy, try again"
+LIMITED = "too many attempts, please try again in a minute"
+OPENAPI_BYTES = orjson.dumps(SPEC)
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class InvalidForm(ValueError):
+    """The claim form is not what the API describes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimForm:
+    activity: str
+    phone: str
+    share_id: uuid.UUID | None
+    claim_id: uuid.UUID | None
+
+    @classmethod
+    def parse(cls, data: Any) -> ClaimForm:
+        """Strict types: an object with exactly the documented fields."""
+        if not isinstance(data, dict):
+            raise InvalidForm("the body must be a JSON object")
+        unknown = set(data) - FORM_FIELDS
+        if unknown:
+            raise InvalidForm(f"unknown field {sorted(unknown)[0]!r}")
+        activity = data.get("activity")
+        if not isinstance(activity, str) or not SLUG.fullmatch(activity):
+            raise InvalidForm("activity must be an activity slug")
+        phone = data.get("phone")
+        if not isinstance(phone, str) or len(phone) > MAX_PHONE_CHARS:
+            raise InvalidForm(f"phone must be a string of at most {MAX_PHONE_CHARS} characters")
+        return cls(
+            activity=activity,
+            phone=phone,
+            share_id=_optional_uuid(data.get("share_id"), "share_id"),
+            claim_id=_optional_uuid(data.get("claim_id"), "claim_id"),
+        )
+
+
+def _optional_uuid(value: Any, name: str) -> uuid.UUID | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 36:
+        raise InvalidForm(f"{name} must be a UUID")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidForm(f"{name} must be a UUID") from None
+
+
+def _refused(reason: Refusal, status_code: int = 200) -> JSON:
+    return JSON({"status": "refused", "reason": reason.value, "message": reason.text}, status_code)
+
+
+def _invalid(message: str, status_code: int) -> JSON:
+    return JSON({"status": "invalid", "message": message}, status_code)
+
+
+VERDICT_REFUSALS = {
+    Verdict.ALREADY_RECEIVED: Refusal.ALREADY_RECEIVED,
+    Verdict.SIMILAR_ACTIVITY: Refusal.SIMILAR_ACTIVITY,
+    Verdict.SOLD_OUT: Refusal.SOLD_OUT,
+}
+
+
+class ActivityPageApp:
+    """The routes, over the process's connections (opened in the lifespan)."""
+
+    def __init__(self, settings: Settings, publisher_factory: Callable[[], Publisher] | None = None) -> None:
+        self.settings = settings
+        self.trusted = parse_origins(settings.web_trusted_origins)
+        hours = settings.credit_promise_seconds // 3600
+        self.accepted_text = f"accepted: your coupons arrive within {hours} hours"
+        self._publisher_factory = publisher_factory or (
+            # Fail fast when RabbitMQ is down: the member is told to try again.
+            lambda: RabbitPublisher.from_settings(settings, connect_attempts=2, confirm_timeout=5.0)
+        )
+        self.publisher: PublisherThread
+        self.gate: FastGate
+        self.queries: Queries
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        settings = self.settings
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=settings.db_pool_size,
+            kwargs={"autocommit": True},
+            open=False,
+            name="activity-page",
+        )
+        await pool.open()
+        self.queries = Queries(pool, cache_seconds=settings.web_cache_seconds)
+        self.gate = FastGate(
+            settings.redis_url,
+            per_ip=settings.web_rate_per_ip,
+            per_phone=settings.web_rate_per_phone,
+            window_seconds=settings.web_rate_window_seconds,
+        )
+        self.publisher = PublisherThread(self._publisher_factory, on_confirmed=self._remember_confirmed)
+        self.publisher.start()
+        try:
+            yield
+        finally:
+            self.publisher.stop()
+            await self.gate.close()
+            await pool.close()
+
+    def _remember_confirmed(self, messages: list[Message]) -> None:
+        key = self.settings.phone_key
+        self.gate.remember_accepted(
+            [
+                (m.claim_id, m.activity, phone_digest(m.phone, key))
+                for m in messages
+                if isinstance(m, ClaimRequested)
+            ]
+        )
+
+    # -- the page -----------------------------------------------------------
+
+    async def page(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        if not SLUG.fullmatch(slug):
+            return HTMLResponse(render_not_found(), 404)
+        try:
+            activity = await self.queries.activity(slug)
+        except Exception as exc:
+            log.warning("activity %s cannot be read: %s", slug, exc)
+            return HTMLResponse(BUSY, 503, headers={"retry-after": "2"})
+        if activity is None:
+            return HTMLResponse(render_not_found(), 404)
+        share = _share_param(request.query_params.get("share"))
+        if share is not None:
+            self.publisher.publish_nowait(
+                ShareOpened(event_id=uuid.uuid4(), share_id=share, opened_at=utcnow())
+            )
+        html = render_page(activity, share=str(share) if share else "", now=utcnow())
+        return HTMLResponse(html)
+
+    # -- claims -------------------------------------------------------------
+
+    async def request_claim(self, request: Request) -> Response:
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            return _invalid("send the claim as application/json", 415)
+        if not same_site(request, self.trusted):
+            return JSON(
+                {"status": "forbidden", "message": "claims are taken from the activity page only"}, 403
+            )
+        try:
+            form = ClaimForm.parse(orjson.loads(await request.body()))
+        except BodyTooLarge:
+            return _invalid("the request is too large", 413)
+        except orjson.JSONDecodeError:
+            return _invalid("the body is not JSON", 400)
+        except InvalidForm as exc:
+            return _invalid(str(exc), 422)
+        try:
+            activity = await self.queries.activity(form.activity)
+        except Exception as exc:
+            log.warning("activity %s cannot be read: %s", form.activity, exc)
+            return JSON({"status": "busy", "message": BUSY}, 503, headers={"retry-after": "2"})
+        if activity is None:
+            return _refused(Refusal.UNKNOWN_ACTIVITY, 404)
+        try:
+            e164 = normalize_phone(form.phone, self.settings.default_region)
+        except InvalidPhone:
+            return _refused(Refusal.BAD_PHONE, 422)
+        now = utcnow()
+        refusal = window_refusal(activity.rules, now)
+        if refusal is not None:
+            return _refused(refusal)
+        return await self._gate_and_publish(request, form, activity, e164, now)
+
+    async def _gate_and_publish(
+        self, request: Request, form: ClaimForm, activity: ActivityPage, e164: str, now: datetime
+    ) -> Response:
+        digest = phone_digest(e164, self.settings.phone_key)
+        claim_id = form.claim_id or uuid.uuid4()
+        verdict = await self.gate.check_claim(
+            client_ip=request.client.host if request.client else "unknown",
+            activity=activity.slug,
+            group=activity.exclusivity_group,
+            digest=digest,
+            claim_id=claim_id,
+            remaining=activity.remaining,
+        )
+        if verdict in (Verdict.RATE_IP, Verdict.RATE_PHONE):
+            log.info("claim attempts limited (%s) for %s", verdict.value, mask_phone(e164))
+            headers = {"retry-after": str(self.settings.web_rate_window_seconds)}
+            return JSON({"status": "limited", "message": LIMITED}, 429, headers=headers)
+        if verdict in VERDICT_REFUSALS:
+            return _refused(VERDICT_REFUSALS[verdict])
+        if verdict is Verdict.CONFLICT:
+            return _invalid("this claim ID was already used for another number", 409)
+        if verdict is Verdict.DUPLICATE:  # a re-send of an accepted claim: not published twice
+            return self._accepted(claim_id)
+        message = ClaimRequested(
+            claim_id=claim_id, activity=activity.slug, phone=e164, requested_at=now, share_id=form.share_id
+        )
+        try:
+            await self.publisher.publish(message)
+        except PublishError as exc:
+            log.warning("claim %s for %s not queued: %s", claim_id, mask_phone(e164), exc)
+            if verdict is Verdict.OK:
+                await self.gate.give_back(activity.slug)
+            return JSON({"status": "busy", "message": BUSY}, 503, headers={"retry-after": "2"})
+        log.debug("claim %s accepted for %s in %s", claim_id, mask_phone(e164), activity.slug)
+        return self._accepted(claim_id)
+
+    def _accepted(self, claim_id: uuid.UUID) -> JSON:
+        return JSON({"status": "accepted", "claim_id": str(claim_id), "message": self.accepted_text}, 202)
+
+    async def claim_status(self, request: Request) -> Response:
+        try:
+            claim_id = uuid.UUID(request.path_params["claim_id"])
+        except ValueError:
+            return JSON({"status": "unknown", "message": "no such claim"}, 404)
+        try:
+            found = await self.queries.claim_status(claim_id)
+        except Exception as exc:
+            log.warning("claim status cannot be read: %s", exc)
+            return JSON({"status": "unknown", "message": BUSY}, 503, headers={"retry-after": "2"})
+        body: dict[str, Any] = {"claim_id": str(claim_id)}
+        if found is None:
+            if await self.gate.was_accepted(claim_id) is False:
+                return JSON({**body, "status": "unknown", "message": "no such claim"}, 404)
+            # Queued, or Redis cannot tell: the worker has not recorded it yet.
+            return JSON({**body, "status": "accepted", "message": self.accepted_text})
+        if found.status == "refused" and found.reason is not None:  # a constraint: refusals have a reason
+            reason = Refusal(found.reason)
+            return JSON({**body, "status": "refused", "reason": reason.value, "message": reason.text})
+        if found.status == "bound":
+            return JSON({**body, "status": "bound", "message": "your coupons are being credited"})
+        message = "your coupons are in your wallet"
+        return JSON({**body, "status": "credited", "message": message, "coupons": list(found.coupons)})
+
+    async def openapi(self, _request: Request) -> Response:
+        return Response(OPENAPI_BYTES, media_type="application/json")
+
+    async def health(self, _request: Request) -> Response:
+        return JSON({"status": "ok"})
+
+
+def _share_param(value: str | None) -> uuid.UUID | None:
+    if value is None or len(value) != 36:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def create_app(
+    settings: Settings | None = None, *, publisher_factory: Callable[[], Publisher] | None = None
+) -> Starlette:
+    """The ASGI app. ``publisher_factory`` builds the process's publisher
+    (RabbitMQ from the settings by default)."""
+    page = ActivityPageApp(settings or load_settings(), publisher_factory)
+    routes = [
+        Route("/a/{slug}", page.page, methods=["GET"]),
+        Route("/api/claims", page.request_claim, methods=["POST"]),
+        Route("/api/claims/{claim_id}", page.claim_status, methods=["GET"]),
+        Route("/openapi.json", page.openapi, methods=["GET"]),
+        Route("/healthz", page.health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=page.lifespan)
+    # A path that does not match is a 404, never a redirect to a guessed one.
+    app.router.redirect_slashes = False
+    app.add_middleware(SecurityMiddleware)
+    app.add_middleware(RequestMetrics)
+    return app
+
+
+async def metrics(_: Request) -> Response:
+    """Prometheus metrics of every process of this server."""
+    body, content_type = metrics_response()
+    return Response(body, media_type=content_type)
+
+
+class RequestMetrics:
+    """Requests by route template and status, and their duration (the RED
+    view of the page). Route templates keep the labels bounded."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def record(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "other")
+            WEB_REQUESTS.labels(template, str(status[0])).inc()
+            WEB_REQUEST_SECONDS.labels(template).observe(time.perf_counter() - started)

@@ -1,0 +1,664 @@
+"""The back office: channels, activities with their templates and budget,
+and code batches. Low-volume writes go through the SQLAlchemy ORM; code
+batches go through COPY, the fastest way into PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import yaml
+from issuance.shared import domain
+from issuance.shared.db import coupon_store
+from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
+from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class BackOfficeError(ValueError):
+    """An operator's request that cannot be carried out, with the reason."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TemplateSpec:
+    prefix: str
+    kind: str
+    value: int
+    threshold_cents: int = 0
+    new_user_only: bool = False
+    title: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivitySpec:
+    slug: str
+    title: str
+    channel: str
+    starts_at: datetime
+    ends_at: datetime
+    budget: int
+    templates: tuple[TemplateSpec, ...]
+    timezone: str = "Asia/Shanghai"
+    banner_url: str = ""
+    copy: str = ""
+    rules: str = ""
+    brand: str = ""
+    online: bool = True
+    exclusivity_group: str | None = None
+    validity_days: int | None = 7
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    hold_until_registered: bool = False
+    # Refer K, get one back: an amount, or a coupon of the template with this
+    # prefix (a template of another activity, usually one with budget 0).
+    rebate_every: int = 3
+    rebate_amount_cents: int | None = None
+    rebate_template: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ActivitySpec:
+        """Read a spec from a decoded JSON (or YAML) document."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise BackOfficeError(f"unknown activity fields: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        try:
+            for key in ("starts_at", "ends_at", "valid_from", "valid_until"):
+                if isinstance(values.get(key), str):
+                    values[key] = datetime.fromisoformat(values[key])
+            values["templates"] = tuple(
+                t if isinstance(t, TemplateSpec) else TemplateSpec(**t) for t in values.get("templates", ())
+            )
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise BackOfficeError(f"invalid activity: {exc}") from None
+
+    def check(self) -> None:
+        if not SLUG.fullmatch(self.slug):
+            raise BackOfficeError(f"slug {self.slug!r} must be lowercase letters, digits and dashes")
+        if self.starts_at.tzinfo is None or self.ends_at.tzinfo is None:
+            raise BackOfficeError("start and end times need a UTC offset")
+        if self.ends_at <= self.starts_at:
+            raise BackOfficeError("an activity must end after it starts")
+        if self.budget < 0:
+            raise BackOfficeError("the budget cannot be negative")
+        if not 1 <= len(self.templates) <= 5:
+            raise BackOfficeError("a package holds 1 to 5 coupon templates")
+        if self.validity_days is None and self.valid_until is None:
+            raise BackOfficeError("set validity_days or a fixed validity window (valid_until)")
+        for template in self.templates:
+            try:
+                domain.validate_prefix(template.prefix)
+            except ValueError as exc:
+                raise BackOfficeError(str(exc)) from None
+            if template.kind not in ("discount_rate", "amount_off", "gift"):
+                raise BackOfficeError(
+                    f"template kind {template.kind!r} is not discount_rate, amount_off or gift"
+                )
+            if template.value < 0 or template.threshold_cents < 0:
+                raise BackOfficeError("template values cannot be negative")
+            if template.kind == "discount_rate" and not 0 < template.value <= 10_000:
+                raise BackOfficeError("a discount rate is 1 to 10000 basis points (1500 = 15% off)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError):
+            raise BackOfficeError(f"unknown time zone {self.timezone!r}") from None
+        if self.rebate_every < 1:
+            raise BackOfficeError("rebate_every must be at least 1")
+        if self.rebate_amount_cents is not None and self.rebate_template is not None:
+            raise BackOfficeError("a rebate is an amount or a coupon template, not both")
+        if self.rebate_amount_cents is not None and self.rebate_amount_cents <= 0:
+            raise BackOfficeError("a rebate amount must be positive")
+
+
+def create_channel(session: Session, name: str) -> Channel:
+    if session.scalar(select(Channel).where(Channel.name == name)) is not None:
+        raise BackOfficeError(f"channel {name!r} already exists")
+    channel = Channel(name=name)
+    session.add(channel)
+    session.flush()
+    return channel
+
+
+def create_activity(session: Session, spec: ActivitySpec) -> Activity:
+    """Create an activity, its templates and one package slot per budget unit."""
+    spec.check()
+    channel = session.scalar(select(Channel).where(Channel.name == spec.channel))
+    if channel is None:
+        raise BackOfficeError(f"no channel {spec.channel!r}; create it first")
+    if session.scalar(select(Activity).where(Activity.slug == spec.slug)) is not None:
+        raise BackOfficeError(f"activity {spec.slug!r} already exists")
+    prefixes = [t.prefix for t in spec.templates]
+    taken = session.scalars(select(CouponTemplate.prefix).where(CouponTemplate.prefix.in_(prefixes))).all()
+    if taken or len(set(prefixes)) != len(prefixes):
+        raise BackOfficeError(
+            f"prefixes must be unique platform-wide; taken: {sorted(set(taken)) or prefixes}"
+        )
+    values = dataclasses.asdict(spec)
+    values.pop("templates")
+    values.pop("channel")
+    values.pop("rebate_template")
+    values["exclusivity_group"] = spec.exclusivity_group or f"solo:{spec.slug}"
+    values["rebate_template_id"] = _rebate_template_id(session, spec.rebate_template, prefixes)
+    activity = Activity(channel_id=channel.channel_id, **values)
+    session.add(activity)
+    session.flush()
+    for position, template in enumerate(spec.templates, start=1):
+        session.add(
+            CouponTemplate(
+                activity_id=activity.activity_id, position=position, **dataclasses.asdict(template)
+            )
+        )
+    add_slots(session, activity.activity_id, 0, spec.budget)
+    session.flush()
+    return activity
+
+
+def _rebate_template_id(session: Session, prefix: str | None, own: Sequence[str]) -> int | None:
+    if prefix is None:
+        return None
+    if prefix in own:
+        raise BackOfficeError(
+            f"rebate template {prefix!r} is part of this activity's package; use a template of"
+            " another activity (e.g. a budget-0 rewards activity)"
+        )
+    template_id = session.scalar(select(CouponTemplate.template_id).where(CouponTemplate.prefix == prefix))
+    if template_id is None:
+        raise BackOfficeError(f"no coupon template with prefix {prefix!r} for the rebate")
+    return template_id
+
+
+def load_activity_file(path: str) -> ActivitySpec:
+    """An activity from a JSON or YAML file (``.yaml``/``.yml``), so that a
+    campaign can live in version control."""
+    text_ = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text_) if path.endswith((".yaml", ".yml")) else json.loads(text_)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise BackOfficeError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BackOfficeError(f"{path}: an activity file holds one mapping of fields")
+    return ActivitySpec.from_mapping(data)
+
+
+# What may change once an activity has granted packages: presentation,
+# distribution, the switch, the end of the window, the budget (within what is
+# issued) and future rebates. What may not: anything members were already
+# promised or that past claims were decided by.
+LIVE_EDITABLE = frozenset(
+    {
+        "title",
+        "banner_url",
+        "copy",
+        "rules",
+        "brand",
+        "channel",
+        "online",
+        "ends_at",
+        "budget",
+        "hold_until_registered",
+        "rebate_amount_cents",
+        "rebate_template",
+    }
+)
+FROZEN_AFTER_CLAIMS = {
+    "starts_at": "claims were already decided by the current window",
+    "timezone": "issued coupons' expiries were computed in the current time zone",
+    "validity_days": "issued coupons carry expiries computed from the current validity",
+    "valid_from": "issued coupons carry expiries computed from the current validity",
+    "valid_until": "issued coupons carry expiries computed from the current validity",
+    "exclusivity_group": "members were already admitted or refused by the current group",
+    "templates": "members already hold packages made of the current templates",
+    "rebate_every": "referrals were already counted towards rebates of the current size",
+}
+
+
+def update_activity(session: Session, slug: str, changes: Mapping[str, Any]) -> list[str]:
+    """Apply ``changes`` (field -> new value, as in an activity file) to a
+    live activity: what is safe changes, anything else is refused with the
+    reason and nothing changes. Returns the fields that changed."""
+    activity = session.scalar(select(Activity).where(Activity.slug == slug).with_for_update())
+    if activity is None:
+        raise BackOfficeError(f"no activity {slug!r}")
+    current = describe_activity(session, activity)
+    if "slug" in changes and changes["slug"] != slug:
+        raise BackOfficeError("an activity's slug is its identity and cannot change")
+    merged = ActivitySpec.from_mapping({**dataclasses.asdict(current), **changes})
+    merged.check()
+    changed = [
+        f.name
+        for f in dataclasses.fields(ActivitySpec)
+        if getattr(merged, f.name) != getattr(current, f.name)
+        and not (
+            f.name == "exclusivity_group"
+            and (merged.exclusivity_group or f"solo:{slug}") == activity.exclusivity_group
+        )
+    ]
+    if not changed:
+        return []
+    granted = session.scalar(
+        select(func.count())
+        .select_from(Claim)
+        .where(Claim.activity_id == activity.activity_id, Claim.status != "refused")
+    )
+    if granted:
+        frozen = [name for name in changed if name in FROZEN_AFTER_CLAIMS]
+        if frozen:
+            reasons = "; ".join(f"{name}: {FROZEN_AFTER_CLAIMS[name]}" for name in frozen)
+            raise BackOfficeError(f"{slug} has {granted} packages issued; cannot change {reasons}")
+    if "channel" in changed:
+        channel_id = session.scalar(select(Channel.channel_id).where(Channel.name == merged.channel))
+        if channel_id is None:
+            raise BackOfficeError(f"no channel {merged.channel!r}; create it first")
+        activity.channel_id = channel_id
+    if "templates" in changed:
+        _replace_templates(session, activity.activity_id, current.templates, merged.templates)
+    if "budget" in changed:
+        set_budget(session, activity.activity_id, merged.budget)
+    if "rebate_template" in changed:
+        activity.rebate_template_id = _rebate_template_id(
+            session, merged.rebate_template, [t.prefix for t in merged.templates]
+        )
+    for name in changed:
+        if name in ("channel", "templates", "rebate_template", "slug"):
+            continue
+        value = getattr(merged, name)
+        if name == "exclusivity_group":
+            value = value or f"solo:{slug}"
+        setattr(activity, name, value)
+    session.flush()
+    return changed
+
+
+def apply_activity(session: Session, spec: ActivitySpec) -> tuple[Activity, list[str]]:
+    """Create the activity of a file, or bring an existing one to it."""
+    existing = session.scalar(select(Activity).where(Activity.slug == spec.slug))
+    if existing is None:
+        return create_activity(session, spec), ["created"]
+    changes = {f.name: getattr(spec, f.name) for f in dataclasses.fields(ActivitySpec)}
+    changed = update_activity(session, spec.slug, changes)
+    return session.scalars(select(Activity).where(Activity.slug == spec.slug)).one(), changed
+
+
+def describe_activity(session: Session, activity: Activity) -> ActivitySpec:
+    """An activity as the spec (file form) that would create it."""
+    channel = session.scalar(select(Channel.name).where(Channel.channel_id == activity.channel_id))
+    templates = session.scalars(
+        select(CouponTemplate)
+        .where(CouponTemplate.activity_id == activity.activity_id)
+        .order_by(CouponTemplate.position)
+    ).all()
+    rebate_prefix = None
+    if activity.rebate_template_id is not None:
+        rebate_prefix = session.scalar(
+            select(CouponTemplate.prefix).where(CouponTemplate.template_id == activity.rebate_template_id)
+        )
+    return ActivitySpec(
+        slug=activity.slug,
+        title=activity.title,
+        channel=channel or "",
+        starts_at=activity.starts_at,
+        ends_at=activity.ends_at,
+        budget=activity.budget,
+        templates=tuple(
+            TemplateSpec(
+                prefix=t.prefix,
+                kind=t.kind,
+                value=t.value,
+                threshold_cents=t.threshold_cents,
+                new_user_only=t.new_user_only,
+                title=t.title,
+            )
+            for t in templates
+        ),
+        timezone=activity.timezone,
+        banner_url=activity.banner_url,
+        copy=activity.copy,
+        rules=activity.rules,
+        brand=activity.brand,
+        online=activity.online,
+        exclusivity_group=None
+        if activity.exclusivity_group == f"solo:{activity.slug}"
+        else activity.exclusivity_group,
+        validity_days=activity.validity_days,
+        valid_from=activity.valid_from,
+        valid_until=activity.valid_until,
+        hold_until_registered=activity.hold_until_registered,
+        rebate_every=activity.rebate_every,
+        rebate_amount_cents=activity.rebate_amount_cents,
+        rebate_template=rebate_prefix,
+    )
+
+
+def _replace_templates(
+    session: Session, activity_id: int, old: Sequence[TemplateSpec], new: Sequence[TemplateSpec]
+) -> None:
+    """Before any claim: templates may be edited, added, or removed while no
+    code was generated for them."""
+    old_prefixes = {t.prefix for t in old}
+    new_prefixes = [t.prefix for t in new]
+    added = [p for p in new_prefixes if p not in old_prefixes]
+    taken = session.scalars(select(CouponTemplate.prefix).where(CouponTemplate.prefix.in_(added))).all()
+    if taken or len(set(new_prefixes)) != len(new_prefixes):
+        raise BackOfficeError(
+            f"prefixes must be unique platform-wide; taken: {sorted(set(taken)) or new_prefixes}"
+        )
+    rows = {
+        t.prefix: t
+        for t in session.scalars(
+            select(CouponTemplate).where(CouponTemplate.activity_id == activity_id)
+        ).all()
+    }
+    for prefix in old_prefixes - set(new_prefixes):
+        codes = session.scalar(
+            select(func.count()).select_from(Code).where(Code.template_id == rows[prefix].template_id)
+        )
+        if codes:
+            raise BackOfficeError(
+                f"template {prefix} already has {codes} codes generated; it cannot be removed"
+            )
+        session.delete(rows.pop(prefix))
+    session.flush()
+    # Kept templates keep their places; new ones take the free places.
+    free = iter(sorted(set(range(1, 6)) - {row.position for row in rows.values()}))
+    for spec in new:
+        kept = rows.get(spec.prefix)
+        if kept is None:
+            session.add(
+                CouponTemplate(activity_id=activity_id, position=next(free), **dataclasses.asdict(spec))
+            )
+            continue
+        for name, value in dataclasses.asdict(spec).items():
+            setattr(kept, name, value)
+    session.flush()
+
+
+SHRINK_BUDGET = """
+DELETE FROM package_slots
+ WHERE (activity_id, slot_no) IN (
+       SELECT activity_id, slot_no FROM package_slots
+        WHERE activity_id = :activity_id AND NOT taken
+        ORDER BY slot_no DESC
+        LIMIT :count
+          FOR UPDATE SKIP LOCKED)
+"""
+
+
+def set_budget(session: Session, activity_id: int, budget: int) -> None:
+    """Grow the budget by adding package slots, or shrink it by deleting
+    slots no claim holds; refuse to shrink below what is issued."""
+    slots, top = session.execute(
+        text("SELECT count(*), coalesce(max(slot_no), -1) FROM package_slots WHERE activity_id = :a"),
+        {"a": activity_id},
+    ).one()
+    if budget > slots:
+        add_slots(session, activity_id, top + 1, budget - slots)
+    elif budget < slots:
+        surplus = slots - budget
+        result = session.execute(text(SHRINK_BUDGET), {"activity_id": activity_id, "count": surplus})
+        deleted = int(getattr(result, "rowcount", 0))
+        if deleted < surplus:
+            issued = slots - deleted
+            raise BackOfficeError(
+                f"cannot shrink the budget to {budget}: {issued} packages are issued or being issued"
+            )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityListing:
+    slug: str
+    title: str
+    channel: str
+    prefixes: tuple[str, ...]
+    validity: str
+    window: str
+    online: bool
+    budget: int
+    url: str
+
+
+PAGE_SIZE = 15
+
+
+def list_activities(session: Session, *, page: int = 1, base_url: str) -> list[ActivityListing]:
+    """One page of activities, newest first, 15 per page."""
+    if page < 1:
+        raise BackOfficeError("pages are numbered from 1")
+    rows = session.execute(
+        select(Activity, Channel.name)
+        .join(Channel, Channel.channel_id == Activity.channel_id)
+        .order_by(Activity.created_at.desc(), Activity.activity_id.desc())
+        .limit(PAGE_SIZE)
+        .offset((page - 1) * PAGE_SIZE)
+    ).all()
+    ids = [a.activity_id for a, _ in rows]
+    prefixes: dict[int, list[str]] = {i: [] for i in ids}
+    for activity_id, prefix in session.execute(
+        select(CouponTemplate.activity_id, CouponTemplate.prefix)
+        .where(CouponTemplate.activity_id.in_(ids))
+        .order_by(CouponTemplate.position)
+    ):
+        prefixes[activity_id].append(prefix)
+    listing = []
+    for activity, channel in rows:
+        zone = ZoneInfo(activity.timezone)
+        if activity.validity_days is not None:
+            validity = f"{activity.validity_days} days"
+        else:
+            assert activity.valid_until is not None
+            validity = f"until {activity.valid_until.astimezone(zone):%Y-%m-%d %H:%M}"
+        window = (
+            f"{activity.starts_at.astimezone(zone):%Y-%m-%d %H:%M} - "
+            f"{activity.ends_at.astimezone(zone):%Y-%m-%d %H:%M} {activity.timezone}"
+        )
+        listing.append(
+            ActivityListing(
+                slug=activity.slug,
+                title=activity.title,
+                channel=channel,
+                prefixes=tuple(prefixes[activity.activity_id]),
+                validity=validity,
+                window=window,
+                online=activity.online,
+                budget=activity.budget,
+                url=f"{base_url.rstrip('/')}/{activity.slug}",
+            )
+        )
+    return listing
+
+
+def expire_coupons(conn: psycopg.Connection[Any], now: datetime, *, chunk: int = 10_000) -> int:
+    """The periodic sweep: mark unused coupons past their expiry as expired,
+    ``chunk`` at a time (short transactions; rows being redeemed are skipped
+    and caught by the next sweep). Idempotent."""
+    total = 0
+    while True:
+        with conn.transaction():
+            done = coupon_store.expire_due(conn, now, chunk)
+        total += done
+        if done < chunk:
+            return total
+
+
+def cancel_coupon(conn: psycopg.Connection[Any], code: str, now: datetime) -> bool:
+    """An operator cancels a coupon (unused or never issued). False when it
+    was already cancelled; a used or expired coupon is refused with the reason."""
+    with conn.transaction():
+        status = coupon_store.lock_code_status(conn, code)
+        if status is None:
+            raise BackOfficeError(f"{code}: {LifecycleRefusal.UNKNOWN_CODE.text}")
+        if status == "cancelled":
+            return False
+        reason = cancel_refusal(status)
+        if reason is not None:
+            raise BackOfficeError(f"{code}: cannot cancel, {reason.text}")
+        coupon_store.cancel_code(conn, code, now)
+        return True
+
+
+def add_slots(session: Session, activity_id: int, first: int, count: int) -> None:
+    session.execute(
+        text(
+            "INSERT INTO package_slots (activity_id, slot_no)"
+            " SELECT :activity_id, n FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) n"
+        ),
+        {"activity_id": activity_id, "first": first, "last": first + count - 1},
+    )
+    if count >= BULK_ROWS:
+        # Fresh statistics keep the planner on the index of free slots; with
+        # the table's old size it may scan every slot instead.
+        session.execute(text("ANALYZE package_slots"))
+
+
+# After this many rows, a bulk load refreshes the table's statistics.
+BULK_ROWS = 10_000
+
+
+class _Chunks:
+    """Codes made on a background thread while the previous chunk is being
+    copied: the CSPRNG and the formatting overlap the server's work."""
+
+    def __init__(self, prefix: str, count: int, chunk: int, bits: int, suffix: bytes) -> None:
+        self._queue: queue.Queue[tuple[list[str], bytes] | None] = queue.Queue(maxsize=2)
+        self._args = (prefix, count, chunk, bits, suffix)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="codegen", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        prefix, count, chunk, bits, suffix = self._args
+        made = 0
+        while made < count and not self._stop.is_set():
+            self._queue.put(_rows(domain.new_codes(prefix, min(chunk, count - made), bits), suffix))
+            made += min(chunk, count - made)
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[tuple[list[str], bytes]]:
+        while (item := self._queue.get()) is not None:
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self._thread.join()
+
+
+def _rows(codes: list[str], suffix: bytes) -> tuple[list[str], bytes]:
+    # Sorted codes fill the primary key's leaf pages in order instead of at
+    # random: fewer pages touched, fewer full-page images in the WAL.
+    codes.sort()
+    return codes, b"".join(c.encode() + suffix for c in codes)
+
+
+COPY_CODES = "COPY codes (code, template_id, batch_id) FROM STDIN"
+STAGE_CODES = """
+INSERT INTO codes (code, template_id, batch_id)
+SELECT code, %s, %s FROM code_staging
+ON CONFLICT (code) DO NOTHING
+"""
+
+
+def generate_codes(
+    session: Session,
+    prefix: str,
+    count: int,
+    *,
+    bits: int = domain.DEFAULT_CODE_RANDOM_BITS,
+    chunk: int = 100_000,
+    progress: Callable[[int], None] | None = None,
+) -> CodeBatch:
+    """Generate a numbered batch of ``count`` codes for the template with
+    ``prefix``, in the caller's transaction.
+
+    Codes come from the OS CSPRNG (issuance.shared.domain.new_codes) and are copied
+    straight into ``codes`` in sorted chunks, each under a savepoint. The
+    primary key keeps them unique platform-wide: a chunk that collides (about
+    one chance in 10^7 per million codes at 64 bits) is rolled back to its
+    savepoint and loaded again through a staging table with
+    ``ON CONFLICT DO NOTHING``, its losers drawn again."""
+    template = session.scalar(select(CouponTemplate).where(CouponTemplate.prefix == prefix))
+    if template is None:
+        raise BackOfficeError(f"no coupon template with prefix {prefix!r}")
+    existing = session.scalar(
+        select(func.count()).select_from(Code).where(Code.template_id == template.template_id)
+    )
+    try:
+        domain.check_capacity(prefix, existing or 0, count, bits)
+    except ValueError as exc:
+        raise BackOfficeError(str(exc)) from None
+    batch = CodeBatch(template_id=template.template_id, size=count)
+    session.add(batch)
+    session.flush()
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    suffix = f"\t{template.template_id}\t{batch.batch_id}\n".encode()
+    chunks = _Chunks(prefix, count, chunk, bits, suffix)
+    missing = 0
+    try:
+        for codes, rows in chunks:
+            try:
+                with raw.transaction(), raw.cursor().copy(COPY_CODES) as copy:
+                    copy.write(rows)
+                inserted = len(codes)
+            except psycopg.errors.UniqueViolation:
+                inserted = _stage(raw, codes, template.template_id, batch.batch_id)
+                missing += len(codes) - inserted
+            if progress is not None:
+                progress(inserted)
+    finally:
+        chunks.close()
+    while missing:
+        inserted = _stage(raw, domain.new_codes(prefix, missing, bits), template.template_id, batch.batch_id)
+        missing -= inserted
+        if progress is not None:
+            progress(inserted)
+    if count >= BULK_ROWS:
+        raw.execute("ANALYZE codes")
+    return batch
+
+
+def _stage(raw: psycopg.Connection[Any], codes: list[str], template_id: int, batch_id: int) -> int:
+    """Insert what does not collide; return how many codes went in."""
+    raw.execute("CREATE TEMP TABLE IF NOT EXISTS code_staging (code text) ON COMMIT DROP")
+    raw.execute("TRUNCATE code_staging")
+    with raw.cursor().copy("COPY code_staging (code) FROM STDIN") as copy:
+        copy.write("\n".join(codes) + "\n")
+    return raw.execute(STAGE_CODES, (template_id, batch_id)).rowcount
+
+
+EXPORT_BATCH = """
+COPY (
+    SELECT c.code, t.prefix AS template, c.status, c.member_id AS member, c.bound_at, c.expires_at
+      FROM codes c JOIN coupon_templates t USING (template_id)
+     WHERE c.batch_id = {batch}
+     ORDER BY c.code
+) TO STDOUT WITH (FORMAT csv, HEADER)
+"""
+
+
+def export_batch(conn: psycopg.Connection[Any], batch_id: int) -> Iterator[bytes]:
+    """Stream a batch as CSV (code, template, status, member, bound at,
+    expires at): COPY TO hands the rows over in pieces, so memory stays
+    constant whatever the batch size. Read-only: export as often as needed."""
+    if conn.execute("SELECT 1 FROM code_batches WHERE batch_id = %s", (batch_id,)).fetchone() is None:
+        raise BackOfficeError(f"no code batch {batch_id}")
+    # COPY takes no bound parameters; the batch number is an int by type.
+    with conn.cursor().copy(EXPORT_BATCH.format(batch=int(batch_id))) as copy:
+        for data in copy:
+            yield bytes(data)

@@ -1,0 +1,272 @@
+"""The back office's ``issuance`` subcommands: channels, activities, code
+batches, coupons and campaign reports. ``issuance.shared.cli`` calls :func:`register`.
+
+Errors an operator can fix (BackOfficeError is a ValueError) are printed by
+``issuance.shared.cli.main`` with exit status 2; nothing is changed when one is raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+from issuance.shared.settings import Settings
+
+
+def _session(settings: Settings) -> Any:
+    from issuance.shared.db import database
+    from sqlalchemy.orm import Session
+
+    return Session(database.engine(settings))
+
+
+def _connect(settings: Settings) -> Any:
+    import psycopg
+
+    return psycopg.connect(settings.database_url)
+
+
+def cmd_channel_create(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    with _session(settings) as session, session.begin():
+        channel = catalog.create_channel(session, args.name)
+        print(f"channel {channel.name} ({channel.channel_id})")
+    return 0
+
+
+def cmd_activity_create(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    spec = catalog.load_activity_file(args.file)
+    with _session(settings) as session, session.begin():
+        activity = catalog.create_activity(session, spec)
+        print(f"activity {activity.slug} ({activity.activity_id}) with budget {activity.budget}")
+    return 0
+
+
+def cmd_activity_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    spec = catalog.load_activity_file(args.file)
+    with _session(settings) as session, session.begin():
+        activity, changed = catalog.apply_activity(session, spec)
+        print(f"activity {activity.slug}: {', '.join(changed) or 'unchanged'}")
+    return 0
+
+
+def _value(text: str) -> Any:
+    """A command-line value as YAML reads it: numbers, true/false, null,
+    timestamps; anything else stays a string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    changes: dict[str, Any] = {}
+    for item in args.set or []:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise catalog.BackOfficeError(f"--set takes FIELD=VALUE, got {item!r}")
+        value = _value(raw)
+        changes[name.strip()] = value.isoformat() if isinstance(value, datetime) else value
+    if args.templates:
+        changes["templates"] = json.loads(args.templates)
+    with _session(settings) as session, session.begin():
+        changed = catalog.update_activity(session, args.slug, changes)
+        print(f"activity {args.slug}: {', '.join(changed) or 'unchanged'}")
+    return 0
+
+
+def cmd_activity_show(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    import yaml
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.db.models import Activity
+    from sqlalchemy import select
+
+    with _session(settings) as session:
+        activity = session.scalar(select(Activity).where(Activity.slug == args.slug))
+        if activity is None:
+            raise catalog.BackOfficeError(f"no activity {args.slug!r}")
+        spec = dataclasses.asdict(catalog.describe_activity(session, activity))
+    spec["templates"] = [dict(t) for t in spec["templates"]]
+    print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_activity_list(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from issuance.shared.backoffice import catalog
+    from rich.console import Console
+    from rich.table import Table
+
+    with _session(settings) as session:
+        rows = catalog.list_activities(session, page=args.page, base_url=settings.activity_base_url)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(title=f"activities, page {args.page} (newest first, {catalog.PAGE_SIZE} per page)")
+    for column in ("slug", "title", "channel", "prefixes", "validity", "window", "online", "budget", "url"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r.slug,
+            r.title,
+            r.channel,
+            ",".join(r.prefixes),
+            r.validity,
+            r.window,
+            "on" if r.online else "off",
+            str(r.budget),
+            r.url,
+        )
+    Console(width=200).print(table)
+    return 0
+
+
+def cmd_codes_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+    from rich.progress import Progress
+
+    with Progress(disable=args.count < 200_000 or not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"codes {args.template}", total=args.count)
+        with _session(settings) as session, session.begin():
+            batch = catalog.generate_codes(
+                session,
+                args.template,
+                args.count,
+                bits=args.bits,
+                progress=lambda n: progress.advance(task, n),
+            )
+            print(f"batch {batch.batch_id}: {batch.size} codes for {args.template}")
+    return 0
+
+
+def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115 - closed below
+    try:
+        with _connect(settings) as conn:
+            for data in catalog.export_batch(conn, args.batch):
+                out.write(data)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        else:
+            out.flush()
+    return 0
+
+
+def cmd_coupons_expire(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.wire.messages import utcnow
+
+    while True:
+        with _connect(settings) as conn:
+            expired = catalog.expire_coupons(conn, utcnow())
+        print(f"expired {expired} coupons", flush=True)
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
+def cmd_coupons_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.wire.messages import utcnow
+
+    with _connect(settings) as conn:
+        changed = catalog.cancel_coupon(conn, args.code, utcnow())
+    print(f"{args.code}: {'cancelled' if changed else 'already cancelled'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import reports
+
+    with _connect(settings) as conn:
+        if args.channel:
+            report = reports.channel_report(conn, args.channel)
+        else:
+            report = reports.activity_report(conn, args.activity)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(reports.render_table(report))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the back-office commands to the ``issuance`` subparsers."""
+    channel = sub.add_parser("channel", help="distribution channels").add_subparsers(
+        dest="sub", required=True
+    )
+    create = channel.add_parser("create", help="create a channel (names are unique)")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_channel_create)
+
+    activity = sub.add_parser("activity", help="activities (campaigns)").add_subparsers(
+        dest="sub", required=True
+    )
+    create = activity.add_parser("create", help="create an activity from a JSON or YAML file")
+    create.add_argument("--file", required=True)
+    create.set_defaults(func=cmd_activity_create)
+    apply = activity.add_parser("apply", help="create the activity of a file, or bring it to the file")
+    apply.add_argument("--file", required=True)
+    apply.set_defaults(func=cmd_activity_apply)
+    edit = activity.add_parser(
+        "edit", help="change fields of an activity; what is unsafe once packages are issued is refused"
+    )
+    edit.add_argument("slug")
+    edit.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. --set budget=5000")
+    edit.add_argument("--templates", help="the templates as a JSON list (only before any claim)")
+    edit.set_defaults(func=cmd_activity_edit)
+    show = activity.add_parser("show", help="print an activity in its file form (YAML)")
+    show.add_argument("slug")
+    show.set_defaults(func=cmd_activity_show)
+    listing = activity.add_parser("list", help="15 per page, newest first")
+    listing.add_argument("--page", type=int, default=1)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_activity_list)
+
+    codes = sub.add_parser("codes", help="code batches").add_subparsers(dest="sub", required=True)
+    generate = codes.add_parser("generate", help="generate a numbered batch of codes for a template")
+    generate.add_argument("--template", required=True, help="the template's prefix")
+    generate.add_argument("--count", type=int, required=True)
+    generate.add_argument("--bits", type=int, default=64, help="random bits per code (default 64)")
+    generate.set_defaults(func=cmd_codes_generate)
+    export = codes.add_parser("export", help="stream a batch as CSV (any number of times)")
+    export.add_argument("--batch", type=int, required=True)
+    export.add_argument("--out", default="-", help="file, or - for standard output")
+    export.set_defaults(func=cmd_codes_export)
+
+    coupons = sub.add_parser("coupons", help="coupons after issuance").add_subparsers(
+        dest="sub", required=True
+    )
+    expire = coupons.add_parser("expire", help="the periodic sweep: mark unused coupons past expiry expired")
+    expire.add_argument("--every", type=float, help="run forever, sweeping every this many seconds")
+    expire.set_defaults(func=cmd_coupons_expire)
+    cancel = coupons.add_parser("cancel", help="cancel a coupon (unused or never issued)")
+    cancel.add_argument("code")
+    cancel.set_defaults(func=cmd_coupons_cancel)
+
+    report = sub.add_parser("report", help="a campaign's report: packages, usage, cost, funnel, rebates")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--activity", help="the activity's slug")
+    which.add_argument("--channel", help="a channel's name: every activity on it")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_report)

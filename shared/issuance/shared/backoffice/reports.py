@@ -1,0 +1,300 @@
+"""``issuance report --activity SLUG``: what a campaign offered, cost and
+brought, from PostgreSQL (the numbers of "What operators and SREs measure"
+in the domain description)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from issuance.shared.db.store import Conn
+
+
+class UnknownActivity(ValueError):
+    """The report names an activity that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TemplateStock:
+    prefix: str
+    kind: str
+    generated: int
+    available: int
+    issued: int
+    used: int
+    expired: int
+    cancelled: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityReport:
+    slug: str
+    title: str
+    channel: str
+    packages_offered: int
+    packages_claimed: int
+    packages_remaining: int
+    collect_rate: float | None
+    coupons_claimed: int
+    coupons_used: int
+    usage_rate: float | None
+    total_discount_cents: int
+    orders_with_coupon: int
+    sales_with_coupon_cents: int
+    cost_effectiveness: float | None
+    average_order_with_coupon_cents: float | None
+    new_members: int
+    shares: int
+    shares_opened: int
+    claims_requested: int
+    claims_refused: int
+    claims_credited: int
+    credits_held: int
+    referrals: int
+    rebates_earned: int
+    rebate_amount_cents: int
+    rebate_coupons: int
+    claims_last_24h: int
+    days_until_exhausted: float | None
+    templates: tuple[TemplateStock, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["templates"] = [dataclasses.asdict(t) for t in self.templates]
+        return data
+
+
+ACTIVITY = """
+SELECT a.activity_id, a.slug, a.title, ch.name, a.budget
+  FROM activities a JOIN channels ch USING (channel_id)
+ WHERE a.slug = %s
+"""
+
+CLAIMS = """
+SELECT count(*),
+       count(*) FILTER (WHERE status <> 'refused'),
+       count(*) FILTER (WHERE status = 'refused'),
+       count(*) FILTER (WHERE status = 'credited'),
+       count(*) FILTER (WHERE status <> 'refused' AND new_member),
+       count(*) FILTER (WHERE status <> 'refused' AND requested_at > now() - interval '24 hours')
+  FROM claims WHERE activity_slug = %s
+"""
+
+TEMPLATES = """
+SELECT t.prefix, t.kind, count(c.code),
+       count(c.code) FILTER (WHERE c.status = 'available'),
+       count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')),
+       count(c.code) FILTER (WHERE c.status = 'used'),
+       count(c.code) FILTER (WHERE c.status = 'expired'),
+       count(c.code) FILTER (WHERE c.status = 'cancelled')
+  FROM coupon_templates t LEFT JOIN codes c USING (template_id)
+ WHERE t.activity_id = %s
+ GROUP BY t.template_id ORDER BY t.position
+"""
+
+# Coupons claimed in this activity's packages, and what their use brought.
+USAGE = """
+WITH claimed AS (
+    SELECT c.code, c.status, c.order_id, c.discount_cents
+      FROM codes c JOIN claims k USING (claim_id)
+     WHERE k.activity_id = %(activity_id)s
+), used_orders AS (
+    SELECT DISTINCT o.order_id, o.amount_cents
+      FROM claimed c JOIN orders o USING (order_id)
+     WHERE c.status = 'used'
+)
+SELECT (SELECT count(*) FROM claimed),
+       (SELECT count(*) FROM claimed WHERE status = 'used'),
+       (SELECT coalesce(sum(discount_cents), 0) FROM claimed WHERE status = 'used'),
+       (SELECT count(*) FROM used_orders),
+       (SELECT coalesce(sum(amount_cents), 0) FROM used_orders)
+"""
+
+FUNNEL = """
+SELECT (SELECT count(*) FROM shares WHERE activity_id = %(activity_id)s),
+       (SELECT count(*) FROM share_opens o JOIN shares s USING (share_id)
+         WHERE s.activity_id = %(activity_id)s),
+       (SELECT count(*) FROM held_credits h JOIN claims k USING (claim_id)
+         WHERE k.activity_id = %(activity_id)s AND h.released_at IS NULL),
+       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s),
+       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s),
+       (SELECT coalesce(sum(amount_cents), 0) FROM rebates WHERE activity_id = %(activity_id)s),
+       (SELECT count(code) FROM rebates WHERE activity_id = %(activity_id)s)
+"""
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return None if not denominator else round(numerator / denominator, 4)
+
+
+def activity_report(conn: Conn, slug: str) -> ActivityReport:
+    row = conn.execute(ACTIVITY, (slug,)).fetchone()
+    if row is None:
+        raise UnknownActivity(f"no activity {slug!r}")
+    activity_id, slug, title, channel, budget = row
+    requested, claimed, refused, credited, new_members, last_day = (
+        conn.execute(CLAIMS, (slug,)).fetchone() or (0,) * 6
+    )
+    templates = tuple(
+        TemplateStock(
+            prefix=r[0],
+            kind=r[1],
+            generated=r[2],
+            available=r[3],
+            issued=r[4],
+            used=r[5],
+            expired=r[6],
+            cancelled=r[7],
+        )
+        for r in conn.execute(TEMPLATES, (activity_id,)).fetchall()
+    )
+    params = {"activity_id": activity_id}
+    coupons, used, discount, orders, sales = conn.execute(USAGE, params).fetchone() or (0,) * 5
+    shares, opened, held, referrals, rebates, rebate_amount, rebate_coupons = (
+        conn.execute(FUNNEL, params).fetchone() or (0,) * 7
+    )
+    remaining = budget - claimed
+    # At the last day's claim rate, when do the packages or a template's pool run out?
+    stock = min([remaining, *(t.available for t in templates)])
+    return ActivityReport(
+        slug=slug,
+        title=title,
+        channel=channel,
+        packages_offered=budget,
+        packages_claimed=claimed,
+        packages_remaining=remaining,
+        collect_rate=_ratio(claimed, budget),
+        coupons_claimed=coupons,
+        coupons_used=used,
+        usage_rate=_ratio(used, coupons),
+        total_discount_cents=int(discount),
+        orders_with_coupon=orders,
+        sales_with_coupon_cents=int(sales),
+        cost_effectiveness=_ratio(int(sales), int(discount)),
+        average_order_with_coupon_cents=_ratio(int(sales), orders),
+        new_members=new_members,
+        shares=shares,
+        shares_opened=opened,
+        claims_requested=requested,
+        claims_refused=refused,
+        claims_credited=credited,
+        credits_held=held,
+        referrals=referrals,
+        rebates_earned=rebates,
+        rebate_amount_cents=int(rebate_amount),
+        rebate_coupons=rebate_coupons,
+        claims_last_24h=last_day,
+        days_until_exhausted=None if not last_day else round(stock / last_day, 2),
+        templates=templates,
+    )
+
+
+def _money(cents: float | None) -> str:
+    return "-" if cents is None else f"{cents / 100:,.2f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def render_table(report: ActivityReport) -> str:
+    """The report as aligned text."""
+    r = report
+    lines = [
+        ("activity", f"{r.slug} ({r.title}) on {r.channel}"),
+        (
+            "packages offered / claimed / remaining",
+            f"{r.packages_offered} / {r.packages_claimed} / {r.packages_remaining}",
+        ),
+        ("collect rate", _rate(r.collect_rate)),
+        ("coupons claimed / used", f"{r.coupons_claimed} / {r.coupons_used}"),
+        ("usage rate", _rate(r.usage_rate)),
+        ("total discount", _money(r.total_discount_cents)),
+        ("orders with a coupon", str(r.orders_with_coupon)),
+        ("sales with a coupon", _money(r.sales_with_coupon_cents)),
+        (
+            "cost effectiveness (sales / discount)",
+            "-" if r.cost_effectiveness is None else f"{r.cost_effectiveness:.2f}",
+        ),
+        ("average order with a coupon", _money(r.average_order_with_coupon_cents)),
+        ("new members", str(r.new_members)),
+        (
+            "funnel: shares opened -> claims -> credited",
+            f"{r.shares_opened} -> {r.claims_requested} -> {r.claims_credited}"
+            f" ({r.claims_refused} refused, {r.credits_held} held until registration)",
+        ),
+        ("referrals / rebates earned", f"{r.referrals} / {r.rebates_earned}"),
+        ("rebates paid", f"{_money(r.rebate_amount_cents)} and {r.rebate_coupons} coupons"),
+        (
+            "claims in the last 24 h / days until exhausted",
+            f"{r.claims_last_24h} / {'-' if r.days_until_exhausted is None else r.days_until_exhausted}",
+        ),
+    ]
+    width = max(len(k) for k, _ in lines)
+    out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+    out.append("")
+    out.append(
+        f"{'template':8}  {'kind':13}  {'generated':>9}  {'available':>9}  {'issued':>7}  {'used':>6}"
+        f"  {'expired':>7}  {'cancelled':>9}"
+    )
+    for t in r.templates:
+        out.append(
+            f"{t.prefix:8}  {t.kind:13}  {t.generated:>9}  {t.available:>9}  {t.issued:>7}  {t.used:>6}"
+            f"  {t.expired:>7}  {t.cancelled:>9}"
+        )
+    return "\n".join(out)
+
+
+CHANNEL_ACTIVITIES = """
+SELECT a.slug FROM activities a JOIN channels ch USING (channel_id)
+ WHERE ch.name = %s ORDER BY a.created_at, a.activity_id
+"""
+_SUMMED = (
+    "packages_offered",
+    "packages_claimed",
+    "packages_remaining",
+    "coupons_claimed",
+    "coupons_used",
+    "total_discount_cents",
+    "orders_with_coupon",
+    "sales_with_coupon_cents",
+    "new_members",
+    "shares",
+    "shares_opened",
+    "claims_requested",
+    "claims_refused",
+    "claims_credited",
+    "credits_held",
+    "referrals",
+    "rebates_earned",
+    "rebate_amount_cents",
+    "rebate_coupons",
+    "claims_last_24h",
+)
+
+
+def channel_report(conn: Conn, channel: str) -> ActivityReport:
+    """The same figures over every activity of a channel."""
+    reports = [
+        activity_report(conn, slug) for (slug,) in conn.execute(CHANNEL_ACTIVITIES, (channel,)).fetchall()
+    ]
+    if not reports:
+        raise UnknownActivity(f"no activity on channel {channel!r}")
+    totals = {name: sum(getattr(r, name) for r in reports) for name in _SUMMED}
+    stock = min([totals["packages_remaining"], *(t.available for r in reports for t in r.templates)])
+    return ActivityReport(
+        slug=f"channel:{channel}",
+        title=f"{len(reports)} activities",
+        channel=channel,
+        collect_rate=_ratio(totals["packages_claimed"], totals["packages_offered"]),
+        usage_rate=_ratio(totals["coupons_used"], totals["coupons_claimed"]),
+        cost_effectiveness=_ratio(totals["sales_with_coupon_cents"], totals["total_discount_cents"]),
+        average_order_with_coupon_cents=_ratio(
+            totals["sales_with_coupon_cents"], totals["orders_with_coupon"]
+        ),
+        days_until_exhausted=None
+        if not totals["claims_last_24h"]
+        else round(stock / totals["claims_last_24h"], 2),
+        templates=tuple(t for r in reports for t in r.templates),
+        **totals,
+    )

@@ -1,0 +1,465 @@
+"""The schema, as typed SQLAlchemy 2 models. Alembic migrations are written
+from these; the invariants of the product are constraints here, so they hold
+even when the code above them is wrong:
+
+- a code is bound to at most one member (one row per code, one member column,
+  and a claim gets at most one code per template);
+- one package per (activity, member) and per (exclusivity group, member):
+  partial unique indexes over granted claims; every activity has a group
+  (its own by default) and a claim's group must match its activity's;
+- one wallet credit per (claim, code), and only for a code bound to that claim
+  and member (composite foreign key);
+- no package beyond the budget: a granted claim holds one of the activity's
+  package slots (foreign key, unique), and there are exactly ``budget`` slots.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+GRANTED = "status <> 'refused'"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+
+    channel_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = _now()
+
+
+class Activity(Base):
+    __tablename__ = "activities"
+    __table_args__ = (
+        UniqueConstraint("activity_id", "exclusivity_group", name="activities_id_group_key"),
+        CheckConstraint("ends_at > starts_at", name="activities_window_check"),
+        CheckConstraint("budget >= 0", name="activities_budget_check"),
+        CheckConstraint(
+            "(validity_days IS NOT NULL AND validity_days BETWEEN 0 AND 3650) OR (valid_until IS NOT NULL)",
+            name="activities_validity_check",
+        ),
+        CheckConstraint("slug ~ '^[a-z0-9][a-z0-9-]{0,62}$'", name="activities_slug_check"),
+        CheckConstraint("rebate_every >= 1", name="activities_rebate_every_check"),
+        CheckConstraint(
+            "rebate_amount_cents IS NULL OR (rebate_amount_cents > 0 AND rebate_template_id IS NULL)",
+            name="activities_rebate_kind_check",
+        ),
+    )
+
+    activity_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(63), unique=True)
+    title: Mapped[str] = mapped_column(String(200))
+    banner_url: Mapped[str] = mapped_column(Text, server_default="")
+    copy: Mapped[str] = mapped_column(Text, server_default="")
+    rules: Mapped[str] = mapped_column(Text, server_default="")
+    brand: Mapped[str] = mapped_column(String(200), server_default="")
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.channel_id"))
+    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ends_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    timezone: Mapped[str] = mapped_column(String(64), server_default="Asia/Shanghai")
+    online: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    budget: Mapped[int] = mapped_column(Integer)
+    # Activities in one group are "similar": one package per member per group.
+    # An activity with no group of its own is alone in "solo:<slug>".
+    exclusivity_group: Mapped[str] = mapped_column(String(100))
+    validity_days: Mapped[int | None] = mapped_column(Integer)
+    valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    hold_until_registered: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Refer K, get one back: every ``rebate_every`` successful referrals earn
+    # the referrer either an amount or a coupon of a template (usually of a
+    # budget-0 "rewards" activity, so it is never part of a claimed package).
+    rebate_every: Mapped[int] = mapped_column(SmallInteger, server_default="3")
+    rebate_amount_cents: Mapped[int | None] = mapped_column(Integer)
+    rebate_template_id: Mapped[int | None] = mapped_column(
+        ForeignKey("coupon_templates.template_id", use_alter=True, name="activities_rebate_template_fkey")
+    )
+    created_at: Mapped[datetime] = _now()
+
+
+class CouponTemplate(Base):
+    __tablename__ = "coupon_templates"
+    __table_args__ = (
+        UniqueConstraint("activity_id", "position", name="coupon_templates_position_key"),
+        CheckConstraint(
+            "kind IN ('discount_rate', 'amount_off', 'gift')", name="coupon_templates_kind_check"
+        ),
+        CheckConstraint("value >= 0 AND threshold_cents >= 0", name="coupon_templates_value_check"),
+        CheckConstraint("position BETWEEN 1 AND 5", name="coupon_templates_position_check"),
+    )
+
+    template_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    position: Mapped[int] = mapped_column(SmallInteger)
+    prefix: Mapped[str] = mapped_column(String(6), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    # discount_rate: basis points off (1500 = 15% off); amount_off and gift: minor units.
+    value: Mapped[int] = mapped_column(Integer)
+    threshold_cents: Mapped[int] = mapped_column(Integer, server_default="0")
+    new_user_only: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    title: Mapped[str] = mapped_column(String(200), server_default="")
+
+
+class CodeBatch(Base):
+    __tablename__ = "code_batches"
+
+    batch_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("coupon_templates.template_id"))
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+
+
+class Member(Base):
+    __tablename__ = "members"
+    __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
+
+    member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # HMAC-SHA256 of the E.164 number under ISSUANCE_PHONE_KEY: numbers are
+    # looked up by digest and never stored in clear.
+    phone_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
+    phone_masked: Mapped[str] = mapped_column(String(24), server_default="")
+    status: Mapped[str] = mapped_column(String(12), server_default="pending")
+    created_at: Mapped[datetime] = _now()
+    registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PackageSlot(Base):
+    """One row per package in an activity's budget."""
+
+    __tablename__ = "package_slots"
+    # Free slots only, in slot order: a claim starts where the last one in
+    # its process stopped (issuance.shared.db.store) instead of walking over the entries
+    # of slots just taken, which stay in the index until vacuum.
+    __table_args__ = (
+        Index("package_slots_free_idx", "activity_id", "slot_no", postgresql_where=text("NOT taken")),
+    )
+
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"), primary_key=True)
+    slot_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    taken: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class Share(Base):
+    __tablename__ = "shares"
+
+    share_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    activity_id: Mapped[int | None] = mapped_column(ForeignKey("activities.activity_id"))
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    placed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+
+
+class ShareOpen(Base):
+    __tablename__ = "share_opens"
+    __table_args__ = (Index("share_opens_share_idx", "share_id"),)
+
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    share_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Claim(Base):
+    __tablename__ = "claims"
+    __table_args__ = (
+        CheckConstraint("status IN ('refused', 'bound', 'credited')", name="claims_status_check"),
+        CheckConstraint("(status = 'refused') = (reason IS NOT NULL)", name="claims_reason_check"),
+        CheckConstraint(
+            "status = 'refused' OR (member_id IS NOT NULL AND slot_no IS NOT NULL"
+            " AND activity_id IS NOT NULL AND exclusivity_group IS NOT NULL)",
+            name="claims_granted_check",
+        ),
+        CheckConstraint("(status = 'credited') = (credited_at IS NOT NULL)", name="claims_credited_check"),
+        ForeignKeyConstraint(
+            ["activity_id", "exclusivity_group"],
+            ["activities.activity_id", "activities.exclusivity_group"],
+            onupdate="CASCADE",
+            name="claims_activity_group_fkey",
+        ),
+        ForeignKeyConstraint(
+            ["activity_id", "slot_no"],
+            ["package_slots.activity_id", "package_slots.slot_no"],
+            name="claims_slot_fkey",
+        ),
+        UniqueConstraint("activity_id", "slot_no", name="claims_slot_key"),
+        UniqueConstraint("claim_id", "member_id", name="claims_id_member_key"),
+        # Member first: it also finds the packages a member holds (the claim
+        # rules, referrals), so claims need no other index on member_id.
+        Index(
+            "claims_one_package_per_activity",
+            "member_id",
+            "activity_id",
+            unique=True,
+            postgresql_where=text(GRANTED),
+        ),
+        Index(
+            "claims_one_package_per_group",
+            "exclusivity_group",
+            "member_id",
+            unique=True,
+            postgresql_where=text(GRANTED),
+        ),
+        Index("claims_uncredited_idx", "deadline", postgresql_where=text("status = 'bound'")),
+        # The recent credit rate of the promise exporter (issuance.shared.db.analytics).
+        Index("claims_credited_idx", "credited_at", postgresql_where=text("status = 'credited'")),
+    )
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    activity_slug: Mapped[str] = mapped_column(String(63))
+    activity_id: Mapped[int | None] = mapped_column(Integer)
+    exclusivity_group: Mapped[str | None] = mapped_column(String(100))
+    member_id: Mapped[int | None] = mapped_column(ForeignKey("members.member_id"))
+    share_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    slot_no: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(12))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    new_member: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Digest of the claim's payload: the same claim ID with another payload is
+    # a conflicting duplicate, not a re-send.
+    payload_digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime] = _now()
+    deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    credited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Code(Base):
+    __tablename__ = "codes"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('available', 'unused', 'used', 'expired', 'cancelled')", name="codes_status_check"
+        ),
+        # A code belongs to a member through exactly one claim or one rebate.
+        CheckConstraint(
+            "(member_id IS NULL) = (claim_id IS NULL AND rebate_id IS NULL)", name="codes_binding_check"
+        ),
+        CheckConstraint("claim_id IS NULL OR rebate_id IS NULL", name="codes_one_owner_check"),
+        ForeignKeyConstraint(
+            ["rebate_id", "member_id"],
+            ["rebates.rebate_id", "rebates.referrer_member_id"],
+            name="codes_rebate_member_fkey",
+        ),
+        # A used coupon always names its order; returning it clears both.
+        CheckConstraint("(status = 'used') = (order_id IS NOT NULL)", name="codes_used_order_check"),
+        CheckConstraint(
+            "status <> 'used' OR (used_at IS NOT NULL AND discount_cents IS NOT NULL)",
+            name="codes_used_detail_check",
+        ),
+        CheckConstraint(
+            "(status = 'available') = (member_id IS NULL) OR status = 'cancelled'",
+            name="codes_bound_status_check",
+        ),
+        ForeignKeyConstraint(
+            ["claim_id", "member_id"],
+            ["claims.claim_id", "claims.member_id"],
+            name="codes_claim_member_fkey",
+        ),
+        UniqueConstraint("claim_id", "template_id", name="codes_one_per_template_key"),
+        UniqueConstraint("code", "claim_id", "member_id", name="codes_binding_key"),
+        # The pool a claim draws from, in generation order: a generated code is
+        # an append at the index's right edge (a random code as the key made
+        # it a random insert), and a claim starts where the last one in its
+        # process stopped (issuance.shared.db.store) instead of walking over the entries
+        # of codes just bound, which stay in the index until vacuum.
+        Index("codes_available_idx", "template_id", "seq", postgresql_where=text("status = 'available'")),
+        # No index by batch: every bind would update it (a bind is not a HOT
+        # update), for the sake of an occasional export that can scan.
+        Index("codes_order_idx", "order_id", postgresql_where=text("order_id IS NOT NULL")),
+        Index("codes_unused_expiry_idx", "expires_at", postgresql_where=text("status = 'unused'")),
+        Index("codes_rebate_idx", "rebate_id", postgresql_where=text("rebate_id IS NOT NULL")),
+        # Bound, used, expired and cancelled codes per template, and the orders
+        # and discounts of used ones, read without the pool of available codes
+        # or the table (issuance.shared.db.analytics).
+        Index(
+            "codes_taken_idx",
+            "template_id",
+            "status",
+            postgresql_include=["order_id", "discount_cents"],
+            postgresql_where=text("status <> 'available'"),
+        ),
+    )
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # Generation order: the order in which the pool is handed out.
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
+    template_id: Mapped[int] = mapped_column(ForeignKey("coupon_templates.template_id"))
+    batch_id: Mapped[int] = mapped_column(ForeignKey("code_batches.batch_id"))
+    status: Mapped[str] = mapped_column(String(12), server_default="available")
+    member_id: Mapped[int | None] = mapped_column(BigInteger)
+    claim_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    bound_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rebate_id: Mapped[int | None] = mapped_column(BigInteger)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.order_id"))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    discount_cents: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WalletEntry(Base):
+    __tablename__ = "wallet_ledger"
+    __table_args__ = (
+        UniqueConstraint("claim_id", "code", name="wallet_one_credit_per_claim_code"),
+        # The entry's code, claim and member are the code's binding; the
+        # binding's own keys (codes -> claims -> members) make separate keys to
+        # claims and members redundant work on every credit.
+        ForeignKeyConstraint(
+            ["code", "claim_id", "member_id"],
+            ["codes.code", "codes.claim_id", "codes.member_id"],
+            name="wallet_code_binding_fkey",
+        ),
+        Index("wallet_member_idx", "member_id"),
+    )
+
+    entry_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    member_id: Mapped[int] = mapped_column(BigInteger)
+    claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    code: Mapped[str] = mapped_column(String(16))
+    credited_at: Mapped[datetime] = _now()
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("message_key", "reason", name="dead_letters_once_key"),)
+
+    dead_letter_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # The envelope's message ID, or a digest of the body when there is none.
+    message_key: Mapped[str] = mapped_column(String(80))
+    queue: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class Order(Base):
+    """An order as far as coupons and referrals need it. Orders move
+    placed -> paid -> refunded, or placed -> cancelled."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint("status IN ('placed', 'paid', 'cancelled', 'refunded')", name="orders_status_check"),
+        CheckConstraint("(status IN ('paid', 'refunded')) = (paid_at IS NOT NULL)", name="orders_paid_check"),
+        CheckConstraint("(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="orders_cancelled_check"),
+        CheckConstraint("(status = 'refunded') = (refunded_at IS NOT NULL)", name="orders_refunded_check"),
+        CheckConstraint(
+            "amount_cents >= 0 AND discount_cents BETWEEN 0 AND amount_cents", name="orders_amount_check"
+        ),
+        Index("orders_member_idx", "member_id"),
+    )
+
+    order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int | None] = mapped_column(ForeignKey("activities.activity_id"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    discount_cents: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    status: Mapped[str] = mapped_column(String(12), server_default="placed")
+    placed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Referral(Base):
+    """One successful referral: a new member who claimed through a share and
+    then paid a first order. A referee counts once, never for themselves."""
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        CheckConstraint("referrer_member_id <> referee_member_id", name="referrals_not_self_check"),
+        Index("referrals_referrer_idx", "referrer_member_id", "activity_id"),
+    )
+
+    referee_member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), primary_key=True)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    share_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shares.share_id"))
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), unique=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.order_id"), unique=True)
+    counted_at: Mapped[datetime] = _now()
+
+
+class Rebate(Base):
+    """The rebate ledger: the n-th rebate of a referrer in an activity is
+    written once (an amount, or a coupon code bound through ``codes.rebate_id``)."""
+
+    __tablename__ = "rebates"
+    __table_args__ = (
+        UniqueConstraint("referrer_member_id", "activity_id", "rebate_no", name="rebates_once_key"),
+        UniqueConstraint("rebate_id", "referrer_member_id", name="rebates_id_member_key"),
+        CheckConstraint("rebate_no >= 1", name="rebates_no_check"),
+        CheckConstraint("(amount_cents IS NULL) <> (template_id IS NULL)", name="rebates_kind_check"),
+        CheckConstraint(
+            "(credited_at IS NOT NULL) = (amount_cents IS NOT NULL OR code IS NOT NULL)",
+            name="rebates_credited_check",
+        ),
+    )
+
+    rebate_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    rebate_no: Mapped[int] = mapped_column(Integer)
+    amount_cents: Mapped[int | None] = mapped_column(BigInteger)
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("coupon_templates.template_id"))
+    code: Mapped[str | None] = mapped_column(String(16))
+    earned_at: Mapped[datetime] = _now()
+    credited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class HeldCredit(Base):
+    """A bound claim whose credit waits for its member to register (activities
+    with ``hold_until_registered``); the promise then runs from registration."""
+
+    __tablename__ = "held_credits"
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), index=True)
+    held_at: Mapped[datetime] = _now()
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LifecycleRefusal(Base):
+    """An illegal transition asked for by a message or an operator, kept with
+    its reason (once per event, subject and reason) instead of retried."""
+
+    __tablename__ = "lifecycle_refusals"
+    __table_args__ = (UniqueConstraint("event_key", "subject", "reason", name="lifecycle_refusals_once_key"),)
+
+    refusal_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_key: Mapped[str] = mapped_column(String(120))
+    subject: Mapped[str] = mapped_column(String(80))
+    reason: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[datetime] = _now()

@@ -1,0 +1,110 @@
+"""The one place that maps the environment to settings.
+
+Read once with :func:`load_settings`, frozen, passed down. Every variable is
+prefixed ``ISSUANCE_``; defaults work on a laptop with the services on their
+standard local ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from functools import cache
+
+PREFIX = "ISSUANCE_"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    database_url: str = "postgresql://127.0.0.1:5432/issuance"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # HMAC key for phone-number lookups; numbers are never stored in clear.
+    phone_key: str = "dev-only-phone-key-change-me"
+    default_region: str = "CN"
+    credit_promise_seconds: int = 86_400
+    # Credit a package in the transaction that binds it (one transaction per
+    # batch, no credit message). False: every credit goes through the credit
+    # step (credit_claim), as credits held until registration always do.
+    credit_inline: bool = True
+    # Retries (issuance.workers.broker.RetryPolicy): an outage is retried until it
+    # ends, anything else at most max_retries times; the backoff is capped so
+    # that work resumes soon after an outage, well inside the promise.
+    max_retries: int = 40
+    min_backoff_ms: int = 500
+    max_backoff_ms: int = 60_000
+    worker_threads: int = 8
+    db_pool_size: int = 8
+    # Fault injection for crash tests: "", "after_commit_before_ack",
+    # "after_commit_before_publish". Never set in production.
+    fault: str = ""
+    fault_trigger: str = ""
+    metrics_port: int = 9191
+    # Where activity pages are served: ``issuance activity list`` shows
+    # <activity_base_url>/<slug> as each activity's URL.
+    activity_base_url: str = "http://127.0.0.1:8000/a"
+    # The activity page: attempts per client IP and per number in each rate
+    # window, extra origins allowed to post claims (comma-separated; the
+    # page's own origin always is), and how long activities are cached.
+    web_rate_per_ip: int = 120
+    web_rate_per_phone: int = 10
+    web_rate_window_seconds: int = 60
+    web_trusted_origins: str = ""
+    web_cache_seconds: int = 2
+    # Producers publish through this exchange when set (deploy/rabbitmq:
+    # "issuance.producers", the only thing the producer user may write to);
+    # empty: the default exchange, with the queues declared by the publisher.
+    producer_exchange: str = ""
+    # "kid:secret,..." signs messages (issuance.shared.wire.signing); empty: signing off.
+    signing_keys: str = ""
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in SQLAlchemy's form, on the psycopg 3 driver."""
+        scheme, _, rest = self.database_url.partition("://")
+        if scheme in ("postgresql", "postgres"):
+            return f"postgresql+psycopg://{rest}"
+        return self.database_url
+
+
+_INT_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("int", int)}
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("bool", bool)}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+FAULTS = ("", "after_commit_before_ack", "after_commit_before_publish")
+
+
+def settings_from(environ: Mapping[str, str]) -> Settings:
+    """Build settings from a mapping of environment variables."""
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(Settings):
+        raw = environ.get(PREFIX + field.name.upper())
+        if raw is None or raw == "":
+            continue
+        if field.name in _INT_FIELDS:
+            try:
+                values[field.name] = int(raw)
+            except ValueError:
+                raise SettingsError(f"{PREFIX}{field.name.upper()} must be an integer, got {raw!r}") from None
+        elif field.name in _BOOL_FIELDS:
+            if raw.lower() not in _BOOLS:
+                raise SettingsError(f"{PREFIX}{field.name.upper()} must be true or false, got {raw!r}")
+            values[field.name] = _BOOLS[raw.lower()]
+        else:
+            values[field.name] = raw
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.fault not in FAULTS:
+        raise SettingsError(f"{PREFIX}FAULT must be one of {FAULTS}, got {settings.fault!r}")
+    if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
+        raise SettingsError("retry backoff budget must stay inside the credit promise")
+    return settings
+
+
+@cache
+def load_settings() -> Settings:
+    """The process's settings, read once from ``os.environ``."""
+    return settings_from(os.environ)

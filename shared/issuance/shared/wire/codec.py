@@ -1,0 +1,158 @@
+"""The one codec: wire format, queue names and queue arguments.
+
+The wire format is Dramatiq's envelope, encoded with orjson::
+
+    {"queue_name": "claims", "actor_name": "claim_requested",
+     "args": [<payload>], "kwargs": {}, "options": {},
+     "message_id": "<uuid>", "message_timestamp": <unix ms>}
+
+published to the default exchange with the queue name as routing key,
+``delivery_mode=2`` (persistent) and ``content_type=application/json``.
+Producers (any language) and workers import this module, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import orjson
+from dramatiq.encoder import Encoder
+from dramatiq.errors import DecodeError
+from issuance.shared.errors import InvalidMessage
+from issuance.shared.wire.messages import MESSAGE_TYPES, Message
+from issuance.shared.wire.signing import process_keys, sign_envelope
+
+CONTENT_TYPE = "application/json"
+# Dramatiq keeps dead-lettered messages in "<queue>.XQ" for 7 days.
+DEAD_MESSAGE_TTL_MS = 86_400_000 * 7
+MAX_ENVELOPE_BYTES = 64 * 1024
+# Message IDs of re-sent business events are stable, so the dead-letter
+# store and the duplicate counters see one event, not two.
+MESSAGE_ID_NAMESPACE = uuid.UUID("1d3c2b6a-5f4e-4d8c-9b7a-6e5f4d3c2b1a")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    queue: str
+    actor: str
+
+
+ROUTES: dict[str, Route] = {
+    "order-placed": Route("orders", "order_placed"),
+    "share-opened": Route("shares", "share_opened"),
+    "claim-requested": Route("claims", "claim_requested"),
+    "claims-requested": Route("claims", "claims_requested"),
+    "credit-requested": Route("credits", "credit_claim"),
+    "order-status-changed": Route("orders", "order_status_changed"),
+    "member-registered": Route("members", "member_registered"),
+}
+TYPE_BY_ACTOR = {route.actor: type_ for type_, route in ROUTES.items()}
+QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))
+
+
+def xq_name(queue: str) -> str:
+    return f"{queue}.XQ"
+
+
+def dq_name(queue: str) -> str:
+    return f"{queue}.DQ"
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """Arguments every declarer of ``queue`` must use (Dramatiq's, exactly),
+    or RabbitMQ refuses the declaration with PRECONDITION_FAILED."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+
+
+def xq_arguments() -> dict[str, Any]:
+    return {"x-message-ttl": DEAD_MESSAGE_TTL_MS}
+
+
+def message_id_for(message: Message) -> str:
+    return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, f"{message.TYPE}:{message.business_key()}"))
+
+
+def envelope(message: Message, *, timestamp_ms: int | None = None) -> dict[str, Any]:
+    """The Dramatiq envelope that carries ``message``."""
+    route = ROUTES[message.TYPE]
+    fields = {
+        "queue_name": route.queue,
+        "actor_name": route.actor,
+        "args": [message.to_payload()],
+        "kwargs": {},
+        "options": {},
+        "message_id": message_id_for(message),
+        "message_timestamp": timestamp_ms if timestamp_ms is not None else int(time.time() * 1000),
+    }
+    # Signed when ISSUANCE_SIGNING_KEYS is set (issuance.shared.wire.signing).
+    return sign_envelope(fields, process_keys())
+
+
+def encode(message: Message) -> bytes:
+    """The bytes a producer publishes for ``message``."""
+    return orjson.dumps(envelope(message))
+
+
+def decode_payload(actor_name: str, payload: Any) -> Message:
+    """Turn an actor's argument back into a typed message, or raise InvalidMessage."""
+    type_ = TYPE_BY_ACTOR.get(actor_name)
+    if type_ is None:
+        raise InvalidMessage("unknown_actor", f"no actor named {actor_name!r}")
+    return MESSAGE_TYPES[type_].from_payload(payload)
+
+
+def parse_line(type_: str, line: bytes | str) -> Message:
+    """One JSON line of a replay file: a bare payload of the given type."""
+    if type_ not in MESSAGE_TYPES:
+        raise InvalidMessage("unknown_type", f"no message type {type_!r}")
+    try:
+        payload = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("bad_json", str(exc)) from None
+    return MESSAGE_TYPES[type_].from_payload(payload)
+
+
+def dumps(value: Any) -> bytes:
+    """orjson with the options every writer here uses."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _decode_error(reason: str, data: bytes, cause: Exception | None) -> DecodeError:
+    return DecodeError(reason, data, cause)  # type: ignore[no-untyped-call]
+
+
+class OrjsonEncoder(Encoder):
+    """Dramatiq's encoder, on orjson. Decoding checks the envelope's shape so
+    that a malformed message fails here (and is dead-lettered by the broker)
+    instead of deep inside a worker."""
+
+    ENVELOPE_KEYS = frozenset(
+        ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
+    )
+
+    def encode(self, data: dict[str, Any]) -> bytes:
+        return orjson.dumps(data)
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise _decode_error(f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}", data, None)
+        try:
+            fields = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise _decode_error("envelope is not JSON", data, exc) from None
+        if not isinstance(fields, dict):
+            raise _decode_error("envelope is not a JSON object", data, None)
+        fields.setdefault("kwargs", {})
+        fields.setdefault("options", {})
+        if set(fields) - self.ENVELOPE_KEYS or not {"queue_name", "actor_name", "args"} <= set(fields):
+            raise _decode_error("envelope fields do not match Dramatiq's", data, None)
+        if not isinstance(fields["args"], list) or not isinstance(fields["options"], dict):
+            raise _decode_error("envelope args must be a list and options an object", data, None)
+        if len(fields["args"]) != 1:
+            raise _decode_error("envelope args must hold exactly one payload", data, None)
+        if not isinstance(fields["kwargs"], dict) or fields["kwargs"]:
+            raise _decode_error("envelope kwargs must be empty", data, None)
+        return fields

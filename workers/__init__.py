@@ -1,1 +1,0 @@
-"""Dramatiq workers: thin actors over the handlers in workers.handlers."""

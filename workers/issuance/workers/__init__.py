@@ -1,0 +1,1 @@
+"""Dramatiq workers: thin actors over the handlers in issuance.workers.handlers."""

@@ -1,0 +1,86 @@
+"""Broker set-up: RabbitMQ in production, Dramatiq's in-process stub for the
+embedded demo and unit tests. Both use the project's orjson codec and the
+same middleware."""
+
+from __future__ import annotations
+
+import dramatiq
+import psycopg
+import psycopg_pool
+import redis
+from dramatiq.broker import Broker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+from issuance.shared.errors import TransientError
+from issuance.shared.settings import Settings
+from issuance.shared.wire.codec import OrjsonEncoder
+from issuance.workers.metrics import WorkerMetrics
+from issuance.workers.redaction import RedactLogs
+from issuance.workers.signing import Signing
+
+# A handler that takes longer than this is stuck (a lock held by a dead
+# session, say); the time limit turns it into a retry.
+TIME_LIMIT_MS = 60_000
+
+
+def middleware(settings: Settings) -> list[dramatiq.Middleware]:
+    return [
+        # First: a forged or unsigned message is refused before anything else runs.
+        Signing(),
+        RedactLogs(),
+        AgeLimit(),
+        TimeLimit(time_limit=TIME_LIMIT_MS),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        CurrentMessage(),
+        WorkerMetrics(),
+        # The backoff is capped so that a message retried through a long
+        # outage is handled soon after it ends, well inside the credit promise
+        # (Dramatiq's default backoff grows to 7 days).
+        Retries(
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+            retry_when=RetryPolicy(settings.max_retries),
+        ),
+    ]
+
+
+# An unavailable dependency is waited out, however long it takes; any other
+# failure is a bug or bad data, retried a bounded number of times and then
+# dead-lettered (see issuance.workers.dead_letters).
+OUTAGES = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
+
+
+class RetryPolicy:
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, retries: int, exception: BaseException) -> bool:
+        return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
+
+
+def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
+    """Create the broker and make it (and the codec) Dramatiq's global ones."""
+    dramatiq.set_encoder(OrjsonEncoder())
+    broker: Broker
+    if kind == "stub":
+        broker = StubBroker(middleware=middleware(settings))
+        broker.emit_after("process_boot")
+    elif kind == "rabbitmq":
+        # confirm_delivery: a follow-up message (credit) counts as sent only
+        # once RabbitMQ has confirmed it.
+        broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True, middleware=middleware(settings))
+    else:
+        raise ValueError(f"unknown broker kind {kind!r}")
+    dramatiq.set_broker(broker)
+    return broker

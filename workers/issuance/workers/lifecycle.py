@@ -1,0 +1,277 @@
+"""What happens to coupons after issuance, one function per event: orders
+redeeming and returning coupons, orders paid (referrals and rebates),
+members registering (held credits released), and the credit hold itself.
+
+Like issuance.workers.handlers, each function runs its own transaction and sends
+nothing; the actors publish follow-ups after the commit. Illegal transitions
+asked for by a message are kept in ``lifecycle_refusals`` with their reason
+and acknowledged: retrying cannot make them legal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from issuance.shared.db import coupon_store as cs
+from issuance.shared.db.store import Conn
+from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digest
+from issuance.shared.domain.coupons import (
+    LifecycleRefusal,
+    OrderStep,
+    TransitionRefused,
+    discount_cents,
+    is_self_referral,
+    order_step,
+    rebates_due,
+    use_refusal,
+)
+from issuance.shared.errors import InvalidMessage, TransientError
+from issuance.shared.settings import Settings
+from issuance.shared.wire.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+
+class OrderNotYetKnown(TransientError):
+    """A status change arrived before its order-placed event: retried later."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OrderOutcome:
+    recorded: bool
+    used: tuple[str, ...] = ()
+    refused: tuple[tuple[str, LifecycleRefusal], ...] = ()
+    discount_cents: int = 0
+
+
+def record_order(pool: ConnectionPool, message: OrderPlaced) -> OrderOutcome:
+    """Record a placed order and redeem the coupons it lists (each becomes
+    used, with the order and its discount). Idempotent on the order ID."""
+    event = f"order-placed:{message.order_id}"
+    with pool.connection() as conn, conn.transaction():
+        inserted = cs.insert_order(
+            conn,
+            order_id=message.order_id,
+            member_id=message.member_id,
+            activity=message.activity,
+            amount_cents=message.amount_cents,
+            placed_at=message.placed_at,
+        )
+        if not inserted:
+            existing = cs.order_by_id(conn, message.order_id)
+            assert existing is not None
+            if (existing.member_id, existing.amount_cents) != (message.member_id, message.amount_cents):
+                cs.record_refusal(
+                    conn,
+                    event_key=event,
+                    subject=message.order_id,
+                    reason=LifecycleRefusal.ORDER_CONFLICT,
+                    detail="member or amount differ from the recorded order",
+                )
+            return OrderOutcome(recorded=False)
+        used: list[str] = []
+        refused: list[tuple[str, LifecycleRefusal]] = []
+        total = 0
+        # Sorted: two orders naming the same codes lock them in one order.
+        for code in sorted(message.redeemed_codes):
+            try:
+                off = _redeem(conn, message, code, remaining=message.amount_cents - total)
+            except TransitionRefused as exc:
+                refused.append((code, exc.reason))
+                cs.record_refusal(
+                    conn, event_key=event, subject=code, reason=exc.reason, detail=exc.reason.text
+                )
+                continue
+            used.append(code)
+            total += off
+        if total:
+            cs.set_order_discount(conn, message.order_id, total)
+    for code, reason in refused:
+        log.info("order %s: coupon %s refused (%s)", message.order_id, code, reason.value)
+    return OrderOutcome(recorded=True, used=tuple(used), refused=tuple(refused), discount_cents=total)
+
+
+def _redeem(conn: Conn, message: OrderPlaced, code: str, *, remaining: int) -> int:
+    coupon = cs.coupon_for_use(conn, code)
+    if coupon is None:
+        raise TransitionRefused(LifecycleRefusal.UNKNOWN_CODE, code)
+    reason = use_refusal(coupon, member_id=message.member_id, order_id=message.order_id, at=message.placed_at)
+    if reason is not None:
+        raise TransitionRefused(reason, code)
+    off = discount_cents(
+        kind=coupon.kind,
+        value=coupon.value,
+        threshold_cents=coupon.threshold_cents,
+        amount_cents=message.amount_cents,
+    )
+    off = min(off, max(remaining, 0))
+    cs.use_coupon(conn, code=code, order_id=message.order_id, at=message.placed_at, discount_cents=off)
+    return off
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StatusOutcome:
+    outcome: str  # "ok", "duplicate" or "refused"
+    reason: LifecycleRefusal | None = None
+    returned: int = 0
+    referral: bool = False
+    rebates: tuple[int, ...] = ()
+
+
+def handle_order_status(
+    pool: ConnectionPool, message: OrderStatusChanged, *, now: datetime | None = None
+) -> StatusOutcome:
+    """Move an order: paid (and count a referral), cancelled before payment
+    (its coupons return), or refunded after payment (they do not)."""
+    now = now or utcnow()
+    with pool.connection() as conn, conn.transaction():
+        order = cs.order_by_id(conn, message.order_id, lock=True)
+        if order is None:
+            raise OrderNotYetKnown(f"order {message.order_id} is not recorded yet")
+        try:
+            step = order_step(order.status, message.status)
+        except TransitionRefused as exc:
+            cs.record_refusal(
+                conn,
+                event_key=f"order-status:{message.business_key()}",
+                subject=message.order_id,
+                reason=exc.reason,
+                detail=f"{order.status} -> {message.status}: {exc.reason.text}",
+            )
+            return StatusOutcome(outcome="refused", reason=exc.reason)
+        if step is OrderStep.DUPLICATE:
+            return StatusOutcome(outcome="duplicate")
+        cs.move_order(conn, message.order_id, message.status, message.changed_at)
+        if message.status == "cancelled":
+            return StatusOutcome(outcome="ok", returned=cs.return_coupons(conn, message.order_id, now))
+        if message.status == "paid":
+            counted, rebates = _count_referral(conn, order, now)
+            return StatusOutcome(outcome="ok", referral=counted, rebates=rebates)
+        return StatusOutcome(outcome="ok")
+
+
+def _count_referral(conn: Conn, order: cs.OrderRow, now: datetime) -> tuple[bool, tuple[int, ...]]:
+    """A new member who claimed through a share, paying a first order after
+    that claim: one successful referral for the share's buyer. Every K of them
+    earn the buyer a rebate, each written once."""
+    source = cs.referral_source(conn, order.member_id)
+    if source is None or order.placed_at < source.requested_at:
+        return False, ()
+    if cs.other_paid_orders(conn, order.member_id, order.order_id):
+        return False, ()
+    if is_self_referral(
+        referrer_id=source.referrer_member_id,
+        referee_id=order.member_id,
+        referrer_digest=source.referrer_digest,
+        referee_digest=source.referee_digest,
+    ):
+        cs.record_refusal(
+            conn,
+            event_key=f"referral:{order.order_id}",
+            subject=str(order.member_id),
+            reason=LifecycleRefusal.SELF_REFERRAL,
+        )
+        return False, ()
+    cs.lock_referrer(conn, source.referrer_member_id)
+    if not cs.insert_referral(conn, referee=order.member_id, source=source, order_id=order.order_id):
+        return False, ()
+    return True, credit_rebates(conn, source.referrer_member_id, source.activity_id, now)
+
+
+def credit_rebates(conn: Conn, referrer: int, activity_id: int, now: datetime) -> tuple[int, ...]:
+    """Write every rebate the referrer's referrals in the activity have earned
+    and that is not written yet; credit each (an amount by its row, a coupon
+    by binding a code of the rebate template). Returns new rebate numbers."""
+    terms = cs.rebate_terms(conn, activity_id)
+    if terms.amount_cents is None and terms.template_id is None:
+        return ()
+    due = rebates_due(cs.referral_count(conn, referrer, activity_id), terms.every)
+    have = cs.rebate_numbers(conn, referrer, activity_id)
+    written = []
+    for number in range(1, due + 1):
+        if number in have:
+            continue
+        rebate_id = cs.insert_rebate(
+            conn, referrer=referrer, activity_id=activity_id, rebate_no=number, terms=terms, now=now
+        )
+        if rebate_id is None:
+            continue
+        written.append(number)
+        if terms.amount_cents is None and terms.template_id is not None:
+            expires_at = coupon_expiry(
+                now, zone=terms.timezone, validity_days=terms.validity_days, valid_until=terms.valid_until
+            )
+            code = cs.bind_rebate_code(
+                conn,
+                rebate_id=rebate_id,
+                member=referrer,
+                template=terms.template_id,
+                now=now,
+                expires_at=expires_at,
+            )
+            if code is None:
+                log.warning(
+                    "rebate %s of member %s owed: the rebate template's pool is empty", number, referrer
+                )
+    return tuple(written)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CreditPlan:
+    """What the credit step may do now: the claims to credit, and for those
+    released from a hold, when their promise started (registration)."""
+
+    ready: list[uuid.UUID]
+    promise_from: dict[uuid.UUID, datetime]
+
+
+def prepare_credit(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> CreditPlan:
+    """Hold the credits of claims whose activity waits for registration while
+    their member is pending; the others may be credited now."""
+    with pool.connection() as conn, conn.transaction():
+        held = cs.hold_credits(conn, list(claim_ids))
+        released = cs.promise_starts(conn, list(claim_ids))
+    return CreditPlan(ready=[c for c in claim_ids if c not in held], promise_from=released)
+
+
+def handle_member_registered(
+    pool: ConnectionPool, settings: Settings, message: MemberRegistered, *, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """Mark the member registered and release its held credits, whose promise
+    now runs from registration. Returns the claims to credit."""
+    now = now or utcnow()
+    digest_masked = None
+    if message.phone is not None:
+        try:
+            e164 = normalize_phone(message.phone, settings.default_region)
+        except InvalidPhone as exc:
+            raise InvalidMessage("bad_phone", str(exc)) from None
+        digest_masked = (phone_digest(e164, settings.phone_key), mask_phone(e164))
+    with pool.connection() as conn, conn.transaction():
+        member = cs.register_member(
+            conn,
+            registered_at=message.registered_at,
+            member_id=message.member_id,
+            digest_masked=digest_masked,
+        )
+        if member is None:
+            cs.record_refusal(
+                conn,
+                event_key=f"member-registered:{message.business_key()}",
+                subject=str(message.member_id),
+                reason=LifecycleRefusal.UNKNOWN_MEMBER,
+            )
+            return []
+        member_id, registered_at = member
+        return cs.release_held(
+            conn,
+            member_id=member_id,
+            registered_at=registered_at,
+            promise_seconds=settings.credit_promise_seconds,
+            now=now,
+        )

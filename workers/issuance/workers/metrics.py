@@ -1,0 +1,115 @@
+"""Metrics of the worker processes, as Dramatiq middleware.
+
+Every worker process counts into ``PROMETHEUS_MULTIPROC_DIR`` (see
+issuance.shared.metrics); the middleware adds the per-delivery view (in progress,
+duration, errors), the consumer gauges, and, through Dramatiq's ``forks``, one
+extra process started by the dramatiq main process that serves ``/metrics``
+over HTTP on ``ISSUANCE_METRICS_PORT``, aggregating every worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+
+log = logging.getLogger(__name__)
+
+
+class WorkerMetrics(dramatiq.Middleware):
+    """In-progress gauge, handling duration and errors per queue and actor;
+    consumers per queue; the exposition server as a fork."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    @property
+    def forks(self) -> list[Any]:
+        return [serve_metrics]
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from issuance.shared.metrics import CONSUMERS, WORKER_THREADS
+
+        for queue in getattr(worker, "consumers", {}):
+            if not queue.endswith((".DQ", ".XQ")):
+                CONSUMERS.labels(queue).inc()
+        WORKER_THREADS.inc(len(getattr(worker, "workers", ())))
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        from issuance.shared.metrics import mark_process_dead
+
+        # Live gauges of this process stop counting as soon as it stops consuming.
+        mark_process_dead()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        from issuance.shared.metrics import IN_PROGRESS
+
+        IN_PROGRESS.labels(message.queue_name, message.actor_name).inc()
+        self._started[message.message_id] = time.perf_counter()
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        from issuance.shared.metrics import IN_PROGRESS, MESSAGE_DURATION, MESSAGE_ERRORS
+
+        labels = (message.queue_name, message.actor_name)
+        started = self._started.pop(message.message_id, None)
+        if started is None:
+            return
+        IN_PROGRESS.labels(*labels).dec()
+        MESSAGE_DURATION.labels(*labels).observe(time.perf_counter() - started)
+        if exception is not None:
+            MESSAGE_ERRORS.labels(*labels).inc()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        self.after_process_message(broker, message)
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        from issuance.shared.metrics import metrics_response
+
+        body, content_type = metrics_response()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format, *args)
+
+
+def serve_metrics() -> int:
+    """Serve ``/metrics`` until the dramatiq main process stops this fork."""
+    from issuance.shared.settings import load_settings
+
+    port = load_settings().metrics_port
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker process keeps its values in memory: nothing to add up.
+        log.warning("PROMETHEUS_MULTIPROC_DIR is not set: worker metrics are not served")
+        return 0
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), _MetricsHandler)  # noqa: S104  # nosec B104 - scraped from outside
+    except OSError as exc:
+        log.error("cannot serve worker metrics on port %d: %s (set ISSUANCE_METRICS_PORT)", port, exc)
+        return 1
+    log.info("serving worker metrics on :%d/metrics", port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,159 @@
+"""What every actor shares: process-wide resources created after fork, and
+the wrapper that turns a handler into a Dramatiq actor.
+
+The wrapper decodes the payload with the codec, sends anything unusable to
+the dead-letter store with its reason (and acknowledges it: no poison loop),
+counts outcomes, and lets transient failures propagate so that Dramatiq
+retries them with the bounded backoff of issuance.workers.broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import dramatiq
+import orjson
+import redis
+from dramatiq.middleware import CurrentMessage
+from issuance.shared.db import database, store
+from issuance.shared.errors import InvalidMessage, PermanentError
+from issuance.shared.faults import crash_point
+from issuance.shared.metrics import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
+from issuance.shared.settings import Settings, load_settings
+from issuance.shared.wire.codec import ROUTES
+from issuance.shared.wire.messages import Message
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+
+class Resources:
+    """Connections of one worker process, opened on first use (after
+    Dramatiq has forked) and shared by its threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._redis: redis.Redis | None = None
+
+    @property
+    def pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = database.pool(self.settings, max_size=max(self.settings.worker_threads, 2))
+            return self._pool
+
+    @property
+    def redis(self) -> redis.Redis:
+        with self._lock:
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(
+                    self.settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+                )
+            return self._redis
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = None
+
+
+_resources: Resources | None = None
+
+
+def resources() -> Resources:
+    global _resources  # noqa: PLW0603 - one set of connections per process
+    if _resources is None:
+        _resources = Resources(load_settings())
+    return _resources
+
+
+def use_resources(value: Resources) -> None:
+    """Replace the process's resources (the embedded demo and tests)."""
+    global _resources  # noqa: PLW0603 - one set of connections per process
+    if _resources is not None and _resources is not value:
+        _resources.close()
+    _resources = value
+
+
+def redact(payload: Any) -> Any:
+    """A payload as it may be stored or logged: every phone number masked,
+    also those of the claims inside a batch (claims-requested)."""
+    if not isinstance(payload, dict):
+        return payload
+    masked = dict(payload)
+    if isinstance(masked.get("phone"), str):
+        phone = masked["phone"]
+        masked["phone"] = phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:]
+    if isinstance(masked.get("claims"), list):
+        masked["claims"] = [redact(item) for item in masked["claims"]]
+    return masked
+
+
+def dead_letter(
+    queue: str, actor: str, reason: str, detail: str, payload: Any, *, key: str | None = None
+) -> None:
+    """Keep an unusable message in PostgreSQL with the reason it was refused
+    (once per message key and reason: a re-delivery stores nothing new)."""
+    current = CurrentMessage.get_current_message()
+    body = orjson.dumps(redact(payload), default=str).decode()
+    if key is None:
+        key = current.message_id if current is not None else hashlib.sha256(body.encode()).hexdigest()
+    with resources().pool.connection() as conn, conn.transaction():
+        stored = store.insert_dead_letter(
+            conn, message_key=key, queue=queue, actor=actor, reason=reason, detail=detail, body=body
+        )
+    if stored:
+        DEAD_LETTERS.labels(queue, reason).inc()
+    log.warning("dead-lettered a %s message %s: %s (%s)", actor, key, reason, detail)
+
+
+def pipeline_actor(message_type: type[M]) -> Callable[[Callable[[M], str]], dramatiq.Actor[Any, Any]]:
+    """Declare the actor for a message type around a handler that returns its
+    outcome label ("ok", "duplicate", ...)."""
+    route = ROUTES[message_type.TYPE]
+
+    def decorate(handle: Callable[[M], str]) -> dramatiq.Actor[Any, Any]:
+        def consume(payload: Any) -> None:
+            current = CurrentMessage.get_current_message()
+            if current is not None:
+                QUEUE_WAIT.labels(route.queue).observe(max(time.time() - current.message_timestamp / 1000, 0))
+            try:
+                message = message_type.from_payload(payload)
+                outcome = handle(message)
+            except InvalidMessage as exc:
+                dead_letter(route.queue, route.actor, exc.reason, exc.detail, payload)
+                outcome = "dead_letter"
+            except PermanentError as exc:
+                dead_letter(route.queue, route.actor, type(exc).__name__, str(exc), payload)
+                outcome = "dead_letter"
+            except Exception:
+                MESSAGES.labels(route.queue, route.actor, "retry").inc()
+                raise
+            MESSAGES.labels(route.queue, route.actor, outcome).inc()
+            crash_point(resources().settings, "after_commit_before_ack")
+
+        consume.__name__ = consume.__qualname__ = route.actor
+        consume.__doc__ = handle.__doc__
+        return dramatiq.actor(actor_name=route.actor, queue_name=route.queue)(consume)
+
+    return decorate
+
+
+def send(actor: dramatiq.Actor[Any, Any], message: Message) -> None:
+    """Publish a follow-up message with its stable message ID."""
+    from issuance.shared.wire.codec import message_id_for
+
+    built = actor.message_with_options(args=(message.to_payload(),))
+    actor.broker.enqueue(built.copy(message_id=message_id_for(message)))

@@ -1,0 +1,133 @@
+"""The promise's safety net: claims bound but not credited after a grace
+period get their credit message sent again.
+
+A claim that was never recorded is still in the broker (the claim message is
+acknowledged only after its decision commits), so only bound claims matter.
+Re-sending is idempotent twice over: the credit message carries the same
+stable message ID as the first one (issuance.shared.wire.codec), and the credit handler
+writes each wallet entry at most once. A claim is re-sent at most once per
+grace period (a Redis key per claim), so a stopped credit step does not make
+the sweeper flood its queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+
+import psycopg
+import redis
+from issuance.shared.db.analytics import PromiseSnapshot, bound_not_credited, promise_snapshot
+from issuance.shared.errors import PublishError
+from issuance.shared.settings import Settings
+from issuance.shared.wire.messages import CreditRequested, utcnow
+from issuance.shared.wire.publisher import Publisher, RabbitPublisher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = timedelta(minutes=10)
+RESENT_KEY = "issuance:sweeper:resent:{}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SweepResult:
+    found: int
+    requeued: int
+    promise: PromiseSnapshot
+
+
+def sweep(
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    grace: timedelta = DEFAULT_GRACE,
+    limit: int = 5000,
+    publisher: Publisher | None = None,
+    cache: redis.Redis | None = None,
+) -> SweepResult:
+    """One pass: find claims bound ``grace`` ago or earlier and not credited,
+    re-send their credit messages (oldest deadline first), and return what
+    was found with the promise as it stands at ``now``."""
+    now = now or utcnow()
+    with psycopg.connect(settings.database_url) as conn:
+        overdue = bound_not_credited(conn, now=now, grace=grace, limit=limit)
+        promise = promise_snapshot(conn, now)
+    own_cache = cache is None
+    cache = cache or redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    try:
+        due = _not_recently_resent(cache, overdue, ttl=max(int(grace.total_seconds()), 1))
+    finally:
+        if own_cache:
+            cache.close()
+    if due:
+        from issuance.shared.metrics import SWEEPER_REQUEUED
+
+        own_publisher = publisher is None
+        publisher = publisher or RabbitPublisher.from_settings(settings)
+        try:
+            publisher.publish_many(credit_messages(due))
+        finally:
+            if own_publisher:
+                publisher.close()
+        SWEEPER_REQUEUED.inc(len(due))
+    if overdue:
+        log.warning(
+            "%d claims bound and not credited after %s; re-sent %d credit messages",
+            len(overdue),
+            grace,
+            len(due),
+        )
+    return SweepResult(found=len(overdue), requeued=len(due), promise=promise)
+
+
+def credit_messages(claim_ids: Sequence[uuid.UUID], batch: int = 500) -> Iterator[CreditRequested]:
+    """The credit messages for ``claim_ids``: one per claim, or batches of
+    claims where the message carries a list."""
+    if "claim_ids" in CreditRequested.FIELDS:
+        for start in range(0, len(claim_ids), batch):
+            chunk = [str(c) for c in claim_ids[start : start + batch]]
+            yield CreditRequested.from_payload({"v": CreditRequested.VERSION, "claim_ids": chunk})
+    else:
+        for claim_id in claim_ids:
+            yield CreditRequested.from_payload({"v": CreditRequested.VERSION, "claim_id": str(claim_id)})
+
+
+def _not_recently_resent(cache: redis.Redis, claim_ids: list[uuid.UUID], ttl: int) -> list[uuid.UUID]:
+    """The claims not re-sent within ``ttl`` seconds; marks them as re-sent.
+    Without Redis every one is re-sent (duplicates are harmless)."""
+    if not claim_ids:
+        return []
+    try:
+        pipe = cache.pipeline(transaction=False)
+        for claim_id in claim_ids:
+            pipe.set(RESENT_KEY.format(claim_id), b"1", nx=True, ex=ttl)
+        fresh = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("Redis unavailable (%s): re-sending every overdue credit", exc)
+        return list(claim_ids)
+    return [claim_id for claim_id, was_set in zip(claim_ids, fresh, strict=True) if was_set]
+
+
+def run_sweeper(settings: Settings, *, interval: float, grace: timedelta, passes: int | None = None) -> None:
+    """Sweep every ``interval`` seconds (``passes`` times, or until stopped)."""
+    done = 0
+    while passes is None or done < passes:
+        started = time.monotonic()
+        try:
+            result = sweep(settings, grace=grace)
+            log.info(
+                "sweep: %d overdue, %d re-sent; %d uncredited, oldest %.0fs",
+                result.found,
+                result.requeued,
+                result.promise.uncredited,
+                result.promise.oldest_age_seconds,
+            )
+        except (psycopg.Error, redis.RedisError, PublishError, OSError) as exc:
+            log.error("sweep failed: %s; trying again in %.0fs", exc, interval)
+        done += 1
+        if passes is None or done < passes:
+            time.sleep(max(interval - (time.monotonic() - started), 0))
