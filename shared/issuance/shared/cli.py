@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from issuance.shared.backoffice import commands
 
     commands.register(sub)
+    from issuance.shared.backoffice.web import commands as office_commands
+
+    office_commands.register(sub)
 
     publish = sub.add_parser("publish", help="publish a JSON-lines file of payloads")
     publish.add_argument("type", choices=PUBLIC_TYPES)
