@@ -264,7 +264,11 @@ def test_create_and_edit_an_activity_with_its_audit_trail(app, settings):
     assert entry["after"]["budget"] == 100 and entry["after"]["templates"][0]["prefix"] == "RED"
 
     edited = dict(
-        form, title="Spring red envelope", banner_url="https://cdn.example.com/spring.png", budget="150"
+        form,
+        title="Spring red envelope",
+        banner_url="https://cdn.example.com/spring.png",
+        budget="150",
+        copy="Open the envelope",
     )
     answer = operator.post(
         "/activities/spring", data={**edited, "csrf_token": token(operator, "/activities/spring")}
@@ -272,10 +276,11 @@ def test_create_and_edit_an_activity_with_its_audit_trail(app, settings):
     assert answer.status_code == 303
     edit = audit_rows(settings, "edit")[-1]
     assert edit["subject_key"] == "spring"
-    assert edit["before"] == {"title": "Red envelope spring", "banner_url": "", "budget": 100}
+    assert edit["before"] == {"title": "Red envelope spring", "banner_url": "", "copy": "", "budget": 100}
     assert edit["after"] == {
         "title": "Spring red envelope",
         "banner_url": "https://cdn.example.com/spring.png",
+        "copy": "Open the envelope",
         "budget": 150,
     }
     assert (
@@ -288,6 +293,7 @@ def test_create_and_edit_an_activity_with_its_audit_trail(app, settings):
     )
     shown = operator.get("/activities/spring").text
     assert 'id="banner-preview" alt="Banner preview" src="https://cdn.example.com/spring.png"' in shown
+    assert '<p class="card-copy" id="preview-copy">Open the envelope</p>' in shown
 
 
 def test_saving_an_untouched_form_changes_nothing(app, settings):
