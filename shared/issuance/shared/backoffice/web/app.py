@@ -414,7 +414,7 @@ async def activity_create(request: Request, user: CurrentUser) -> Response:
     return RedirectResponse(f"/activities/{slug}", 303)
 
 
-def _activity(session: Session, slug: str) -> dict[str, Any] | None:
+def _activity(session: Session, slug: str, base_url: str) -> dict[str, Any] | None:
     activity = session.scalar(select(Activity).where(Activity.slug == slug))
     if activity is None:
         return None
@@ -424,27 +424,24 @@ def _activity(session: Session, slug: str) -> dict[str, Any] | None:
         "slug": slug,
         "spec": spec,
         "form": forms.render(spec),
-        "url": f"{_base_url(session)}/{slug}",
+        "url": f"{base_url.rstrip('/')}/{slug}",
         "state": _state(activity, pending is not None, datetime.now(UTC)),
         "pending": pending.budget if pending is not None else None,
         "approved": approvals.approved_budget(session, activity.activity_id),
     }
 
 
-def _base_url(session: Session) -> str:
-    return str(session.info.get("base_url", "")).rstrip("/")
+def _activity_and_channels(
+    session: Session, slug: str, base_url: str
+) -> tuple[dict[str, Any] | None, list[str]]:
+    return _activity(session, slug, base_url), _channel_names(session)
 
 
 @page()
 async def activity_page(request: Request, user: CurrentUser) -> Response:
     slug = request.path_params["slug"]
     base_url = _office(request).settings.activity_base_url
-
-    def load(session: Session) -> tuple[dict[str, Any] | None, list[str]]:
-        session.info["base_url"] = base_url
-        return _activity(session, slug), _channel_names(session)
-
-    activity, names = await run(request, load)
+    activity, names = await run(request, _activity_and_channels, slug, base_url)
     if activity is None:
         return _not_found(request, user, f"activity {slug}")
     return _form_page(request, user, values=activity["form"], errors={}, channels=names, activity=activity)
@@ -476,12 +473,7 @@ async def activity_update(request: Request, user: CurrentUser) -> Response:
     if result is None:
         return _not_found(request, user, f"activity {slug}")
     if errors:
-
-        def load(session: Session) -> tuple[dict[str, Any] | None, list[str]]:
-            session.info["base_url"] = base_url
-            return _activity(session, slug), _channel_names(session)
-
-        activity, names = await run(request, load)
+        activity, names = await run(request, _activity_and_channels, slug, base_url)
         return _form_page(
             request, user, values=parsed.raw, errors=errors, channels=names, activity=activity, status=422
         )
