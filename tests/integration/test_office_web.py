@@ -590,3 +590,35 @@ def test_the_cli_creates_the_first_user(settings, service_env):
     assert audit_rows(settings)[0]["actor"].startswith("cli:")
     with office_app(settings) as office:
         assert sign_in(office, "root-op").get("/channels").status_code == 200
+
+
+def test_the_cli_serves_the_back_office(settings, service_env, tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")} | service_env
+    argv = [sys.executable, "-m", "issuance.shared.cli", "office", "serve", "--port", str(port)]
+    log = tmp_path / "office.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/lookup?phone=13800138000", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/login")
+        assert answer.headers["x-frame-options"] == "DENY"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    logged = log.read_text()
+    # One line per request, without the query string (it can hold a phone number).
+    assert "GET /lookup 303" in logged
+    assert "13800138000" not in logged

@@ -13,7 +13,9 @@ per-user place to keep the token. The Origin header, when a browser sends
 one, must be the back office's own as well.
 
 The middleware reads the body of a POST to find the form field (forms are
-small: over MAX_BODY_BYTES is refused) and hands the same bytes on.
+small: over MAX_BODY_BYTES is refused) and hands the same bytes on. It reads
+the field of URL-encoded forms, which every form here is; any other body
+must carry the header.
 """
 
 from __future__ import annotations
