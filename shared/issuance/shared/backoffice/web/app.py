@@ -33,10 +33,10 @@ from issuance.shared.backoffice.web.jobs import Jobs
 from issuance.shared.backoffice.web.security import CsrfMiddleware, HeadersMiddleware, csrf_token
 from issuance.shared.db import database
 from issuance.shared.db.models import Activity, Channel, CodeBatch
-from issuance.shared.db.office_models import BudgetApproval, SessionKey
+from issuance.shared.db.office_models import ApprovalStatus, BudgetApproval, SessionKey
 from issuance.shared.settings import Settings
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Engine, func, or_, select, text
+from sqlalchemy import Engine, func, inspect, or_, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
@@ -268,7 +268,7 @@ def _filters(channel: str, status: str, query: str) -> list[Any]:
     elif status == "awaiting":
         filters.append(
             Activity.activity_id.in_(
-                select(BudgetApproval.activity_id).where(BudgetApproval.status == "pending")
+                select(BudgetApproval.activity_id).where(BudgetApproval.status == ApprovalStatus.PENDING)
             )
         )
     if query:
@@ -315,7 +315,7 @@ async def activities_page(request: Request, user: CurrentUser) -> Response:
             session.scalars(
                 select(Activity.slug)
                 .join(BudgetApproval, BudgetApproval.activity_id == Activity.activity_id)
-                .where(BudgetApproval.status == "pending", Activity.slug.in_(slugs))
+                .where(BudgetApproval.status == ApprovalStatus.PENDING, Activity.slug.in_(slugs))
             )
         )
         now = datetime.now(UTC)
@@ -786,9 +786,15 @@ def routes() -> list[BaseRoute]:
 LOCK_SESSION_KEYS = "SELECT pg_advisory_xact_lock(hashtext('office_session_keys'))"
 
 
+class OfficeNotReady(ValueError):
+    """The database has no back-office tables yet."""
+
+
 def session_secret(engine: Engine) -> str:
     """The key that signs sessions: the newest in the database, made on the
     first start (under a lock, so that processes starting together agree)."""
+    if not inspect(engine).has_table(SessionKey.__tablename__):
+        raise OfficeNotReady("the database has no back-office tables: run `issuance db upgrade` first")
     with Session(engine) as session, session.begin():
         session.execute(text(LOCK_SESSION_KEYS))
         secret = session.scalar(select(SessionKey.secret).order_by(SessionKey.key_id.desc()).limit(1))

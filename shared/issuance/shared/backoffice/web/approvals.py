@@ -15,7 +15,7 @@ from issuance.shared.backoffice import catalog
 from issuance.shared.backoffice.web import audit
 from issuance.shared.backoffice.web.auth import CurrentUser
 from issuance.shared.db.models import Activity
-from issuance.shared.db.office_models import BudgetApproval, OfficeUser
+from issuance.shared.db.office_models import ApprovalStatus, BudgetApproval, OfficeUser
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,7 @@ def needs_approval(budget: int, approved: int | None, threshold: int) -> bool:
 def approved_budget(session: Session, activity_id: int) -> int | None:
     return session.scalar(
         select(func.max(BudgetApproval.budget)).where(
-            BudgetApproval.activity_id == activity_id, BudgetApproval.status == "approved"
+            BudgetApproval.activity_id == activity_id, BudgetApproval.status == ApprovalStatus.APPROVED
         )
     )
 
@@ -42,11 +42,14 @@ def request(session: Session, user: CurrentUser, activity: Activity, *, go_onlin
     assert user.user_id is not None
     waiting = session.scalar(
         select(BudgetApproval)
-        .where(BudgetApproval.activity_id == activity.activity_id, BudgetApproval.status == "pending")
+        .where(
+            BudgetApproval.activity_id == activity.activity_id,
+            BudgetApproval.status == ApprovalStatus.PENDING,
+        )
         .with_for_update()
     )
     if waiting is None:
-        waiting = BudgetApproval(activity_id=activity.activity_id, status="pending")
+        waiting = BudgetApproval(activity_id=activity.activity_id, status=ApprovalStatus.PENDING)
         session.add(waiting)
     waiting.budget = activity.budget
     waiting.go_online = go_online
@@ -66,7 +69,7 @@ def request(session: Session, user: CurrentUser, activity: Activity, *, go_onlin
 def pending_for(session: Session, activity_id: int) -> BudgetApproval | None:
     return session.scalar(
         select(BudgetApproval).where(
-            BudgetApproval.activity_id == activity_id, BudgetApproval.status == "pending"
+            BudgetApproval.activity_id == activity_id, BudgetApproval.status == ApprovalStatus.PENDING
         )
     )
 
@@ -77,7 +80,7 @@ def waiting(session: Session) -> list[tuple[BudgetApproval, str, str, str]]:
         select(BudgetApproval, Activity.slug, Activity.title, OfficeUser.name)
         .join(Activity, Activity.activity_id == BudgetApproval.activity_id)
         .join(OfficeUser, OfficeUser.user_id == BudgetApproval.requested_by)
-        .where(BudgetApproval.status == "pending")
+        .where(BudgetApproval.status == ApprovalStatus.PENDING)
         .order_by(BudgetApproval.requested_at)
     ).all()
     return [(a, slug, title, name) for a, slug, title, name in rows]
@@ -89,11 +92,11 @@ def decide(session: Session, user: CurrentUser, approval_id: int, *, approve: bo
     approval = session.scalar(
         select(BudgetApproval).where(BudgetApproval.approval_id == approval_id).with_for_update()
     )
-    if approval is None or approval.status != "pending":
+    if approval is None or approval.status != ApprovalStatus.PENDING:
         raise catalog.BackOfficeError("this request was already decided or does not exist")
     activity = session.get(Activity, approval.activity_id)
     assert activity is not None
-    approval.status = "approved" if approve else "rejected"
+    approval.status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
     approval.decided_by = user.user_id
     approval.decided_at = func.now()
     session.flush()
@@ -103,8 +106,8 @@ def decide(session: Session, user: CurrentUser, approval_id: int, *, approve: bo
         "approve-budget" if approve else "reject-budget",
         "activity",
         activity.slug,
-        before={"status": "pending"},
-        after={"status": approval.status, "budget": approval.budget},
+        before={"status": ApprovalStatus.PENDING.value},
+        after={"status": str(approval.status), "budget": approval.budget},
     )
     if approve and approval.go_online and not activity.online and activity.budget <= approval.budget:
         catalog.update_activity(session, activity.slug, {"online": True})
