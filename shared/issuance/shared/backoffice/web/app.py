@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from issuance.shared import domain
 from issuance.shared.backoffice import catalog, charts, reports
@@ -500,7 +500,9 @@ async def activity_switch(request: Request, user: CurrentUser) -> Response:
         flash(request, f"{slug} stays offline until an approver signs off its budget")
     else:
         flash(request, f"{slug} is {'online' if online else 'offline'}")
-    return RedirectResponse(request.headers.get("referer") or f"/activities/{slug}", 303)
+    # Back to the list or the activity, whichever the switch was on (a path of this site only).
+    back = urlsplit(request.headers.get("referer", ""))
+    return RedirectResponse(_next(back.path + (f"?{back.query}" if back.query else "")), 303)
 
 
 # ---------------------------------------------------------------- templates and code batches
