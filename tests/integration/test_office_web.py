@@ -622,3 +622,15 @@ def test_the_cli_serves_the_back_office(settings, service_env, tmp_path):
     # One line per request, without the query string (it can hold a phone number).
     assert "GET /lookup 303" in logged
     assert "13800138000" not in logged
+
+
+def test_the_audit_log_is_append_only(app, settings):
+    operator = sign_in(app, "olga")
+    create_channel(operator, "kept")
+    with psycopg.connect(settings.database_url) as conn:
+        for sql in ("UPDATE office_audit SET actor = 'someone else'", "DELETE FROM office_audit"):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"), conn.transaction():
+                conn.execute(sql)
+    assert [r["subject_key"] for r in audit_rows(settings, "create") if r["subject_kind"] == "channel"] == [
+        "kept"
+    ]

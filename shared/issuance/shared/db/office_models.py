@@ -61,7 +61,8 @@ class OfficeUser(Base):
 class AuditEntry(Base):
     """One change: who made it, what it was, when, and the values before and
     after. Written in the transaction of the change, so a change without its
-    entry (or an entry without its change) cannot be committed."""
+    entry (or an entry without its change) cannot be committed. A trigger
+    (migration 0008) refuses UPDATE and DELETE: the log is append-only."""
 
     __tablename__ = "office_audit"
     __table_args__ = (

@@ -17,6 +17,18 @@ branch_labels = None
 depends_on = None
 
 
+# The audit log is written, never rewritten: not by the back office, not by
+# a hand-typed UPDATE. (A user with audit entries cannot be deleted either,
+# by the foreign key: users are deactivated.)
+APPEND_ONLY = """
+CREATE FUNCTION office_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit log is append-only: % refused', TG_OP;
+END
+$$
+"""
+
+
 def upgrade() -> None:
     op.create_table(
         "office_users",
@@ -45,6 +57,11 @@ def upgrade() -> None:
         sa.Column("after", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.ForeignKeyConstraint(["user_id"], ["office_users.user_id"]),
         sa.PrimaryKeyConstraint("audit_id"),
+    )
+    op.execute(APPEND_ONLY)
+    op.execute(
+        "CREATE TRIGGER office_audit_append_only BEFORE UPDATE OR DELETE ON office_audit"
+        " FOR EACH ROW EXECUTE FUNCTION office_audit_append_only()"
     )
     op.create_index("office_audit_at_idx", "office_audit", ["at"])
     op.create_index("office_audit_subject_idx", "office_audit", ["subject_kind", "subject_key", "audit_id"])
@@ -96,4 +113,5 @@ def downgrade() -> None:
     op.drop_index("office_audit_subject_idx", table_name="office_audit")
     op.drop_index("office_audit_at_idx", table_name="office_audit")
     op.drop_table("office_audit")
+    op.execute("DROP FUNCTION office_audit_append_only()")
     op.drop_table("office_users")
