@@ -634,3 +634,18 @@ def test_the_audit_log_is_append_only(app, settings):
     assert [r["subject_key"] for r in audit_rows(settings, "create") if r["subject_kind"] == "channel"] == [
         "kept"
     ]
+
+
+def test_five_wrong_passwords_lock_the_name_for_a_while(app, settings):
+    anonymous = client(app)
+    for _ in range(5):
+        form = {"name": "olga", "password": "guessing again", "csrf_token": token(anonymous)}
+        assert anonymous.post("/login", data=form).status_code == 401
+    locked = client(app)
+    form = {"name": "olga", "password": PASSWORD, "csrf_token": token(locked)}
+    assert locked.post("/login", data=form).status_code == 401
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE office_users SET locked_until = now() - interval '1 second' WHERE name = 'olga'")
+    assert sign_in(app, "olga").get("/activities").status_code == 200
+    # Another name was never locked.
+    assert sign_in(app, "vera").get("/activities").status_code == 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -23,6 +24,8 @@ from sqlalchemy.orm import Session
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MIN_PASSWORD_CHARS = 12
+MAX_FAILED_SIGN_INS = 5
+LOCK_SECONDS = 15 * 60
 # argon2-cffi's defaults: argon2id, RFC 9106's low-memory profile.
 _HASHER = PasswordHasher()
 # Verified when the name is unknown, so that a wrong name costs as much time
@@ -88,18 +91,35 @@ def create_user(session: Session, name: str, role: str, password: str, *, by: st
 
 
 def authenticate(session: Session, name: str, password: str) -> CurrentUser | None:
-    """The user whose name and password these are, or None. Upgrades the
-    hash when the hashing parameters have changed since it was made."""
-    user = session.scalar(select(OfficeUser).where(OfficeUser.name == name, OfficeUser.active))
+    """The user whose name and password these are, or None. After
+    MAX_FAILED_SIGN_INS wrong passwords in a row a name is locked for
+    LOCK_SECONDS (the caller commits the count even when this returns None).
+    Upgrades the hash when the hashing parameters have changed."""
+    user = session.scalar(
+        select(OfficeUser).where(OfficeUser.name == name, OfficeUser.active).with_for_update()
+    )
     try:
         _HASHER.verify(user.password_hash if user is not None else _DUMMY_HASH, password)
+        right = True
     except (VerificationError, InvalidHashError):
-        return None
+        right = False
     if user is None:
+        return None
+    now = datetime.now(UTC)
+    if user.locked_until is not None and user.locked_until > now:
+        return None
+    if not right:
+        user.failed_sign_ins += 1
+        if user.failed_sign_ins >= MAX_FAILED_SIGN_INS:
+            user.failed_sign_ins = 0
+            user.locked_until = now + timedelta(seconds=LOCK_SECONDS)
+        session.flush()
         return None
     if _HASHER.check_needs_rehash(user.password_hash):
         user.password_hash = _HASHER.hash(password)
-    user.last_sign_in_at = func.now()
+    user.failed_sign_ins = 0
+    user.locked_until = None
+    user.last_sign_in_at = now
     session.flush()
     return CurrentUser(user_id=user.user_id, name=user.name, role=Role(user.role))
 

@@ -39,6 +39,8 @@ def upgrade() -> None:
         sa.Column("active", sa.Boolean(), server_default=sa.text("true"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("last_sign_in_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("failed_sign_ins", sa.SmallInteger(), server_default="0", nullable=False),
+        sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("role IN ('viewer', 'operator', 'approver')", name="office_users_role_check"),
         sa.CheckConstraint("name ~ '^[a-z0-9][a-z0-9._-]{0,63}$'", name="office_users_name_check"),
         sa.PrimaryKeyConstraint("user_id"),
