@@ -649,3 +649,30 @@ def test_five_wrong_passwords_lock_the_name_for_a_while(app, settings):
     assert sign_in(app, "olga").get("/activities").status_code == 200
     # Another name was never locked.
     assert sign_in(app, "vera").get("/activities").status_code == 200
+
+
+def test_a_waiting_request_is_withdrawn_when_an_edit_makes_it_moot(app, settings):
+    operator = sign_in(app, "olga")
+    create_channel(operator)
+    for slug in ("lowered", "parked"):
+        form = activity_form(slug, budget=str(THRESHOLD * 3), t0_prefix="L" + slug[0].upper() + "W")
+        operator.post("/activities/new", data={**form, "csrf_token": token(operator, "/activities/new")})
+    assert count(settings, "SELECT count(*) FROM office_budget_approvals WHERE status = 'pending'") == 2
+    lowered = activity_form("lowered", budget=str(THRESHOLD), t0_prefix="LLW", online=None)
+    operator.post("/activities/lowered", data={**lowered, "csrf_token": token(operator, "/activities")})
+    operator.post(
+        "/activities/parked/online", data={"online": "false", "csrf_token": token(operator, "/activities")}
+    )
+    with psycopg.connect(settings.database_url) as conn:
+        statuses = dict(
+            conn.execute(
+                "SELECT a.slug, b.status FROM office_budget_approvals b JOIN activities a USING (activity_id)"
+            ).fetchall()
+        )
+    assert statuses == {"lowered": "withdrawn", "parked": "withdrawn"}
+    assert [r["subject_key"] for r in audit_rows(settings, "withdraw-approval")] == ["lowered", "parked"]
+    # Lowered within the threshold, it may go online without an approver.
+    operator.post(
+        "/activities/lowered/online", data={"online": "true", "csrf_token": token(operator, "/activities")}
+    )
+    assert count(settings, "SELECT count(*) FROM activities WHERE slug = 'lowered' AND online") == 1

@@ -34,6 +34,9 @@ class ApprovalStatus(enum.StrEnum):
     PENDING = "pending"
     APPROVED = "approved"
     REJECTED = "rejected"
+    # The operator's later edit made the request moot (budget lowered, or
+    # the activity taken offline): decided_by is then that operator.
+    WITHDRAWN = "withdrawn"
 
 
 def _now() -> Mapped[datetime]:
@@ -93,7 +96,8 @@ class BudgetApproval(Base):
     __tablename__ = "office_budget_approvals"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('pending', 'approved', 'rejected')", name="office_budget_approvals_status_check"
+            "status IN ('pending', 'approved', 'rejected', 'withdrawn')",
+            name="office_budget_approvals_status_check",
         ),
         CheckConstraint(
             "(status = 'pending') = (decided_at IS NULL AND decided_by IS NULL)",

@@ -66,6 +66,23 @@ def request(session: Session, user: CurrentUser, activity: Activity, *, go_onlin
     )
 
 
+def withdraw(session: Session, user: CurrentUser, approval: BudgetApproval, slug: str) -> None:
+    """Close a waiting request that a later edit made moot."""
+    approval.status = ApprovalStatus.WITHDRAWN
+    approval.decided_by = user.user_id
+    approval.decided_at = func.now()
+    session.flush()
+    audit.record(
+        session,
+        user,
+        "withdraw-approval",
+        "activity",
+        slug,
+        before={"status": ApprovalStatus.PENDING.value, "budget": approval.budget},
+        after={"status": ApprovalStatus.WITHDRAWN.value},
+    )
+
+
 def pending_for(session: Session, activity_id: int) -> BudgetApproval | None:
     return session.scalar(
         select(BudgetApproval).where(

@@ -47,9 +47,11 @@ def edit_activity(
     wanted = dict(changes)
     budget = int(wanted.get("budget", before.budget))
     online = bool(wanted.get("online", before.online))
-    waits = online and approvals.needs_approval(
+    needed = approvals.needs_approval(
         budget, approvals.approved_budget(session, activity.activity_id), threshold
     )
+    waits = online and needed
+    pending = approvals.pending_for(session, activity.activity_id)
     if waits:
         wanted["online"] = False
     fields = catalog.update_activity(session, slug, wanted)
@@ -59,6 +61,8 @@ def edit_activity(
         audit.record(session, user, "edit", "activity", slug, before=old, after=new)
     if waits:
         approvals.request(session, user, activity, go_online=True)
+    elif pending is not None and (not needed or wanted.get("online") is False):
+        approvals.withdraw(session, user, pending, slug)
     return fields, waits
 
 

@@ -81,7 +81,8 @@ def upgrade() -> None:
         sa.Column("decided_by", sa.Integer(), nullable=True),
         sa.Column("decided_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
-            "status IN ('pending', 'approved', 'rejected')", name="office_budget_approvals_status_check"
+            "status IN ('pending', 'approved', 'rejected', 'withdrawn')",
+            name="office_budget_approvals_status_check",
         ),
         sa.CheckConstraint(
             "(status = 'pending') = (decided_at IS NULL AND decided_by IS NULL)",
