@@ -1,0 +1,95 @@
+"""No accepted claim vanishes: the broker refusing a retry copy, on real
+RabbitMQ and PostgreSQL with the workers as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from issuance.shared.settings import Settings
+from issuance.shared.wire.publisher import RabbitPublisher
+
+from tests.conftest import claim, make_activity, verify_clean
+from tests.e2e.conftest import claim_states, wait_for
+
+REFUSE_DQ = "issuance-test-refuse-claims-dq"
+
+
+def _vhost(settings: Settings) -> str:
+    return urllib.parse.unquote(urllib.parse.urlparse(settings.amqp_url).path[1:])
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def refuse_retry_copies(settings: Settings) -> Iterator[None]:
+    """RabbitMQ refuses every publish to claims.DQ, where retry copies go."""
+    _rabbitmqctl(
+        "set_policy",
+        "-p",
+        _vhost(settings),
+        "--apply-to",
+        "queues",
+        REFUSE_DQ,
+        r"^claims\.DQ$",
+        '{"max-length":0,"overflow":"reject-publish"}',
+    )
+    yield
+    subprocess.run(
+        ["rabbitmqctl", "-q", "clear_policy", "-p", _vhost(settings), REFUSE_DQ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _sessions_waiting_on_a_lock(settings: Settings) -> int:
+    # Asked from a fresh session: inside a transaction pg_stat_activity is a snapshot.
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_claim_whose_retry_copy_is_refused_goes_back_to_its_queue(
+    settings, start_workers, refuse_retry_copies, tmp_path
+):
+    act = make_activity(settings, budget=40, codes=40)
+    start_workers(processes=1, threads=4, queues=["claims"])
+    messages = [claim(act["slug"]) for _ in range(20)]
+    with psycopg.connect(settings.database_url, autocommit=True) as blocker:
+        # Claims in flight wait on this lock; then their database sessions are
+        # cut: an outage, which Retries answers by publishing a retry copy
+        # to claims.DQ, which the policy refuses.
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE claims IN EXCLUSIVE MODE")
+        with RabbitPublisher.from_settings(settings) as publisher:
+            publisher.publish_many(messages)
+        wait_for(
+            lambda: _sessions_waiting_on_a_lock(settings) > 0, what="a claim transaction waiting on the lock"
+        )
+        blocker.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        log = tmp_path / "workers.log"
+        wait_for(
+            lambda: "after_process_message" in log.read_text() or "not confirmed" in log.read_text(),
+            what="a retry copy refused",
+        )
+        blocker.execute("ROLLBACK")
+    # Every claim is decided in the end: none was acknowledged without effect.
+    deadline = time.monotonic() + 60
+    while claim_states(settings).get("credited") != len(messages) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert claim_states(settings) == {"credited": len(messages)}, "claims lost with their retry copy"
+    report = verify_clean(settings)
+    assert report["counts"]["claims"] == len(messages)
+    assert report["counts"]["dead_letters"] == 0, "a refused retry copy is not a poisoned message"
