@@ -53,7 +53,8 @@ def _sessions_waiting_on_a_lock(settings: Settings) -> int:
     # Asked from a fresh session: inside a transaction pg_stat_activity is a snapshot.
     with psycopg.connect(settings.database_url) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
         ).fetchone()
     return int(row[0]) if row else 0
 

@@ -61,7 +61,7 @@ class ConfirmedRetries(Retries):
         self, broker: Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
         try:
-            super().after_process_message(broker, message, result=result, exception=exception)
+            super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
         except Exception as exc:
             if message.failed:
                 # Retries exhausted: the nack dead-letters it; only a follow-up failed.
@@ -81,16 +81,16 @@ class ConfirmedRetries(Retries):
             time.sleep(hold_ms / 1000)
 
 
-class GuardedConsumer(_RabbitmqConsumer):  # type: ignore[misc]
+class GuardedConsumer(_RabbitmqConsumer):
     """A RabbitMQ consumer that settles only its own channel's deliveries and
     hands back those marked by :func:`hand_back`."""
 
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        super().__init__(broker, queue_name, prefetch, timeout)
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.generation = next(_generations)
 
     def __next__(self) -> MessageProxy | None:
-        message: MessageProxy | None = super().__next__()
+        message: MessageProxy | None = super().__next__()  # type: ignore[no-untyped-call]
         if message is not None:
             setattr(message, GENERATION, self.generation)
         return message
@@ -101,11 +101,11 @@ class GuardedConsumer(_RabbitmqConsumer):  # type: ignore[misc]
         if getattr(message, HAND_BACK, False):
             self._settle(message, partial(self.channel.basic_nack, requeue=True))
             return
-        super().ack(message)
+        super().ack(message)  # type: ignore[no-untyped-call]
 
     def nack(self, message: MessageProxy) -> None:
         if self._owns(message, "nack"):
-            super().nack(message)
+            super().nack(message)  # type: ignore[no-untyped-call]
 
     def _owns(self, message: MessageProxy, action: str) -> bool:
         if getattr(message, GENERATION, None) == self.generation:
@@ -119,12 +119,12 @@ class GuardedConsumer(_RabbitmqConsumer):  # type: ignore[misc]
         return False
 
     def _settle(self, message: MessageProxy, settle: Any) -> None:
-        tag = message._tag  # type: ignore[attr-defined]  # noqa: SLF001 - the delivery tag Dramatiq keeps there
+        tag = message._tag  # the delivery tag, where Dramatiq keeps it
         try:
             self.known_tags.remove(tag)
             self.connection.add_callback_threadsafe(partial(settle, tag))
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
-            raise ConnectionClosed(exc) from None
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         except KeyError:
             log.warning("not handing back message %s: its delivery is not pending here", message.message_id)
 
