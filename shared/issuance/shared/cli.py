@@ -115,23 +115,28 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    import psycopg
+    from issuance.shared.db import database
+    from issuance.workers import dead_letters
 
-    if args.sub == "drain":
-        from issuance.shared.db import database
-        from issuance.workers.dead_letters import drain
-
-        with database.pool(settings, max_size=2) as pool:
-            print(f"moved {drain(settings, pool)} messages from the .XQ queues")
-        return 0
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT created_at, queue, actor, reason, left(detail, 80) FROM dead_letters"
-            " ORDER BY dead_letter_id DESC LIMIT %s",
-            (args.limit,),
-        ).fetchall()
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
+    with database.pool(settings, max_size=2) as pool:
+        if args.sub == "drain":
+            print(f"moved {dead_letters.drain(settings, pool)} messages from the .XQ queues")
+        elif args.sub == "replay":
+            chosen = dead_letters.Selection(
+                ids=args.id or (),
+                reason=args.reason,
+                queue=args.queue,
+                since=_instant(args.since),
+                until=_instant(args.until),
+            )
+            result = dead_letters.replay(settings, pool, chosen)
+            for dead_letter_id, why in result.skipped.items():
+                print(f"not replayed {dead_letter_id}: {why}", file=sys.stderr)
+            print(f"replayed {len(result.replayed)}: {result.replayed}")
+            return 1 if result.skipped else 0
+        else:
+            with pool.connection() as conn:
+                print("\n".join(dead_letters.listing(conn, args.limit)))
     return 0
 
 
@@ -258,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.set_defaults(func=cmd_schemas)
 
     dead = sub.add_parser("dead-letters", help="messages that could not be used, with reasons")
-    dead.add_argument("sub", choices=["list", "drain"])
+    dead.add_argument("sub", choices=["list", "drain", "replay"])
     dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--id", type=int, action="append", help="replay: this dead letter (repeatable)")
+    dead.add_argument("--reason", help="replay: dead letters with this reason")
+    dead.add_argument("--queue", help="replay: dead letters from this queue")
+    dead.add_argument("--since", help="replay: stored at or after this RFC 3339 instant")
+    dead.add_argument("--until", help="replay: stored before this RFC 3339 instant")
     dead.set_defaults(func=cmd_dead_letters)
 
     for name, text in (
