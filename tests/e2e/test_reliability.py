@@ -15,6 +15,7 @@ from issuance.shared.wire.publisher import RabbitPublisher
 
 from tests.conftest import claim, make_activity, verify_clean
 from tests.e2e.conftest import claim_states, wait_for
+from tests.e2e.test_cli import issuance
 
 REFUSE_DQ = "issuance-test-refuse-claims-dq"
 
@@ -94,3 +95,42 @@ def test_a_claim_whose_retry_copy_is_refused_goes_back_to_its_queue(
     report = verify_clean(settings)
     assert report["counts"]["claims"] == len(messages)
     assert report["counts"]["dead_letters"] == 0, "a refused retry copy is not a poisoned message"
+
+
+def _stuck_bound_claim(settings, two_step, pool) -> None:
+    """A claim bound and never credited, as when its credit message was lost,
+    decided 11 minutes ago."""
+    from issuance.workers.handlers import handle_claim
+
+    act = make_activity(settings)
+    handle_claim(pool, two_step, claim(act["slug"]))
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE claims SET decided_at = now() - interval '11 minutes'")
+
+
+def test_a_bound_claim_whose_credit_was_lost_is_a_breach_until_the_sweep(
+    settings, two_step, service_env, pool, start_workers
+):
+    _stuck_bound_claim(settings, two_step, pool)
+    stuck = issuance("verify", env=service_env)
+    assert stuck.returncode == 1, stuck.stdout + stuck.stderr
+    assert "BREACH bound_uncredited_past_grace: 1" in stuck.stdout
+    assert "uncredited_past_deadline" not in stuck.stdout, "hours before the 24-hour deadline"
+    longer = issuance("verify", env={**service_env, "ISSUANCE_RECONCILE_GRACE_SECONDS": "3600"})
+    assert longer.returncode == 0, "the grace period is a setting"
+
+    swept = issuance("sweep", env=service_env)
+    assert swept.returncode == 0 and "re-sent: 1" in swept.stdout, swept.stdout + swept.stderr
+    start_workers(queues=["credits"])
+    wait_for(lambda: claim_states(settings) == {"credited": 1}, what="the re-driven claim credited")
+    clean = issuance("verify", env=service_env)
+    assert clean.returncode == 0, clean.stdout
+
+
+def test_the_workers_run_the_sweeper_without_being_asked(
+    settings, two_step, service_env, pool, start_workers
+):
+    _stuck_bound_claim(settings, two_step, pool)
+    start_workers(queues=["claims", "credits"])
+    wait_for(lambda: claim_states(settings) == {"credited": 1}, what="the sweeper forked by the workers")
+    verify_clean(settings)

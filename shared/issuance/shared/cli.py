@@ -67,11 +67,13 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
     import psycopg
     from issuance.shared.db.verify import verify
 
     with psycopg.connect(settings.database_url) as conn:
-        report = verify(conn)
+        report = verify(conn, grace=timedelta(seconds=settings.reconcile_grace_seconds))
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
@@ -153,9 +155,9 @@ def _instant(value: str | None) -> Any:
 def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import timedelta
 
-    from issuance.workers.sweeper import run_sweeper, sweep
+    from issuance.workers.sweeper import default_grace, run_sweeper, sweep
 
-    grace = timedelta(seconds=args.grace)
+    grace = timedelta(seconds=args.grace) if args.grace is not None else default_grace(settings)
     if args.command == "sweeper":
         run_sweeper(settings, interval=args.interval, grace=grace)
         return 0
@@ -277,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweeper", "sweep every --interval seconds"),
     ):
         sweeper = sub.add_parser(name, help=text)
-        sweeper.add_argument("--grace", type=float, default=600, help="seconds after binding (default 600)")
+        sweeper.add_argument(
+            "--grace",
+            type=float,
+            help="seconds after binding (default: half ISSUANCE_RECONCILE_GRACE_SECONDS)",
+        )
         sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass")
         sweeper.add_argument("--interval", type=float, default=30)
         sweeper.add_argument("--now", help="evaluate at this RFC 3339 instant instead of the clock")

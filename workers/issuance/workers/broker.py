@@ -25,6 +25,7 @@ from issuance.workers.delivery import ConfirmedRetries, GuardedRabbitmqBroker
 from issuance.workers.metrics import WorkerMetrics
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
+from issuance.workers.sweeper import SweeperFork
 
 # A handler that takes longer than this is stuck (a lock held by a dead
 # session, say); the time limit turns it into a retry.
@@ -43,6 +44,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         Pipelines(),
         CurrentMessage(),
         WorkerMetrics(),
+        SweeperFork(),
         # The backoff is capped so that a message retried through a long
         # outage is handled soon after it ends, well inside the credit promise
         # (Dramatiq's default backoff grows to 7 days).
