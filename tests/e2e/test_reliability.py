@@ -18,6 +18,7 @@ from tests.e2e.conftest import claim_states, wait_for
 from tests.e2e.test_cli import issuance
 
 REFUSE_DQ = "issuance-test-refuse-claims-dq"
+REFUSE_CREDITS = "issuance-test-refuse-credits"
 
 
 def _vhost(settings: Settings) -> str:
@@ -28,26 +29,34 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture
-def refuse_retry_copies(settings: Settings) -> Iterator[None]:
-    """RabbitMQ refuses every publish to claims.DQ, where retry copies go."""
+def _refuse_publishes(settings: Settings, name: str, pattern: str) -> None:
     _rabbitmqctl(
         "set_policy",
         "-p",
         _vhost(settings),
         "--apply-to",
         "queues",
-        REFUSE_DQ,
-        r"^claims\.DQ$",
+        name,
+        pattern,
         '{"max-length":0,"overflow":"reject-publish"}',
     )
-    yield
+
+
+def _accept_publishes(settings: Settings, name: str) -> None:
     subprocess.run(
-        ["rabbitmqctl", "-q", "clear_policy", "-p", _vhost(settings), REFUSE_DQ],
+        ["rabbitmqctl", "-q", "clear_policy", "-p", _vhost(settings), name],
         capture_output=True,
         timeout=60,
         check=False,
     )
+
+
+@pytest.fixture
+def refuse_retry_copies(settings: Settings) -> Iterator[None]:
+    """RabbitMQ refuses every publish to claims.DQ, where retry copies go."""
+    _refuse_publishes(settings, REFUSE_DQ, r"^claims\.DQ$")
+    yield
+    _accept_publishes(settings, REFUSE_DQ)
 
 
 def _sessions_waiting_on_a_lock(settings: Settings) -> int:
@@ -133,4 +142,28 @@ def test_the_workers_run_the_sweeper_without_being_asked(
     _stuck_bound_claim(settings, two_step, pool)
     start_workers(queues=["claims", "credits"])
     wait_for(lambda: claim_states(settings) == {"credited": 1}, what="the sweeper forked by the workers")
+    verify_clean(settings)
+
+
+def test_a_claim_whose_credit_and_retry_copy_are_refused_is_not_left_bound(
+    settings, start_workers, refuse_retry_copies
+):
+    """With the credit step apart, the credit publish after the commit is
+    refused and so is the retry copy: the claim delivery goes back to its
+    queue until the broker takes the credit again."""
+    act = make_activity(settings, budget=20, codes=20)
+    _refuse_publishes(settings, REFUSE_CREDITS, r"^credits$")
+    try:
+        start_workers(processes=1, threads=4, queues=["claims", "credits"], ISSUANCE_CREDIT_INLINE="false")
+        messages = [claim(act["slug"]) for _ in range(10)]
+        with RabbitPublisher.from_settings(settings) as publisher:
+            publisher.publish_many(messages)
+        # The first batch commits, then its credit publish and retry copies are refused.
+        wait_for(lambda: claim_states(settings).get("bound", 0) >= 4, what="claims bound")
+        time.sleep(2)
+    finally:
+        _accept_publishes(settings, REFUSE_CREDITS)
+    wait_for(
+        lambda: claim_states(settings) == {"credited": len(messages)}, timeout=60, what="every claim credited"
+    )
     verify_clean(settings)
