@@ -99,7 +99,7 @@ class GuardedConsumer(_RabbitmqConsumer):
         if not self._owns(message, "ack"):
             return
         if getattr(message, HAND_BACK, False):
-            self._settle(message, partial(self.channel.basic_nack, requeue=True))
+            self._hand_back(message)
             return
         super().ack(message)  # type: ignore[no-untyped-call]
 
@@ -118,11 +118,13 @@ class GuardedConsumer(_RabbitmqConsumer):
         )
         return False
 
-    def _settle(self, message: MessageProxy, settle: Any) -> None:
+    def _hand_back(self, message: MessageProxy) -> None:
+        """Return the delivery to the head of its queue (Dramatiq's nack
+        sends it to the dead-letter queue instead)."""
         tag = message._tag  # the delivery tag, where Dramatiq keeps it
         try:
             self.known_tags.remove(tag)
-            self.connection.add_callback_threadsafe(partial(settle, tag))
+            self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=True))
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         except KeyError:
