@@ -1,8 +1,9 @@
 """The back office's ``issuance`` subcommands: channels, activities, code
 batches, coupons and campaign reports. ``issuance.shared.cli`` calls :func:`register`.
 
-Errors an operator can fix (BackOfficeError is a ValueError) are printed by
-``issuance.shared.cli.main`` with exit status 2; nothing is changed when one is raised.
+Errors an operator can fix (BackOfficeError, an OperatorError) are printed
+on one line by ``issuance.shared.cli.main`` with exit status 2; nothing is
+changed when one is raised.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
 
 
@@ -58,15 +60,18 @@ def cmd_activity_apply(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _value(text: str) -> Any:
+def _value(name: str, text: str) -> Any:
     """A command-line value as YAML reads it: numbers, true/false, null,
-    timestamps; anything else stays a string."""
+    timestamps; anything else, and any value but null of a text field
+    (``--set title=2026``), stays a string."""
     import yaml
+    from issuance.shared.backoffice import catalog
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return text if name in catalog.TEXT_FIELDS and value is not None else value
 
 
 def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
@@ -77,10 +82,13 @@ def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
         name, sep, raw = item.partition("=")
         if not sep:
             raise catalog.BackOfficeError(f"--set takes FIELD=VALUE, got {item!r}")
-        value = _value(raw)
+        value = _value(name.strip(), raw)
         changes[name.strip()] = value.isoformat() if isinstance(value, datetime) else value
     if args.templates:
-        changes["templates"] = json.loads(args.templates)
+        try:
+            changes["templates"] = json.loads(args.templates)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"--templates is not a JSON list: {exc}") from None
     with _session(settings) as session, session.begin():
         changed = catalog.update_activity(session, args.slug, changes)
         print(f"activity {args.slug}: {', '.join(changed) or 'unchanged'}")
