@@ -11,9 +11,6 @@ the claims of recent activities are read.
 
 from __future__ import annotations
 
-from issuance.shared.backoffice import reports  # noqa: F401
-from issuance.workers import sweeper  # noqa: F401
-
 import dataclasses
 import uuid
 from datetime import datetime, timedelta

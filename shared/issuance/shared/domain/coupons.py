@@ -11,8 +11,6 @@ already in changes nothing; an illegal one is refused with a stable reason.
 
 from __future__ import annotations
 
-import psycopg  # noqa: F401
-
 import dataclasses
 import enum
 from datetime import datetime
