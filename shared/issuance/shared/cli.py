@@ -226,7 +226,7 @@ def operator_error(exc: BaseException, settings: Settings | None = None) -> Oper
         return ServiceUnavailable(f"{services['postgres']}: {_detail(cause)}")
     if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return ServiceUnavailable(f"{services['redis']}: {_detail(cause)}")
-    if isinstance(cause, pika.exceptions.AMQPConnectionError | dramatiq.errors.ConnectionError):
+    if isinstance(cause, pika.exceptions.AMQPConnectionError | dramatiq.errors.BrokerConnectionError):
         return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
     if isinstance(cause, PublishError):
         return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
