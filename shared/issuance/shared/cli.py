@@ -134,7 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+    plugins = sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
+    if not plugins:
+        print(
+            f"issuance: no {COMMANDS_GROUP} entry points, so no worker or producer commands;"
+            " reinstall the package (make install)",
+            file=sys.stderr,
+        )
+    for entry in plugins:
         entry.load()(sub)
     return parser
 
