@@ -203,7 +203,25 @@ def test_operator_errors_are_told_from_bugs():
     problem = cli.operator_error(redis.ConnectionError("Error 111 connecting"), Settings())
     assert isinstance(problem, ServiceUnavailable)
     assert str(problem) == "Redis (redis://127.0.0.1:6379/0): Error 111 connecting"
+    import dramatiq.errors
+
+    problem = cli.operator_error(dramatiq.errors.ConnectionFailed("refused"), Settings())
+    assert isinstance(problem, ServiceUnavailable)
+    assert str(problem) == "RabbitMQ (amqp://guest:***@127.0.0.1:5672/%2F): refused"
     wrapped = sqlalchemy.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("down"))
     problem = cli.operator_error(wrapped, Settings(database_url="postgresql://u:pw@db:5432/x"))
     assert isinstance(problem, ServiceUnavailable) and problem.exit_status == 3
     assert str(problem) == "PostgreSQL (postgresql://u:***@db:5432/x): down"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@db:5432/x", "postgresql://u:***@db:5432/x"),
+        ("postgresql:///x?host=/run/pg&password=pw", "postgresql:///x?host=/run/pg&password=***"),
+        ("redis://:pw@cache/0", "redis://:***@cache/0"),
+        ("amqp://guest@mq/%2F", "amqp://guest@mq/%2F"),
+    ],
+)
+def test_passwords_never_reach_the_terminal(url, shown):
+    assert cli.redact(url) == shown

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from issuance.shared.errors import (
     BadInput,
@@ -156,16 +157,16 @@ _URL_SCHEMES = {
 
 
 def redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ***."""
+    """``url`` with its password, in the user part or a ``password=``
+    parameter, replaced by ***."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rpartition("@")
-        user = netloc[0].partition(":")[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
     except ValueError:
         return "<unparsable URL>"
+    if parts.password is not None:
+        credentials, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{credentials.partition(':')[0]}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 def check_urls(settings: Settings) -> None:
@@ -233,7 +234,13 @@ def operator_error(exc: BaseException, settings: Settings | None = None) -> Oper
         return ServiceUnavailable(f"{services['postgres']}: {_detail(cause)}")
     if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return ServiceUnavailable(f"{services['redis']}: {_detail(cause)}")
-    if isinstance(cause, pika.exceptions.AMQPConnectionError | dramatiq.errors.BrokerConnectionError):
+    # ConnectionFailed and ConnectionClosed carry the same names in every dramatiq 2.x.
+    broker_down = (
+        pika.exceptions.AMQPConnectionError,
+        dramatiq.errors.ConnectionFailed,
+        dramatiq.errors.ConnectionClosed,
+    )
+    if isinstance(cause, broker_down):
         return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
     if isinstance(cause, PublishError):
         return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
