@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import pika
 from issuance.shared.db import store
+from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
 from issuance.shared.wire import codec
 from issuance.workers.runtime import redact
@@ -231,7 +232,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         if not (self.ids or self.reason or self.queue or self.since or self.until):
-            raise ValueError("choose the dead letters to replay: --id, --reason, --queue, --since or --until")
+            raise BadInput("choose the dead letters to replay: --id, --reason, --queue, --since or --until")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,17 +4,23 @@ issuance.shared.db.store), a SQLAlchemy engine for the back office, Alembic for 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from issuance.shared.settings import Settings
 from psycopg_pool import ConnectionPool
 from sqlalchemy import Engine, create_engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def alembic_config(settings: Settings) -> Config:
+    # Alembic is imported only by the commands that migrate: workers and the
+    # page never load it.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
@@ -24,6 +30,8 @@ def alembic_config(settings: Settings) -> Config:
 def upgrade(settings: Settings, revision: str = "heads") -> None:
     """Bring the schema to ``revision`` (``issuance db upgrade``); "heads" applies
     every branch of migrations."""
+    from alembic import command
+
     command.upgrade(alembic_config(settings), revision)
 
 
