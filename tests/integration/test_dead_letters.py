@@ -149,3 +149,17 @@ def test_list_shows_ids_and_whole_details(settings, pool, capsys, monkeypatch, s
     out = capsys.readouterr().out
     dead_letter_id = _rows(settings)[0][0]
     assert out.startswith(f"{dead_letter_id} | ") and "retries_exhausted" in out and long_detail in out
+
+
+def test_replay_without_a_choice_is_refused_on_one_line(settings, capsys, monkeypatch, service_env):
+    for name, value in service_env.items():
+        monkeypatch.setenv(name, value)
+    from issuance.shared.settings import load_settings
+
+    load_settings.cache_clear()
+    try:
+        assert cli.main(["dead-letters", "replay"]) == 2
+    finally:
+        load_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "choose the dead letters to replay" in err and "Traceback" not in err
