@@ -56,11 +56,13 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
     import psycopg
     from issuance.shared.db.verify import verify
 
     with psycopg.connect(settings.database_url) as conn:
-        report = verify(conn)
+        report = verify(conn, grace=timedelta(seconds=settings.reconcile_grace_seconds))
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:

@@ -62,6 +62,11 @@ class Settings:
     producer_exchange: str = ""
     # "kid:secret,..." signs messages (issuance.shared.wire.signing); empty: signing off.
     signing_keys: str = ""
+    # ``issuance verify`` reports a claim bound but not credited this long
+    # after its decision: a lost credit message is found in minutes, not at
+    # the 24-hour deadline. The sweeper (``issuance sweeper``) re-sends such
+    # credits after the same grace, so verify is clean again once it ran.
+    reconcile_grace_seconds: int = 600
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -39,15 +39,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
+    from issuance.workers.dead_letters import listing
 
     with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT created_at, queue, actor, reason, left(detail, 80) FROM dead_letters"
-            " ORDER BY dead_letter_id DESC LIMIT %s",
-            (args.limit,),
-        ).fetchall()
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
+        for line in listing(conn, args.limit):
+            print(line)
     return 0
 
 
@@ -60,10 +56,31 @@ def cmd_dead_letters_drain(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dead_letters_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.db import database
+    from issuance.workers.dead_letters import Selection, replay
+
+    chosen = Selection(
+        ids=args.id or (), reason=args.reason, queue=args.queue, since=args.since, until=args.until
+    )
+    with database.pool(settings, max_size=2) as pool:
+        result = replay(settings, pool, chosen)
+    for dead_letter_id, why in result.skipped.items():
+        print(f"not replayed {dead_letter_id}: {why}", file=sys.stderr)
+    print(f"replayed {len(result.replayed)}: {result.replayed}")
+    return 1 if result.skipped else 0
+
+
+def _grace(args: argparse.Namespace, settings: Settings) -> timedelta:
+    from issuance.workers.sweeper import default_grace
+
+    return timedelta(seconds=args.grace) if args.grace is not None else default_grace(settings)
+
+
 def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.workers.sweeper import sweep
 
-    result = sweep(settings, now=args.now, grace=timedelta(seconds=args.grace), limit=args.limit)
+    result = sweep(settings, now=args.now, grace=_grace(args, settings), limit=args.limit)
     p = result.promise
     print(
         f"overdue for credit: {result.found}, re-sent: {result.requeued}; uncredited: {p.uncredited},"
@@ -76,7 +93,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.workers.sweeper import run_sweeper
 
-    run_sweeper(settings, interval=args.interval, grace=timedelta(seconds=args.grace))
+    run_sweeper(settings, interval=args.interval, grace=_grace(args, settings))
     return 0
 
 
@@ -100,7 +117,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _register_dead_letters(sub: Subparsers) -> None:
-    """``dead-letters [list|drain]``: one subcommand per action, so that a
+    """``dead-letters [list|drain|replay]``: one subcommand per action, so that a
     new action is one more ``add_parser``. ``--limit`` is accepted before or
     after ``list``."""
     dead = sub.add_parser("dead-letters", help="messages that could not be used, with reasons")
@@ -112,6 +129,13 @@ def _register_dead_letters(sub: Subparsers) -> None:
     listing.set_defaults(func=cmd_dead_letters_list)
     drain = actions.add_parser("drain", help="move what RabbitMQ dead-lettered (<queue>.XQ) into the store")
     drain.set_defaults(func=cmd_dead_letters_drain)
+    replay = actions.add_parser("replay", help="re-publish chosen dead letters after a fix, once")
+    replay.add_argument("--id", type=int, action="append", help="this dead letter (repeatable)")
+    replay.add_argument("--reason", help="dead letters with this reason")
+    replay.add_argument("--queue", help="dead letters from this queue")
+    replay.add_argument("--since", type=instant, help="stored at or after this RFC 3339 instant")
+    replay.add_argument("--until", type=instant, help="stored before this RFC 3339 instant")
+    replay.set_defaults(func=cmd_dead_letters_replay)
 
 
 def register(sub: Subparsers) -> None:
@@ -135,7 +159,11 @@ def register(sub: Subparsers) -> None:
         ("sweeper", "sweep every --interval seconds", cmd_sweeper),
     ):
         sweeper = sub.add_parser(name, help=text)
-        sweeper.add_argument("--grace", type=float, default=600, help="seconds after binding (default 600)")
+        sweeper.add_argument(
+            "--grace",
+            type=float,
+            help="seconds after binding (default: half ISSUANCE_RECONCILE_GRACE_SECONDS)",
+        )
         sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass")
         sweeper.add_argument("--interval", type=float, default=30, help="seconds between passes (sweeper)")
         sweeper.add_argument(
