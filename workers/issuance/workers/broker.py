@@ -9,7 +9,6 @@ import psycopg
 import psycopg_pool
 import redis
 from dramatiq.broker import Broker
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -24,6 +23,7 @@ from issuance.shared.errors import TransientError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import OrjsonEncoder
 from issuance.workers.metrics import WorkerMetrics
+from issuance.workers.quorum import QueueTypeRabbitmqBroker
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
 
@@ -79,7 +79,12 @@ def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
     elif kind == "rabbitmq":
         # confirm_delivery: a follow-up message (credit) counts as sent only
         # once RabbitMQ has confirmed it.
-        broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True, middleware=middleware(settings))
+        broker = QueueTypeRabbitmqBroker(
+            urls=settings.amqp_url,
+            queue_type=settings.queue_type,
+            confirm_delivery=True,
+            middleware=middleware(settings),
+        )
     else:
         raise ValueError(f"unknown broker kind {kind!r}")
     dramatiq.set_broker(broker)

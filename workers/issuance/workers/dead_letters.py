@@ -13,10 +13,9 @@ import logging
 from typing import Any
 
 import orjson
-import pika
 from issuance.shared.db import store
 from issuance.shared.settings import Settings
-from issuance.shared.wire import codec
+from issuance.shared.wire import amqp, codec
 from issuance.workers.runtime import redact
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,12 @@ def _reason(properties: Any, body: bytes) -> tuple[str, str, str]:
 def drain(settings: Settings, pool: Any, *, limit: int = 10_000) -> int:
     """Move up to ``limit`` messages from every ``<queue>.XQ``; returns how many."""
     moved = 0
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = amqp.connect(settings.amqp_url)
     try:
         channel = connection.channel()
         for queue in codec.QUEUES:
             xq = codec.xq_name(queue)
-            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments())
+            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments(settings.queue_type))
             while moved < limit:
                 method, properties, body = channel.basic_get(xq, auto_ack=False)
                 if method is None:
