@@ -265,6 +265,10 @@ class RabbitPublisher(Publisher):
             size = len(sent) if size is None else size
             if not failed:
                 return size
+            # Refused (a quorum queue electing a new leader after its node
+            # died nacks publishes for a few seconds): wait, then send again.
+            log.warning("%d of %d messages were refused; sending them again", len(failed), size)
+            time.sleep(min(0.2 * 2**attempt, 3.0))
             todo = iter(failed)
         raise PublishError(f"{len(failed)} of {size} messages were not confirmed")
 
