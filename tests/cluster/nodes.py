@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +30,7 @@ class RabbitCluster:
         started = time.monotonic()
         try:
             for letter in "abcdefg"[:size]:
-                home = self.base / letter
-                home.mkdir()
-                os.chmod(home, 0o755)
-                self.nodes.append(PrivateRabbit(home))
+                self.nodes.append(self._node(letter))
             first = self.nodes[0]
             for node in self.nodes[1:]:
                 node.ctl("stop_app")
@@ -43,6 +41,25 @@ class RabbitCluster:
             self.close()
             raise
         self.start_seconds = time.monotonic() - started
+
+    def _node(self, letter: str, attempts: int = 2) -> PrivateRabbit:
+        """A started node; a start that fails (a port taken meanwhile, a
+        machine too busy) is tried again on new ports."""
+        for attempt in range(attempts):
+            home = self.base / f"{letter}{attempt}"
+            home.mkdir()
+            os.chmod(home, 0o755)
+            try:
+                return PrivateRabbit(home)
+            except RuntimeError:
+                logs = "".join(p.read_text()[-2000:] for p in home.rglob("*.log"))
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"RabbitMQ node {letter} did not start:\n{logs}") from None
+                # A node that came up too late must not linger: stop it by its pid.
+                pid_file = home / "rabbit" / "beam.pid"
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        raise AssertionError("unreachable")
 
     def urls(self) -> str:
         """``ISSUANCE_AMQP_URL`` for the cluster: every node, ``;``-separated."""

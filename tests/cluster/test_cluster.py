@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,6 @@ BUDGET = 5000  # the last 1,000 claims find the activity sold out
 REPEATS = 300  # claims sent twice on purpose, besides the publisher's re-sends
 CHUNK = 50
 PAUSE = 0.2  # between chunks: publishing lasts long enough for two kills
-
-
-@pytest.fixture
-def cluster() -> Iterator[RabbitCluster]:
-    nodes = RabbitCluster()
-    yield nodes
-    nodes.close()
 
 
 class PacedPublisher(threading.Thread):
