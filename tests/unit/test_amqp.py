@@ -101,3 +101,17 @@ def test_queue_type_setting_is_checked() -> None:
         settings_from({"ISSUANCE_QUEUE_TYPE": "stream"})
     with pytest.raises(ValueError):
         codec.queue_arguments("claims", "stream")
+
+
+def test_the_publisher_tries_the_node_after_the_one_it_lost_first() -> None:
+    from types import SimpleNamespace
+
+    publisher = RabbitPublisher(CLUSTER)
+    params = amqp.connection_parameters(CLUSTER, start=publisher._node)
+    reached_c = SimpleNamespace(_impl=SimpleNamespace(params=params[2]))
+    publisher._node = publisher._index_of(reached_c, params)
+    assert publisher._node == 2
+    publisher._drop()  # node c was lost
+    assert amqp.connection_parameters(CLUSTER, start=publisher._node)[0].host == "rabbit-a"
+    publisher._drop()
+    assert publisher._node == 1
