@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,6 +35,10 @@ from tests.cluster.test_cluster import consumers, decided
 from tests.conftest import claim, make_activity
 from tests.e2e.conftest import wait_for
 
+pytestmark = pytest.mark.skipif(
+    shutil.which("socat") is None or shutil.which("ip") is None,
+    reason="needs socat and iproute2 (apt-get install socat iproute2)",
+)
 CLAIMS = 4000
 BUDGET = 3500
 HEARTBEAT_S = 5
