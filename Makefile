@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration e2e services promtool browser clean chaos security audit
+.PHONY: install demo test lint typecheck contracts unit integration e2e services promtool browser clean chaos security audit
 
 install: $(STAMP)
 
@@ -42,8 +42,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+## Import contracts (import-linter, [tool.importlinter] in pyproject.toml):
+## the shared layer imports neither side, the workers and the producers do not
+## import each other, the domain and the message types import no I/O library,
+## and the layers inside shared point down.
+contracts: install
+	$(BIN)/lint-imports --no-cache
+
 ## Static security checks: bandit over the project's code (findings are fixed
-## or carry a `# nosec <rule> - <reason>`), then the dependency audit.
+## or carry a `# nosec <rule> - <reason>`). `make audit` audits the dependencies.
 security: install
 	$(BIN)/bandit -q -c pyproject.toml -r shared workers producers
 
@@ -77,13 +84,20 @@ chaos: install
 	$(BIN)/python -m tests.chaos.run --scale $(CHAOS_SCALE) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) \
 	  --json benchmarks/out/chaos-$(CHAOS_SCALE).json
 
-## Everything CI runs: services up, lint, types, security, then the test levels
-## (the short chaos run is tests/chaos/test_chaos_short.py).
-test: install services promtool browser lint typecheck security audit
+## Everything CI runs: services up, lint, types, import contracts, security,
+## then the test levels (the short chaos run is tests/chaos/test_chaos_short.py).
+test: install services promtool browser lint typecheck contracts security audit
 	$(BIN)/pytest tests
 
 unit: install
 	$(BIN)/pytest tests/unit
+
+## The integration and end-to-end levels, on the real services.
+integration: install services
+	$(BIN)/pytest tests/integration
+
+e2e: install services
+	$(BIN)/pytest tests/e2e
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

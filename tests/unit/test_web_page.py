@@ -13,7 +13,7 @@ from issuance.producers.web.app import ClaimForm, InvalidForm
 from issuance.producers.web.openapi import SPEC
 from issuance.producers.web.page import page_state, render_page
 from issuance.producers.web.queries import ActivityPage
-from issuance.producers.web.security import parse_origins, same_site
+from issuance.producers.web.security import own_hosts, parse_origins, same_site
 from issuance.shared.domain import ActivityRules
 from starlette.requests import Request
 
@@ -101,11 +101,24 @@ def request(headers: dict[str, str]) -> Request:
 def test_same_site_check() -> None:
     trusted = parse_origins("https://partner.example, not-an-origin")
     assert trusted == frozenset({"https://partner.example"})
+    hosts = own_hosts("https://m.shop.example/a", trusted)
     host = {"host": "m.shop.example"}
-    assert same_site(request({**host, "origin": "https://m.shop.example"}), trusted)
-    assert same_site(request({**host, "origin": "https://partner.example"}), trusted)
-    assert not same_site(request({**host, "origin": "https://evil.example"}), trusted)
-    assert not same_site(request({**host, "origin": "http://m.shop.example"}), trusted)
-    assert not same_site(request({**host, "sec-fetch-site": "cross-site"}), trusted)
-    assert same_site(request({**host, "sec-fetch-site": "same-origin"}), trusted)
-    assert same_site(request(host), trusted)  # not a browser: no forgery possible
+    assert same_site(request({**host, "origin": "https://m.shop.example"}), trusted, hosts)
+    assert same_site(request({**host, "origin": "https://partner.example"}), trusted, hosts)
+    assert not same_site(request({**host, "origin": "https://evil.example"}), trusted, hosts)
+    assert not same_site(request({**host, "origin": "http://m.shop.example"}), trusted, hosts)
+    assert not same_site(request({**host, "sec-fetch-site": "cross-site"}), trusted, hosts)
+    assert same_site(request({**host, "sec-fetch-site": "same-origin"}), trusted, hosts)
+    assert same_site(request(host), trusted, hosts)  # not a browser: no forgery possible
+    local = {"host": "127.0.0.1:8123", "origin": "https://127.0.0.1:8123"}
+    assert same_site(request(local), trusted, hosts)
+
+
+def test_dns_rebinding_cannot_pass_for_the_page() -> None:
+    """A hostile name that resolves to the page: its Origin and Host agree,
+    but the host is not one of the page's names."""
+    hosts = own_hosts("https://m.shop.example/a", frozenset())
+    rebound = {"host": "evil.example", "origin": "https://evil.example"}
+    assert not same_site(request(rebound), frozenset(), hosts)
+    with_port = {"host": "evil.example:8000", "origin": "https://evil.example:8000"}
+    assert not same_site(request(with_port), frozenset(), hosts)

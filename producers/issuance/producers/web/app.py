@@ -24,7 +24,13 @@ from issuance.producers.web.fastgate import FastGate, Verdict
 from issuance.producers.web.openapi import MAX_PHONE_CHARS, SPEC
 from issuance.producers.web.page import render_not_found, render_page
 from issuance.producers.web.queries import ActivityPage, Queries
-from issuance.producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origins, same_site
+from issuance.producers.web.security import (
+    BodyTooLarge,
+    SecurityMiddleware,
+    own_hosts,
+    parse_origins,
+    same_site,
+)
 from issuance.shared.domain import (
     InvalidPhone,
     Refusal,
@@ -125,6 +131,7 @@ class ActivityPageApp:
     def __init__(self, settings: Settings, publisher_factory: Callable[[], Publisher] | None = None) -> None:
         self.settings = settings
         self.trusted = parse_origins(settings.web_trusted_origins)
+        self.own_hosts = own_hosts(settings.activity_base_url, self.trusted)
         hours = settings.credit_promise_seconds // 3600
         self.accepted_text = f"accepted: your coupons arrive within {hours} hours"
         self._publisher_factory = publisher_factory or (
@@ -200,7 +207,7 @@ class ActivityPageApp:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             return _invalid("send the claim as application/json", 415)
-        if not same_site(request, self.trusted):
+        if not same_site(request, self.trusted, self.own_hosts):
             return JSON(
                 {"status": "forbidden", "message": "claims are taken from the activity page only"}, 403
             )

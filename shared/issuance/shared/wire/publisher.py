@@ -240,10 +240,6 @@ class RabbitPublisher(Publisher):
             )
         return confirmed
 
-    def publish_raw(self, queue: str, body: bytes, message_id: str) -> int:
-        """Publish an already-encoded envelope (replays of captured traffic)."""
-        return self._publish_batch([(queue, body, message_id)])
-
     def _publish_batch(self, batch: Iterable[Item]) -> int:
         """Publish ``batch`` (read once, by the first attempt) until every
         message is confirmed; return how many there were."""
