@@ -23,6 +23,7 @@ from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import OrjsonEncoder
 from issuance.workers.delivery import ConfirmedRetries, GuardedRabbitmqBroker
 from issuance.workers.metrics import WorkerMetrics
+from issuance.workers.quorum import QueueTypeRabbitmqBroker
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
 from issuance.workers.sweeper import SweeperFork
@@ -71,6 +72,12 @@ class RetryPolicy:
         return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
 
 
+class IssuanceBroker(GuardedRabbitmqBroker, QueueTypeRabbitmqBroker):
+    """The workers' RabbitMQ broker: queues of the configured type on the
+    first live node of the URL list (QueueTypeRabbitmqBroker), deliveries
+    settled only by the consumer they came from (GuardedRabbitmqBroker)."""
+
+
 def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
     """Create the broker and make it (and the codec) Dramatiq's global ones."""
     dramatiq.set_encoder(OrjsonEncoder())
@@ -81,8 +88,11 @@ def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
     elif kind == "rabbitmq":
         # confirm_delivery: a follow-up message (credit) counts as sent only
         # once RabbitMQ has confirmed it.
-        broker = GuardedRabbitmqBroker(
-            url=settings.amqp_url, confirm_delivery=True, middleware=middleware(settings)
+        broker = IssuanceBroker(
+            urls=settings.amqp_url,
+            queue_type=settings.queue_type,
+            confirm_delivery=True,
+            middleware=middleware(settings),
         )
     else:
         raise ValueError(f"unknown broker kind {kind!r}")

@@ -35,7 +35,7 @@ import pika
 from issuance.shared.db import store
 from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
-from issuance.shared.wire import codec
+from issuance.shared.wire import amqp, codec
 from issuance.workers.runtime import redact
 
 log = logging.getLogger(__name__)
@@ -172,14 +172,16 @@ def inspect(queue: str, properties: Any, body: bytes) -> DeadEnvelope:
 def drain(settings: Settings, pool: Any, *, limit: int = 10_000) -> int:
     """Move up to ``limit`` messages from every ``<queue>.XQ``; returns how many."""
     moved = 0
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = amqp.connect(settings.amqp_url)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         for queue in codec.QUEUES:
             xq = codec.xq_name(queue)
-            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments())
-            channel.queue_declare(parked_name(queue), durable=True, arguments=codec.xq_arguments())
+            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments(settings.queue_type))
+            channel.queue_declare(
+                parked_name(queue), durable=True, arguments=codec.xq_arguments(settings.queue_type)
+            )
             while moved < limit:
                 method, properties, body = channel.basic_get(xq, auto_ack=False)
                 if method is None:
@@ -280,13 +282,15 @@ def _replayable(envelope_body: bytes) -> tuple[str, bytes] | str:
     return route.queue, codec.dumps({**envelope, "queue_name": route.queue, "options": kept})
 
 
-def _take_parked(channel: Any, queues: set[str], keys: set[str]) -> dict[str, tuple[int, bytes]]:
+def _take_parked(
+    channel: Any, queues: set[str], keys: set[str], queue_type: str
+) -> dict[str, tuple[int, bytes]]:
     """The parked originals of ``keys``, by key, each with its delivery tag.
     Every parked message is held unacknowledged until the channel closes, so
     one scan sees each once."""
     found: dict[str, tuple[int, bytes]] = {}
     for queue in queues:
-        channel.queue_declare(parked_name(queue), durable=True, arguments=codec.xq_arguments())
+        channel.queue_declare(parked_name(queue), durable=True, arguments=codec.xq_arguments(queue_type))
         while True:
             method, properties, body = channel.basic_get(parked_name(queue), auto_ack=False)
             if method is None:
@@ -300,7 +304,7 @@ def replay(settings: Settings, pool: Any, selection: Selection) -> ReplayResult:
     """Re-publish the chosen dead letters that were not replayed yet."""
     replayed: list[int] = []
     skipped: dict[int, str] = {}
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = amqp.connect(settings.amqp_url)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -317,7 +321,9 @@ def replay(settings: Settings, pool: Any, selection: Selection) -> ReplayResult:
                 },
             ).fetchall()
             wanted = {row[1] for row in rows if (row[5] or {}).get("original") == Original.PARKED}
-            parked = _take_parked(channel, {row[2] for row in rows}, wanted) if wanted else {}
+            parked = (
+                _take_parked(channel, {row[2] for row in rows}, wanted, settings.queue_type) if wanted else {}
+            )
             for dead_letter_id, key, _queue, _actor, body, headers in rows:
                 origin = (headers or {}).get("original")
                 if origin == Original.PARKED:
@@ -336,7 +342,9 @@ def replay(settings: Settings, pool: Any, selection: Selection) -> ReplayResult:
                     skipped[dead_letter_id] = target
                     continue
                 queue, envelope = target
-                channel.queue_declare(queue, durable=True, arguments=codec.queue_arguments(queue))
+                channel.queue_declare(
+                    queue, durable=True, arguments=codec.queue_arguments(queue, settings.queue_type)
+                )
                 channel.basic_publish(
                     "",
                     queue,
