@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck contracts unit integration e2e services promtool browser clean chaos security audit
+.PHONY: install demo test lint typecheck contracts unit integration e2e cluster-test services promtool browser testhosts clean chaos security audit
 
 install: $(STAMP)
 
@@ -28,6 +28,14 @@ promtool:
 	command -v promtool >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && \
 	  (service prometheus stop >/dev/null 2>&1 || true))
+
+## Debian's pgbouncer (the PgBouncer test in transaction mode), socat and
+## iproute2 (test hosts in network namespaces for the cluster's partition
+## test); a server the install starts is stopped again.
+testhosts:
+	command -v pgbouncer >/dev/null && command -v socat >/dev/null && command -v ip >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    pgbouncer socat iproute2 && (service pgbouncer stop >/dev/null 2>&1 || true))
 
 ## The browser test (tests/e2e/test_browser.py) drives Debian's Chromium with
 ## Playwright; nothing downloads a browser of its own.
@@ -86,8 +94,13 @@ chaos: install
 
 ## Everything CI runs: services up, lint, types, import contracts, security,
 ## then the test levels (the short chaos run is tests/chaos/test_chaos_short.py).
-test: install services promtool browser lint typecheck contracts security audit
+test: install services promtool browser testhosts lint typecheck contracts security audit
 	$(BIN)/pytest tests
+
+## A private 3-node RabbitMQ cluster with quorum queues, a leader killed
+## twice mid-run, and a partitioned worker host (part of `make test` too).
+cluster-test: install services testhosts
+	$(BIN)/pytest tests/cluster
 
 unit: install
 	$(BIN)/pytest tests/unit
