@@ -40,8 +40,9 @@ testhosts:
 ## The browser test (tests/e2e/test_browser.py) drives Debian's Chromium with
 ## Playwright; nothing downloads a browser of its own.
 browser:
-	command -v chromium >/dev/null || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core)
+	(command -v chromium >/dev/null && fc-list | grep -q "Noto Sans CJK") || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-dejavu-core fonts-noto-cjk fontconfig)
 
 lint: install
 	$(BIN)/ruff check .

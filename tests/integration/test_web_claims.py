@@ -87,18 +87,20 @@ def test_page_states_ended_not_started_and_unknown(settings: Settings) -> None:
     later = make_activity(settings, starts_in=timedelta(days=2))
     offline = make_activity(settings, online=False)
     with page_client(fresh(settings)) as client:
-        for act, text in (
-            (ended, Refusal.ENDED.text),
-            (later, Refusal.NOT_STARTED.text),
-            (offline, Refusal.ENDED.text),
+        # The page speaks Chinese (tests/unit/test_web_page.py); the API's
+        # messages stay as they are.
+        for act, words, text in (
+            (ended, "活动已结束，您来晚了，下次早点来哦", Refusal.ENDED.text),
+            (later, "活动尚未开始", Refusal.NOT_STARTED.text),
+            (offline, "活动已下线", Refusal.ENDED.text),
         ):
             page = client.get(f"/a/{act['slug']}")
-            assert page.status_code == 200 and text in page.text and 'id="phone"' not in page.text
+            assert page.status_code == 200 and words in page.text and 'id="phone"' not in page.text
             answer = post_claim(client, act["slug"], PHONE)
             assert answer.status_code == 200
             assert answer.json()["message"] == text
         missing = client.get("/a/no-such-activity")
-        assert missing.status_code == 404 and Refusal.UNKNOWN_ACTIVITY.text in missing.text
+        assert missing.status_code == 404 and "页面不存在" in missing.text
         answer = post_claim(client, "no-such-activity", PHONE)
         assert answer.status_code == 404 and answer.json()["reason"] == "unknown_activity"
     assert take_messages(settings, "claims") == []
@@ -185,7 +187,7 @@ def test_budget_counter_answers_all_packages_are_gone(settings: Settings, worker
         fourth = post_claim(client, act["slug"], "+8613800138004")
         assert fourth.json()["message"] == "all packages are gone"
         page = client.get(f"/a/{act['slug']}")
-        assert "all packages are gone" in page.text and 'id="phone"' not in page.text
+        assert "礼包已被抢光啦" in page.text and 'id="phone"' not in page.text
     assert claim_states(settings) == {"credited": 2}
 
 

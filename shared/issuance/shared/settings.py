@@ -78,6 +78,10 @@ class Settings:
     # another server connection, where that statement does not exist (or
     # exists twice): set false there (prepare_threshold=None).
     db_prepared_statements: bool = True
+    # The shopping app (download or open link): the activity page's "use it",
+    # "view my coupons", "download the APP" and "register" buttons lead there.
+    # Empty: those buttons are hidden.
+    app_url: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -28,6 +28,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# A banner is shown from an https:// URL or a path on the page's own site;
+# anything else (http:, data:, javascript:, //host) the page would not show.
+BANNER_URL = re.compile(r"^(https://[^\s/?#]+|/(?![/\\]))[^\s\\]*$")
 
 
 class BackOfficeError(OperatorError, ValueError):
@@ -120,6 +123,11 @@ class ActivitySpec:
             raise BackOfficeError("an activity must end after it starts")
         if self.budget < 0:
             raise BackOfficeError("the budget cannot be negative")
+        if self.banner_url and not BANNER_URL.fullmatch(self.banner_url):
+            raise BackOfficeError(
+                f"banner_url {self.banner_url[:60]!r} must be an https:// URL or a path on this site"
+                " starting with /"
+            )
         if not 1 <= len(self.templates) <= 5:
             raise BackOfficeError("a package holds 1 to 5 coupon templates")
         if self.validity_days is None and self.valid_until is None:
