@@ -8,9 +8,10 @@ import dataclasses
 from typing import Any
 
 from issuance.shared.db.store import Conn
+from issuance.shared.errors import UnknownName
 
 
-class UnknownActivity(ValueError):
+class UnknownActivity(UnknownName, ValueError):
     """The report names an activity that does not exist."""
 
 

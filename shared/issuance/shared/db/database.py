@@ -4,7 +4,7 @@ issuance.shared.db.store), a SQLAlchemy engine for the back office, Alembic for 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from issuance.shared.settings import Settings
 from psycopg_pool import ConnectionPool
@@ -35,8 +35,16 @@ def upgrade(settings: Settings, revision: str = "heads") -> None:
     command.upgrade(alembic_config(settings), revision)
 
 
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """psycopg connection options. ``ISSUANCE_DB_PREPARED_STATEMENTS=false``
+    (PgBouncer in transaction mode) turns automatic prepared statements off."""
+    return {} if settings.db_prepared_statements else {"prepare_threshold": None}
+
+
 def engine(settings: Settings) -> Engine:
-    return create_engine(settings.sqlalchemy_url, pool_pre_ping=True, future=True)
+    return create_engine(
+        settings.sqlalchemy_url, pool_pre_ping=True, future=True, connect_args=connect_options(settings)
+    )
 
 
 def pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> ConnectionPool:
@@ -47,7 +55,7 @@ def pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) 
         min_size=min_size,
         max_size=max_size or settings.db_pool_size,
         check=ConnectionPool.check_connection,
-        kwargs={"autocommit": False},
+        kwargs={"autocommit": False, **connect_options(settings)},
         open=True,
         name="issuance",
     )

@@ -34,6 +34,7 @@ from issuance.shared.backoffice.web.security import CsrfMiddleware, HeadersMiddl
 from issuance.shared.db import database
 from issuance.shared.db.models import Activity, Channel, CodeBatch
 from issuance.shared.db.office_models import ApprovalStatus, BudgetApproval, SessionKey
+from issuance.shared.errors import OperatorError
 from issuance.shared.settings import Settings
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlalchemy import Engine, func, inspect, or_, select, text
@@ -788,7 +789,7 @@ def routes() -> list[BaseRoute]:
 LOCK_SESSION_KEYS = "SELECT pg_advisory_xact_lock(hashtext('office_session_keys'))"
 
 
-class OfficeNotReady(ValueError):
+class OfficeNotReady(OperatorError):
     """The database has no back-office tables yet."""
 
 

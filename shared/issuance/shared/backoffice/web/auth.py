@@ -19,6 +19,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from issuance.shared.backoffice.web import audit
 from issuance.shared.db.office_models import OfficeUser
+from issuance.shared.errors import BadInput
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -44,7 +45,7 @@ APPROVES = frozenset({Role.APPROVER})
 EVERYONE = frozenset(Role)
 
 
-class UserError(ValueError):
+class UserError(BadInput):
     """A user that cannot be created as asked, with the reason."""
 
 

@@ -16,7 +16,9 @@ def _password(args: argparse.Namespace) -> str:
     if sys.stdin.isatty():
         first = getpass.getpass("password: ")
         if getpass.getpass("again: ") != first:
-            raise ValueError("the two passwords differ")
+            from issuance.shared.errors import BadInput
+
+            raise BadInput("the two passwords differ")
         return first
     return sys.stdin.readline().rstrip("\r\n")
 
@@ -62,12 +64,17 @@ def register(sub: Any) -> None:
         dest="sub", required=True
     )
     add = office.add_parser("user-add", help="create a back-office user (password from a prompt or stdin)")
-    add.add_argument("name")
-    add.add_argument("--role", required=True, choices=["viewer", "operator", "approver"])
+    add.add_argument("name", help="the name to sign in with (lowercase letters, digits, . _ -)")
+    add.add_argument(
+        "--role",
+        required=True,
+        choices=["viewer", "operator", "approver"],
+        help="viewer reads; operator changes; approver signs off budgets",
+    )
     add.set_defaults(func=cmd_user_add)
     serve = office.add_parser("serve", help="serve the back office under uvicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
     serve.add_argument(
         "--approval-threshold",
         type=int,
