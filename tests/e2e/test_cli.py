@@ -107,7 +107,7 @@ def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(commands) == {
         # the shared layer
-        *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart"),
+        *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart", "office"),
         # issuance.producers.commands, through the issuance.commands entry points
         *("publish", "web", "outbox-relay"),
         # issuance.workers.commands, likewise

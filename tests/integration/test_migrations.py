@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from issuance.shared.db import office_models  # noqa: F401 - the back office's tables share the metadata
 from issuance.shared.db.models import Base
 from sqlalchemy import create_engine
 

@@ -111,6 +111,9 @@ def register(sub: Subparsers) -> None:
     from issuance.shared.backoffice import commands
 
     commands.register(sub)
+    from issuance.shared.backoffice.web import commands as office_commands
+
+    office_commands.register(sub)
 
     verify = sub.add_parser("verify", help="check every invariant; non-zero exit on a breach")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -24,7 +24,7 @@ from issuance.shared.db import coupon_store
 from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
 from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
 from issuance.shared.errors import OperatorError
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.orm import Session
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -454,13 +454,17 @@ class ActivityListing:
 PAGE_SIZE = 15
 
 
-def list_activities(session: Session, *, page: int = 1, base_url: str) -> list[ActivityListing]:
-    """One page of activities, newest first, 15 per page."""
+def list_activities(
+    session: Session, *, page: int = 1, base_url: str, filters: Sequence[ColumnElement[bool]] = ()
+) -> list[ActivityListing]:
+    """One page of activities, newest first, 15 per page; ``filters`` are
+    conditions on Activity and Channel (the back office's list filters)."""
     if page < 1:
         raise BackOfficeError("pages are numbered from 1")
     rows = session.execute(
         select(Activity, Channel.name)
         .join(Channel, Channel.channel_id == Activity.channel_id)
+        .where(*filters)
         .order_by(Activity.created_at.desc(), Activity.activity_id.desc())
         .limit(PAGE_SIZE)
         .offset((page - 1) * PAGE_SIZE)

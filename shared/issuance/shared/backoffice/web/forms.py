@@ -1,0 +1,196 @@
+"""The activity form: HTML form fields to and from the values
+``catalog.ActivitySpec`` reads. Only the shape of the input is checked here
+(a number is a number, a date is a date); every rule is the catalog's, and
+its message is shown next to the field it is about."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from issuance.shared.backoffice import catalog
+
+MAX_TEMPLATES = 5
+TEXT = ("slug", "title", "channel", "timezone", "banner_url", "copy", "rules", "brand")
+OPTIONAL_TEXT = ("exclusivity_group", "rebate_template")
+INTEGERS = ("budget", "rebate_every")
+OPTIONAL_INTEGERS = ("validity_days", "rebate_amount_cents")
+INSTANTS = ("starts_at", "ends_at")
+OPTIONAL_INSTANTS = ("valid_from", "valid_until")
+FLAGS = ("online", "hold_until_registered")
+TEMPLATE_FIELDS = ("prefix", "kind", "value", "threshold_cents", "new_user_only", "title")
+LOCAL_FORMAT = "%Y-%m-%dT%H:%M:%S"
+FIELD_NAMES = (*TEXT, *OPTIONAL_TEXT, *INTEGERS, *OPTIONAL_INTEGERS, *INSTANTS, *OPTIONAL_INSTANTS, *FLAGS)
+
+# Where a catalog message is shown when it names no field: the first
+# field whose words it contains (anything else goes above the form).
+MESSAGE_FIELDS = (
+    ("slug", ("slug",)),
+    ("ends_at", ("end after",)),
+    ("starts_at", ("utc offset",)),
+    ("timezone", ("time zone",)),
+    ("channel", ("channel",)),
+    ("budget", ("budget",)),
+    ("validity_days", ("validity",)),
+    ("rebate_amount_cents", ("rebate amount", "rebate is an amount")),
+    ("rebate_template", ("rebate template",)),
+    ("rebate_every", ("rebate_every",)),
+    ("templates", ("template", "prefix", "package holds", "discount rate")),
+    ("banner_url", ("banner",)),
+)
+
+
+def template_key(row: int, name: str) -> str:
+    return f"t{row}_{name}"
+
+
+def render(spec: catalog.ActivitySpec | None) -> dict[str, str]:
+    """The form's field values (text) for ``spec``, or a new activity's."""
+    values: dict[str, str] = {name: "" for name in FIELD_NAMES}
+    for row in range(MAX_TEMPLATES):
+        for name in TEMPLATE_FIELDS:
+            values[template_key(row, name)] = ""
+    if spec is None:
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(catalog.ActivitySpec)
+            if f.default is not dataclasses.MISSING
+        }
+        values.update(
+            timezone=str(defaults["timezone"]),
+            online="on" if defaults["online"] else "",
+            validity_days=str(defaults["validity_days"] or ""),
+            rebate_every=str(defaults["rebate_every"]),
+            t0_kind="amount_off",
+        )
+        return values
+    zone = _zone(spec.timezone)
+    for name in (*TEXT, *OPTIONAL_TEXT, *INTEGERS, *OPTIONAL_INTEGERS):
+        value = getattr(spec, name)
+        values[name] = "" if value is None else str(value)
+    for name in (*INSTANTS, *OPTIONAL_INSTANTS):
+        value = getattr(spec, name)
+        values[name] = "" if value is None else _local(value, zone)
+    for name in FLAGS:
+        values[name] = "on" if getattr(spec, name) else ""
+    for row, template in enumerate(spec.templates):
+        values.update(
+            {
+                template_key(row, "prefix"): template.prefix,
+                template_key(row, "kind"): template.kind,
+                template_key(row, "value"): str(template.value),
+                template_key(row, "threshold_cents"): str(template.threshold_cents),
+                template_key(row, "new_user_only"): "on" if template.new_user_only else "",
+                template_key(row, "title"): template.title,
+            }
+        )
+    return values
+
+
+@dataclasses.dataclass(slots=True)
+class Parsed:
+    """What a submitted form says: the raw text (to show again), the values
+    in ActivitySpec's terms, and the errors by field."""
+
+    raw: dict[str, str]
+    values: dict[str, Any]
+    errors: dict[str, str]
+
+
+def parse(form: Mapping[str, str]) -> Parsed:
+    raw = {name: str(form.get(name, "")).strip() for name in FIELD_NAMES}
+    for row in range(MAX_TEMPLATES):
+        for name in TEMPLATE_FIELDS:
+            key = template_key(row, name)
+            raw[key] = str(form.get(key, "")).strip()
+    values: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in TEXT:
+        values[name] = raw[name]
+    for name in OPTIONAL_TEXT:
+        values[name] = raw[name] or None
+    for name in (*INTEGERS, *OPTIONAL_INTEGERS):
+        if not raw[name] and name in OPTIONAL_INTEGERS:
+            values[name] = None
+            continue
+        try:
+            values[name] = int(raw[name])
+        except ValueError:
+            errors[name] = "enter a whole number"
+    zone = _zone(raw["timezone"])
+    for name in (*INSTANTS, *OPTIONAL_INSTANTS):
+        if not raw[name] and name in OPTIONAL_INSTANTS:
+            values[name] = None
+            continue
+        try:
+            values[name] = datetime.fromisoformat(raw[name]).replace(tzinfo=zone)
+        except ValueError:
+            errors[name] = "enter a date and time (YYYY-MM-DD HH:MM)"
+    for name in FLAGS:
+        values[name] = bool(raw[name])
+    templates = []
+    for row in range(MAX_TEMPLATES):
+        if not raw[template_key(row, "prefix")]:
+            continue
+        numbers = {}
+        for name in ("value", "threshold_cents"):
+            key = template_key(row, name)
+            try:
+                numbers[name] = int(raw[key] or "0")
+            except ValueError:
+                errors[key] = "enter a whole number"
+        templates.append(
+            {
+                "prefix": raw[template_key(row, "prefix")].upper(),
+                "kind": raw[template_key(row, "kind")],
+                "value": numbers.get("value", 0),
+                "threshold_cents": numbers.get("threshold_cents", 0),
+                "new_user_only": bool(raw[template_key(row, "new_user_only")]),
+                "title": raw[template_key(row, "title")],
+            }
+        )
+    values["templates"] = templates
+    return Parsed(raw=raw, values=values, errors=errors)
+
+
+def changes(parsed: Parsed, current: Mapping[str, str]) -> dict[str, Any]:
+    """The values of the fields whose text differs from the current
+    activity's form (an untouched date keeps its seconds and zone)."""
+    out = {name: parsed.values[name] for name in FIELD_NAMES if parsed.raw[name] != current[name]}
+    out.pop("slug", None)
+    template_keys = [template_key(r, n) for r in range(MAX_TEMPLATES) for n in TEMPLATE_FIELDS]
+    if any(parsed.raw[k] != current[k] for k in template_keys):
+        out["templates"] = parsed.values["templates"]
+    return out
+
+
+def field_of(message: str) -> str:
+    """The form field a catalog message is about ("" when none is)."""
+    lowered = message.lower()
+    named = [
+        name
+        for name in (*FIELD_NAMES, "templates")
+        if re.search(rf"(?<![a-z_]){re.escape(name)}(?![a-z_])", lowered) and "_" in name
+    ]
+    if named:
+        return named[0]
+    for field, words in MESSAGE_FIELDS:
+        if any(word in lowered for word in words):
+            return field
+    return ""
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ValueError, KeyError):
+        # The catalog reports the unknown zone; the times are read as UTC meanwhile.
+        return ZoneInfo("UTC")
+
+
+def _local(value: datetime, zone: ZoneInfo) -> str:
+    return value.astimezone(zone).strftime(LOCAL_FORMAT)
