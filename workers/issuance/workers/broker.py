@@ -11,15 +11,7 @@ import redis
 from dramatiq.broker import Broker
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import (
-    AgeLimit,
-    Callbacks,
-    CurrentMessage,
-    Pipelines,
-    Retries,
-    ShutdownNotifications,
-    TimeLimit,
-)
+from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, ShutdownNotifications, TimeLimit
 from issuance.shared.errors import TransientError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import OrjsonEncoder
@@ -33,6 +25,9 @@ TIME_LIMIT_MS = 60_000
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
+    """The middleware of every broker. Not Dramatiq's Pipelines or Callbacks:
+    the project sends follow-up messages itself, and those two would have a
+    worker build, sign and send whatever a message's options describe."""
     return [
         # First: a forged or unsigned message is refused before anything else runs.
         Signing(),
@@ -40,8 +35,6 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),
-        Callbacks(),
-        Pipelines(),
         CurrentMessage(),
         WorkerMetrics(),
         # The backoff is capped so that a message retried through a long
