@@ -13,11 +13,12 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, ShutdownNotifications, TimeLimit
 from issuance.shared.errors import TransientError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import PhoneKeyError, Settings
 from issuance.shared.wire.codec import OrjsonEncoder
 from issuance.workers.metrics import WorkerMetrics
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
+from issuance.workers.startup import PhoneKeyCheck
 
 # A handler that takes longer than this is stuck (a lock held by a dead
 # session, say); the time limit turns it into a retry.
@@ -31,6 +32,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
     return [
         # First: a forged or unsigned message is refused before anything else runs.
         Signing(),
+        PhoneKeyCheck(),
         RedactLogs(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
@@ -48,9 +50,11 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
     ]
 
 
-# An unavailable dependency is waited out, however long it takes; any other
-# failure is a bug or bad data, retried a bounded number of times and then
-# dead-lettered (see issuance.workers.dead_letters).
+# An unavailable dependency is waited out, however long it takes, and so is a
+# phone key that does not match the database's (the worker holds its messages
+# until an operator gives it the right key); any other failure, such as a
+# message signed with a key this worker does not know, is retried a bounded
+# number of times and then dead-lettered (see issuance.workers.dead_letters).
 OUTAGES = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -59,7 +63,7 @@ class RetryPolicy:
         self.max_retries = max_retries
 
     def __call__(self, retries: int, exception: BaseException) -> bool:
-        return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
+        return isinstance(exception, (*OUTAGES, TransientError, PhoneKeyError)) or retries < self.max_retries
 
 
 def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:

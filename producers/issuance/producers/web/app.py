@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 from issuance.producers.background import PublisherThread
 from issuance.producers.web.fastgate import FastGate, Verdict
 from issuance.producers.web.openapi import MAX_PHONE_CHARS, SPEC
 from issuance.producers.web.page import render_not_found, render_page
 from issuance.producers.web.queries import ActivityPage, Queries
 from issuance.producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origins, same_site
+from issuance.shared.db.fingerprints import check_phone_key_async
 from issuance.shared.domain import (
     InvalidPhone,
     Refusal,
@@ -35,10 +37,10 @@ from issuance.shared.domain import (
 )
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
-from issuance.shared.settings import Settings, load_settings
+from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_key
 from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -147,6 +149,7 @@ class ActivityPageApp:
             name="activity-page",
         )
         await pool.open()
+        await _check_phone_key(pool, settings)
         self.queries = Queries(pool, cache_seconds=settings.web_cache_seconds)
         self.gate = FastGate(
             settings.redis_url,
@@ -299,6 +302,20 @@ class ActivityPageApp:
         return JSON({"status": "ok"})
 
 
+async def _check_phone_key(pool: AsyncConnectionPool[Any], settings: Settings) -> None:
+    """Refuse to start with another phone key than the workers'. If the
+    database cannot be reached now, the page starts: the workers, which do
+    the hashing that counts, check their key before they take a claim."""
+    try:
+        async with pool.connection(timeout=5) as conn:
+            await check_phone_key_async(conn, settings)
+    except PhoneKeyError as exc:
+        log.critical("cannot start: %s", exc)
+        raise
+    except (psycopg.Error, PoolTimeout) as exc:
+        log.warning("phone key not checked, the database is unavailable: %s", exc)
+
+
 def _share_param(value: str | None) -> uuid.UUID | None:
     if value is None or len(value) != 36:
         return None
@@ -313,7 +330,9 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. ``publisher_factory`` builds the process's publisher
     (RabbitMQ from the settings by default)."""
-    page = ActivityPageApp(settings or load_settings(), publisher_factory)
+    settings = settings or load_settings()
+    require_phone_key(settings)
+    page = ActivityPageApp(settings, publisher_factory)
     routes = [
         Route("/a/{slug}", page.page, methods=["GET"]),
         Route("/api/claims", page.request_claim, methods=["POST"]),
