@@ -1,7 +1,7 @@
 """What a worker process checks before it consumes anything.
 
 The phone key: without a proper one, or with one that is not the key the
-database's numbers were hashed with, the process logs one line and exits,
+database's numbers were hashed with, the process prints one line and exits,
 and Dramatiq's main process then stops the others. If PostgreSQL cannot be
 reached at boot, the fingerprint is checked when it first is (the first
 message waits for it like any outage).
@@ -10,6 +10,7 @@ message waits for it like any outage).
 from __future__ import annotations
 
 import logging
+import sys
 
 import dramatiq
 import psycopg
@@ -27,7 +28,10 @@ class PhoneKeyCheck(dramatiq.Middleware):
         try:
             runtime.resources().pool  # noqa: B018 - opening the pool checks the key
         except PhoneKeyError as exc:
-            log.critical("cannot start: %s", exc)
+            # Straight to the process's stderr: Dramatiq's main process stops
+            # reading its workers' log pipes as soon as one exits, and a line
+            # logged just before the exit is often lost.
+            print(f"{__name__}: cannot start: {exc}", file=sys.__stderr__, flush=True)
             raise SystemExit(CANNOT_START) from None
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             log.warning("phone key not checked yet, the database is unavailable: %s", exc)
