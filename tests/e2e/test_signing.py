@@ -15,7 +15,7 @@ import pytest
 from issuance.shared.wire import codec, signing
 from issuance.shared.wire.publisher import RabbitPublisher
 
-from tests.conftest import claim, make_activity, verify_clean
+from tests.conftest import claim, make_activity, take_all, verify_clean
 from tests.e2e.conftest import claim_states, wait_for
 
 KEYS = "k2:second-signing-secret-0001,k1:first-signing-secret-00001"
@@ -46,9 +46,16 @@ def _refused(settings) -> dict[str, int]:
         return dict(conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason").fetchall())
 
 
+def _stop_and_purge(workers, settings) -> None:
+    """Leave no message retrying for the next test of the session's vhost."""
+    workers.stop()
+    for queue in ("claims", "claims.DQ", "credits", "credits.DQ"):
+        take_all(settings, queue)
+
+
 def test_signed_claims_run_and_unsigned_or_forged_ones_are_refused(settings, start_workers, signed):
     act = make_activity(settings)
-    start_workers(queues=["claims", "credits"], ISSUANCE_SIGNING_KEYS=KEYS)
+    workers = start_workers(queues=["claims", "credits"], ISSUANCE_SIGNING_KEYS=KEYS)
     unsigned = {**codec.envelope(claim(act["slug"])), "options": {}}
     forged = codec.envelope(claim(act["slug"]))
     forged["args"][0]["phone"] = "+8613900000001"  # changed after signing
@@ -80,6 +87,7 @@ def test_signed_claims_run_and_unsigned_or_forged_ones_are_refused(settings, sta
     assert "+8613900000001" not in "".join(bodies)
     assert len(ids) == 2, "no refused or retried message reached the handler"
     verify_clean(settings)
+    _stop_and_purge(workers, settings)
     assert orjson.loads(codec.dumps(codec.envelope(good)))["options"]["signature"]["kid"] == "k2"
 
 
