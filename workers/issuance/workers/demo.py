@@ -134,7 +134,7 @@ def run_demo(*, claims: int = 3000, embedded: str = "auto") -> int:
             env.update(stack.enter_context(embedded_services()))
             os.environ["ISSUANCE_BROKER"] = "stub"
             if not env.get(f"{PREFIX}PHONE_KEY"):
-                # The throw-away database never outlives this key; nothing else may run without one.
+                # Good for the throw-away database only: every other process must be given a key.
                 env[f"{PREFIX}PHONE_KEY"] = f"demo-only-{secrets.token_hex(16)}"
                 print("phone key: generated for this embedded demo run only")
         else:
