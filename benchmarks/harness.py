@@ -39,6 +39,7 @@ def private_services(tag: str) -> Iterator[tuple[Settings, dict[str, str]]]:
         f"{PREFIX}DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{tag}",
         f"{PREFIX}AMQP_URL": f"amqp://guest:guest@127.0.0.1:5672/{tag}",
         f"{PREFIX}REDIS_URL": "redis://127.0.0.1:6379/14",
+        f"{PREFIX}PHONE_KEY": f"benchmark-phone-key-{tag}",
     }
     settings = settings_from(env)
     redis.Redis.from_url(settings.redis_url).flushdb()

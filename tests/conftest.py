@@ -27,7 +27,7 @@ RABBIT_HOST = "127.0.0.1:5672"
 TABLES = (
     "wallet_ledger, codes, claims, package_slots, code_batches, coupon_templates, activities, channels,"
     " members, shares, share_opens, dead_letters,"
-    " orders, referrals, rebates, held_credits, lifecycle_refusals"
+    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints"
 )
 
 
@@ -62,7 +62,7 @@ def service_env() -> Iterator[dict[str, str]]:
         f"{PREFIX}DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{tag}",
         f"{PREFIX}AMQP_URL": f"amqp://guest:guest@{RABBIT_HOST}/{tag}",
         f"{PREFIX}REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
-        f"{PREFIX}PHONE_KEY": "test-phone-key",
+        f"{PREFIX}PHONE_KEY": "test-phone-key-0123456789abcdef",
         f"{PREFIX}MIN_BACKOFF_MS": "100",
         f"{PREFIX}MAX_BACKOFF_MS": "1000",
     }

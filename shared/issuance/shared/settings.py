@@ -19,13 +19,20 @@ class SettingsError(ValueError):
     """An environment variable has a value that cannot be used."""
 
 
+class PhoneKeyError(SettingsError):
+    """``ISSUANCE_PHONE_KEY`` is missing, too short, a placeholder, or not the
+    key the database's numbers were hashed with."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     database_url: str = "postgresql://127.0.0.1:5432/issuance"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # HMAC key for phone-number lookups; numbers are never stored in clear.
-    phone_key: str = "dev-only-phone-key-change-me"
+    # No default: every process that hashes numbers refuses to start without
+    # a proper one (require_phone_key); only the embedded demo makes one up.
+    phone_key: str = ""
     default_region: str = "CN"
     credit_promise_seconds: int = 86_400
     # Credit a package in the transaction that binds it (one transaction per
@@ -125,6 +132,32 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings
+
+
+MIN_PHONE_KEY_BYTES = 16
+# Values shipped in examples and older defaults: never a real key.
+PLACEHOLDER_MARKS = ("change-me", "changeme")
+
+
+def require_phone_key(settings: Settings) -> str:
+    """The phone key, or PhoneKeyError saying in one line what is wrong with it.
+
+    Called at start-up by every process that hashes numbers (the page, the
+    workers): a key that silently defaulted would hash numbers that anyone
+    holding the source can reverse, and a changed key makes every number a
+    new member."""
+    key = settings.phone_key
+    name = f"{PREFIX}PHONE_KEY"
+    wanted = f"random secret of at least {MIN_PHONE_KEY_BYTES} bytes"
+    if not key:
+        raise PhoneKeyError(f"{name} is not set: give the page and every worker the same {wanted}")
+    if any(mark in key.lower() for mark in PLACEHOLDER_MARKS):
+        raise PhoneKeyError(f"{name} is a placeholder value: replace it with a {wanted}")
+    if len(key.encode()) < MIN_PHONE_KEY_BYTES:
+        raise PhoneKeyError(
+            f"{name} is {len(key.encode())} bytes long: it must be at least {MIN_PHONE_KEY_BYTES}"
+        )
+    return key
 
 
 @cache

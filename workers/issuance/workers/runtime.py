@@ -20,11 +20,11 @@ import dramatiq
 import orjson
 import redis
 from dramatiq.middleware import CurrentMessage
-from issuance.shared.db import database, store
+from issuance.shared.db import database, fingerprints, store
 from issuance.shared.errors import InvalidMessage, PermanentError
 from issuance.shared.faults import crash_point
 from issuance.shared.metrics import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
-from issuance.shared.settings import Settings, load_settings
+from issuance.shared.settings import Settings, load_settings, require_phone_key
 from issuance.shared.wire.codec import ROUTES
 from issuance.shared.wire.messages import Message
 from psycopg_pool import ConnectionPool
@@ -38,6 +38,7 @@ class Resources:
     Dramatiq has forked) and shared by its threads."""
 
     def __init__(self, settings: Settings) -> None:
+        require_phone_key(settings)
         self.settings = settings
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
@@ -47,7 +48,14 @@ class Resources:
     def pool(self) -> ConnectionPool:
         with self._lock:
             if self._pool is None:
-                self._pool = database.pool(self.settings, max_size=max(self.settings.worker_threads, 2))
+                pool = database.pool(self.settings, max_size=max(self.settings.worker_threads, 2))
+                try:
+                    with pool.connection() as conn:
+                        fingerprints.check_phone_key(conn, self.settings)
+                except BaseException:
+                    pool.close()
+                    raise
+                self._pool = pool
             return self._pool
 
     @property

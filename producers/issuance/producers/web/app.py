@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 from issuance.producers.background import PublisherThread
 from issuance.producers.web.fastgate import FastGate, Verdict
 from issuance.producers.web.i18n import Texts, choose_language
@@ -32,6 +33,7 @@ from issuance.producers.web.security import (
     parse_origins,
     same_site,
 )
+from issuance.shared.db.fingerprints import check_phone_key_async
 from issuance.shared.domain import (
     InvalidPhone,
     Refusal,
@@ -42,10 +44,10 @@ from issuance.shared.domain import (
 )
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
-from issuance.shared.settings import Settings, load_settings
+from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_key
 from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -155,6 +157,7 @@ class ActivityPageApp:
             name="activity-page",
         )
         await pool.open()
+        await _check_phone_key(pool, settings)
         self.queries = Queries(pool, cache_seconds=settings.web_cache_seconds)
         self.gate = FastGate(
             settings.redis_url,
@@ -338,6 +341,20 @@ async def server_error(request: Request, _exc: Exception) -> Response:
     return HTMLResponse(render_error(500, page_texts(request)), 500, headers=VARY)
 
 
+async def _check_phone_key(pool: AsyncConnectionPool[Any], settings: Settings) -> None:
+    """Refuse to start with another phone key than the workers'. If the
+    database cannot be reached now, the page starts: the workers, which do
+    the hashing that counts, check their key before they take a claim."""
+    try:
+        async with pool.connection(timeout=5) as conn:
+            await check_phone_key_async(conn, settings)
+    except PhoneKeyError as exc:
+        log.critical("cannot start: %s", exc)
+        raise
+    except (psycopg.Error, PoolTimeout) as exc:
+        log.warning("phone key not checked, the database is unavailable: %s", exc)
+
+
 def _share_param(value: str | None) -> uuid.UUID | None:
     if value is None or len(value) != 36:
         return None
@@ -352,7 +369,9 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. ``publisher_factory`` builds the process's publisher
     (RabbitMQ from the settings by default)."""
-    page = ActivityPageApp(settings or load_settings(), publisher_factory)
+    settings = settings or load_settings()
+    require_phone_key(settings)
+    page = ActivityPageApp(settings, publisher_factory)
     routes = [
         Route("/a/{slug}", page.page, methods=["GET"]),
         Route("/api/claims", page.request_claim, methods=["POST"]),

@@ -348,6 +348,19 @@ class WalletEntry(Base):
     credited_at: Mapped[datetime] = _now()
 
 
+class KeyFingerprint(Base):
+    """A secret's fingerprint, HMAC(secret, a constant), recorded by the first
+    process that used it: every later process proves it holds the same secret
+    without the database ever holding it (issuance.shared.db.fingerprints)."""
+
+    __tablename__ = "key_fingerprints"
+    __table_args__ = (CheckConstraint("octet_length(fingerprint) = 32", name="key_fingerprints_sha256"),)
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary(32))
+    recorded_at: Mapped[datetime] = _now()
+
+
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
     __table_args__ = (UniqueConstraint("message_key", "reason", name="dead_letters_once_key"),)
