@@ -8,6 +8,7 @@ parallel runs on one machine cannot see each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -43,8 +44,8 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def service_env() -> Iterator[dict[str, str]]:
+@contextlib.contextmanager
+def private_services() -> Iterator[dict[str, str]]:
     """Environment for a private database, vhost and Redis db on the real services."""
     tag = f"issuance_t_{secrets.token_hex(4)}"
     try:
@@ -73,10 +74,19 @@ def service_env() -> Iterator[dict[str, str]]:
     from issuance.shared.db import database
 
     database.upgrade(settings_from(env))
-    yield env
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
-    _rabbitmqctl("delete_vhost", tag)
+    try:
+        yield env
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
+        _rabbitmqctl("delete_vhost", tag)
+
+
+@pytest.fixture(scope="session")
+def service_env() -> Iterator[dict[str, str]]:
+    """The test session's private services (see :func:`private_services`)."""
+    with private_services() as env:
+        yield env
 
 
 @pytest.fixture

@@ -29,10 +29,13 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import private_services
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
@@ -127,8 +130,17 @@ def script(block: Block, service_env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.fixture
+def readme_env() -> Iterator[dict[str, str]]:
+    """Services of its own: the README's workers and page must leave nothing
+    behind for the tests after it."""
+    with private_services() as env:
+        yield env
+
+
 @pytest.mark.timeout(1800)
-def test_the_readme_runs_as_written(service_env: dict[str, str], tmp_path: Path) -> None:
+def test_the_readme_runs_as_written(readme_env: dict[str, str], tmp_path: Path) -> None:
+    service_env = readme_env
     env = {**os.environ, **service_env, "PYTHONUNBUFFERED": "1"}
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     pids = tmp_path / "background.pids"
