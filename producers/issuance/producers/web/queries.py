@@ -7,18 +7,21 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
-from issuance.shared.domain import ActivityRules
+from issuance.shared.domain import ActivityRules, Refusal
+from issuance.shared.domain.claims import ClaimStatus
+from psycopg.rows import kwargs_row
 from psycopg_pool import AsyncConnectionPool
 
 MAX_CACHED = 1000
 
 ACTIVITY_PAGE = """
-SELECT a.slug, a.title, a.banner_url, a.copy, a.rules, a.brand, a.starts_at, a.ends_at, a.online,
-       a.timezone, a.exclusivity_group, a.budget,
+SELECT a.slug, a.title, a.banner_url, a.copy, a.rules AS rules_text, a.brand, a.starts_at, a.ends_at,
+       a.online, a.timezone, a.exclusivity_group, a.budget,
        a.budget - (SELECT count(*) FROM claims c
-                    WHERE c.activity_id = a.activity_id AND c.status <> 'refused')
+                    WHERE c.activity_id = a.activity_id AND c.status <> 'refused') AS remaining
   FROM activities a
  WHERE a.slug = %s
 """
@@ -27,7 +30,7 @@ CLAIM_STATUS = """
 SELECT c.status, c.reason,
        coalesce((SELECT json_agg(json_build_object('code', k.code, 'expires_at', k.expires_at)
                                  ORDER BY k.code)
-                   FROM codes k WHERE k.claim_id = c.claim_id), '[]'::json)
+                   FROM codes k WHERE k.claim_id = c.claim_id), '[]'::json) AS coupons
   FROM claims c
  WHERE c.claim_id = %s
 """
@@ -47,12 +50,29 @@ class ActivityPage:
     budget: int
     remaining: int  # packages not yet granted, as of the last read
 
+    @classmethod
+    def from_row(
+        cls, *, online: bool, starts_at: datetime, ends_at: datetime, remaining: int, **columns: Any
+    ) -> ActivityPage:
+        rules = ActivityRules(online=online, starts_at=starts_at, ends_at=ends_at)
+        return cls(rules=rules, remaining=int(remaining), **columns)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ClaimStatus:
-    status: str
-    reason: str | None
+class ClaimState:
+    """A claim as the page reports it, with its coupons once bound."""
+
+    status: ClaimStatus
+    reason: Refusal | None
     coupons: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_row(cls, *, status: str, reason: str | None, coupons: list[dict[str, Any]]) -> ClaimState:
+        return cls(
+            status=ClaimStatus(status),
+            reason=None if reason is None else Refusal(reason),
+            coupons=tuple(coupons),
+        )
 
 
 class Queries:
@@ -87,30 +107,14 @@ class Queries:
 
     async def _read_activity(self, slug: str) -> ActivityPage | None:
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(ACTIVITY_PAGE, (slug,))
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        (slug, title, banner, copy, rules, brand, starts, ends, online, zone, group, budget, remaining) = row
-        return ActivityPage(
-            slug=slug,
-            title=title,
-            banner_url=banner,
-            copy=copy,
-            rules_text=rules,
-            brand=brand,
-            rules=ActivityRules(online=online, starts_at=starts, ends_at=ends),
-            timezone=zone,
-            exclusivity_group=group,
-            budget=budget,
-            remaining=int(remaining),
-        )
+            cursor = conn.cursor(row_factory=kwargs_row(ActivityPage.from_row))
+            await cursor.execute(ACTIVITY_PAGE, (slug,))
+            page: ActivityPage | None = await cursor.fetchone()
+        return page
 
-    async def claim_status(self, claim_id: uuid.UUID) -> ClaimStatus | None:
+    async def claim_status(self, claim_id: uuid.UUID) -> ClaimState | None:
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(CLAIM_STATUS, (claim_id,))
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        status, reason, coupons = row
-        return ClaimStatus(status=status, reason=reason, coupons=tuple(coupons))
+            cursor = conn.cursor(row_factory=kwargs_row(ClaimState.from_row))
+            await cursor.execute(CLAIM_STATUS, (claim_id,))
+            state: ClaimState | None = await cursor.fetchone()
+        return state
