@@ -112,6 +112,7 @@ def credit_claim(message: CreditRequested) -> str:
     (activities that hold credits until registration keep pending members'
     back)."""
     outcome = unit_of_work().run(lambda conn: handlers.credit_requested(conn, message))
+    outcome.check()
     if outcome.held:
         return "held"
     if not outcome.credited:

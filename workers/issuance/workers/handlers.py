@@ -43,6 +43,7 @@ from issuance.shared.domain.claims import (
     Holding,
     Stock,
     activity_refusal,
+    claimed_at,
     decide_claims,
 )
 from issuance.shared.errors import ConflictingDuplicate, PermanentError
@@ -168,43 +169,43 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
     claims whose activity is open need their number read, and only those
     with a valid number a member and stock."""
     activities: dict[str, ActivityTerms | None] = {}
-    requests: list[ClaimRequest] = []
-    numbers: dict[uuid.UUID, tuple[bytes, str]] = {}
+    numbers: dict[uuid.UUID, tuple[bytes, str]] = {}  # claim -> phone digest, E.164
     for message in messages:
         if message.activity not in activities:
             activities[message.activity] = store.activity_by_slug(conn, message.activity)
-        request = ClaimRequest(
-            claim_id=message.claim_id,
-            activity=activities[message.activity],
-            requested_at=message.requested_at,
+        at = claimed_at(message.requested_at, now)
+        if activity_refusal(activities[message.activity], at) is None:  # the number counts: read it
+            e164 = _e164(message.phone, settings)
+            if e164 is not None:
+                numbers[message.claim_id] = (phone_digest(e164, settings.phone_key), e164)
+    masked = {digest: mask_phone(e164) for digest, e164 in numbers.values()}
+    members = store.lock_members(conn, masked) if masked else {}
+    requests = []
+    for message in messages:
+        digest, e164 = numbers.get(message.claim_id, (None, None))
+        requests.append(
+            ClaimRequest(
+                claim_id=message.claim_id,
+                activity=activities[message.activity],
+                requested_at=message.requested_at,
+                phone=e164,
+                member_id=None if digest is None else members[digest],
+            )
         )
-        if activity_refusal(request, now) is None:  # the number counts: read it
-            request = _with_phone(request, message.phone, settings)
-            if request.phone is not None:
-                numbers[message.claim_id] = (phone_digest(request.phone, settings.phone_key), request.phone)
-        requests.append(request)
-    members = (
-        store.lock_members(conn, {d: mask_phone(e164) for d, e164 in numbers.values()}) if numbers else {}
-    )
-    requests = [
-        dataclasses.replace(r, member_id=members[numbers[r.claim_id][0]]) if r.claim_id in numbers else r
-        for r in requests
-    ]
-    holdings = store.member_grants(conn, sorted(set(members.values()))) if members else {}
     return _Batch(
         messages=messages,
         requests=requests,
         phone_digests={c: d for c, (d, _) in numbers.items()},
-        holdings=holdings,
+        holdings=store.member_grants(conn, sorted(set(members.values()))) if members else {},
         stock=_lock_stock(conn, [r for r in requests if r.member_id is not None]),
     )
 
 
-def _with_phone(request: ClaimRequest, typed: str, settings: Settings) -> ClaimRequest:
+def _e164(typed: str, settings: Settings) -> str | None:
     try:
-        return dataclasses.replace(request, phone=normalize_phone(typed, settings.default_region))
+        return normalize_phone(typed, settings.default_region)
     except InvalidPhone:
-        return request
+        return None
 
 
 def _lock_stock(conn: Conn, candidates: list[ClaimRequest]) -> Stock:
@@ -292,10 +293,18 @@ class UnknownClaim(PermanentError):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CreditOutcome:
     """What a credit message did: the (claim, promise start) of each claim it
-    credited, and whether every claim was held until registration."""
+    credited; whether every claim was held until registration; and the
+    claims never recorded, when nothing could be credited."""
 
     credited: list[tuple[uuid.UUID, datetime]]
     held: bool = False
+    unknown: tuple[uuid.UUID, ...] = ()
+
+    def check(self) -> None:
+        """Raise UnknownClaim for a credit of claims that do not exist (the
+        actor calls it after the commit, so that the holds stay)."""
+        if self.unknown:
+            raise UnknownClaim(f"no claims {', '.join(str(c) for c in self.unknown[:5])}")
 
 
 def credit_requested(conn: Conn, message: CreditRequested) -> CreditOutcome:
@@ -305,26 +314,30 @@ def credit_requested(conn: Conn, message: CreditRequested) -> CreditOutcome:
     plan = lifecycle.plan_credit(conn, message.claim_ids)
     if not plan.ready:
         return CreditOutcome(credited=[], held=True)
-    credited = credit(conn, plan.ready)
-    return CreditOutcome(credited=[(c, plan.promise_from.get(c, at)) for c, at in credited])
+    credited, unknown = _credit(conn, plan.ready)
+    return CreditOutcome(credited=[(c, plan.promise_from.get(c, at)) for c, at in credited], unknown=unknown)
 
 
 def handle_credit(pool: ConnectionPool, message: CreditRequested) -> list[tuple[uuid.UUID, datetime]]:
-    """:func:`credit` the claims of a credit message in a transaction of its own."""
-    return UnitOfWork(pool).run(lambda conn: credit(conn, message.claim_ids))
-
-
-def credit(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> list[tuple[uuid.UUID, datetime]]:
-    """Credit bound claims to their wallets, exactly once. Returns the
-    (claim, requested at) of each claim this call credited: empty for a
-    duplicate delivery."""
-    _, credited = store.credit_claims(conn, claim_ids)
-    if len(credited) < len(claim_ids):
-        known = store.claims_by_ids(conn, claim_ids)
-        unknown = [str(c) for c in claim_ids if c not in known]
-        if unknown and not credited:
-            raise UnknownClaim(f"no claims {', '.join(unknown[:5])}")
+    """Credit the claims of a credit message in a transaction of its own;
+    returns the (claim, requested at) of each claim this call credited."""
+    credited, unknown = UnitOfWork(pool).run(lambda conn: _credit(conn, message.claim_ids))
+    CreditOutcome(credited=credited, unknown=unknown).check()
     return credited
+
+
+def _credit(
+    conn: Conn, claim_ids: Sequence[uuid.UUID]
+) -> tuple[list[tuple[uuid.UUID, datetime]], tuple[uuid.UUID, ...]]:
+    """Credit bound claims to their wallets, exactly once. Returns the
+    (claim, requested at) of each claim this call credited (none for a
+    duplicate delivery) and, when it credited none, the claims never
+    recorded."""
+    _, credited = store.credit_claims(conn, claim_ids)
+    if credited or not claim_ids:
+        return credited, ()
+    known = store.claims_by_ids(conn, claim_ids)
+    return credited, tuple(c for c in claim_ids if c not in known)
 
 
 def order_placed(conn: Conn, message: OrderPlaced) -> bool:

@@ -128,24 +128,25 @@ class Granted:
 Decision = Refused | Granted
 
 
-def claimed_at(request: ClaimRequest, now: datetime) -> datetime:
-    """The promise and the window run from the moment the member asked, but
-    a publisher's clock is not trusted to be ahead of ours."""
-    return min(request.requested_at, now)
+def claimed_at(requested_at: datetime, now: datetime) -> datetime:
+    """When a claim counts as made: the promise and the window run from the
+    moment the member asked, but a publisher's clock is not trusted to be
+    ahead of ours."""
+    return min(requested_at, now)
 
 
-def activity_refusal(request: ClaimRequest, now: datetime) -> Refusal | None:
+def activity_refusal(activity: ActivityTerms | None, at: datetime) -> Refusal | None:
     """Unknown activity, or claimed outside its window: the refusals that
     come before the number is even read."""
-    if request.activity is None:
+    if activity is None:
         return Refusal.UNKNOWN_ACTIVITY
-    return window_refusal(request.activity.rules, claimed_at(request, now))
+    return window_refusal(activity.rules, at)
 
 
-def screen(request: ClaimRequest, now: datetime) -> Refusal | None:
+def screen(request: ClaimRequest, at: datetime) -> Refusal | None:
     """The refusals that need no member and no stock: unknown activity,
     window, bad number."""
-    refusal = activity_refusal(request, now)
+    refusal = activity_refusal(request.activity, at)
     if refusal is None and request.phone is None:
         return Refusal.BAD_PHONE
     return refusal
@@ -160,7 +161,9 @@ class _Batch:
         self.slots = {activity: list(slots) for activity, slots in stock.slots.items()}
         self.codes = {template: list(codes) for template, codes in stock.codes.items()}
 
-    def refusal(self, activity: ActivityTerms, held: Sequence[Holding]) -> Refusal | None:
+    def refusal(
+        self, activity: ActivityTerms, held: Sequence[Holding], templates: Sequence[TemplateRef]
+    ) -> Refusal | None:
         """The refusals that depend on the member and the stock, in order."""
         if any(h.activity_id == activity.activity_id for h in held):
             return Refusal.ALREADY_RECEIVED
@@ -168,7 +171,6 @@ class _Batch:
             return Refusal.SIMILAR_ACTIVITY
         if not self.slots.get(activity.activity_id):
             return Refusal.SOLD_OUT
-        templates = templates_to_bind(activity.templates, new_member=not held)
         if any(not self.codes.get(t.template_id) for t in templates):
             return Refusal.POOL_EMPTY
         return None
@@ -196,31 +198,31 @@ def decide_claims(
 
 
 def _decide(request: ClaimRequest, batch: _Batch, now: datetime, credit_inline: bool) -> Decision:
-    refusal = screen(request, now)
+    at = claimed_at(request.requested_at, now)
+    refusal = screen(request, at)
     if refusal is not None:
         return Refused(refusal)
     activity, member_id = request.activity, request.member_id
     assert activity is not None and member_id is not None, "a screened claim has an activity and a member"
     held = batch.held.setdefault(member_id, [])
-    refusal = batch.refusal(activity, held)
-    if refusal is not None:
-        return Refused(refusal)
     new_member = not held
     templates = tuple(templates_to_bind(activity.templates, new_member=new_member))
+    refusal = batch.refusal(activity, held, templates)
+    if refusal is not None:
+        return Refused(refusal)
     held.append(Holding(activity.activity_id, activity.exclusivity_group))
-    expires_at = coupon_expiry(
-        claimed_at(request, now),
-        zone=activity.timezone,
-        validity_days=activity.validity_days,
-        valid_until=activity.valid_until,
-    )
     return Granted(
         activity=activity,
         member_id=member_id,
         slot_no=batch.slots[activity.activity_id].pop(),
         templates=templates,
         codes=tuple(batch.codes[t.template_id].pop() for t in templates),
-        expires_at=expires_at,
+        expires_at=coupon_expiry(
+            at,
+            zone=activity.timezone,
+            validity_days=activity.validity_days,
+            valid_until=activity.valid_until,
+        ),
         new_member=new_member,
         status=ClaimStatus.CREDITED
         if credit_inline and not activity.hold_until_registered
