@@ -15,6 +15,7 @@ import enum
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 from issuance.shared.domain import (
     ActivityRules,
@@ -68,8 +69,12 @@ class ActivityTerms:
     templates: tuple[TemplateRef, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ClaimRequest:
+# The records made per claim (requests, holdings, decisions) are named
+# tuples: immutable like the frozen dataclasses elsewhere, and about three
+# times cheaper to build, which counts on the hot path at 5,000 claims/s.
+
+
+class ClaimRequest(NamedTuple):
     """One claim as the decision sees it.
 
     ``activity`` is None for an activity that does not exist. ``phone`` is
@@ -87,8 +92,7 @@ class ClaimRequest:
     member_id: int | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Holding:
+class Holding(NamedTuple):
     """A package a member already holds: its activity and exclusivity group."""
 
     activity_id: int
@@ -104,13 +108,11 @@ class Stock:
     codes: Mapping[int, Sequence[str]]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(NamedTuple):
     reason: Refusal
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Granted:
+class Granted(NamedTuple):
     """A package: one package slot, and one code per template to bind."""
 
     activity: ActivityTerms
