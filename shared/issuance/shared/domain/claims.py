@@ -109,6 +109,8 @@ class Stock:
 
 
 class Refused(NamedTuple):
+    """A claim refused, with the reason the member is given."""
+
     reason: Refusal
 
 
