@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration e2e services promtool browser clean chaos security audit
+.PHONY: install demo test lint typecheck contracts unit integration e2e cluster-test services promtool browser testhosts clean chaos security audit
 
 install: $(STAMP)
 
@@ -29,11 +29,20 @@ promtool:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && \
 	  (service prometheus stop >/dev/null 2>&1 || true))
 
+## Debian's pgbouncer (the PgBouncer test in transaction mode), socat and
+## iproute2 (test hosts in network namespaces for the cluster's partition
+## test); a server the install starts is stopped again.
+testhosts:
+	command -v pgbouncer >/dev/null && command -v socat >/dev/null && command -v ip >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    pgbouncer socat iproute2 && (service pgbouncer stop >/dev/null 2>&1 || true))
+
 ## The browser test (tests/e2e/test_browser.py) drives Debian's Chromium with
 ## Playwright; nothing downloads a browser of its own.
 browser:
-	command -v chromium >/dev/null || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core)
+	(command -v chromium >/dev/null && fc-list | grep -q "Noto Sans CJK") || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-dejavu-core fonts-noto-cjk fontconfig)
 
 lint: install
 	$(BIN)/ruff check .
@@ -42,8 +51,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+## Import contracts (import-linter, [tool.importlinter] in pyproject.toml):
+## the shared layer imports neither side, the workers and the producers do not
+## import each other, the domain and the message types import no I/O library,
+## and the layers inside shared point down.
+contracts: install
+	$(BIN)/lint-imports --no-cache
+
 ## Static security checks: bandit over the project's code (findings are fixed
-## or carry a `# nosec <rule> - <reason>`), then the dependency audit.
+## or carry a `# nosec <rule> - <reason>`). `make audit` audits the dependencies.
 security: install
 	$(BIN)/bandit -q -c pyproject.toml -r shared workers producers
 
@@ -77,13 +93,25 @@ chaos: install
 	$(BIN)/python -m tests.chaos.run --scale $(CHAOS_SCALE) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) \
 	  --json benchmarks/out/chaos-$(CHAOS_SCALE).json
 
-## Everything CI runs: services up, lint, types, security, then the test levels
-## (the short chaos run is tests/chaos/test_chaos_short.py).
-test: install services promtool browser lint typecheck security audit
+## Everything CI runs: services up, lint, types, import contracts, security,
+## then the test levels (the short chaos run is tests/chaos/test_chaos_short.py).
+test: install services promtool browser testhosts lint typecheck contracts security audit
 	$(BIN)/pytest tests
+
+## A private 3-node RabbitMQ cluster with quorum queues, a leader killed
+## twice mid-run, and a partitioned worker host (part of `make test` too).
+cluster-test: install services testhosts
+	$(BIN)/pytest tests/cluster
 
 unit: install
 	$(BIN)/pytest tests/unit
+
+## The integration and end-to-end levels, on the real services.
+integration: install services
+	$(BIN)/pytest tests/integration
+
+e2e: install services
+	$(BIN)/pytest tests/e2e
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

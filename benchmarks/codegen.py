@@ -81,10 +81,8 @@ ABLATION = [
         "- unique (code, claim_id, member_id) for the wallet FK",
         ["wallet_code_binding_fkey", "codes_binding_key"],
     ),
-    (
-        "- unique (claim_id, template_id) and batch index",
-        ["codes_one_per_template_key", "INDEX codes_batch_idx"],
-    ),
+    # (The index of codes by batch was dropped by migration 0006.)
+    ("- unique (claim_id, template_id)", ["codes_one_per_template_key"]),
     ("- primary key (code): a bare heap", ["codes_pkey"]),
 ]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from issuance.shared.wire.messages import ClaimRequested, utcnow
 from issuance.shared.wire.publisher import RabbitPublisher  # noqa: F401 - the command publishes with it
@@ -87,3 +90,34 @@ def test_verify_exits_non_zero_on_a_breach(settings, two_step, service_env, pool
     result = issuance("verify", env=service_env)
     assert result.returncode == 1
     assert "BREACH uncredited_past_deadline: 1" in result.stdout
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "issuance") -> Iterator[tuple[str, Any]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, f"{path} {name}")
+
+
+def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
+    from issuance.shared.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {
+        # the shared layer
+        *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart"),
+        # issuance.producers.commands, through the issuance.commands entry points
+        *("publish", "web", "outbox-relay"),
+        # issuance.workers.commands, likewise
+        *("worker", "dead-letters", "sweep", "sweeper", "exporter", "demo"),
+    }
+    silent = [
+        f"{path} {action.dest}"
+        for path, sub in _parsers(parser)
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction) and not action.help
+    ]
+    assert not silent, f"options without help: {silent}"
+    assert "``" not in (parser.description or ""), "the top-level help is plain text"

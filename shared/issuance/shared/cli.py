@@ -1,29 +1,50 @@
-"""The ``issuance`` command: schema, back office, publishing, workers,
-verification and the embedded demo. ``issuance --help`` lists everything."""
+"""The issuance command: schema, back office, publishing, workers,
+verification and the embedded demo. Run `issuance COMMAND --help` for the
+options of one command."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
+import re
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import urlsplit
 
-from issuance.shared.settings import Settings, SettingsError, load_settings
-from issuance.shared.wire.messages import PUBLIC_TYPES
+from issuance.shared.errors import (
+    BadInput,
+    ConfigurationError,
+    OperatorError,
+    PublishError,
+    ServiceUnavailable,
+    TransientError,
+)
+from issuance.shared.settings import PREFIX, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers: TypeAlias = argparse._SubParsersAction
+
+Command: TypeAlias = Callable[[argparse.Namespace, Settings], int]
+
+# The group of the entry points through which the workers and the producers
+# add their commands (pyproject.toml); the shared layer never imports them.
+COMMANDS_GROUP = "issuance.commands"
 
 log = logging.getLogger("issuance")
 
 
-def _session(settings: Settings) -> Any:
-    from issuance.shared.db import database
-    from sqlalchemy.orm import Session
-
-    return Session(database.engine(settings))
+def instant(value: str) -> datetime:
+    """An RFC 3339 instant from the command line (the what-if clock); an
+    argparse ``type``, so a malformed one is a usage error."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -34,44 +55,14 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _lines(path: str) -> Iterator[bytes]:
-    with open(path, "rb") if path != "-" else sys.stdin.buffer as handle:
-        for line in handle:
-            if line.strip():
-                yield line
-
-
-def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
-    """Replay or backfill a JSON-lines file, one payload per line."""
-    from issuance.shared.errors import InvalidMessage
-    from issuance.shared.wire.codec import parse_line
-    from issuance.shared.wire.publisher import RabbitPublisher
-    from rich.progress import Progress
-
-    good, bad = [], 0
-    for number, line in enumerate(_lines(args.file), start=1):
-        try:
-            good.append(parse_line(args.type, line))
-        except InvalidMessage as exc:
-            bad += 1
-            print(f"line {number}: refused, {exc}", file=sys.stderr)
-    with (
-        RabbitPublisher.from_settings(settings) as publisher,
-        Progress(disable=not sys.stderr.isatty()) as bar,
-    ):
-        task = bar.add_task(f"publishing {args.type}", total=len(good))
-        for start in range(0, len(good), 1000):
-            bar.advance(task, publisher.publish_many(good[start : start + 1000]))
-    print(f"published {len(good)} {args.type} messages; refused {bad} lines")
-    return 1 if bad else 0
-
-
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+
     import psycopg
     from issuance.shared.db.verify import verify
 
     with psycopg.connect(settings.database_url) as conn:
-        report = verify(conn)
+        report = verify(conn, grace=timedelta(seconds=settings.reconcile_grace_seconds))
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
@@ -82,24 +73,6 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"BREACH {name}: {len(rows)} e.g. {rows[:3]}")
         print("verify: clean" if report.clean else "verify: BREACHES FOUND")
     return 0 if report.clean else 1
-
-
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the actors under Dramatiq's CLI (which forks the processes)."""
-    argv = [
-        "dramatiq",
-        "issuance.workers.actors",
-        "--processes",
-        str(args.processes),
-        "--threads",
-        str(args.threads),
-    ]
-    if args.queues:
-        argv += ["--queues", *args.queues]
-    # Worker processes count into files here; /metrics on the metrics port adds them up.
-    default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{settings.metrics_port}"
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
-    os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606  # nosec B606 - replaces this process
 
 
 def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
@@ -114,77 +87,12 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    import psycopg
-
-    if args.sub == "drain":
-        from issuance.shared.db import database
-        from issuance.workers.dead_letters import drain
-
-        with database.pool(settings, max_size=2) as pool:
-            print(f"moved {drain(settings, pool)} messages from the .XQ queues")
-        return 0
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT created_at, queue, actor, reason, left(detail, 80) FROM dead_letters"
-            " ORDER BY dead_letter_id DESC LIMIT %s",
-            (args.limit,),
-        ).fetchall()
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
-    return 0
-
-
-def _instant(value: str | None) -> Any:
-    """An RFC 3339 instant from the command line (the what-if clock)."""
-    from datetime import UTC, datetime
-
-    if value is None:
-        return None
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import timedelta
-
-    from issuance.workers.sweeper import run_sweeper, sweep
-
-    grace = timedelta(seconds=args.grace)
-    if args.command == "sweeper":
-        run_sweeper(settings, interval=args.interval, grace=grace)
-        return 0
-    result = sweep(settings, now=_instant(args.now), grace=grace, limit=args.limit)
-    p = result.promise
-    print(
-        f"overdue for credit: {result.found}, re-sent: {result.requeued}; uncredited: {p.uncredited},"
-        f" oldest {p.oldest_age_seconds:.0f}s, overdue {p.overdue}, at risk 1h {p.at_risk_1h},"
-        f" 6h {p.at_risk_6h}"
-    )
-    return 0
-
-
-def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
-    from issuance.workers.exporter import run_exporter
-
-    run_exporter(
-        settings,
-        port=args.port,
-        interval=args.interval,
-        campaign_interval=args.campaign_interval,
-        now=_instant(args.now),
-    )
-    return 0
-
-
 def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
     from issuance.shared.backoffice.charts import load_series, render
 
     with psycopg.connect(settings.database_url) as conn:
-        series = load_series(
-            conn, activity=args.activity, since=_instant(args.since), until=_instant(args.until)
-        )
+        series = load_series(conn, activity=args.activity, since=args.since, until=args.until)
     if not series.times:
         print("no granted claims match", file=sys.stderr)
         return 1
@@ -193,147 +101,185 @@ def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve the activity page under uvicorn."""
-    import uvicorn
-
-    uvicorn.run(
-        "issuance.producers.web:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=not args.no_access_log,
-        proxy_headers=True,
-        forwarded_allow_ips=args.forwarded_allow_ips,
-    )
-    return 0
-
-
-def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
-    """Publish the pending rows of an order system's outbox table."""
-    from issuance.producers.outbox import relay_forever
-
-    relay_forever(args.dsn or settings.database_url, settings, batch=args.batch, table=args.table)
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from issuance.workers.demo import run_demo
-
-    return run_demo(claims=args.claims, embedded=args.embedded)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="issuance", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: Subparsers) -> None:
+    """The shared layer's commands: schema, back office, verify, schemas, chart."""
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     up = db.add_parser("upgrade", help="apply the Alembic migrations")
-    up.add_argument("revision", nargs="?", default="heads")
+    up.add_argument("revision", nargs="?", default="heads", help="target revision (default: heads)")
     up.set_defaults(func=cmd_db_upgrade)
 
     from issuance.shared.backoffice import commands
 
     commands.register(sub)
 
-    publish = sub.add_parser("publish", help="publish a JSON-lines file of payloads")
-    publish.add_argument("type", choices=PUBLIC_TYPES)
-    publish.add_argument("--file", required=True, help="path, or - for standard input")
-    publish.set_defaults(func=cmd_publish)
-
     verify = sub.add_parser("verify", help="check every invariant; non-zero exit on a breach")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify)
 
-    worker = sub.add_parser("worker", help="run the Dramatiq workers")
-    worker.add_argument("--processes", type=int, default=2)
-    worker.add_argument("--threads", type=int, default=8)
-    worker.add_argument("--queues", nargs="*")
-    worker.set_defaults(func=cmd_worker)
-
     schemas = sub.add_parser("schemas", help="write the JSON Schema of every message")
-    schemas.add_argument("--out", default="shared/issuance/shared/wire/schemas")
-    schemas.set_defaults(func=cmd_schemas)
-
-    dead = sub.add_parser("dead-letters", help="messages that could not be used, with reasons")
-    dead.add_argument("sub", choices=["list", "drain"])
-    dead.add_argument("--limit", type=int, default=50)
-    dead.set_defaults(func=cmd_dead_letters)
-
-    for name, text in (
-        ("sweep", "re-send the credit of claims bound but not credited after a grace period (one pass)"),
-        ("sweeper", "sweep every --interval seconds"),
-    ):
-        sweeper = sub.add_parser(name, help=text)
-        sweeper.add_argument("--grace", type=float, default=600, help="seconds after binding (default 600)")
-        sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass")
-        sweeper.add_argument("--interval", type=float, default=30)
-        sweeper.add_argument("--now", help="evaluate at this RFC 3339 instant instead of the clock")
-        sweeper.set_defaults(func=cmd_sweep)
-
-    exporter = sub.add_parser("exporter", help="serve campaign and promise gauges read from PostgreSQL")
-    exporter.add_argument("--port", type=int, default=9192)
-    exporter.add_argument("--interval", type=float, default=30, help="seconds between readings")
-    exporter.add_argument(
-        "--campaign-interval",
-        type=float,
-        help="seconds between campaign readings (default: max(2 x interval, 60))",
+    schemas.add_argument(
+        "--out", default="shared/issuance/shared/wire/schemas", help="directory to write the schemas to"
     )
-    exporter.add_argument("--now", help="evaluate the promise as if the clock read this RFC 3339 instant")
-    exporter.set_defaults(func=cmd_exporter)
+    schemas.set_defaults(func=cmd_schemas)
 
     chart = sub.add_parser("chart", help="PNG chart: claims, credits, backlog and latency percentiles")
     chart.add_argument("--activity", help="the activity's slug (default: every activity)")
-    chart.add_argument("--since", help="RFC 3339 start of the window (a benchmark run)")
-    chart.add_argument("--until", help="RFC 3339 end of the window")
+    chart.add_argument("--since", type=instant, help="RFC 3339 start of the window (a benchmark run)")
+    chart.add_argument("--until", type=instant, help="RFC 3339 end of the window")
     chart.add_argument("--out", required=True, help="the PNG file to write")
     chart.set_defaults(func=cmd_chart)
 
-    web = sub.add_parser("web", help="serve the activity page (claims and their status)")
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8000)
-    web.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    web.add_argument("--no-access-log", action="store_true")
-    web.add_argument(
-        "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-For is trusted"
-    )
-    web.set_defaults(func=cmd_web)
 
-    relay = sub.add_parser("outbox-relay", help="publish an order system's transactional outbox")
-    relay.add_argument("--dsn", help="the order system's database (default: ISSUANCE_DATABASE_URL)")
-    relay.add_argument("--table", default="issuance_outbox")
-    relay.add_argument("--batch", type=int, default=500)
-    relay.set_defaults(func=cmd_outbox_relay)
-
-    demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
-    demo.add_argument("--claims", type=int, default=3000)
-    demo.add_argument(
-        "--embedded",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="embedded PostgreSQL/Redis and the in-process broker (auto: unless service URLs are set)",
-    )
-    demo.set_defaults(func=cmd_demo)
+def build_parser() -> argparse.ArgumentParser:
+    """The shared commands, then those each installed side registers under
+    the ``issuance.commands`` entry points (sorted by name)."""
+    parser = argparse.ArgumentParser(prog="issuance", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    plugins = sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
+    if not plugins:
+        print(
+            f"issuance: no {COMMANDS_GROUP} entry points, so no worker or producer commands;"
+            " reinstall the package (make install)",
+            file=sys.stderr,
+        )
+    for entry in plugins:
+        entry.load()(sub)
     return parser
+
+
+# Operator errors ------------------------------------------------------------
+
+_URL_SCHEMES = {
+    "database_url": ("postgresql", "postgres"),
+    "amqp_url": ("amqp", "amqps"),
+    "redis_url": ("redis", "rediss", "unix"),
+}
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, in the user part or a ``password=``
+    parameter, replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is not None:
+        credentials, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{credentials.partition(':')[0]}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def check_urls(settings: Settings) -> None:
+    """Refuse a service URL that is not one: the wrong scheme, no host part,
+    a port that is not a number."""
+    for field, schemes in _URL_SCHEMES.items():
+        url = getattr(settings, field)
+        name = f"{PREFIX}{field.upper()}"
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError as exc:
+            raise ConfigurationError(f"{name} is not a valid URL ({exc}): {redact(url)}") from None
+        if parts.scheme not in schemes or not url.startswith(f"{parts.scheme}://"):
+            expected = ", ".join(f"{s}://" for s in schemes)
+            raise ConfigurationError(f"{name} must start with {expected}; got {redact(url)}")
+
+
+def _services(settings: Settings | None) -> dict[str, str]:
+    settings = settings or Settings()
+    return {
+        "postgres": f"PostgreSQL ({redact(settings.database_url)})",
+        "rabbitmq": f"RabbitMQ ({redact(settings.amqp_url)})",
+        "redis": f"Redis ({redact(settings.redis_url)})",
+    }
+
+
+def _detail(exc: BaseException) -> str:
+    """What ``exc`` says, or what its cause says when it says nothing."""
+    text = str(exc).strip().rstrip(":").strip()
+    cause = exc.__cause__
+    if cause is not None and (not text or str(exc).rstrip().endswith(":")):
+        cause_text = str(cause).strip()
+        text = f"{text}: {cause_text}" if cause_text else f"{text} ({type(cause).__name__})"
+    return text or type(exc).__name__
+
+
+def operator_error(exc: BaseException, settings: Settings | None = None) -> OperatorError | None:
+    """``exc`` as the operator error it stands for, or None for a bug.
+
+    Operator errors are raised as such; a file that cannot be opened, the
+    configuration, and a service that is down or refuses arrive as the
+    exceptions of the standard library and of the service clients, and are
+    named here, where every command passes."""
+    if isinstance(exc, OperatorError):
+        return exc
+    if isinstance(exc, SettingsError):
+        return ConfigurationError(str(exc))
+    from issuance.shared.wire.signing import SigningConfigError
+
+    if isinstance(exc, SigningConfigError):
+        return ConfigurationError(str(exc))
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return BadInput(f"{exc.filename}: {exc.strerror or exc}")
+
+    import dramatiq.errors
+    import pika.exceptions
+    import psycopg
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    services = _services(settings)
+    cause = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None else exc
+    if isinstance(cause, psycopg.OperationalError):
+        return ServiceUnavailable(f"{services['postgres']}: {_detail(cause)}")
+    if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return ServiceUnavailable(f"{services['redis']}: {_detail(cause)}")
+    # ConnectionFailed and ConnectionClosed carry the same names in every dramatiq 2.x.
+    broker_down = (
+        pika.exceptions.AMQPConnectionError,
+        dramatiq.errors.ConnectionFailed,
+        dramatiq.errors.ConnectionClosed,
+    )
+    if isinstance(cause, broker_down):
+        return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
+    if isinstance(cause, PublishError):
+        return ServiceUnavailable(f"{services['rabbitmq']}: {_detail(cause)}")
+    if isinstance(cause, TransientError):
+        return ServiceUnavailable(_detail(cause))
+    return None
+
+
+def _configure_logging(*, verbose: bool) -> None:
+    """The project's own loggers at INFO, the libraries' at WARNING; -v puts
+    everything at DEBUG. pika logs every failed connection attempt as an
+    ERROR: the command reports the outcome once, so pika speaks only with -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if not verbose:
+        logging.getLogger("issuance").setLevel(logging.INFO)
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    _configure_logging(verbose=args.verbose)
+    settings: Settings | None = None
     try:
         settings = load_settings()
+        check_urls(settings)
         return int(args.func(args, settings))
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # BackOfficeError and friends: an operator's mistake
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        problem = operator_error(exc, settings)
+        if problem is None:
+            raise  # a bug: the traceback is what its fixer needs
+        print("error: " + " ".join(str(problem).split()), file=sys.stderr)
+        return problem.exit_status
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The exception tree. Permanent errors never retry: the message goes to the
 dead-letter store with the reason. Transient errors retry with a bounded
-backoff."""
+backoff. Operator errors are mistakes a person at the command line can put
+right; ``issuance`` prints them on one line. Anything else is a bug and keeps
+its traceback."""
 
 from __future__ import annotations
 
@@ -36,3 +38,31 @@ class TransientError(IssuanceError):
 
 class PublishError(TransientError):
     """The broker did not confirm a publish."""
+
+
+class OperatorError(IssuanceError):
+    """Something the operator can put right: a file, a value, a name, the
+    configuration, or a service to start. ``issuance`` prints the message on
+    one line, with no traceback, and exits with ``exit_status``; nothing was
+    changed."""
+
+    exit_status = 2
+
+
+class BadInput(OperatorError):
+    """A file that cannot be read or written, or a value that cannot be used."""
+
+
+class UnknownName(OperatorError):
+    """No activity, channel, template or code batch goes by that name."""
+
+
+class ConfigurationError(OperatorError):
+    """An ``ISSUANCE_*`` variable cannot be used (a malformed URL...)."""
+
+
+class ServiceUnavailable(OperatorError):
+    """PostgreSQL, RabbitMQ or Redis cannot be reached, or refuses the
+    connection. Running the command again once the service is back may work."""
+
+    exit_status = 3

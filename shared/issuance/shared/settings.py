@@ -62,6 +62,26 @@ class Settings:
     producer_exchange: str = ""
     # "kid:secret,..." signs messages (issuance.shared.wire.signing); empty: signing off.
     signing_keys: str = ""
+    # ``issuance verify`` reports a claim bound but not credited this long
+    # after its decision: a lost credit message is found in minutes, not at
+    # the 24-hour deadline. The sweeper (``issuance sweeper``) re-sends such
+    # credits after the same grace, so verify is clean again once it ran.
+    reconcile_grace_seconds: int = 600
+    # RabbitMQ queue type of every queue the project declares (the work
+    # queues and their .DQ delay and .XQ dead-letter queues):
+    # "classic" for one node and the embedded demo, "quorum" for a cluster
+    # (replicated on a majority of nodes; see issuance.shared.wire.codec). An
+    # existing queue keeps its type: switching needs a new vhost (README).
+    queue_type: str = "classic"
+    # psycopg prepares a statement run more than a few times on a connection.
+    # Behind PgBouncer in transaction mode the next transaction may land on
+    # another server connection, where that statement does not exist (or
+    # exists twice): set false there (prepare_threshold=None).
+    db_prepared_statements: bool = True
+    # The shopping app (download or open link): the activity page's "use it",
+    # "view my coupons", "download the APP" and "register" buttons lead there.
+    # Empty: those buttons are hidden.
+    app_url: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -76,6 +96,7 @@ _INT_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("int",
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("bool", bool)}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 FAULTS = ("", "after_commit_before_ack", "after_commit_before_publish")
+QUEUE_TYPES = ("classic", "quorum")
 
 
 def settings_from(environ: Mapping[str, str]) -> Settings:
@@ -99,6 +120,8 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.fault not in FAULTS:
         raise SettingsError(f"{PREFIX}FAULT must be one of {FAULTS}, got {settings.fault!r}")
+    if settings.queue_type not in QUEUE_TYPES:
+        raise SettingsError(f"{PREFIX}QUEUE_TYPE must be one of {QUEUE_TYPES}, got {settings.queue_type!r}")
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings

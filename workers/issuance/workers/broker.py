@@ -9,23 +9,24 @@ import psycopg
 import psycopg_pool
 import redis
 from dramatiq.broker import Broker
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 from issuance.shared.errors import TransientError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import OrjsonEncoder
+from issuance.workers.delivery import ConfirmedRetries, GuardedRabbitmqBroker
 from issuance.workers.metrics import WorkerMetrics
+from issuance.workers.quorum import QueueTypeRabbitmqBroker
 from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
+from issuance.workers.sweeper import SweeperFork
 
 # A handler that takes longer than this is stuck (a lock held by a dead
 # session, say); the time limit turns it into a retry.
@@ -44,10 +45,12 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         Pipelines(),
         CurrentMessage(),
         WorkerMetrics(),
+        SweeperFork(),
         # The backoff is capped so that a message retried through a long
         # outage is handled soon after it ends, well inside the credit promise
         # (Dramatiq's default backoff grows to 7 days).
-        Retries(
+        # A retry copy the broker does not confirm hands the delivery back (issuance.workers.delivery).
+        ConfirmedRetries(
             min_backoff=settings.min_backoff_ms,
             max_backoff=settings.max_backoff_ms,
             retry_when=RetryPolicy(settings.max_retries),
@@ -69,6 +72,12 @@ class RetryPolicy:
         return isinstance(exception, (*OUTAGES, TransientError)) or retries < self.max_retries
 
 
+class IssuanceBroker(GuardedRabbitmqBroker, QueueTypeRabbitmqBroker):
+    """The workers' RabbitMQ broker: queues of the configured type on the
+    first live node of the URL list (QueueTypeRabbitmqBroker), deliveries
+    settled only by the consumer they came from (GuardedRabbitmqBroker)."""
+
+
 def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
     """Create the broker and make it (and the codec) Dramatiq's global ones."""
     dramatiq.set_encoder(OrjsonEncoder())
@@ -79,7 +88,12 @@ def build_broker(settings: Settings, *, kind: str = "rabbitmq") -> Broker:
     elif kind == "rabbitmq":
         # confirm_delivery: a follow-up message (credit) counts as sent only
         # once RabbitMQ has confirmed it.
-        broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True, middleware=middleware(settings))
+        broker = IssuanceBroker(
+            urls=settings.amqp_url,
+            queue_type=settings.queue_type,
+            confirm_delivery=True,
+            middleware=middleware(settings),
+        )
     else:
         raise ValueError(f"unknown broker kind {kind!r}")
     dramatiq.set_broker(broker)

@@ -1,71 +1,215 @@
-"""Move what RabbitMQ dead-lettered into the dead-letter store.
+"""Move what RabbitMQ dead-lettered into the dead-letter store, and replay it.
 
-Dramatiq rejects a delivery it cannot decode, and a message whose retries
-are exhausted, into ``<queue>.XQ``. ``issuance dead-letters drain`` moves
-those into PostgreSQL's ``dead_letters`` table with the reason, so every
-unusable message ends in one place an operator can query.
+Dramatiq rejects a delivery it cannot decode, one for an actor it does not
+know, and a message whose retries are exhausted, into ``<queue>.XQ``.
+``issuance dead-letters drain`` moves those into PostgreSQL's ``dead_letters``
+table with the reason, so every unusable message ends in one place an
+operator can query. Any body is drained: empty, not JSON, the wrong shape,
+huge. The store keeps at most :data:`MAX_STORED_BYTES` of it (redacted) with
+its SHA-256 and size in ``headers``, so one bad envelope cannot jam the queue.
+
+``issuance dead-letters replay`` re-publishes chosen entries after a fix.
+Phone numbers are never stored in clear, so the original of a message that
+carries one is parked in ``<queue>.parked`` (RabbitMQ, the same 7-day TTL
+as the ``.XQ`` queue it came from) and replayed from there; any other
+well-formed envelope is replayed from its stored body. A replayed entry is
+marked (``headers.replayed_at``) in the transaction that selected it, after
+RabbitMQ confirmed the publish: a second replay does nothing, and a crash in
+between re-publishes a message whose handler is idempotent (claims by
+claim ID, credits per claim and code).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
 import pika
 from issuance.shared.db import store
+from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
-from issuance.shared.wire import codec
+from issuance.shared.wire import amqp, codec
 from issuance.workers.runtime import redact
 
 log = logging.getLogger(__name__)
 
+# What the store keeps of a body: a whole envelope up to the largest one a
+# producer may send, an excerpt of anything bigger.
+MAX_STORED_BYTES = codec.MAX_ENVELOPE_BYTES
+EXCERPT_BYTES = 4096
+# A phone number in a body that is not JSON (or too big to parse and redact).
+_DIGIT_RUN = re.compile(r"\+?\d{7,}")
 
-def _reason(properties: Any, body: bytes) -> tuple[str, str, str]:
-    """(reason, detail, actor) of a dead-lettered delivery."""
+
+class Reason(StrEnum):
+    """Why RabbitMQ holds a message (``dead_letters.reason`` for drained ones)."""
+
+    UNDECODABLE_ENVELOPE = "undecodable_envelope"  # not JSON
+    BAD_ENVELOPE = "bad_envelope"  # JSON, not Dramatiq's envelope shape
+    UNKNOWN_ACTOR = "unknown_actor"
+    WRONG_QUEUE = "wrong_queue"  # the actor is consumed from another queue
+    TOO_LARGE = "too_large"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    REJECTED = "rejected"  # rejected without a retry history (x-death says why)
+
+
+class Original(StrEnum):
+    """Where ``replay`` finds the message to re-publish."""
+
+    STORED = "stored"  # the stored body is the whole envelope
+    PARKED = "parked"  # the stored body is redacted; the original waits in <queue>.parked
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeadEnvelope:
+    """One dead-lettered delivery, as the store keeps it."""
+
+    key: str
+    queue: str
+    actor: str
+    reason: Reason
+    detail: str
+    body: str
+    headers: dict[str, Any]
+    original: Original | None
+
+
+def parked_name(queue: str) -> str:
+    return f"{queue}.parked"
+
+
+def _mask(text: str) -> str:
+    """``text`` with digit runs masked like phone numbers and without NUL
+    (which PostgreSQL text and JSON cannot hold)."""
+    masked = _DIGIT_RUN.sub(lambda m: m.group()[:4] + "*" * max(len(m.group()) - 6, 0) + m.group()[-2:], text)
+    return masked.replace("\x00", "\\x00")
+
+
+def _excerpt(body: bytes) -> str:
+    return _mask(body[:EXCERPT_BYTES].decode("utf-8", "backslashreplace"))
+
+
+def _last_line(text: Any) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def inspect(queue: str, properties: Any, body: bytes) -> DeadEnvelope:
+    """Classify a delivery taken off ``<queue>.XQ``. Never raises, whatever
+    the body: a dead letter that cannot be read is still stored."""
+    digest = hashlib.sha256(body).hexdigest()
+    raw_headers = getattr(properties, "headers", None)
+    x_death = raw_headers.get("x-death") if isinstance(raw_headers, dict) else None
+    headers: dict[str, Any] = {
+        "sha256": digest,
+        "size": len(body),
+        "x-death": _mask(str(x_death or ""))[:2000],
+    }
+    message_id = getattr(properties, "message_id", None)
+
+    def entry(reason: Reason, detail: str, actor: str = "?", **kw: Any) -> DeadEnvelope:
+        stored = kw.pop("body", None)
+        truncated = stored is None
+        headers["truncated"] = truncated
+        return DeadEnvelope(
+            key=_mask(str(kw.pop("key", None) or message_id or digest))[:80],
+            queue=queue,
+            actor=_mask(actor)[:64],
+            reason=reason,
+            detail=detail[:2000],
+            body=stored if stored is not None else _excerpt(body),
+            headers=headers,
+            original=kw.pop("original", None),
+        )
+
+    if len(body) > MAX_STORED_BYTES:
+        return entry(Reason.TOO_LARGE, f"{len(body)} bytes, more than {MAX_STORED_BYTES}")
     try:
-        envelope = codec.OrjsonEncoder().decode(body)
-    except Exception as exc:
-        return "undecodable_envelope", str(exc), "?"
-    options = envelope.get("options", {})
-    deaths = (properties.headers or {}).get("x-death") or [{}]
-    detail = str(options.get("traceback", "")).strip().splitlines()[-1:] or [str(deaths[0].get("reason", ""))]
-    return "retries_exhausted", detail[0][:2000], str(envelope.get("actor_name", "?"))
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return entry(Reason.UNDECODABLE_ENVELOPE, f"not JSON: {exc}")
+    if not isinstance(envelope, dict):
+        return entry(Reason.BAD_ENVELOPE, f"the envelope is a JSON {type(envelope).__name__}, not an object")
+    envelope_id = envelope.get("message_id")
+    key = envelope_id if isinstance(envelope_id, str) and envelope_id else None
+    args, actor, options = envelope.get("args"), envelope.get("actor_name"), envelope.get("options")
+    if isinstance(args, list) and args:
+        envelope = {**envelope, "args": [redact(args[0]), *args[1:]]}
+    stored = codec.dumps(envelope).decode()
+    if not isinstance(actor, str):
+        return entry(Reason.BAD_ENVELOPE, "actor_name is missing or not a string", body=stored, key=key)
+    if not isinstance(args, list) or not args:
+        return entry(Reason.BAD_ENVELOPE, "args is empty or not a list", actor, body=stored, key=key)
+    if not isinstance(options, dict):
+        return entry(Reason.BAD_ENVELOPE, "options is not an object", actor, body=stored, key=key)
+    original = Original.STORED if stored.encode() == codec.dumps(orjson.loads(body)) else Original.PARKED
+    type_ = codec.TYPE_BY_ACTOR.get(actor)
+    if type_ is None:
+        return entry(
+            Reason.UNKNOWN_ACTOR, f"no actor named {actor!r}", actor, body=stored, key=key, original=original
+        )
+    route = codec.ROUTES[type_]
+    if route.queue != queue or envelope.get("queue_name") != queue:
+        detail = (
+            f"{actor} is consumed from {route.queue!r}, the message was on {envelope.get('queue_name')!r}"
+        )
+        return entry(Reason.WRONG_QUEUE, detail, actor, body=stored, key=key, original=original)
+    if "retries" in options:
+        detail = _last_line(options.get("traceback")) or f"{options['retries']} retries"
+        return entry(Reason.RETRIES_EXHAUSTED, detail, actor, body=stored, key=key, original=original)
+    first_death = x_death[0] if isinstance(x_death, list) and x_death and isinstance(x_death[0], dict) else {}
+    detail = f"rejected by the broker ({first_death.get('reason', 'no x-death')})"
+    return entry(Reason.REJECTED, detail, actor, body=stored, key=key, original=original)
 
 
 def drain(settings: Settings, pool: Any, *, limit: int = 10_000) -> int:
     """Move up to ``limit`` messages from every ``<queue>.XQ``; returns how many."""
     moved = 0
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = amqp.connect(settings.amqp_url)
     try:
         channel = connection.channel()
+        channel.confirm_delivery()
         for queue in codec.QUEUES:
             xq = codec.xq_name(queue)
-            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments())
+            channel.queue_declare(xq, durable=True, arguments=codec.xq_arguments(settings.queue_type))
+            channel.queue_declare(
+                parked_name(queue), durable=True, arguments=codec.xq_arguments(settings.queue_type)
+            )
             while moved < limit:
                 method, properties, body = channel.basic_get(xq, auto_ack=False)
                 if method is None:
                     break
-                reason, detail, actor = _reason(properties, body)
-                try:
-                    payload: Any = orjson.loads(body)
-                    text = orjson.dumps(
-                        redact(payload.get("args", [None])[0]) if isinstance(payload, dict) else payload
+                dead = inspect(queue, properties, body)
+                if dead.original is Original.PARKED:
+                    # Confirmed before the XQ copy is acknowledged: never neither.
+                    channel.basic_publish(
+                        "",
+                        parked_name(queue),
+                        body,
+                        pika.BasicProperties(
+                            delivery_mode=2, message_id=dead.key, headers={"sha256": dead.headers["sha256"]}
+                        ),
+                        mandatory=True,
                     )
-                except orjson.JSONDecodeError:
-                    text = body[:4096].decode("utf-8", "backslashreplace").encode()
-                key = properties.message_id or hashlib.sha256(body).hexdigest()
                 with pool.connection() as conn, conn.transaction():
                     store.insert_dead_letter(
                         conn,
-                        message_key=key,
-                        queue=queue,
-                        actor=actor,
-                        reason=reason,
-                        detail=detail,
-                        body=text.decode(errors="replace"),
-                        headers={"x-death": str((properties.headers or {}).get("x-death", ""))[:2000]},
+                        message_key=dead.key,
+                        queue=dead.queue,
+                        actor=dead.actor,
+                        reason=dead.reason,
+                        detail=dead.detail,
+                        body=dead.body,
+                        headers={**dead.headers, "original": dead.original}
+                        if dead.original
+                        else dead.headers,
                     )
                 # Acknowledged only once stored: a crash here re-delivers, and the
                 # store's (message, reason) key absorbs the repeat.
@@ -76,3 +220,161 @@ def drain(settings: Settings, pool: Any, *, limit: int = 10_000) -> int:
     if moved:
         log.warning("moved %d dead-lettered messages into the dead-letter store", moved)
     return moved
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """Which dead letters to replay; every given criterion must match."""
+
+    ids: Sequence[int] = ()
+    reason: str | None = None
+    queue: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.ids or self.reason or self.queue or self.since or self.until):
+            raise BadInput("choose the dead letters to replay: --id, --reason, --queue, --since or --until")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayResult:
+    replayed: list[int]
+    # dead_letter_id -> why it was not replayed
+    skipped: dict[int, str]
+
+
+# Locked for the transaction that publishes them: two replays at once take
+# different rows, and a replayed row is marked before the lock is released.
+SELECT_TO_REPLAY = """
+SELECT dead_letter_id, message_key, queue, actor, body, headers
+  FROM dead_letters
+ WHERE NOT coalesce(headers ? 'replayed_at', false)
+   AND (cardinality(%(ids)s::bigint[]) = 0 OR dead_letter_id = ANY(%(ids)s::bigint[]))
+   AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)
+ ORDER BY dead_letter_id
+ FOR UPDATE SKIP LOCKED
+"""
+MARK_REPLAYED = """
+UPDATE dead_letters SET headers = coalesce(headers, '{}'::jsonb) || jsonb_build_object('replayed_at', now())
+ WHERE dead_letter_id = ANY(%s::bigint[])
+"""
+
+
+def _replayable(envelope_body: bytes) -> tuple[str, bytes] | str:
+    """(queue, body) to publish for a stored or parked envelope, or why not.
+    The retry history goes (a replay starts afresh); the signature stays."""
+    try:
+        envelope = orjson.loads(envelope_body)
+    except orjson.JSONDecodeError:
+        return "the stored body is not an envelope"
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("args"), list) or not envelope["args"]:
+        return "the stored body is not an envelope with arguments"
+    type_ = codec.TYPE_BY_ACTOR.get(str(envelope.get("actor_name")))
+    if type_ is None:
+        return f"no actor named {envelope.get('actor_name')!r} in this version"
+    route = codec.ROUTES[type_]
+    options = envelope.get("options")
+    kept = {"signature": options["signature"]} if isinstance(options, dict) and "signature" in options else {}
+    return route.queue, codec.dumps({**envelope, "queue_name": route.queue, "options": kept})
+
+
+def _take_parked(
+    channel: Any, queues: set[str], keys: set[str], queue_type: str
+) -> dict[str, tuple[int, bytes]]:
+    """The parked originals of ``keys``, by key, each with its delivery tag.
+    Every parked message is held unacknowledged until the channel closes, so
+    one scan sees each once."""
+    found: dict[str, tuple[int, bytes]] = {}
+    for queue in queues:
+        channel.queue_declare(parked_name(queue), durable=True, arguments=codec.xq_arguments(queue_type))
+        while True:
+            method, properties, body = channel.basic_get(parked_name(queue), auto_ack=False)
+            if method is None:
+                break
+            if properties.message_id in keys and properties.message_id not in found:
+                found[properties.message_id] = (method.delivery_tag, body)
+    return found
+
+
+def replay(settings: Settings, pool: Any, selection: Selection) -> ReplayResult:
+    """Re-publish the chosen dead letters that were not replayed yet."""
+    replayed: list[int] = []
+    skipped: dict[int, str] = {}
+    connection = amqp.connect(settings.amqp_url)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        parked_tags: list[int] = []
+        with pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                SELECT_TO_REPLAY,
+                {
+                    "ids": list(selection.ids),
+                    "reason": selection.reason,
+                    "queue": selection.queue,
+                    "since": selection.since,
+                    "until": selection.until,
+                },
+            ).fetchall()
+            wanted = {row[1] for row in rows if (row[5] or {}).get("original") == Original.PARKED}
+            parked = (
+                _take_parked(channel, {row[2] for row in rows}, wanted, settings.queue_type) if wanted else {}
+            )
+            for dead_letter_id, key, _queue, _actor, body, headers in rows:
+                origin = (headers or {}).get("original")
+                if origin == Original.PARKED:
+                    if key not in parked:
+                        skipped[dead_letter_id] = "its original is no longer parked (expired after 7 days?)"
+                        continue
+                    tag, original = parked[key]
+                    parked_tags.append(tag)
+                elif origin == Original.STORED:
+                    original = body.encode()
+                else:
+                    skipped[dead_letter_id] = "the store holds only an excerpt of it"
+                    continue
+                target = _replayable(original)
+                if isinstance(target, str):
+                    skipped[dead_letter_id] = target
+                    continue
+                queue, envelope = target
+                channel.queue_declare(
+                    queue, durable=True, arguments=codec.queue_arguments(queue, settings.queue_type)
+                )
+                channel.basic_publish(
+                    "",
+                    queue,
+                    envelope,
+                    pika.BasicProperties(delivery_mode=2, content_type=codec.CONTENT_TYPE, message_id=key),
+                    mandatory=True,
+                )
+                replayed.append(dead_letter_id)
+            if replayed:
+                conn.execute(MARK_REPLAYED, (replayed,))
+        # Committed: the parked originals of replayed entries can go.
+        for tag in parked_tags:
+            channel.basic_ack(tag)
+    finally:
+        connection.close()  # the other parked messages go back to their queue
+    if replayed:
+        log.warning("replayed %d dead letters", len(replayed))
+    return ReplayResult(replayed=replayed, skipped=skipped)
+
+
+LIST = """
+SELECT dead_letter_id, created_at, queue, actor, reason,
+       coalesce(headers ->> 'replayed_at', '') AS replayed_at, detail
+  FROM dead_letters
+ ORDER BY dead_letter_id DESC
+ LIMIT %s
+"""
+
+
+def listing(conn: store.Conn, limit: int) -> list[str]:
+    """The newest ``limit`` dead letters, one line each: ID, when, queue,
+    actor, reason, when replayed (if it was), and the whole detail."""
+    return [" | ".join(str(v) for v in row) for row in conn.execute(LIST, (limit,)).fetchall()]

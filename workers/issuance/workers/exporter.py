@@ -276,13 +276,14 @@ class Exporter(Collector):
     def _queues(self) -> dict[str, tuple[int, int]] | None:
         import pika
         import pika.exceptions
+        from issuance.shared.wire import amqp
 
         names = [*QUEUES, *(xq_name(q) for q in QUEUES)]
         found: dict[str, tuple[int, int]] = {}
         try:
-            params = pika.URLParameters(self.settings.amqp_url)
-            params.socket_timeout = 5
-            connection = pika.BlockingConnection(params)
+            # The first node of the list that answers: every node reports the
+            # depth of every queue of the cluster.
+            connection = amqp.connect(self.settings.amqp_url, socket_timeout=5)
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.error("cannot read RabbitMQ: %s", exc)
             with self._lock:

@@ -18,18 +18,21 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
+import dramatiq
 import psycopg
 import redis
 from issuance.shared.db.analytics import PromiseSnapshot, bound_not_credited, promise_snapshot
 from issuance.shared.errors import PublishError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import Settings, load_settings
 from issuance.shared.wire.messages import CreditRequested, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = timedelta(minutes=10)
+INTERVAL_SECONDS = 30.0
 RESENT_KEY = "issuance:sweeper:resent:{}"
 
 
@@ -131,3 +134,32 @@ def run_sweeper(settings: Settings, *, interval: float, grace: timedelta, passes
         done += 1
         if passes is None or done < passes:
             time.sleep(max(interval - (time.monotonic() - started), 0))
+
+
+def default_grace(settings: Settings) -> timedelta:
+    """Half the grace after which ``issuance verify`` calls a bound claim
+    stuck: a lost credit is re-sent before verify reports it."""
+    return timedelta(seconds=settings.reconcile_grace_seconds / 2)
+
+
+def sweep_forever() -> int:
+    """The sweeper as a fork of ``issuance worker``; never returns."""
+    settings = load_settings()
+    while True:
+        try:
+            run_sweeper(settings, interval=INTERVAL_SECONDS, grace=default_grace(settings))
+        except Exception:
+            # Dramatiq does not restart a fork that exits: this one does not exit.
+            log.exception("the sweeper failed unexpectedly; starting it again")
+            time.sleep(INTERVAL_SECONDS)
+
+
+class SweeperFork(dramatiq.Middleware):
+    """Wherever workers run, the sweeper runs: Dramatiq's CLI (``issuance
+    worker``) starts :func:`sweep_forever` as a fork process next to them.
+    More than one sweeper is harmless (a Redis key per claim and grace
+    period, and crediting is idempotent)."""
+
+    @property
+    def forks(self) -> list[Any]:
+        return [sweep_forever]

@@ -21,10 +21,17 @@ from typing import Any
 import orjson
 from issuance.producers.background import PublisherThread
 from issuance.producers.web.fastgate import FastGate, Verdict
+from issuance.producers.web.i18n import Texts, choose_language
 from issuance.producers.web.openapi import MAX_PHONE_CHARS, SPEC
-from issuance.producers.web.page import render_not_found, render_page
+from issuance.producers.web.page import render_error, render_not_found, render_page
 from issuance.producers.web.queries import ActivityPage, Queries
-from issuance.producers.web.security import BodyTooLarge, SecurityMiddleware, parse_origins, same_site
+from issuance.producers.web.security import (
+    BodyTooLarge,
+    SecurityMiddleware,
+    own_hosts,
+    parse_origins,
+    same_site,
+)
 from issuance.shared.domain import (
     InvalidPhone,
     Refusal,
@@ -125,6 +132,7 @@ class ActivityPageApp:
     def __init__(self, settings: Settings, publisher_factory: Callable[[], Publisher] | None = None) -> None:
         self.settings = settings
         self.trusted = parse_origins(settings.web_trusted_origins)
+        self.own_hosts = own_hosts(settings.activity_base_url, self.trusted)
         hours = settings.credit_promise_seconds // 3600
         self.accepted_text = f"accepted: your coupons arrive within {hours} hours"
         self._publisher_factory = publisher_factory or (
@@ -177,22 +185,30 @@ class ActivityPageApp:
 
     async def page(self, request: Request) -> Response:
         slug = request.path_params["slug"]
+        texts = page_texts(request)
         if not SLUG.fullmatch(slug):
-            return HTMLResponse(render_not_found(), 404)
+            return HTMLResponse(render_not_found(texts), 404, headers=VARY)
         try:
             activity = await self.queries.activity(slug)
         except Exception as exc:
             log.warning("activity %s cannot be read: %s", slug, exc)
-            return HTMLResponse(BUSY, 503, headers={"retry-after": "2"})
+            return HTMLResponse(render_error(503, texts), 503, headers={"retry-after": "2", **VARY})
         if activity is None:
-            return HTMLResponse(render_not_found(), 404)
+            return HTMLResponse(render_not_found(texts), 404, headers=VARY)
         share = _share_param(request.query_params.get("share"))
         if share is not None:
             self.publisher.publish_nowait(
                 ShareOpened(event_id=uuid.uuid4(), share_id=share, opened_at=utcnow())
             )
-        html = render_page(activity, share=str(share) if share else "", now=utcnow())
-        return HTMLResponse(html)
+        html = render_page(
+            activity,
+            share=str(share) if share else "",
+            now=utcnow(),
+            texts=texts,
+            app_url=self.settings.app_url,
+            credit_hours=self.settings.credit_promise_seconds // 3600,
+        )
+        return HTMLResponse(html, headers=VARY)
 
     # -- claims -------------------------------------------------------------
 
@@ -200,7 +216,7 @@ class ActivityPageApp:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             return _invalid("send the claim as application/json", 415)
-        if not same_site(request, self.trusted):
+        if not same_site(request, self.trusted, self.own_hosts):
             return JSON(
                 {"status": "forbidden", "message": "claims are taken from the activity page only"}, 403
             )
@@ -288,7 +304,8 @@ class ActivityPageApp:
             reason = Refusal(found.reason)
             return JSON({**body, "status": "refused", "reason": reason.value, "message": reason.text})
         if found.status == "bound":
-            return JSON({**body, "status": "bound", "message": "your coupons are being credited"})
+            held = {"held": True} if found.held else {}  # credited once the member registers
+            return JSON({**body, "status": "bound", "message": "your coupons are being credited", **held})
         message = "your coupons are in your wallet"
         return JSON({**body, "status": "credited", "message": message, "coupons": list(found.coupons)})
 
@@ -297,6 +314,28 @@ class ActivityPageApp:
 
     async def health(self, _request: Request) -> Response:
         return JSON({"status": "ok"})
+
+
+VARY = {"vary": "Accept-Language"}
+
+
+def page_texts(request: Request) -> Texts:
+    """The page's language: ``?lang=zh-CN|en``, else the browser's, else Chinese."""
+    return Texts(choose_language(request.query_params.get("lang"), request.headers.get("accept-language")))
+
+
+async def not_found(request: Request, _exc: Exception) -> Response:
+    """An unknown path: the envelope's 404 page for browsers, JSON for the API."""
+    if request.url.path.startswith("/api/"):
+        return JSON({"status": "unknown", "message": "not found"}, 404)
+    return HTMLResponse(render_not_found(page_texts(request)), 404, headers=VARY)
+
+
+async def server_error(request: Request, _exc: Exception) -> Response:
+    """An unexpected error: the envelope's "busy, try again" page (JSON for the API)."""
+    if request.url.path.startswith("/api/"):
+        return JSON({"status": "busy", "message": BUSY}, 500)
+    return HTMLResponse(render_error(500, page_texts(request)), 500, headers=VARY)
 
 
 def _share_param(value: str | None) -> uuid.UUID | None:
@@ -323,7 +362,9 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=page.lifespan)
+    app = Starlette(
+        routes=routes, lifespan=page.lifespan, exception_handlers={404: not_found, 500: server_error}
+    )
     # A path that does not match is a 404, never a redirect to a guessed one.
     app.router.redirect_slashes = False
     app.add_middleware(SecurityMiddleware)

@@ -149,7 +149,9 @@ class FastGate:
         member = digest.hex()
         keys = [
             rate_key("ip", client_ip),
-            rate_key("phone", member),
+            # Per number and activity: posts with a victim's number on one
+            # activity cannot lock the victim out of every other one.
+            rate_key("phone", f"{activity}:{member}"),
             gate.activity_key(activity),
             gate.group_key(group),
             budget_key(activity),

@@ -60,12 +60,30 @@ CLAIM_STATUS: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["code", "expires_at"],
+                "required": ["code", "expires_at", "title", "kind", "value", "threshold_cents"],
                 "properties": {
                     "code": {"type": "string"},
                     "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                    "title": {"type": "string", "description": "the title, e.g. 满50减10 (may be empty)"},
+                    "kind": {"type": "string", "enum": ["discount_rate", "amount_off", "gift"]},
+                    "value": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": (
+                            "discount_rate: basis points off (1500 = 15% off); otherwise minor units"
+                        ),
+                    },
+                    "threshold_cents": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "the spend the coupon needs, in minor units (0: none)",
+                    },
                 },
             },
+        },
+        "held": {
+            "type": "boolean",
+            "description": "bound, and credited only once the member registers on the platform",
         },
     },
 }

@@ -99,17 +99,39 @@ async def _too_large(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def same_site(request: Request, trusted: frozenset[str]) -> bool:
+def same_site(request: Request, trusted: frozenset[str], own_hosts: frozenset[str]) -> bool:
     """Whether a state-changing request comes from the page itself (or a
     trusted origin). Browsers send Origin with every POST from script and
     Sec-Fetch-Site with every request; a client without either (a server,
-    a load tool) is no cross-site forgery risk."""
+    a load tool) is no cross-site forgery risk.
+
+    The page's own origin is the request's Host only when that host is one
+    of the page's names (``own_hosts``): under DNS rebinding a hostile name
+    resolves to the page, and Origin and Host then both name the attacker."""
     origin = request.headers.get("origin")
     if origin is not None:
-        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-        return origin == own or origin in trusted
+        if origin in trusted:
+            return True
+        host = request.headers.get("host", "")
+        return origin == f"{request.url.scheme}://{host}" and _hostname(host) in own_hosts
     fetch_site = request.headers.get("sec-fetch-site")
     return fetch_site in (None, "same-origin", "none")
+
+
+# Loopback names always belong to the page: a browser on this machine is not
+# a rebinding victim of them.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def own_hosts(activity_base_url: str, trusted: frozenset[str]) -> frozenset[str]:
+    """The names the page answers to: the host of the activity URLs it is
+    published under, the trusted origins' hosts and the loopback names."""
+    names = {urlsplit(activity_base_url).hostname, *(urlsplit(o).hostname for o in trusted)}
+    return LOOPBACK_HOSTS | {n for n in names if n}
+
+
+def _hostname(host_header: str) -> str:
+    return urlsplit(f"//{host_header}").hostname or ""
 
 
 def parse_origins(text: str) -> frozenset[str]:

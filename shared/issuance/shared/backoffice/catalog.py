@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import threading
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,14 +23,39 @@ from issuance.shared import domain
 from issuance.shared.db import coupon_store
 from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
 from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
+from issuance.shared.errors import OperatorError
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# A banner is shown from an https:// URL or a path on the page's own site;
+# anything else (http:, data:, javascript:, //host) the page would not show.
+BANNER_URL = re.compile(r"^(https://[^\s/?#]+|/(?![/\\]))[^\s\\]*$")
 
 
-class BackOfficeError(ValueError):
+class BackOfficeError(OperatorError, ValueError):
     """An operator's request that cannot be carried out, with the reason."""
+
+
+_KINDS: dict[type, str] = {int: "a whole number", str: "text", bool: "true or false", datetime: "a time"}
+
+
+def _typed(spec: type, values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` if each has the type its field of ``spec`` declares;
+    otherwise BackOfficeError names the field (``budget: abc``)."""
+    if not isinstance(values, Mapping):
+        raise BackOfficeError(f"{spec.__name__} is a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(spec)
+    for name, value in values.items():
+        allowed = typing.get_args(hints.get(name)) or (hints.get(name),)
+        if value is None and type(None) in allowed:
+            continue
+        kinds = [t for t in allowed if t in _KINDS]
+        if kinds and not any(
+            isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in kinds
+        ):
+            raise BackOfficeError(f"{name} must be {' or '.join(_KINDS[t] for t in kinds)}, got {value!r}")
+    return values
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,9 +107,10 @@ class ActivitySpec:
                 if isinstance(values.get(key), str):
                     values[key] = datetime.fromisoformat(values[key])
             values["templates"] = tuple(
-                t if isinstance(t, TemplateSpec) else TemplateSpec(**t) for t in values.get("templates", ())
+                t if isinstance(t, TemplateSpec) else TemplateSpec(**_typed(TemplateSpec, t))
+                for t in values.get("templates", ())
             )
-            return cls(**values)
+            return cls(**_typed(cls, values))
         except (TypeError, ValueError) as exc:
             raise BackOfficeError(f"invalid activity: {exc}") from None
 
@@ -96,6 +123,11 @@ class ActivitySpec:
             raise BackOfficeError("an activity must end after it starts")
         if self.budget < 0:
             raise BackOfficeError("the budget cannot be negative")
+        if self.banner_url and not BANNER_URL.fullmatch(self.banner_url):
+            raise BackOfficeError(
+                f"banner_url {self.banner_url[:60]!r} must be an https:// URL or a path on this site"
+                " starting with /"
+            )
         if not 1 <= len(self.templates) <= 5:
             raise BackOfficeError("a package holds 1 to 5 coupon templates")
         if self.validity_days is None and self.valid_until is None:
@@ -182,6 +214,10 @@ def _rebate_template_id(session: Session, prefix: str | None, own: Sequence[str]
     return template_id
 
 
+# The fields whose values are text whatever they look like (a title "2026").
+TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(ActivitySpec) if f.type in ("str", "str | None"))
+
+
 def load_activity_file(path: str) -> ActivitySpec:
     """An activity from a JSON or YAML file (``.yaml``/``.yml``), so that a
     campaign can live in version control."""
@@ -195,26 +231,10 @@ def load_activity_file(path: str) -> ActivitySpec:
     return ActivitySpec.from_mapping(data)
 
 
-# What may change once an activity has granted packages: presentation,
-# distribution, the switch, the end of the window, the budget (within what is
-# issued) and future rebates. What may not: anything members were already
-# promised or that past claims were decided by.
-LIVE_EDITABLE = frozenset(
-    {
-        "title",
-        "banner_url",
-        "copy",
-        "rules",
-        "brand",
-        "channel",
-        "online",
-        "ends_at",
-        "budget",
-        "hold_until_registered",
-        "rebate_amount_cents",
-        "rebate_template",
-    }
-)
+# What may not change once an activity has granted packages, and why: anything
+# members were already promised or that past claims were decided by. The rest
+# (presentation, distribution, the switch, the end of the window, the budget
+# within what is issued, future rebates) may.
 FROZEN_AFTER_CLAIMS = {
     "starts_at": "claims were already decided by the current window",
     "timezone": "issued coupons' expiries were computed in the current time zone",

@@ -1,8 +1,9 @@
 """The back office's ``issuance`` subcommands: channels, activities, code
 batches, coupons and campaign reports. ``issuance.shared.cli`` calls :func:`register`.
 
-Errors an operator can fix (BackOfficeError is a ValueError) are printed by
-``issuance.shared.cli.main`` with exit status 2; nothing is changed when one is raised.
+Errors an operator can fix (BackOfficeError, an OperatorError) are printed
+on one line by ``issuance.shared.cli.main`` with exit status 2; nothing is
+changed when one is raised.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
 
 
@@ -58,15 +60,18 @@ def cmd_activity_apply(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _value(text: str) -> Any:
+def _value(name: str, text: str) -> Any:
     """A command-line value as YAML reads it: numbers, true/false, null,
-    timestamps; anything else stays a string."""
+    timestamps; anything else, and any value but null of a text field
+    (``--set title=2026``), stays a string."""
     import yaml
+    from issuance.shared.backoffice import catalog
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return text if name in catalog.TEXT_FIELDS and value is not None else value
 
 
 def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
@@ -77,10 +82,13 @@ def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
         name, sep, raw = item.partition("=")
         if not sep:
             raise catalog.BackOfficeError(f"--set takes FIELD=VALUE, got {item!r}")
-        value = _value(raw)
+        value = _value(name.strip(), raw)
         changes[name.strip()] = value.isoformat() if isinstance(value, datetime) else value
     if args.templates:
-        changes["templates"] = json.loads(args.templates)
+        try:
+            changes["templates"] = json.loads(args.templates)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"--templates is not a JSON list: {exc}") from None
     with _session(settings) as session, session.begin():
         changed = catalog.update_activity(session, args.slug, changes)
         print(f"activity {args.slug}: {', '.join(changed) or 'unchanged'}")
@@ -216,41 +224,43 @@ def register(sub: Any) -> None:
         dest="sub", required=True
     )
     create = channel.add_parser("create", help="create a channel (names are unique)")
-    create.add_argument("name")
+    create.add_argument("name", help="the channel's name")
     create.set_defaults(func=cmd_channel_create)
 
     activity = sub.add_parser("activity", help="activities (campaigns)").add_subparsers(
         dest="sub", required=True
     )
     create = activity.add_parser("create", help="create an activity from a JSON or YAML file")
-    create.add_argument("--file", required=True)
+    create.add_argument("--file", required=True, help="the activity file (.json, .yaml or .yml)")
     create.set_defaults(func=cmd_activity_create)
     apply = activity.add_parser("apply", help="create the activity of a file, or bring it to the file")
-    apply.add_argument("--file", required=True)
+    apply.add_argument("--file", required=True, help="the activity file (.json, .yaml or .yml)")
     apply.set_defaults(func=cmd_activity_apply)
     edit = activity.add_parser(
         "edit", help="change fields of an activity; what is unsafe once packages are issued is refused"
     )
-    edit.add_argument("slug")
+    edit.add_argument("slug", help="the activity's slug")
     edit.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. --set budget=5000")
     edit.add_argument("--templates", help="the templates as a JSON list (only before any claim)")
     edit.set_defaults(func=cmd_activity_edit)
     show = activity.add_parser("show", help="print an activity in its file form (YAML)")
-    show.add_argument("slug")
+    show.add_argument("slug", help="the activity's slug")
     show.set_defaults(func=cmd_activity_show)
     listing = activity.add_parser("list", help="15 per page, newest first")
-    listing.add_argument("--page", type=int, default=1)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--page", type=int, default=1, help="page number, from 1 (default 1)")
+    listing.add_argument("--json", action="store_true", help="print the page as JSON")
     listing.set_defaults(func=cmd_activity_list)
 
     codes = sub.add_parser("codes", help="code batches").add_subparsers(dest="sub", required=True)
     generate = codes.add_parser("generate", help="generate a numbered batch of codes for a template")
     generate.add_argument("--template", required=True, help="the template's prefix")
-    generate.add_argument("--count", type=int, required=True)
+    generate.add_argument("--count", type=int, required=True, help="how many codes")
     generate.add_argument("--bits", type=int, default=64, help="random bits per code (default 64)")
     generate.set_defaults(func=cmd_codes_generate)
     export = codes.add_parser("export", help="stream a batch as CSV (any number of times)")
-    export.add_argument("--batch", type=int, required=True)
+    export.add_argument(
+        "--batch", type=int, required=True, help="the batch number (codes generate prints it)"
+    )
     export.add_argument("--out", default="-", help="file, or - for standard output")
     export.set_defaults(func=cmd_codes_export)
 
@@ -261,12 +271,12 @@ def register(sub: Any) -> None:
     expire.add_argument("--every", type=float, help="run forever, sweeping every this many seconds")
     expire.set_defaults(func=cmd_coupons_expire)
     cancel = coupons.add_parser("cancel", help="cancel a coupon (unused or never issued)")
-    cancel.add_argument("code")
+    cancel.add_argument("code", help="the coupon code")
     cancel.set_defaults(func=cmd_coupons_cancel)
 
     report = sub.add_parser("report", help="a campaign's report: packages, usage, cost, funnel, rebates")
     which = report.add_mutually_exclusive_group(required=True)
     which.add_argument("--activity", help="the activity's slug")
     which.add_argument("--channel", help="a channel's name: every activity on it")
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.set_defaults(func=cmd_report)

@@ -8,10 +8,11 @@ import dataclasses
 from typing import Any
 
 from issuance.shared.db.store import Conn
+from issuance.shared.errors import UnknownName
 from psycopg.rows import class_row, dict_row
 
 
-class UnknownActivity(ValueError):
+class UnknownActivity(UnknownName, ValueError):
     """The report names an activity that does not exist."""
 
 

@@ -8,6 +8,7 @@ on real data, and catch what a constraint cannot (a deadline passing).
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from issuance.shared.db.store import Conn
@@ -90,6 +91,17 @@ CHECKS: dict[str, str] = {
     **BACKOFFICE_CHECKS,
 }
 
+# Checks that take the grace period, %(grace)s: a claim is given this long to
+# move on before its absence from the next state is a breach.
+GRACE_CHECKS: dict[str, str] = {
+    "bound_uncredited_past_grace": """
+        SELECT claim_id FROM claims k
+         WHERE status = 'bound' AND decided_at < now() - %(grace)s
+           AND NOT EXISTS (SELECT 1 FROM held_credits h
+                            WHERE h.claim_id = k.claim_id AND h.released_at IS NULL)""",
+}
+DEFAULT_GRACE = timedelta(minutes=10)
+
 COUNTS = """
 SELECT
   (SELECT count(*) FROM claims),
@@ -124,7 +136,9 @@ class Report:
         }
 
 
-def verify(conn: Conn) -> Report:
+def verify(conn: Conn, *, grace: timedelta = DEFAULT_GRACE) -> Report:
+    """Run every check; ``grace`` is how long a claim may wait between states
+    (settings.reconcile_grace_seconds) before its waiting is a breach."""
     names = (
         "claims",
         "bound",
@@ -142,4 +156,6 @@ def verify(conn: Conn) -> Report:
     breaches = {
         name: [[str(v) for v in r] for r in conn.execute(sql).fetchmany(100)] for name, sql in CHECKS.items()
     }
+    for name, sql in GRACE_CHECKS.items():
+        breaches[name] = [[str(v) for v in r] for r in conn.execute(sql, {"grace": grace}).fetchmany(100)]
     return Report(counts=counts, refusals=refusals, breaches=breaches)

@@ -29,6 +29,14 @@ CONTENT_TYPE = "application/json"
 # Dramatiq keeps dead-lettered messages in "<queue>.XQ" for 7 days.
 DEAD_MESSAGE_TTL_MS = 86_400_000 * 7
 MAX_ENVELOPE_BYTES = 64 * 1024
+# Quorum queues count how often a message went back to the queue unacknowledged
+# (its worker died, or its node or connection was lost, before the ack).
+# Past this many returns RabbitMQ dead-letters it to "<queue>.XQ" (x-death
+# reason "delivery_limit") instead of handing it out again, so a message
+# that kills every worker that takes it cannot loop forever; `issuance
+# dead-letters drain` moves it into the dead-letter store. Retries after an
+# exception do not count: Dramatiq acknowledges and re-enqueues those.
+DELIVERY_LIMIT = 20
 # Message IDs of re-sent business events are stable, so the dead-letter
 # store and the duplicate counters see one event, not two.
 MESSAGE_ID_NAMESPACE = uuid.UUID("1d3c2b6a-5f4e-4d8c-9b7a-6e5f4d3c2b1a")
@@ -61,14 +69,37 @@ def dq_name(queue: str) -> str:
     return f"{queue}.DQ"
 
 
-def queue_arguments(queue: str) -> dict[str, Any]:
-    """Arguments every declarer of ``queue`` must use (Dramatiq's, exactly),
-    or RabbitMQ refuses the declaration with PRECONDITION_FAILED."""
-    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+def queue_arguments(queue: str, queue_type: str = "classic") -> dict[str, Any]:
+    """Arguments every declarer of ``queue`` (and of its delay queue) must
+    use, or RabbitMQ refuses the declaration with PRECONDITION_FAILED.
+
+    ``classic``: Dramatiq's own, exactly. ``quorum`` (a cluster) adds:
+    dead-lettering at-least-once (a message leaves the queue only once its
+    .XQ has confirmed it, not at-most-once as classic queues do; RabbitMQ
+    allows that strategy only with ``overflow: reject-publish``, which never
+    triggers here as no length limit is set), and ``DELIVERY_LIMIT``."""
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+    if _queue_type(queue_type) == "quorum":
+        arguments |= {
+            "x-queue-type": "quorum",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": DELIVERY_LIMIT,
+        }
+    return arguments
 
 
-def xq_arguments() -> dict[str, Any]:
-    return {"x-message-ttl": DEAD_MESSAGE_TTL_MS}
+def xq_arguments(queue_type: str = "classic") -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-message-ttl": DEAD_MESSAGE_TTL_MS}
+    if _queue_type(queue_type) == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return arguments
+
+
+def _queue_type(queue_type: str) -> str:
+    if queue_type not in ("classic", "quorum"):
+        raise ValueError(f"unknown queue type {queue_type!r}: classic or quorum")
+    return queue_type
 
 
 def message_id_for(message: Message) -> str:

@@ -12,7 +12,9 @@ confirmed it. ``publish_many`` keeps up to ``window`` messages in flight and
 collects their confirms together instead of waiting for each in turn. A
 dropped connection is re-opened and the unconfirmed messages are sent again:
 a message may then arrive twice, which the workers absorb (every message has
-a stable ID and an idempotency key).
+a stable ID and an idempotency key). Given the nodes of a cluster
+(``amqp://a;amqp://b;amqp://c``, see :mod:`issuance.shared.wire.amqp`), the
+publisher reconnects to the node after the one it lost, then the others.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pika
 import pika.exceptions
 from issuance.shared.errors import PublishError
 from issuance.shared.settings import Settings
-from issuance.shared.wire import codec
+from issuance.shared.wire import amqp, codec
 from issuance.shared.wire.messages import ClaimRequested, ClaimsRequested, Message
 from pika.spec import Basic
 
@@ -106,8 +108,16 @@ class RabbitPublisher(Publisher):
         connect_attempts: int = 5,
         declare: bool = True,
         exchange: str = "",
+        queue_type: str = "classic",
     ) -> None:
+        """``url``: one broker URL or several separated by ``;`` (a cluster);
+        ``queue_type``: how the queues are declared (``declare``)."""
         self.url = url
+        # Parse now: a malformed list fails at start-up, not on first publish.
+        self._nodes = len(amqp.broker_urls(url))
+        # The node tried first on the next connect: after a failure, the next one.
+        self._node = 0
+        self.queue_type = queue_type
         self.window = window
         self.confirm_timeout = confirm_timeout
         self.connect_attempts = connect_attempts
@@ -127,18 +137,21 @@ class RabbitPublisher(Publisher):
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> RabbitPublisher:
         options.setdefault("exchange", settings.producer_exchange)
+        options.setdefault("queue_type", settings.queue_type)
         return cls(settings.amqp_url, **options)
 
     # -- connection ---------------------------------------------------------
 
     def _connect(self) -> None:
-        params = pika.URLParameters(self.url)
-        params.heartbeat = 30
-        params.blocked_connection_timeout = self.confirm_timeout
         last: Exception | None = None
         for attempt in range(self.connect_attempts):
+            # Every node, beginning with the one after the node that failed.
+            params = amqp.connection_parameters(
+                self.url, start=self._node, heartbeat=30, blocked_connection_timeout=self.confirm_timeout
+            )
             try:
                 self._connection = pika.BlockingConnection(params)
+                self._node = self._index_of(self._connection, params)
                 break
             except CONNECTION_ERRORS as exc:
                 last = exc
@@ -148,8 +161,12 @@ class RabbitPublisher(Publisher):
         channel = self._connection.channel()
         if self.declare:
             for queue in codec.QUEUES:
-                channel.queue_declare(queue, durable=True, arguments=codec.queue_arguments(queue))
-                channel.queue_declare(codec.xq_name(queue), durable=True, arguments=codec.xq_arguments())
+                channel.queue_declare(
+                    queue, durable=True, arguments=codec.queue_arguments(queue, self.queue_type)
+                )
+                channel.queue_declare(
+                    codec.xq_name(queue), durable=True, arguments=codec.xq_arguments(self.queue_type)
+                )
         # Confirms are collected asynchronously (the blocking channel's own
         # confirm mode waits for each publish in turn).
         self._select_ok = False
@@ -160,6 +177,14 @@ class RabbitPublisher(Publisher):
         self._next_tag = 1
         self._pending.clear()
         self._wait(lambda: self._select_ok, "confirm.select-ok")
+
+    def _index_of(self, connection: pika.BlockingConnection, params: list[pika.URLParameters]) -> int:
+        """The position in the URL list of the node ``connection`` reached."""
+        reached = connection._impl.params
+        for offset, candidate in enumerate(params):
+            if (candidate.host, candidate.port) == (reached.host, reached.port):
+                return (self._node + offset) % self._nodes
+        return self._node
 
     def _on_select_ok(self, _frame: Any) -> None:
         self._select_ok = True
@@ -215,10 +240,6 @@ class RabbitPublisher(Publisher):
             )
         return confirmed
 
-    def publish_raw(self, queue: str, body: bytes, message_id: str) -> int:
-        """Publish an already-encoded envelope (replays of captured traffic)."""
-        return self._publish_batch([(queue, body, message_id)])
-
     def _publish_batch(self, batch: Iterable[Item]) -> int:
         """Publish ``batch`` (read once, by the first attempt) until every
         message is confirmed; return how many there were."""
@@ -240,6 +261,10 @@ class RabbitPublisher(Publisher):
             size = len(sent) if size is None else size
             if not failed:
                 return size
+            # Refused (a quorum queue electing a new leader after its node
+            # died nacks publishes for a few seconds): wait, then send again.
+            log.warning("%d of %d messages were refused; sending them again", len(failed), size)
+            time.sleep(min(0.2 * 2**attempt, 3.0))
             todo = iter(failed)
         raise PublishError(f"{len(failed)} of {size} messages were not confirmed")
 
@@ -276,7 +301,9 @@ class RabbitPublisher(Publisher):
         return [sent[tag] for tag in sorted(self._failed)]
 
     def _drop(self) -> None:
+        """Forget a broken connection; the next connect starts at the next node."""
         self._pending.clear()
+        self._node = (self._node + 1) % self._nodes
         if self._connection is not None:
             with contextlib.suppress(Exception):  # the connection is already broken
                 self._connection.close()

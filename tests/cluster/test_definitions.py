@@ -1,0 +1,58 @@
+"""The RabbitMQ definitions of deploy/ load into a real cluster, and the
+clients then work with them: the queues exist as quorum queues with the
+codec's arguments (a client's declaration would otherwise fail), and the
+compose file's development user can publish."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from issuance.shared.wire import amqp, codec
+from issuance.shared.wire.publisher import RabbitPublisher
+
+from tests.cluster.nodes import RabbitCluster
+from tests.conftest import claim
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+
+
+def test_compose_definitions_load_and_clients_declare_the_same_queues(cluster: RabbitCluster) -> None:
+    # Read by rabbitmqctl as the rabbitmq user: not from pytest's private directories.
+    shared = Path(tempfile.mkdtemp(prefix="issuance-definitions-"))
+    try:
+        shared.chmod(0o755)
+        definitions = shared / "definitions.json"
+        shutil.copy(DEPLOY / "compose" / "definitions.json", definitions)
+        definitions.chmod(0o644)
+        cluster.nodes[0].ctl("import_definitions", str(definitions))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    compose_url = compose["services"]["worker"]["environment"]["ISSUANCE_AMQP_URL"]
+    user = amqp.connection_parameters(compose_url)[0].credentials
+    urls = ";".join(
+        f"amqp://{user.username}:{user.password}@127.0.0.1:{node.port}/issuance" for node in cluster.nodes
+    )
+    # Declaring with the codec's arguments succeeds only if they match the loaded queues.
+    with RabbitPublisher(urls, queue_type="quorum") as publisher:
+        publisher.publish(claim("definitions-check"))
+    connection = amqp.connect(urls)
+    try:
+        channel = connection.channel()
+        for queue in codec.QUEUES:
+            channel.queue_declare(queue, durable=True, arguments=codec.queue_arguments(queue, "quorum"))
+            channel.queue_declare(
+                codec.dq_name(queue), durable=True, arguments=codec.queue_arguments(queue, "quorum")
+            )
+        assert channel.queue_declare("claims", passive=True).method.message_count == 1
+    finally:
+        connection.close()
+    listed = cluster.nodes[0].ctl("list_queues", "-q", "--no-table-headers", "-p", "issuance", "name", "type")
+    types = dict(line.split("\t") for line in listed.stdout.splitlines() if "\t" in line)
+    queues = json.loads((DEPLOY / "compose" / "definitions.json").read_text())["queues"]
+    assert len(queues) == 3 * len(codec.QUEUES)
+    assert {types[queue["name"]] for queue in queues} == {"quorum"}
