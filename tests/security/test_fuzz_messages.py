@@ -187,7 +187,7 @@ class Pipeline:
 
         self.sent: list[Any] = []
         self.reasons: list[str] = []
-        monkeypatch.setattr(actors, "send", lambda actor, message: self.sent.append(message))
+        monkeypatch.setattr(runtime, "send", lambda actor, message: self.sent.append(message))
         original = runtime.dead_letter
 
         def recorded(queue: str, actor: str, reason: str, detail: str, payload: Any, **options: Any) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from issuance.shared import gate
-from issuance.shared.faults import crash_point
+from issuance.shared.db.store import Conn
+from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.metrics import (
     CLAIM_TO_CREDIT,
     CLAIMS,
@@ -33,7 +34,7 @@ from issuance.shared.wire.messages import (
 from issuance.workers import handlers, lifecycle
 from issuance.workers.batching import GroupCommit
 from issuance.workers.broker import build_broker
-from issuance.workers.runtime import dead_letter, pipeline_actor, resources, send
+from issuance.workers.runtime import dead_letter, pipeline_actor, resources, unit_of_work
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))
 
@@ -65,31 +66,41 @@ def claims_requested(message: ClaimsRequested) -> str:
 
 
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
-    res = resources()
-    outcomes = handlers.handle_claims(res.pool, res.settings, claims)
+    uow, settings = unit_of_work(), resources().settings
+
+    def decide(conn: Conn) -> list[handlers.ClaimOutcome]:
+        outcomes = handlers.claims(conn, settings, claims)
+        # Also for duplicates: the first delivery may have died between its
+        # commit and this send. The credit step is idempotent.
+        bound = [o.claim_id for o in outcomes if o.status is ClaimStatus.BOUND]
+        if bound:
+            uow.send_after_commit(credit_claim, CreditRequested(claim_ids=tuple(bound)))
+        return outcomes
+
+    outcomes = uow.run(decide, retry_on=handlers.RETRYABLE, attempts=handlers.CLAIM_ATTEMPTS)
+    _count_claims(claims, outcomes)
+    granted = [(o.activity, o.group, o.digest) for o in outcomes if o.activity and o.group and o.digest]
+    if granted:
+        gate.remember_grants(resources().redis, granted)
+    return outcomes
+
+
+def _count_claims(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.ClaimOutcome]) -> None:
     now = utcnow()
     for claim, outcome in zip(claims, outcomes, strict=True):
-        if outcome.status == "conflict":
+        if outcome.status is ClaimStatus.CONFLICT:
             dead_letter(
                 "claims", "claim_requested", "ConflictingDuplicate", "claim ID reused", claim.to_payload()
             )
         elif outcome.duplicate:
             DUPLICATES.labels("claims").inc()
         else:
-            CLAIMS.labels("refused" if outcome.reason else "bound", outcome.reason or "").inc()
+            CLAIMS.labels(
+                ClaimStatus.REFUSED if outcome.reason else ClaimStatus.BOUND, outcome.reason or ""
+            ).inc()
             CODES_BOUND.inc(len(outcome.codes))
-            if outcome.status == "credited":
+            if outcome.status is ClaimStatus.CREDITED:
                 _credited(now, claim.requested_at)
-    # Also for duplicates: the first delivery may have died between its commit
-    # and this publish. The credit step is idempotent.
-    bound = [o.claim_id for o in outcomes if o.status == "bound"]
-    if bound:
-        crash_point(res.settings, "after_commit_before_publish")
-        send(credit_claim, CreditRequested(claim_ids=tuple(bound)))
-    granted = [(o.activity, o.group, o.digest) for o in outcomes if o.activity and o.group and o.digest]
-    if granted:
-        gate.remember_grants(res.redis, granted)
-    return outcomes
 
 
 _claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decide_claims)
@@ -97,21 +108,19 @@ _claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decid
 
 @pipeline_actor(CreditRequested)
 def credit_claim(message: CreditRequested) -> str:
-    """Write bound claims' coupons to the members' wallets, exactly once."""
-    # Activities that hold credits until registration keep pending members' back.
-    plan = lifecycle.prepare_credit(resources().pool, message.claim_ids)
-    if not plan.ready:
+    """Write bound claims' coupons to the members' wallets, exactly once
+    (activities that hold credits until registration keep pending members'
+    back)."""
+    outcome = unit_of_work().run(lambda conn: handlers.credit_requested(conn, message))
+    outcome.check()
+    if outcome.held:
         return "held"
-    if len(plan.ready) < len(message.claim_ids):
-        message = CreditRequested(claim_ids=tuple(plan.ready))
-    credited = handlers.handle_credit(resources().pool, message)
-    if not credited:
+    if not outcome.credited:
         DUPLICATES.labels("credits").inc()
         return "duplicate"
     now = utcnow()
-    for claim_id, requested_at in credited:
-        # A credit held until registration is promised from registration.
-        _credited(now, plan.promise_from.get(claim_id, requested_at))
+    for _, promised_from in outcome.credited:
+        _credited(now, promised_from)
     return "ok"
 
 
@@ -126,8 +135,7 @@ def _credited(now: datetime, promised_from: datetime) -> None:
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
     """Open the order's share (red envelope) and redeem the coupons it used."""
-    opened = handlers.handle_order_placed(resources().pool, message)
-    if lifecycle.record_order(resources().pool, message).recorded or opened:
+    if unit_of_work().run(lambda conn: handlers.order_placed(conn, message)):
         return "ok"
     DUPLICATES.labels("orders").inc()
     return "duplicate"
@@ -136,7 +144,7 @@ def order_placed(message: OrderPlaced) -> str:
 @pipeline_actor(ShareOpened)
 def share_opened(message: ShareOpened) -> str:
     """Record a share being opened."""
-    if handlers.handle_share_opened(resources().pool, message):
+    if unit_of_work().run(lambda conn: handlers.share_opened(conn, message)):
         return "ok"
     DUPLICATES.labels("shares").inc()
     return "duplicate"
@@ -146,7 +154,7 @@ def share_opened(message: ShareOpened) -> str:
 def order_status_changed(message: OrderStatusChanged) -> str:
     """Pay, cancel or refund an order: coupons return on a cancellation before
     payment; a first paid order may complete a referral and earn a rebate."""
-    outcome = lifecycle.handle_order_status(resources().pool, message)
+    outcome = unit_of_work().run(lambda conn: lifecycle.move_order(conn, message))
     if outcome.outcome == "duplicate":
         DUPLICATES.labels("orders").inc()
     return outcome.outcome
@@ -155,8 +163,12 @@ def order_status_changed(message: OrderStatusChanged) -> str:
 @pipeline_actor(MemberRegistered)
 def member_registered(message: MemberRegistered) -> str:
     """Mark a member registered and send its held credits on."""
-    res = resources()
-    released = lifecycle.handle_member_registered(res.pool, res.settings, message)
-    if released:
-        send(credit_claim, CreditRequested(claim_ids=tuple(released)))
+    uow, settings = unit_of_work(), resources().settings
+
+    def register(conn: Conn) -> None:
+        released = lifecycle.register_member(conn, settings, message)
+        if released:
+            uow.send_after_commit(credit_claim, CreditRequested(claim_ids=tuple(released)))
+
+    uow.run(register)
     return "ok"

@@ -34,6 +34,7 @@ from issuance.shared.db.analytics import (
     template_figures,
     usage_figures,
 )
+from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import QUEUES, xq_name
 from issuance.shared.wire.messages import utcnow
@@ -365,8 +366,12 @@ class Exporter(Collector):
             labels = [a.slug]
             families["issuance_activity_packages_budget"].add_metric(labels, a.budget)
             families["issuance_activity_packages_remaining"].add_metric(labels, max(a.budget - a.granted, 0))
-            for status, value in (("bound", a.uncredited), ("credited", a.credited), ("refused", a.refused)):
-                families["issuance_activity_claims"].add_metric([a.slug, status], value)
+            for status, value in (
+                (ClaimStatus.BOUND, a.uncredited),
+                (ClaimStatus.CREDITED, a.credited),
+                (ClaimStatus.REFUSED, a.refused),
+            ):
+                families["issuance_activity_claims"].add_metric([a.slug, status.value], value)
             families["issuance_activity_collect_ratio"].add_metric(
                 labels, a.granted / a.budget if a.budget else NAN
             )

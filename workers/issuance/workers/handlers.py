@@ -1,17 +1,20 @@
 """What each message does, one function per message type.
 
-Handlers take a connection pool and typed messages, run one transaction (a
-batch of claims is decided in one, retried whole after a deadlock or a
-concurrent delivery of the same claim), and return values saying what
-happened. They send nothing: the actors publish follow-up messages only after
-the handler's transaction has committed.
+Each handler works on a connection inside the caller's transaction (the
+unit of work of issuance.workers.runtime, one per message) and returns values
+saying what happened; it sends nothing. The claim handler loads what the
+decision needs (issuance.shared.db.store), lets the pure decision of
+issuance.shared.domain.claims decide, and writes the result: a batch of
+claims costs the same statements whatever its decisions.
+
+The ``handle_*`` functions run a handler in a transaction of its own on a
+pool (the tests, benchmarks and command line call them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -21,32 +24,40 @@ from typing import Any
 import orjson
 import psycopg
 from issuance.shared.db import store
+from issuance.shared.db.store import Conn
 from issuance.shared.domain import (
     InvalidPhone,
     Refusal,
-    coupon_expiry,
     credit_deadline,
     mask_phone,
     normalize_phone,
     phone_digest,
     share_id_for,
-    templates_to_bind,
-    window_refusal,
 )
-from issuance.shared.errors import ConflictingDuplicate, PermanentError, TransientError
+from issuance.shared.domain.claims import (
+    ActivityTerms,
+    ClaimRequest,
+    ClaimStatus,
+    Decision,
+    Granted,
+    Holding,
+    Stock,
+    activity_refusal,
+    claimed_at,
+    decide_claims,
+)
+from issuance.shared.errors import ConflictingDuplicate, PermanentError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.messages import ClaimRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
+from issuance.workers import lifecycle
+from issuance.workers.runtime import UnitOfWork
 from psycopg_pool import ConnectionPool
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimOutcome:
     claim_id: uuid.UUID
-    # "credited", "bound" (to be credited by the credit step), "refused", or
-    # "conflict" (same ID, other payload)
-    status: str
+    status: ClaimStatus
     reason: Refusal | None = None
     duplicate: bool = False
     codes: tuple[str, ...] = ()
@@ -60,7 +71,9 @@ class _Concurrent(Exception):
     """A concurrent delivery of a claim in this batch committed first."""
 
 
+# A claim batch is decided again, in a fresh transaction, after one of these.
 RETRYABLE = (_Concurrent, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+CLAIM_ATTEMPTS = 5
 
 
 def payload_digest(message: ClaimRequested) -> bytes:
@@ -73,7 +86,7 @@ def handle_claim(
     """Decide one claim (a batch of one). Raises ConflictingDuplicate when
     its ID was recorded with another payload."""
     outcome = handle_claims(pool, settings, [message], now=now)[0]
-    if outcome.status == "conflict":
+    if outcome.status is ClaimStatus.CONFLICT:
         raise ConflictingDuplicate(f"claim {message.claim_id} was already recorded with another payload")
     return outcome
 
@@ -85,215 +98,279 @@ def handle_claims(
     *,
     now: datetime | None = None,
 ) -> list[ClaimOutcome]:
-    """Decide a batch of claims in one transaction: refuse each with a reason,
-    or bind one code per template of its package. Idempotent on claim IDs;
-    outcomes come back in the order of ``messages``."""
+    """:func:`claims` in a transaction of its own, retried after a deadlock
+    or a concurrent delivery of the same claim."""
     now = now or utcnow()
-    for attempt in range(5):
-        try:
-            with pool.connection() as conn, conn.transaction():
-                return _decide(conn, settings, messages, now)
-        except RETRYABLE as exc:
-            log.info(
-                "claim batch of %d retried (%s), attempt %d", len(messages), type(exc).__name__, attempt + 1
-            )
-    raise TransientError("a claim batch kept colliding with concurrent deliveries")
+    return UnitOfWork(pool).run(
+        lambda conn: claims(conn, settings, messages, now=now), retry_on=RETRYABLE, attempts=CLAIM_ATTEMPTS
+    )
 
 
-@dataclasses.dataclass(slots=True)
-class _Candidate:
-    index: int
-    message: ClaimRequested
-    activity: store.ActivityRow
-    claimed_at: datetime
-    digest: bytes
-    masked: str
-
-
-def _existing(claim: store.ClaimRow, digest: bytes) -> ClaimOutcome:
-    if claim.payload_digest != digest:
-        return ClaimOutcome(claim_id=claim.claim_id, status="conflict", duplicate=True)
-    reason = Refusal(claim.reason) if claim.reason else None
-    return ClaimOutcome(claim_id=claim.claim_id, status=claim.status, reason=reason, duplicate=True)
-
-
-def _decide(
-    conn: store.Conn, settings: Settings, messages: Sequence[ClaimRequested], now: datetime
+def claims(
+    conn: Conn, settings: Settings, messages: Sequence[ClaimRequested], *, now: datetime | None = None
 ) -> list[ClaimOutcome]:
+    """Decide a batch of claims: refuse each with a reason, or bind one code
+    per template of its package. Idempotent on claim IDs; outcomes come back
+    in the order of ``messages``. Raises one of RETRYABLE when the batch must
+    be decided again in a fresh transaction."""
+    now = now or utcnow()
     digests = [payload_digest(m) for m in messages]
     store.lock_claim_ids(conn, [m.claim_id for m in messages])
     recorded = store.claims_by_ids(conn, [m.claim_id for m in messages])
-    outcomes: list[ClaimOutcome | None] = [None] * len(messages)
-    rows: list[dict[str, Any]] = []
     first_of: dict[uuid.UUID, int] = {}
-    activities: dict[str, store.ActivityRow | None] = {}
-    candidates: list[_Candidate] = []
-
-    def refuse(i: int, reason: Refusal, **values: Any) -> None:
-        m = messages[i]
-        rows.append(_row(settings, m, digests[i], status="refused", reason=reason.value, **values))
-        outcomes[i] = ClaimOutcome(claim_id=m.claim_id, status="refused", reason=reason)
-
     for i, message in enumerate(messages):
+        if message.claim_id not in recorded:
+            first_of.setdefault(message.claim_id, i)
+    batch = _load(conn, settings, [messages[i] for i in first_of.values()], now)
+    decisions = decide_claims(
+        batch.requests,
+        holdings=batch.holdings,
+        stock=batch.stock,
+        now=now,
+        credit_inline=settings.credit_inline,
+    )
+    decided = _write(conn, settings, batch, decisions, {c: digests[i] for c, i in first_of.items()})
+    outcomes = []
+    for i, (message, digest) in enumerate(zip(messages, digests, strict=True)):
         if message.claim_id in recorded:
-            outcomes[i] = _existing(recorded[message.claim_id], digests[i])
+            outcomes.append(_recorded(recorded[message.claim_id], digest))
             continue
-        if message.claim_id in first_of:  # the same claim twice in one batch
-            continue
-        first_of[message.claim_id] = i
+        outcome = decided[message.claim_id]
+        first = first_of[message.claim_id]
+        if i != first:  # a repeat, within the batch, of a claim decided above
+            same = digest == digests[first]
+            status = outcome.status if same else ClaimStatus.CONFLICT
+            outcome = dataclasses.replace(outcome, duplicate=True, status=status, digest=None, codes=())
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _recorded(claim: store.ClaimRow, digest: bytes) -> ClaimOutcome:
+    """The outcome of a claim decided by an earlier delivery."""
+    if claim.payload_digest != digest:
+        return ClaimOutcome(claim_id=claim.claim_id, status=ClaimStatus.CONFLICT, duplicate=True)
+    return ClaimOutcome(claim_id=claim.claim_id, status=claim.status, reason=claim.reason, duplicate=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Batch:
+    """The new claims of a batch and what their decision needs."""
+
+    messages: list[ClaimRequested]
+    requests: list[ClaimRequest]
+    phone_digests: dict[uuid.UUID, bytes]
+    holdings: dict[int, list[Holding]]
+    stock: Stock
+
+
+def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: datetime) -> _Batch:
+    """Load what deciding ``messages`` needs, locking the rows it may
+    change: members (created pending where new), free slots and codes. Only
+    claims whose activity is open need their number read, and only those
+    with a valid number a member and stock."""
+    activities: dict[str, ActivityTerms | None] = {}
+    numbers: dict[uuid.UUID, tuple[bytes, str]] = {}  # claim -> phone digest, E.164
+    for message in messages:
         if message.activity not in activities:
             activities[message.activity] = store.activity_by_slug(conn, message.activity)
-        activity = activities[message.activity]
-        if activity is None:
-            refuse(i, Refusal.UNKNOWN_ACTIVITY)
-            continue
-        # The promise and the window run from the moment the member asked,
-        # but a publisher's clock is not trusted to be ahead of ours.
-        claimed_at = min(message.requested_at, now)
-        refusal = window_refusal(activity.rules, claimed_at)
-        if refusal is not None:
-            refuse(i, refusal, activity_id=activity.activity_id)
-            continue
-        try:
-            e164 = normalize_phone(message.phone, settings.default_region)
-        except InvalidPhone:
-            refuse(i, Refusal.BAD_PHONE, activity_id=activity.activity_id)
-            continue
-        digest = phone_digest(e164, settings.phone_key)
-        candidates.append(_Candidate(i, message, activity, claimed_at, digest, mask_phone(e164)))
-
-    members = store.lock_members(conn, {c.digest: c.masked for c in candidates}) if candidates else {}
-    grants = store.member_grants(conn, sorted(set(members.values())))
-    wanted = Counter(c.activity.activity_id for c in candidates)
-    slots = {a: store.lock_free_slots(conn, a, n) for a, n in wanted.items()}
-    per_template: Counter[int] = Counter()
-    for c in candidates:
-        per_template.update(t.template_id for t in c.activity.templates)
-    pool_codes = {t: store.lock_free_codes(conn, t, n) for t, n in per_template.items()}
-
-    bindings: list[tuple[str, uuid.UUID, int, datetime]] = []
-    taken: list[tuple[int, int]] = []
-    credit_now: list[uuid.UUID] = []
-    for c in candidates:
-        member_id = members[c.digest]
-        held = grants[member_id]
-        activity = c.activity
-        values: dict[str, Any] = {"activity_id": activity.activity_id, "member_id": member_id}
-        if any(a == activity.activity_id for a, _ in held):
-            refuse(c.index, Refusal.ALREADY_RECEIVED, **values)
-            continue
-        if any(g == activity.exclusivity_group for _, g in held):
-            refuse(c.index, Refusal.SIMILAR_ACTIVITY, **values)
-            continue
-        if not slots[activity.activity_id]:
-            refuse(c.index, Refusal.SOLD_OUT, **values)
-            continue
-        new_member = not held
-        templates = templates_to_bind(activity.templates, new_member=new_member)
-        if any(not pool_codes[t.template_id] for t in templates):
-            refuse(c.index, Refusal.POOL_EMPTY, **values)
-            continue
-        slot = slots[activity.activity_id].pop()
-        taken.append((activity.activity_id, slot))
-        expires_at = coupon_expiry(
-            c.claimed_at,
-            zone=activity.timezone,
-            validity_days=activity.validity_days,
-            valid_until=activity.valid_until,
-        )
-        codes = tuple(pool_codes[t.template_id].pop() for t in templates)
-        bindings += [(code, c.message.claim_id, member_id, expires_at) for code in codes]
-        held.append((activity.activity_id, activity.exclusivity_group))
-        # Credited in this transaction unless the credit may have to wait
-        # for the member's registration (the credit step decides that).
-        status = "credited" if settings.credit_inline and not activity.hold_until_registered else "bound"
-        if status == "credited":
-            credit_now.append(c.message.claim_id)
-        rows.append(
-            _row(
-                settings,
-                c.message,
-                digests[c.index],
-                status=status,
-                group=activity.exclusivity_group,
-                slot_no=slot,
-                new_member=new_member,
-                **values,
+        at = claimed_at(message.requested_at, now)
+        if activity_refusal(activities[message.activity], at) is None:  # the number counts: read it
+            e164 = _e164(message.phone, settings)
+            if e164 is not None:
+                numbers[message.claim_id] = (phone_digest(e164, settings.phone_key), e164)
+    masked = {digest: mask_phone(e164) for digest, e164 in numbers.values()}
+    members = store.lock_members(conn, masked) if masked else {}
+    requests = []
+    for message in messages:
+        digest, e164 = numbers.get(message.claim_id, (None, None))
+        requests.append(
+            ClaimRequest(
+                claim_id=message.claim_id,
+                activity=activities[message.activity],
+                requested_at=message.requested_at,
+                phone=e164,
+                member_id=None if digest is None else members[digest],
             )
         )
-        outcomes[c.index] = ClaimOutcome(
-            claim_id=c.message.claim_id,
-            status=status,
-            codes=codes,
-            activity=activity.slug,
-            group=activity.exclusivity_group,
-            digest=c.digest,
-        )
+    return _Batch(
+        messages=messages,
+        requests=requests,
+        phone_digests={c: d for c, (d, _) in numbers.items()},
+        holdings=store.member_grants(conn, sorted(set(members.values()))) if members else {},
+        stock=_lock_stock(conn, [r for r in requests if r.member_id is not None]),
+    )
 
+
+def _e164(typed: str, settings: Settings) -> str | None:
+    try:
+        return normalize_phone(typed, settings.default_region)
+    except InvalidPhone:
+        return None
+
+
+def _lock_stock(conn: Conn, candidates: list[ClaimRequest]) -> Stock:
+    """Lock as many free slots and codes as the candidates could take: one
+    slot each, one code of every template of their activity's package."""
+    wanted: Counter[int] = Counter()
+    per_template: Counter[int] = Counter()
+    for request in candidates:
+        assert request.activity is not None
+        wanted[request.activity.activity_id] += 1
+        per_template.update(t.template_id for t in request.activity.templates)
+    return Stock(
+        slots={a: store.lock_free_slots(conn, a, n) for a, n in wanted.items()},
+        codes={t: store.lock_free_codes(conn, t, n) for t, n in per_template.items()},
+    )
+
+
+def _write(
+    conn: Conn,
+    settings: Settings,
+    batch: _Batch,
+    decisions: list[Decision],
+    payload_digests: dict[uuid.UUID, bytes],
+) -> dict[uuid.UUID, ClaimOutcome]:
+    """Record the decisions: every claim's row, then the slots taken, the
+    codes bound and the wallet entries of the claims credited now."""
+    rows: list[dict[str, Any]] = []
+    outcomes: dict[uuid.UUID, ClaimOutcome] = {}
+    bindings: list[tuple[str, uuid.UUID, int, datetime]] = []
+    for message, request, decision in zip(batch.messages, batch.requests, decisions, strict=True):
+        row = _row(settings, message, payload_digests[message.claim_id], request)
+        if isinstance(decision, Granted):
+            row.update(
+                status=decision.status.value,
+                group=decision.activity.exclusivity_group,
+                slot_no=decision.slot_no,
+                new_member=decision.new_member,
+            )
+            bindings += [
+                (code, message.claim_id, decision.member_id, decision.expires_at) for code in decision.codes
+            ]
+            outcomes[message.claim_id] = ClaimOutcome(
+                claim_id=message.claim_id,
+                status=decision.status,
+                codes=decision.codes,
+                activity=decision.activity.slug,
+                group=decision.activity.exclusivity_group,
+                digest=batch.phone_digests[message.claim_id],
+            )
+        else:
+            row.update(status=ClaimStatus.REFUSED.value, reason=decision.reason.value)
+            outcomes[message.claim_id] = ClaimOutcome(
+                claim_id=message.claim_id, status=ClaimStatus.REFUSED, reason=decision.reason
+            )
+        rows.append(row)
     if rows and store.insert_claims(conn, rows) != len(rows):
         raise _Concurrent
-    store.take_slots(conn, taken)
+    granted = [d for d in decisions if isinstance(d, Granted)]
+    store.take_slots(conn, [(d.activity.activity_id, d.slot_no) for d in granted])
     store.bind_codes(conn, bindings)
+    credit_now = [o.claim_id for o in outcomes.values() if o.status is ClaimStatus.CREDITED]
     if credit_now:
         store.write_wallet(conn, credit_now)
-    for i, message in enumerate(messages):
-        if outcomes[i] is None:  # a repeat, within the batch, of a claim decided above
-            first = outcomes[first_of[message.claim_id]]
-            assert first is not None
-            same = digests[i] == digests[first_of[message.claim_id]]
-            outcomes[i] = dataclasses.replace(
-                first, duplicate=True, status=first.status if same else "conflict", digest=None, codes=()
-            )
-    return [o for o in outcomes if o is not None]
+    return outcomes
 
 
-def _row(settings: Settings, message: ClaimRequested, digest: bytes, **values: Any) -> dict[str, Any]:
+def _row(settings: Settings, message: ClaimRequested, digest: bytes, request: ClaimRequest) -> dict[str, Any]:
     return {
         "claim_id": message.claim_id,
         "activity_slug": message.activity,
+        "activity_id": None if request.activity is None else request.activity.activity_id,
+        "member_id": request.member_id,
         "share_id": message.share_id,
         "payload_digest": digest,
         "requested_at": message.requested_at,
         "deadline": credit_deadline(message.requested_at, settings.credit_promise_seconds),
         "new_member": False,
-        **values,
     }
-
-
-def handle_credit(pool: ConnectionPool, message: CreditRequested) -> list[tuple[uuid.UUID, datetime]]:
-    """Credit the bound claims of a credit message to their wallets, exactly
-    once. Returns the (claim, requested at) of each claim this call credited:
-    empty for a duplicate delivery."""
-    with pool.connection() as conn, conn.transaction():
-        _, credited = store.credit_claims(conn, message.claim_ids)
-        if len(credited) < len(message.claim_ids):
-            known = store.claims_by_ids(conn, message.claim_ids)
-            unknown = [str(c) for c in message.claim_ids if c not in known]
-            if unknown and not credited:
-                raise UnknownClaim(f"no claims {', '.join(unknown[:5])}")
-        return credited
 
 
 class UnknownClaim(PermanentError):
     """A credit was requested for a claim that was never recorded."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CreditOutcome:
+    """What a credit message did: the (claim, promise start) of each claim it
+    credited; whether every claim was held until registration; and the
+    claims never recorded, when nothing could be credited."""
+
+    credited: list[tuple[uuid.UUID, datetime]]
+    held: bool = False
+    unknown: tuple[uuid.UUID, ...] = ()
+
+    def check(self) -> None:
+        """Raise UnknownClaim for a credit of claims that do not exist (the
+        actor calls it after the commit, so that the holds stay)."""
+        if self.unknown:
+            raise UnknownClaim(f"no claims {', '.join(str(c) for c in self.unknown[:5])}")
+
+
+def credit_requested(conn: Conn, message: CreditRequested) -> CreditOutcome:
+    """Credit the bound claims of a credit message, except those whose
+    activity holds credits until their pending member registers. A credit
+    released from such a hold is promised from registration."""
+    plan = lifecycle.plan_credit(conn, message.claim_ids)
+    if not plan.ready:
+        return CreditOutcome(credited=[], held=True)
+    credited, unknown = _credit(conn, plan.ready)
+    return CreditOutcome(credited=[(c, plan.promise_from.get(c, at)) for c, at in credited], unknown=unknown)
+
+
+def handle_credit(pool: ConnectionPool, message: CreditRequested) -> list[tuple[uuid.UUID, datetime]]:
+    """Credit the claims of a credit message in a transaction of its own;
+    returns the (claim, requested at) of each claim this call credited."""
+    credited, unknown = UnitOfWork(pool).run(lambda conn: _credit(conn, message.claim_ids))
+    CreditOutcome(credited=credited, unknown=unknown).check()
+    return credited
+
+
+def _credit(
+    conn: Conn, claim_ids: Sequence[uuid.UUID]
+) -> tuple[list[tuple[uuid.UUID, datetime]], tuple[uuid.UUID, ...]]:
+    """Credit bound claims to their wallets, exactly once. Returns the
+    (claim, requested at) of each claim this call credited (none for a
+    duplicate delivery) and, when it credited none, the claims never
+    recorded."""
+    _, credited = store.credit_claims(conn, claim_ids)
+    if credited or not claim_ids:
+        return credited, ()
+    known = store.claims_by_ids(conn, claim_ids)
+    return credited, tuple(c for c in claim_ids if c not in known)
+
+
+def order_placed(conn: Conn, message: OrderPlaced) -> bool:
+    """Open the order's share and record the order, redeeming the coupons
+    it used. Returns False when both were already done."""
+    opened = open_share(conn, message)
+    return lifecycle.record_order_in(conn, message).recorded or opened
+
+
 def handle_order_placed(pool: ConnectionPool, message: OrderPlaced) -> bool:
+    """:func:`open_share` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: open_share(conn, message))
+
+
+def open_share(conn: Conn, message: OrderPlaced) -> bool:
     """Open the order's share. Returns False when it was already open."""
-    with pool.connection() as conn, conn.transaction():
-        return store.open_share(
-            conn,
-            share_id=share_id_for(message.order_id),
-            order_id=message.order_id,
-            activity=message.activity,
-            referrer=message.member_id,
-            placed_at=message.placed_at,
-        )
+    return store.open_share(
+        conn,
+        share_id=share_id_for(message.order_id),
+        order_id=message.order_id,
+        activity=message.activity,
+        referrer=message.member_id,
+        placed_at=message.placed_at,
+    )
 
 
 def handle_share_opened(pool: ConnectionPool, message: ShareOpened) -> bool:
+    """:func:`share_opened` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: share_opened(conn, message))
+
+
+def share_opened(conn: Conn, message: ShareOpened) -> bool:
     """Record that a share was opened. Returns False for a duplicate."""
-    with pool.connection() as conn, conn.transaction():
-        return store.record_share_open(
-            conn, event_id=message.event_id, share_id=message.share_id, opened_at=message.opened_at
-        )
+    return store.record_share_open(
+        conn, event_id=message.event_id, share_id=message.share_id, opened_at=message.opened_at
+    )

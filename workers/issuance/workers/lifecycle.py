@@ -2,8 +2,10 @@
 redeeming and returning coupons, orders paid (referrals and rebates),
 members registering (held credits released), and the credit hold itself.
 
-Like issuance.workers.handlers, each function runs its own transaction and sends
-nothing; the actors publish follow-ups after the commit. Illegal transitions
+Like issuance.workers.handlers, each function works inside the caller's
+transaction (one per message) and sends nothing; the unit of work sends
+follow-ups after the commit. The pool-level functions run one in a
+transaction of its own (the tests call them). Illegal transitions
 asked for by a message are kept in ``lifecycle_refusals`` with their reason
 and acknowledged: retrying cannot make them legal.
 """
@@ -32,6 +34,7 @@ from issuance.shared.domain.coupons import (
 from issuance.shared.errors import InvalidMessage, TransientError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
+from issuance.workers.runtime import UnitOfWork
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -50,49 +53,50 @@ class OrderOutcome:
 
 
 def record_order(pool: ConnectionPool, message: OrderPlaced) -> OrderOutcome:
+    """:func:`record_order_in` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: record_order_in(conn, message))
+
+
+def record_order_in(conn: Conn, message: OrderPlaced) -> OrderOutcome:
     """Record a placed order and redeem the coupons it lists (each becomes
     used, with the order and its discount). Idempotent on the order ID."""
     event = f"order-placed:{message.order_id}"
-    with pool.connection() as conn, conn.transaction():
-        inserted = cs.insert_order(
-            conn,
-            order_id=message.order_id,
-            member_id=message.member_id,
-            activity=message.activity,
-            amount_cents=message.amount_cents,
-            placed_at=message.placed_at,
-        )
-        if not inserted:
-            existing = cs.order_by_id(conn, message.order_id)
-            assert existing is not None
-            if (existing.member_id, existing.amount_cents) != (message.member_id, message.amount_cents):
-                cs.record_refusal(
-                    conn,
-                    event_key=event,
-                    subject=message.order_id,
-                    reason=LifecycleRefusal.ORDER_CONFLICT,
-                    detail="member or amount differ from the recorded order",
-                )
-            return OrderOutcome(recorded=False)
-        used: list[str] = []
-        refused: list[tuple[str, LifecycleRefusal]] = []
-        total = 0
-        # Sorted: two orders naming the same codes lock them in one order.
-        for code in sorted(message.redeemed_codes):
-            try:
-                off = _redeem(conn, message, code, remaining=message.amount_cents - total)
-            except TransitionRefused as exc:
-                refused.append((code, exc.reason))
-                cs.record_refusal(
-                    conn, event_key=event, subject=code, reason=exc.reason, detail=exc.reason.text
-                )
-                continue
-            used.append(code)
-            total += off
-        if total:
-            cs.set_order_discount(conn, message.order_id, total)
-    for code, reason in refused:
-        log.info("order %s: coupon %s refused (%s)", message.order_id, code, reason.value)
+    inserted = cs.insert_order(
+        conn,
+        order_id=message.order_id,
+        member_id=message.member_id,
+        activity=message.activity,
+        amount_cents=message.amount_cents,
+        placed_at=message.placed_at,
+    )
+    if not inserted:
+        existing = cs.order_by_id(conn, message.order_id)
+        assert existing is not None
+        if (existing.member_id, existing.amount_cents) != (message.member_id, message.amount_cents):
+            cs.record_refusal(
+                conn,
+                event_key=event,
+                subject=message.order_id,
+                reason=LifecycleRefusal.ORDER_CONFLICT,
+                detail="member or amount differ from the recorded order",
+            )
+        return OrderOutcome(recorded=False)
+    used: list[str] = []
+    refused: list[tuple[str, LifecycleRefusal]] = []
+    total = 0
+    # Sorted: two orders naming the same codes lock them in one order.
+    for code in sorted(message.redeemed_codes):
+        try:
+            off = _redeem(conn, message, code, remaining=message.amount_cents - total)
+        except TransitionRefused as exc:
+            refused.append((code, exc.reason))
+            cs.record_refusal(conn, event_key=event, subject=code, reason=exc.reason, detail=exc.reason.text)
+            log.info("order %s: coupon %s refused (%s)", message.order_id, code, exc.reason.value)
+            continue
+        used.append(code)
+        total += off
+    if total:
+        cs.set_order_discount(conn, message.order_id, total)
     return OrderOutcome(recorded=True, used=tuple(used), refused=tuple(refused), discount_cents=total)
 
 
@@ -126,33 +130,37 @@ class StatusOutcome:
 def handle_order_status(
     pool: ConnectionPool, message: OrderStatusChanged, *, now: datetime | None = None
 ) -> StatusOutcome:
+    """:func:`move_order` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: move_order(conn, message, now=now))
+
+
+def move_order(conn: Conn, message: OrderStatusChanged, *, now: datetime | None = None) -> StatusOutcome:
     """Move an order: paid (and count a referral), cancelled before payment
     (its coupons return), or refunded after payment (they do not)."""
     now = now or utcnow()
-    with pool.connection() as conn, conn.transaction():
-        order = cs.order_by_id(conn, message.order_id, lock=True)
-        if order is None:
-            raise OrderNotYetKnown(f"order {message.order_id} is not recorded yet")
-        try:
-            step = order_step(order.status, message.status)
-        except TransitionRefused as exc:
-            cs.record_refusal(
-                conn,
-                event_key=f"order-status:{message.business_key()}",
-                subject=message.order_id,
-                reason=exc.reason,
-                detail=f"{order.status} -> {message.status}: {exc.reason.text}",
-            )
-            return StatusOutcome(outcome="refused", reason=exc.reason)
-        if step is OrderStep.DUPLICATE:
-            return StatusOutcome(outcome="duplicate")
-        cs.move_order(conn, message.order_id, message.status, message.changed_at)
-        if message.status == "cancelled":
-            return StatusOutcome(outcome="ok", returned=cs.return_coupons(conn, message.order_id, now))
-        if message.status == "paid":
-            counted, rebates = _count_referral(conn, order, now)
-            return StatusOutcome(outcome="ok", referral=counted, rebates=rebates)
-        return StatusOutcome(outcome="ok")
+    order = cs.order_by_id(conn, message.order_id, lock=True)
+    if order is None:
+        raise OrderNotYetKnown(f"order {message.order_id} is not recorded yet")
+    try:
+        step = order_step(order.status, message.status)
+    except TransitionRefused as exc:
+        cs.record_refusal(
+            conn,
+            event_key=f"order-status:{message.business_key()}",
+            subject=message.order_id,
+            reason=exc.reason,
+            detail=f"{order.status} -> {message.status}: {exc.reason.text}",
+        )
+        return StatusOutcome(outcome="refused", reason=exc.reason)
+    if step is OrderStep.DUPLICATE:
+        return StatusOutcome(outcome="duplicate")
+    cs.move_order(conn, message.order_id, message.status, message.changed_at)
+    if message.status == "cancelled":
+        return StatusOutcome(outcome="ok", returned=cs.return_coupons(conn, message.order_id, now))
+    if message.status == "paid":
+        counted, rebates = _count_referral(conn, order, now)
+        return StatusOutcome(outcome="ok", referral=counted, rebates=rebates)
+    return StatusOutcome(outcome="ok")
 
 
 def _count_referral(conn: Conn, order: cs.OrderRow, now: datetime) -> tuple[bool, tuple[int, ...]]:
@@ -231,16 +239,27 @@ class CreditPlan:
 
 
 def prepare_credit(pool: ConnectionPool, claim_ids: Sequence[uuid.UUID]) -> CreditPlan:
+    """:func:`plan_credit` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: plan_credit(conn, claim_ids))
+
+
+def plan_credit(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> CreditPlan:
     """Hold the credits of claims whose activity waits for registration while
     their member is pending; the others may be credited now."""
-    with pool.connection() as conn, conn.transaction():
-        held = cs.hold_credits(conn, list(claim_ids))
-        released = cs.promise_starts(conn, list(claim_ids))
+    held = cs.hold_credits(conn, list(claim_ids))
+    released = cs.promise_starts(conn, list(claim_ids))
     return CreditPlan(ready=[c for c in claim_ids if c not in held], promise_from=released)
 
 
 def handle_member_registered(
     pool: ConnectionPool, settings: Settings, message: MemberRegistered, *, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """:func:`register_member` in a transaction of its own."""
+    return UnitOfWork(pool).run(lambda conn: register_member(conn, settings, message, now=now))
+
+
+def register_member(
+    conn: Conn, settings: Settings, message: MemberRegistered, *, now: datetime | None = None
 ) -> list[uuid.UUID]:
     """Mark the member registered and release its held credits, whose promise
     now runs from registration. Returns the claims to credit."""
@@ -252,26 +271,25 @@ def handle_member_registered(
         except InvalidPhone as exc:
             raise InvalidMessage("bad_phone", str(exc)) from None
         digest_masked = (phone_digest(e164, settings.phone_key), mask_phone(e164))
-    with pool.connection() as conn, conn.transaction():
-        member = cs.register_member(
+    member = cs.register_member(
+        conn,
+        registered_at=message.registered_at,
+        member_id=message.member_id,
+        digest_masked=digest_masked,
+    )
+    if member is None:
+        cs.record_refusal(
             conn,
-            registered_at=message.registered_at,
-            member_id=message.member_id,
-            digest_masked=digest_masked,
+            event_key=f"member-registered:{message.business_key()}",
+            subject=str(message.member_id),
+            reason=LifecycleRefusal.UNKNOWN_MEMBER,
         )
-        if member is None:
-            cs.record_refusal(
-                conn,
-                event_key=f"member-registered:{message.business_key()}",
-                subject=str(message.member_id),
-                reason=LifecycleRefusal.UNKNOWN_MEMBER,
-            )
-            return []
-        member_id, registered_at = member
-        return cs.release_held(
-            conn,
-            member_id=member_id,
-            registered_at=registered_at,
-            promise_seconds=settings.credit_promise_seconds,
-            now=now,
-        )
+        return []
+    member_id, registered_at = member
+    return cs.release_held(
+        conn,
+        member_id=member_id,
+        registered_at=registered_at,
+        promise_seconds=settings.credit_promise_seconds,
+        now=now,
+    )

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import dramatiq
+from issuance.shared.domain import mask_phone
 
 # A phone field in a dict or JSON rendering, whatever its format.
 PHONE_FIELD = re.compile(r"""(['"]phone['"]\s*:\s*['"])([^'"]*)(['"])""")
@@ -21,15 +22,11 @@ E164 = re.compile(r"(?<![\w+])\+\d{7,15}(?!\d)")
 CN_MOBILE = re.compile(r"(?<![\w.:-])1[3-9]\d{9}(?![\w.:-])")
 
 
-def _mask(number: str) -> str:
-    digits = len(number)
-    return number[:4] + "*" * max(digits - 6, 0) + number[-2:] if digits > 6 else "*" * digits
-
-
 def redact_text(text: str) -> str:
-    text = PHONE_FIELD.sub(lambda m: m.group(1) + _mask(m.group(2)) + m.group(3), text)
-    text = E164.sub(lambda m: _mask(m.group(0)), text)
-    return CN_MOBILE.sub(lambda m: _mask(m.group(0)), text)
+    """``text`` with every phone number it holds masked (issuance.shared.domain.mask_phone)."""
+    text = PHONE_FIELD.sub(lambda m: m.group(1) + mask_phone(m.group(2)) + m.group(3), text)
+    text = E164.sub(lambda m: mask_phone(m.group(0)), text)
+    return CN_MOBILE.sub(lambda m: mask_phone(m.group(0)), text)
 
 
 class RedactingFilter(logging.Filter):

@@ -1,5 +1,6 @@
-"""What every actor shares: process-wide resources created after fork, and
-the wrapper that turns a handler into a Dramatiq actor.
+"""What every actor shares: process-wide resources created after fork, the
+unit of work that runs a message's transaction, and the wrapper that turns a
+handler into a Dramatiq actor.
 
 The wrapper decodes the payload with the codec, sends anything unusable to
 the dead-letter store with its reason (and acknowledges it: no poison loop),
@@ -21,7 +22,9 @@ import orjson
 import redis
 from dramatiq.middleware import CurrentMessage
 from issuance.shared.db import database, fingerprints, store
-from issuance.shared.errors import InvalidMessage, PermanentError
+from issuance.shared.db.store import Conn
+from issuance.shared.domain import mask_phone
+from issuance.shared.errors import InvalidMessage, PermanentError, TransientError
 from issuance.shared.faults import crash_point
 from issuance.shared.metrics import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
 from issuance.shared.settings import Settings, load_settings, require_phone_key
@@ -31,6 +34,7 @@ from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 class Resources:
@@ -95,6 +99,59 @@ def use_resources(value: Resources) -> None:
     _resources = value
 
 
+class UnitOfWork:
+    """The transaction of one message, and the messages it leads to.
+
+    ``run`` calls the work with a connection inside one transaction (again,
+    in a fresh one, after an error named in ``retry_on``); the work asks for
+    follow-up messages with ``send_after_commit``. They leave only once the
+    transaction has committed, and not at all when it rolled back: a message
+    is never sent about a change that did not happen. A crash between the
+    commit and the sending is covered by redelivery (the handlers are
+    idempotent and derive the follow-ups again).
+    """
+
+    def __init__(self, pool: ConnectionPool, settings: Settings | None = None) -> None:
+        self.pool = pool
+        self.settings = settings
+        self._follow_ups: list[tuple[dramatiq.Actor[Any, Any], Message]] = []
+
+    def send_after_commit(self, actor: dramatiq.Actor[Any, Any], message: Message) -> None:
+        self._follow_ups.append((actor, message))
+
+    def run(
+        self,
+        work: Callable[[Conn], R],
+        *,
+        retry_on: tuple[type[Exception], ...] = (),
+        attempts: int = 1,
+    ) -> R:
+        for attempt in range(1, attempts + 1):
+            self._follow_ups.clear()
+            try:
+                with self.pool.connection() as conn, conn.transaction():
+                    result = work(conn)
+            except retry_on as exc:
+                log.info("transaction retried (%s), attempt %d of %d", type(exc).__name__, attempt, attempts)
+                continue
+            self._send_follow_ups()
+            return result
+        raise TransientError(f"a transaction kept colliding with concurrent ones ({attempts} attempts)")
+
+    def _send_follow_ups(self) -> None:
+        follow_ups, self._follow_ups = self._follow_ups, []
+        if follow_ups and self.settings is not None:
+            crash_point(self.settings, "after_commit_before_publish")
+        for actor, message in follow_ups:
+            send(actor, message)
+
+
+def unit_of_work() -> UnitOfWork:
+    """A unit of work on this process's connections."""
+    res = resources()
+    return UnitOfWork(res.pool, res.settings)
+
+
 def redact(payload: Any) -> Any:
     """A payload as it may be stored or logged: every phone number masked,
     also those of the claims inside a batch (claims-requested)."""
@@ -102,8 +159,7 @@ def redact(payload: Any) -> Any:
         return payload
     masked = dict(payload)
     if isinstance(masked.get("phone"), str):
-        phone = masked["phone"]
-        masked["phone"] = phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:]
+        masked["phone"] = mask_phone(masked["phone"])
     if isinstance(masked.get("claims"), list):
         masked["claims"] = [redact(item) for item in masked["claims"]]
     return masked

@@ -10,7 +10,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from issuance.shared.domain import ActivityRules
+from issuance.shared.domain import ActivityRules, Refusal
+from issuance.shared.domain.claims import ClaimStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -85,9 +86,11 @@ class ActivityPage:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ClaimStatus:
-    status: str
-    reason: str | None
+class ClaimState:
+    """A claim as the page reports it, with its coupons once bound."""
+
+    status: ClaimStatus
+    reason: Refusal | None
     coupons: tuple[dict[str, Any], ...]
     held: bool = False
 
@@ -146,12 +149,15 @@ class Queries:
             hold_until_registered=row["hold_until_registered"],
         )
 
-    async def claim_status(self, claim_id: uuid.UUID) -> ClaimStatus | None:
+    async def claim_status(self, claim_id: uuid.UUID) -> ClaimState | None:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(CLAIM_STATUS, (claim_id,))
             row = await cursor.fetchone()
         if row is None:
             return None
-        return ClaimStatus(
-            status=row["status"], reason=row["reason"], coupons=tuple(row["coupons"]), held=row["held"]
+        return ClaimState(
+            status=ClaimStatus(row["status"]),
+            reason=None if row["reason"] is None else Refusal(row["reason"]),
+            coupons=tuple(row["coupons"]),
+            held=row["held"],
         )

@@ -9,6 +9,7 @@ from typing import Any
 
 from issuance.shared.db.store import Conn
 from issuance.shared.errors import UnknownName
+from psycopg.rows import class_row, dict_row
 
 
 class UnknownActivity(UnknownName, ValueError):
@@ -66,30 +67,31 @@ class ActivityReport:
 
 
 ACTIVITY = """
-SELECT a.activity_id, a.slug, a.title, ch.name, a.budget
+SELECT a.activity_id, a.slug, a.title, ch.name AS channel, a.budget
   FROM activities a JOIN channels ch USING (channel_id)
  WHERE a.slug = %s
 """
 
 CLAIMS = """
-SELECT count(*),
-       count(*) FILTER (WHERE status <> 'refused'),
-       count(*) FILTER (WHERE status = 'refused'),
-       count(*) FILTER (WHERE status = 'credited'),
-       count(*) FILTER (WHERE status <> 'refused' AND new_member),
+SELECT count(*) AS claims_requested,
+       count(*) FILTER (WHERE status <> 'refused') AS packages_claimed,
+       count(*) FILTER (WHERE status = 'refused') AS claims_refused,
+       count(*) FILTER (WHERE status = 'credited') AS claims_credited,
+       count(*) FILTER (WHERE status <> 'refused' AND new_member) AS new_members,
        count(*) FILTER (WHERE status <> 'refused' AND requested_at > now() - interval '24 hours')
+           AS claims_last_24h
   FROM claims WHERE activity_slug = %s
 """
 
 TEMPLATES = """
-SELECT t.prefix, t.kind, count(c.code),
-       count(c.code) FILTER (WHERE c.status = 'available'),
-       count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')),
-       count(c.code) FILTER (WHERE c.status = 'used'),
-       count(c.code) FILTER (WHERE c.status = 'expired'),
-       count(c.code) FILTER (WHERE c.status = 'cancelled')
+SELECT t.prefix, t.kind, count(c.code) AS generated,
+       count(c.code) FILTER (WHERE c.status = 'available') AS available,
+       count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')) AS issued,
+       count(c.code) FILTER (WHERE c.status = 'used') AS used,
+       count(c.code) FILTER (WHERE c.status = 'expired') AS expired,
+       count(c.code) FILTER (WHERE c.status = 'cancelled') AS cancelled
   FROM coupon_templates t LEFT JOIN codes c USING (template_id)
- WHERE t.activity_id = %s
+ WHERE t.activity_id = %(activity_id)s
  GROUP BY t.template_id ORDER BY t.position
 """
 
@@ -104,23 +106,25 @@ WITH claimed AS (
       FROM claimed c JOIN orders o USING (order_id)
      WHERE c.status = 'used'
 )
-SELECT (SELECT count(*) FROM claimed),
-       (SELECT count(*) FROM claimed WHERE status = 'used'),
-       (SELECT coalesce(sum(discount_cents), 0) FROM claimed WHERE status = 'used'),
-       (SELECT count(*) FROM used_orders),
-       (SELECT coalesce(sum(amount_cents), 0) FROM used_orders)
+SELECT (SELECT count(*) FROM claimed) AS coupons_claimed,
+       (SELECT count(*) FROM claimed WHERE status = 'used') AS coupons_used,
+       (SELECT coalesce(sum(discount_cents), 0) FROM claimed WHERE status = 'used')::bigint
+           AS total_discount_cents,
+       (SELECT count(*) FROM used_orders) AS orders_with_coupon,
+       (SELECT coalesce(sum(amount_cents), 0) FROM used_orders)::bigint AS sales_with_coupon_cents
 """
 
 FUNNEL = """
-SELECT (SELECT count(*) FROM shares WHERE activity_id = %(activity_id)s),
+SELECT (SELECT count(*) FROM shares WHERE activity_id = %(activity_id)s) AS shares,
        (SELECT count(*) FROM share_opens o JOIN shares s USING (share_id)
-         WHERE s.activity_id = %(activity_id)s),
+         WHERE s.activity_id = %(activity_id)s) AS shares_opened,
        (SELECT count(*) FROM held_credits h JOIN claims k USING (claim_id)
-         WHERE k.activity_id = %(activity_id)s AND h.released_at IS NULL),
-       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s),
-       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s),
-       (SELECT coalesce(sum(amount_cents), 0) FROM rebates WHERE activity_id = %(activity_id)s),
-       (SELECT count(code) FROM rebates WHERE activity_id = %(activity_id)s)
+         WHERE k.activity_id = %(activity_id)s AND h.released_at IS NULL) AS credits_held,
+       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s) AS referrals,
+       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s) AS rebates_earned,
+       (SELECT coalesce(sum(amount_cents), 0) FROM rebates WHERE activity_id = %(activity_id)s)::bigint
+           AS rebate_amount_cents,
+       (SELECT count(code) FROM rebates WHERE activity_id = %(activity_id)s) AS rebate_coupons
 """
 
 
@@ -129,64 +133,36 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def activity_report(conn: Conn, slug: str) -> ActivityReport:
-    row = conn.execute(ACTIVITY, (slug,)).fetchone()
-    if row is None:
+    named = conn.cursor(row_factory=dict_row)
+    activity = named.execute(ACTIVITY, (slug,)).fetchone()
+    if activity is None:
         raise UnknownActivity(f"no activity {slug!r}")
-    activity_id, slug, title, channel, budget = row
-    requested, claimed, refused, credited, new_members, last_day = (
-        conn.execute(CLAIMS, (slug,)).fetchone() or (0,) * 6
-    )
-    templates = tuple(
-        TemplateStock(
-            prefix=r[0],
-            kind=r[1],
-            generated=r[2],
-            available=r[3],
-            issued=r[4],
-            used=r[5],
-            expired=r[6],
-            cancelled=r[7],
-        )
-        for r in conn.execute(TEMPLATES, (activity_id,)).fetchall()
-    )
-    params = {"activity_id": activity_id}
-    coupons, used, discount, orders, sales = conn.execute(USAGE, params).fetchone() or (0,) * 5
-    shares, opened, held, referrals, rebates, rebate_amount, rebate_coupons = (
-        conn.execute(FUNNEL, params).fetchone() or (0,) * 7
-    )
+    params = {"activity_id": activity["activity_id"]}
+    # Every query yields one row, named after the report's fields.
+    figures: dict[str, Any] = {
+        **(named.execute(CLAIMS, (slug,)).fetchone() or {}),
+        **(named.execute(USAGE, params).fetchone() or {}),
+        **(named.execute(FUNNEL, params).fetchone() or {}),
+    }
+    templates = tuple(conn.cursor(row_factory=class_row(TemplateStock)).execute(TEMPLATES, params).fetchall())
+    budget, claimed, last_day = activity["budget"], figures["packages_claimed"], figures["claims_last_24h"]
     remaining = budget - claimed
+    discount, sales = figures["total_discount_cents"], figures["sales_with_coupon_cents"]
     # At the last day's claim rate, when do the packages or a template's pool run out?
     stock = min([remaining, *(t.available for t in templates)])
     return ActivityReport(
-        slug=slug,
-        title=title,
-        channel=channel,
+        slug=activity["slug"],
+        title=activity["title"],
+        channel=activity["channel"],
         packages_offered=budget,
-        packages_claimed=claimed,
         packages_remaining=remaining,
         collect_rate=_ratio(claimed, budget),
-        coupons_claimed=coupons,
-        coupons_used=used,
-        usage_rate=_ratio(used, coupons),
-        total_discount_cents=int(discount),
-        orders_with_coupon=orders,
-        sales_with_coupon_cents=int(sales),
-        cost_effectiveness=_ratio(int(sales), int(discount)),
-        average_order_with_coupon_cents=_ratio(int(sales), orders),
-        new_members=new_members,
-        shares=shares,
-        shares_opened=opened,
-        claims_requested=requested,
-        claims_refused=refused,
-        claims_credited=credited,
-        credits_held=held,
-        referrals=referrals,
-        rebates_earned=rebates,
-        rebate_amount_cents=int(rebate_amount),
-        rebate_coupons=rebate_coupons,
-        claims_last_24h=last_day,
+        usage_rate=_ratio(figures["coupons_used"], figures["coupons_claimed"]),
+        cost_effectiveness=_ratio(sales, discount),
+        average_order_with_coupon_cents=_ratio(sales, figures["orders_with_coupon"]),
         days_until_exhausted=None if not last_day else round(stock / last_day, 2),
         templates=templates,
+        **figures,
     )
 
 

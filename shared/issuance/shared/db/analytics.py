@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import Connection
+from psycopg.rows import class_row, dict_row
 
 Conn = Connection[Any]
 
@@ -66,15 +67,16 @@ NOT_HELD = """NOT EXISTS (SELECT 1 FROM held_credits h
                    WHERE h.claim_id = claims.claim_id AND h.released_at IS NULL)"""
 
 PROMISE = f"""
-SELECT count(*),
-       min(requested_at),
-       min(deadline),
-       count(*) FILTER (WHERE deadline <= %(now)s),
-       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '1 hour'),
-       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours'),
-       (SELECT count(*) FROM held_credits WHERE released_at IS NULL),
+SELECT count(*) AS uncredited,
+       min(requested_at) AS oldest_requested_at,
+       min(deadline) AS earliest_deadline,
+       count(*) FILTER (WHERE deadline <= %(now)s) AS overdue,
+       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '1 hour') AS at_risk_1h,
+       count(*) FILTER (WHERE deadline > %(now)s AND deadline <= %(now)s + interval '6 hours') AS at_risk_6h,
+       (SELECT count(*) FROM held_credits WHERE released_at IS NULL) AS held,
        (SELECT count(*) FROM claims
          WHERE status = 'credited' AND credited_at > %(now)s - %(window)s AND credited_at <= %(now)s)
+           AS credited_recent
   FROM claims
  WHERE status = 'bound' AND {NOT_HELD}
 """
@@ -83,21 +85,9 @@ SELECT count(*),
 def promise_snapshot(conn: Conn, now: datetime, window: timedelta = timedelta(minutes=15)) -> PromiseSnapshot:
     """The promise at ``now``; the credit rate over the ``window`` before it
     (from the partial index over credited claims: recent rows only)."""
-    row = conn.execute(PROMISE, {"now": now, "window": window}).fetchone()
+    row = conn.cursor(row_factory=dict_row).execute(PROMISE, {"now": now, "window": window}).fetchone()
     assert row is not None
-    count, oldest, earliest, overdue, risk_1h, risk_6h, held, recent = row
-    return PromiseSnapshot(
-        now=now,
-        uncredited=int(count),
-        oldest_requested_at=oldest,
-        earliest_deadline=earliest,
-        overdue=int(overdue),
-        at_risk_1h=int(risk_1h),
-        at_risk_6h=int(risk_6h),
-        held=int(held),
-        credited_recent=int(recent),
-        window_seconds=window.total_seconds(),
-    )
+    return PromiseSnapshot(now=now, window_seconds=window.total_seconds(), **row)
 
 
 # The partial index over bound claims is in deadline order: the oldest first.
@@ -134,18 +124,18 @@ class ActivityFigures:
 
 ACTIVITIES = """
 SELECT a.activity_id, a.slug, a.budget,
-       count(c.claim_id),
-       count(c.claim_id) FILTER (WHERE c.status <> 'refused'),
-       count(c.claim_id) FILTER (WHERE c.status = 'credited'),
-       count(c.claim_id) FILTER (WHERE c.status = 'bound'),
-       count(c.claim_id) FILTER (WHERE c.status = 'refused'),
-       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.new_member),
-       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.share_id IS NOT NULL),
+       count(c.claim_id) AS claims,
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused') AS granted,
+       count(c.claim_id) FILTER (WHERE c.status = 'credited') AS credited,
+       count(c.claim_id) FILTER (WHERE c.status = 'bound') AS uncredited,
+       count(c.claim_id) FILTER (WHERE c.status = 'refused') AS refused,
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.new_member) AS new_members,
+       count(c.claim_id) FILTER (WHERE c.status <> 'refused' AND c.share_id IS NOT NULL) AS via_share,
        count(c.claim_id) FILTER (WHERE (c.status = 'credited' AND c.credited_at > c.deadline)
                                     OR (c.status = 'bound' AND c.deadline <= %(now)s
                                         AND NOT EXISTS (SELECT 1 FROM held_credits h
                                                          WHERE h.claim_id = c.claim_id
-                                                           AND h.released_at IS NULL)))
+                                                           AND h.released_at IS NULL))) AS breaches
   FROM activities a
   LEFT JOIN claims c ON c.activity_id = a.activity_id
  WHERE a.ends_at > %(since)s AND a.starts_at <= %(now)s
@@ -164,38 +154,15 @@ SELECT s.activity_id, count(DISTINCT s.share_id), count(o.event_id)
 
 def activity_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORIZON) -> list[ActivityFigures]:
     """Figures of every activity running at ``now`` or ended within ``horizon``."""
-    rows = conn.execute(ACTIVITIES, {"now": now, "since": now - horizon}).fetchall()
-    ids = [row[0] for row in rows]
+    named = conn.cursor(row_factory=dict_row)
+    rows = named.execute(ACTIVITIES, {"now": now, "since": now - horizon}).fetchall()
+    ids = [row["activity_id"] for row in rows]
     shares = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(SHARES, {"ids": ids}).fetchall()}
-    return [
-        ActivityFigures(
-            slug=slug,
-            budget=int(budget),
-            claims=int(claims),
-            granted=int(granted),
-            credited=int(credited),
-            uncredited=int(uncredited),
-            refused=int(refused),
-            new_members=int(new_members),
-            via_share=int(via_share),
-            breaches=int(breaches),
-            shares=shares.get(activity_id, (0, 0))[0],
-            shares_opened=shares.get(activity_id, (0, 0))[1],
-        )
-        for (
-            activity_id,
-            slug,
-            budget,
-            claims,
-            granted,
-            credited,
-            uncredited,
-            refused,
-            new_members,
-            via_share,
-            breaches,
-        ) in rows
-    ]
+    figures = []
+    for row in rows:
+        count, opened = shares.get(row.pop("activity_id"), (0, 0))
+        figures.append(ActivityFigures(shares=count, shares_opened=opened, **row))
+    return figures
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,9 +179,9 @@ class TemplateFigures:
 
 
 TEMPLATES = """
-SELECT a.slug, t.prefix,
-       coalesce((SELECT sum(b.size) FROM code_batches b WHERE b.template_id = t.template_id), 0),
-       coalesce(k.taken, 0), coalesce(k.used, 0)
+SELECT a.slug AS activity, t.prefix,
+       coalesce((SELECT sum(b.size) FROM code_batches b WHERE b.template_id = t.template_id), 0) AS generated,
+       coalesce(k.taken, 0) AS taken, coalesce(k.used, 0) AS used
   FROM activities a
   JOIN coupon_templates t ON t.activity_id = a.activity_id
   LEFT JOIN (SELECT template_id, count(*) AS taken, count(*) FILTER (WHERE status = 'used') AS used
@@ -232,11 +199,8 @@ SELECT a.slug, t.prefix,
 def template_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORIZON) -> list[TemplateFigures]:
     """Codes per template of the reported activities: generated (the batch
     sizes) minus taken (the partial index over non-available codes)."""
-    rows = conn.execute(TEMPLATES, {"now": now, "since": now - horizon}).fetchall()
-    return [
-        TemplateFigures(activity=a, prefix=p, generated=int(g), taken=int(t), used=int(u))
-        for a, p, g, t, u in rows
-    ]
+    cursor = conn.cursor(row_factory=class_row(TemplateFigures))
+    return cursor.execute(TEMPLATES, {"now": now, "since": now - horizon}).fetchall()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,7 +222,8 @@ WITH used AS (
      WHERE c.status = 'used' AND t.activity_id = ANY(%(ids)s)
      GROUP BY t.activity_id, c.order_id
 )
-SELECT a.slug, count(o.order_id), coalesce(sum(u.discount), 0), coalesce(sum(o.amount_cents), 0)
+SELECT a.slug, count(o.order_id) AS orders, coalesce(sum(u.discount), 0)::bigint AS discount_cents,
+       coalesce(sum(o.amount_cents), 0)::bigint AS sales_cents
   FROM used u
   JOIN activities a ON a.activity_id = u.activity_id
   JOIN orders o ON o.order_id = u.order_id AND o.status IN ('placed', 'paid')
@@ -276,7 +241,4 @@ def usage_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORIZON
             {"now": now, "since": now - horizon},
         )
     ]
-    rows = conn.execute(USAGE, {"ids": ids}).fetchall()
-    return [
-        UsageFigures(slug=s, orders=int(o), discount_cents=int(d), sales_cents=int(v)) for s, o, d, v in rows
-    ]
+    return conn.cursor(row_factory=class_row(UsageFigures)).execute(USAGE, {"ids": ids}).fetchall()

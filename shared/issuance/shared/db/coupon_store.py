@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.coupons import CouponView
+from psycopg.rows import class_row
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,10 +54,8 @@ def insert_order(
 
 def order_by_id(conn: Conn, order_id: str, *, lock: bool = False) -> OrderRow | None:
     sql = "SELECT order_id, member_id, amount_cents, status, placed_at FROM orders WHERE order_id = %s"
-    row = conn.execute(sql + (" FOR UPDATE" if lock else ""), (order_id,)).fetchone()
-    if row is None:
-        return None
-    return OrderRow(order_id=row[0], member_id=row[1], amount_cents=row[2], status=row[3], placed_at=row[4])
+    cursor = conn.cursor(row_factory=class_row(OrderRow))
+    return cursor.execute(sql + (" FOR UPDATE" if lock else ""), (order_id,)).fetchone()
 
 
 def set_order_discount(conn: Conn, order_id: str, discount_cents: int) -> None:
@@ -79,7 +78,7 @@ def move_order(conn: Conn, order_id: str, status: str, at: datetime) -> None:
 COUPON_FOR_USE = """
 SELECT c.code, c.status, c.member_id, c.order_id, c.expires_at,
        c.rebate_id IS NOT NULL OR EXISTS (
-           SELECT 1 FROM wallet_ledger w WHERE (w.claim_id, w.code) = (c.claim_id, c.code)),
+           SELECT 1 FROM wallet_ledger w WHERE (w.claim_id, w.code) = (c.claim_id, c.code)) AS credited,
        t.kind, t.value, t.threshold_cents
   FROM codes c JOIN coupon_templates t USING (template_id)
  WHERE c.code = %s
@@ -89,21 +88,7 @@ SELECT c.code, c.status, c.member_id, c.order_id, c.expires_at,
 
 def coupon_for_use(conn: Conn, code: str) -> CouponView | None:
     """A code and what redeeming it depends on, locked for the transition."""
-    row = conn.execute(COUPON_FOR_USE, (code,)).fetchone()
-    if row is None:
-        return None
-    code_, status, member, order, expires, credited, kind, value, threshold = row
-    return CouponView(
-        code=code_,
-        status=status,
-        member_id=member,
-        order_id=order,
-        expires_at=expires,
-        credited=bool(credited),
-        kind=kind,
-        value=value,
-        threshold_cents=threshold,
-    )
+    return conn.cursor(row_factory=class_row(CouponView)).execute(COUPON_FOR_USE, (code,)).fetchone()
 
 
 USE_COUPON = """
@@ -172,8 +157,8 @@ class ReferralSource:
 
 REFERRAL_SOURCE = """
 SELECT k.claim_id, k.share_id, k.activity_id, s.referrer_member_id, k.requested_at,
-       (SELECT phone_digest FROM members WHERE member_id = s.referrer_member_id),
-       (SELECT phone_digest FROM members WHERE member_id = k.member_id)
+       (SELECT phone_digest FROM members WHERE member_id = s.referrer_member_id) AS referrer_digest,
+       (SELECT phone_digest FROM members WHERE member_id = k.member_id) AS referee_digest
   FROM claims k JOIN shares s USING (share_id)
  WHERE k.member_id = %s AND k.new_member AND k.status <> 'refused'
  ORDER BY k.requested_at
@@ -183,18 +168,8 @@ SELECT k.claim_id, k.share_id, k.activity_id, s.referrer_member_id, k.requested_
 
 def referral_source(conn: Conn, member_id: int) -> ReferralSource | None:
     """The share a new member first claimed through, if any."""
-    row = conn.execute(REFERRAL_SOURCE, (member_id,)).fetchone()
-    if row is None:
-        return None
-    claim_id, share_id, activity_id, referrer, requested_at, referrer_digest, referee_digest = row
-    return ReferralSource(
-        claim_id=claim_id,
-        share_id=share_id,
-        activity_id=activity_id,
-        referrer_member_id=referrer,
-        requested_at=requested_at,
-        referrer_digest=None if referrer_digest is None else bytes(referrer_digest),
-        referee_digest=None if referee_digest is None else bytes(referee_digest),
+    return (
+        conn.cursor(row_factory=class_row(ReferralSource)).execute(REFERRAL_SOURCE, (member_id,)).fetchone()
     )
 
 
@@ -247,8 +222,8 @@ class RebateTerms:
 
 
 REBATE_TERMS = """
-SELECT a.rebate_every, a.rebate_amount_cents, a.rebate_template_id,
-       coalesce(r.timezone, a.timezone), r.validity_days, r.valid_until
+SELECT a.rebate_every AS every, a.rebate_amount_cents AS amount_cents, a.rebate_template_id AS template_id,
+       coalesce(r.timezone, a.timezone) AS timezone, r.validity_days, r.valid_until
   FROM activities a
   LEFT JOIN coupon_templates t ON t.template_id = a.rebate_template_id
   LEFT JOIN activities r ON r.activity_id = t.activity_id
@@ -257,17 +232,9 @@ SELECT a.rebate_every, a.rebate_amount_cents, a.rebate_template_id,
 
 
 def rebate_terms(conn: Conn, activity_id: int) -> RebateTerms:
-    row = conn.execute(REBATE_TERMS, (activity_id,)).fetchone()
-    assert row is not None, "a referral's activity exists"
-    every, amount, template, tz, days, until = row
-    return RebateTerms(
-        every=every,
-        amount_cents=amount,
-        template_id=template,
-        timezone=tz,
-        validity_days=days,
-        valid_until=until,
-    )
+    terms = conn.cursor(row_factory=class_row(RebateTerms)).execute(REBATE_TERMS, (activity_id,)).fetchone()
+    assert terms is not None, "a referral's activity exists"
+    return terms
 
 
 def referral_count(conn: Conn, referrer: int, activity_id: int) -> int:

@@ -12,40 +12,49 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from issuance.shared.domain import ActivityRules, TemplateRef
+from issuance.shared.domain import ActivityRules, Refusal, TemplateRef
+from issuance.shared.domain.claims import ActivityTerms, ClaimStatus, Holding
 from psycopg import Connection
+from psycopg.rows import kwargs_row
 from psycopg.types.json import Jsonb
 
 Conn = Connection[Any]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ActivityRow:
-    activity_id: int
-    slug: str
-    rules: ActivityRules
-    timezone: str
-    exclusivity_group: str
-    validity_days: int | None
-    valid_until: datetime | None
-    hold_until_registered: bool
-    templates: tuple[TemplateRef, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimRow:
     claim_id: uuid.UUID
-    status: str
-    reason: str | None
+    status: ClaimStatus
+    reason: Refusal | None
     member_id: int | None
     payload_digest: bytes
+
+    @classmethod
+    def from_row(
+        cls,
+        *,
+        claim_id: uuid.UUID,
+        status: str,
+        reason: str | None,
+        member_id: int | None,
+        payload_digest: bytes,
+    ) -> ClaimRow:
+        return cls(
+            claim_id=claim_id,
+            status=ClaimStatus(status),
+            reason=None if reason is None else Refusal(reason),
+            member_id=member_id,
+            payload_digest=payload_digest,
+        )
 
 
 ACTIVITY_BY_SLUG = """
 SELECT a.activity_id, a.slug, a.online, a.starts_at, a.ends_at, a.timezone,
        a.exclusivity_group, a.validity_days, a.valid_until, a.hold_until_registered,
-       coalesce(array_agg(t.template_id ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}'),
+       coalesce(array_agg(t.template_id ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}')
+           AS template_ids,
        coalesce(array_agg(t.new_user_only ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}')
+           AS new_user_only
   FROM activities a
   LEFT JOIN coupon_templates t ON t.activity_id = a.activity_id
  WHERE a.slug = %s
@@ -53,24 +62,41 @@ SELECT a.activity_id, a.slug, a.online, a.starts_at, a.ends_at, a.timezone,
 """
 
 
-def activity_by_slug(conn: Conn, slug: str) -> ActivityRow | None:
-    row = conn.execute(ACTIVITY_BY_SLUG, (slug,)).fetchone()
-    if row is None:
-        return None
-    (activity_id, slug, online, starts_at, ends_at, tz, group, days, until, hold, ids, new_only) = row
-    return ActivityRow(
+def _activity_terms(
+    *,
+    activity_id: int,
+    slug: str,
+    online: bool,
+    starts_at: datetime,
+    ends_at: datetime,
+    timezone: str,
+    exclusivity_group: str,
+    validity_days: int | None,
+    valid_until: datetime | None,
+    hold_until_registered: bool,
+    template_ids: list[int],
+    new_user_only: list[bool],
+) -> ActivityTerms:
+    return ActivityTerms(
         activity_id=activity_id,
         slug=slug,
         rules=ActivityRules(online=online, starts_at=starts_at, ends_at=ends_at),
-        timezone=tz,
-        exclusivity_group=group,
-        validity_days=days,
-        valid_until=until,
-        hold_until_registered=hold,
+        timezone=timezone,
+        exclusivity_group=exclusivity_group,
+        validity_days=validity_days,
+        valid_until=valid_until,
+        hold_until_registered=hold_until_registered,
         templates=tuple(
-            TemplateRef(template_id=t, new_user_only=n) for t, n in zip(ids, new_only, strict=True)
+            TemplateRef(template_id=t, new_user_only=n)
+            for t, n in zip(template_ids, new_user_only, strict=True)
         ),
     )
+
+
+def activity_by_slug(conn: Conn, slug: str) -> ActivityTerms | None:
+    """What the claim decision needs to know about an activity, with its
+    package's templates in order."""
+    return conn.cursor(row_factory=kwargs_row(_activity_terms)).execute(ACTIVITY_BY_SLUG, (slug,)).fetchone()
 
 
 # Lookups by ID in tables that grow during a campaign are not prepared on the
@@ -86,12 +112,8 @@ def claims_by_ids(
     sql = "SELECT claim_id, status, reason, member_id, payload_digest FROM claims WHERE claim_id = ANY(%s)"
     if lock:
         sql += " ORDER BY claim_id FOR UPDATE"
-    return {
-        row[0]: ClaimRow(
-            claim_id=row[0], status=row[1], reason=row[2], member_id=row[3], payload_digest=row[4]
-        )
-        for row in conn.execute(sql, (list(claim_ids),), prepare=False)
-    }
+    cursor = conn.cursor(row_factory=kwargs_row(ClaimRow.from_row))
+    return {row.claim_id: row for row in cursor.execute(sql, (list(claim_ids),), prepare=False)}
 
 
 def lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> None:
@@ -134,11 +156,11 @@ SELECT member_id, activity_id, exclusivity_group FROM claims
 """
 
 
-def member_grants(conn: Conn, member_ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
-    """The (activity, group) of every package each member already holds."""
-    grants: dict[int, list[tuple[int, str]]] = {m: [] for m in member_ids}
+def member_grants(conn: Conn, member_ids: Sequence[int]) -> dict[int, list[Holding]]:
+    """The packages each member already holds."""
+    grants: dict[int, list[Holding]] = {m: [] for m in member_ids}
     for member_id, activity_id, group in conn.execute(MEMBER_GRANTS, (list(member_ids),), prepare=False):
-        grants[member_id].append((activity_id, group))
+        grants[member_id].append(Holding(activity_id, group))
     return grants
 
 

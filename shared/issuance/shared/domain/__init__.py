@@ -12,6 +12,7 @@ import enum
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -92,11 +93,36 @@ def phone_digest(e164: str, key: str) -> bytes:
     return hmac.new(key.encode(), e164.encode(), hashlib.sha256).digest()
 
 
-def mask_phone(e164: str) -> str:
-    """A number as it may appear in logs and screens: ``+86138****5678``."""
-    if len(e164) <= 8:
-        return "*" * len(e164)
-    return f"{e164[:6]}{'*' * (len(e164) - 10)}{e164[-4:]}"
+def mask_phone(number: str) -> str:
+    """A number as it may appear in logs, dead letters and screens, whatever
+    its typing: ``+86138******00`` for ``+8613800138000``.
+
+    At least half of the national number's digits are hidden, for every
+    length: the country code (after a ``+``), at most 3 leading and 2
+    trailing digits stay, everything else becomes ``*``. Separators are
+    dropped; text without a digit is hidden whole.
+    """
+    digits = _NOT_DIGIT.sub("", number)
+    if not digits:
+        return "*" * len(number)
+    plus = number.lstrip()[:1] == "+"
+    country = _country_code(digits) if plus else ""
+    national = digits[len(country) :]
+    shown = len(national) // 2  # hide the larger half
+    tail = min(2, shown // 2)
+    head = min(3, shown - tail)
+    hidden = len(national) - head - tail
+    return f"{'+' if plus else ''}{country}{national[:head]}{'*' * hidden}{national[len(national) - tail :]}"
+
+
+_NOT_DIGIT = re.compile(r"[^0-9]")
+_CALLING_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+
+
+def _country_code(digits: str) -> str:
+    """The calling code an international number starts with (codes are
+    prefix-free, 1 to 3 digits); empty for an unassigned one."""
+    return next((digits[:n] for n in (1, 2, 3) if digits[:n] in _CALLING_CODES), "")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
