@@ -75,6 +75,17 @@ def test_a_claim_out_of_retries_is_parked_for_replay_and_stored_redacted():
     assert PHONE not in dead.body and PHONE[:4] in dead.body
 
 
+def test_a_message_id_with_a_long_digit_run_is_kept_whole():
+    """Replay finds the parked original by the stored key: a UUID that happens
+    to hold seven digits in a row must not be masked like a number."""
+    message_id = "616ed96f-9921-4c3b-8d7e-a2364212ca35"
+    body = _claim_envelope(message_id=message_id, options={"retries": 40, "traceback": "ValueError: x"})
+    dead = inspect("claims", BasicProperties(message_id="m-1"), orjson.dumps(body))
+    assert dead.key == message_id
+    free_text = inspect("claims", BasicProperties(message_id="+8613912345678"), b"[1]")
+    assert PHONE not in free_text.key
+
+
 def test_a_credit_message_is_replayed_from_its_stored_body():
     body = {
         "queue_name": "credits",

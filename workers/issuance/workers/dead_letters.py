@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import pika
 from issuance.shared.db import store
+from issuance.shared.domain import mask_phone
 from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
 from issuance.shared.wire import amqp, codec
@@ -46,6 +47,8 @@ MAX_STORED_BYTES = codec.MAX_ENVELOPE_BYTES
 EXCERPT_BYTES = 4096
 # A phone number in a body that is not JSON (or too big to parse and redact).
 _DIGIT_RUN = re.compile(r"\+?\d{7,}")
+# Message IDs (UUIDs) and SHA-256 digests: keys that carry no number.
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{64}")
 
 
 class Reason(StrEnum):
@@ -86,10 +89,16 @@ def parked_name(queue: str) -> str:
 
 
 def _mask(text: str) -> str:
-    """``text`` with digit runs masked like phone numbers and without NUL
-    (which PostgreSQL text and JSON cannot hold)."""
-    masked = _DIGIT_RUN.sub(lambda m: m.group()[:4] + "*" * max(len(m.group()) - 6, 0) + m.group()[-2:], text)
-    return masked.replace("\x00", "\\x00")
+    """``text`` with digit runs masked like phone numbers (the one mask,
+    :func:`issuance.shared.domain.mask_phone`) and without NUL (which
+    PostgreSQL text and JSON cannot hold)."""
+    return _DIGIT_RUN.sub(lambda m: mask_phone(m.group()), text).replace("\x00", "\\x00")
+
+
+def _key(text: str) -> str:
+    """A message key as stored: a message ID or digest as it is (replay finds
+    the parked original by it), anything else masked like free text."""
+    return text if _ID.fullmatch(text) else _mask(text)[:80]
 
 
 def _excerpt(body: bytes) -> str:
@@ -119,7 +128,7 @@ def inspect(queue: str, properties: Any, body: bytes) -> DeadEnvelope:
         truncated = stored is None
         headers["truncated"] = truncated
         return DeadEnvelope(
-            key=_mask(str(kw.pop("key", None) or message_id or digest))[:80],
+            key=_key(str(kw.pop("key", None) or message_id or digest)),
             queue=queue,
             actor=_mask(actor)[:64],
             reason=reason,
