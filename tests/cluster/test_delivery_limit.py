@@ -73,5 +73,6 @@ def test_a_message_returned_past_the_limit_is_dead_lettered_and_drained(quorum: 
 
     assert drain(quorum, pool) == 1
     with psycopg.connect(quorum.database_url) as conn:
-        rows = conn.execute("SELECT queue, actor, detail FROM dead_letters").fetchall()
-    assert rows == [("claims", "claim_requested", "delivery_limit")]
+        rows = conn.execute("SELECT queue, actor, reason, detail FROM dead_letters").fetchall()
+    assert [(q, a, r) for q, a, r, _ in rows] == [("claims", "claim_requested", "rejected")]
+    assert rows[0][3] == "rejected by the broker (delivery_limit)"
