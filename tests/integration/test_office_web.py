@@ -526,7 +526,7 @@ def test_dead_letters_are_listed_and_inspected_with_phones_masked(app, settings)
     listing = viewer.get("/dead-letters").text
     assert "invalid_message" in listing and f"/dead-letters/{dead_letter_id}" in listing
     detail = viewer.get(f"/dead-letters/{dead_letter_id}").text
-    assert "+86138****8000" in detail and "13800138000" not in detail
+    assert "+86138******00" in detail and "13800138000" not in detail
     assert viewer.get("/dead-letters/999999").status_code == 404
 
 
@@ -536,12 +536,12 @@ def test_member_and_code_lookup(app, settings, pool):
     code = outcome.codes[0]
     viewer = sign_in(app, "vera")
     found = viewer.get("/lookup", params={"phone": "138 0013 8123"}).text
-    assert "+86138****8123" in found and "13800138123" not in found
+    assert "+86138******23" in found and "13800138123" not in found
     assert code in found and act["slug"] in found and "credited" in found
     assert "please enter a correct mobile number" in viewer.get("/lookup", params={"phone": "12345"}).text
     assert "no member has this number" in viewer.get("/lookup", params={"phone": "13800138999"}).text
     by_code = viewer.get("/lookup", params={"code": code.lower()}).text
-    assert f"Code <code>{code}</code>" in by_code and "+86138****8123" in by_code
+    assert f"Code <code>{code}</code>" in by_code and "+86138******23" in by_code
     assert "no such code" in viewer.get("/lookup", params={"code": "NOPE123456"}).text
 
 

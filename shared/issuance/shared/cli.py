@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from issuance.shared.errors import (
     ServiceUnavailable,
     TransientError,
 )
-from issuance.shared.settings import PREFIX, Settings, SettingsError, load_settings
+from issuance.shared.settings import PREFIX, Settings, SettingsError, settings_from
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -272,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(verbose=args.verbose)
     settings: Settings | None = None
     try:
-        settings = load_settings()
+        # Read now, not from the process-wide cache: a command run in a process
+        # that read the environment earlier (a test, an embedding program)
+        # must see the environment it is run with.
+        settings = settings_from(os.environ)
         check_urls(settings)
         return int(args.func(args, settings))
     except KeyboardInterrupt:
