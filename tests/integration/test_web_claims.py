@@ -15,7 +15,7 @@ import jsonschema
 import psycopg
 import pytest
 import redis
-from issuance.producers.web.fastgate import accepted_key, budget_key
+from issuance.producers.web.fastgate import FastGate, Limits, accepted_key, budget_key
 from issuance.producers.web.openapi import SPEC
 from issuance.shared import gate
 from issuance.shared.domain import Refusal, phone_digest, share_id_for
@@ -28,6 +28,7 @@ from tests.integration.web_pipeline import (
     page_client,
     post_claim,
     purge,
+    read_status,
     settle,
     take_messages,
     workers_running,
@@ -131,11 +132,10 @@ def test_accepted_then_credited_then_already_received(settings: Settings, worker
         assert answer.status_code == 202
         body = answer.json()
         assert body["status"] == "accepted" and body["message"] == ACCEPTED
-        claim_id = body["claim_id"]
-        first = client.get(f"/api/claims/{claim_id}").json()
+        first = read_status(client, body).json()
         assert first["status"] in ("accepted", "bound", "credited")
 
-        (status,) = settle(client, claim_id)
+        (status,) = settle(client, body)
         assert status["status"] == "credited"
         assert sorted(c["code"][:3] for c in status["coupons"]) == sorted(act["prefixes"])
         jsonschema.validate(status, SPEC["components"]["schemas"]["ClaimStatus"])
@@ -153,12 +153,12 @@ def test_worker_refusal_reaches_the_status(settings: Settings, workers: Workers)
     worker's recorded reason is what the status reports."""
     act = make_activity(settings)
     with page_client(fresh(settings)) as client:
-        settle(client, post_claim(client, act["slug"], PHONE).json()["claim_id"])
+        settle(client, post_claim(client, act["slug"], PHONE).json())
         wait_for(lambda: granted_in_gate(settings, act["slug"], PHONE), timeout=10, what="the gate")
         redis.Redis.from_url(settings.redis_url).flushdb()
         second = post_claim(client, act["slug"], PHONE)
         assert second.status_code == 202
-        (status,) = settle(client, second.json()["claim_id"])
+        (status,) = settle(client, second.json())
     assert status["status"] == "refused" and status["reason"] == "already_received"
     assert status["message"] == "you have already received this package"
 
@@ -167,7 +167,7 @@ def test_similar_activity_is_refused_at_once(settings: Settings, workers: Worker
     first = make_activity(settings, group="double-eleven")
     second = make_activity(settings, group="double-eleven")
     with page_client(fresh(settings)) as client:
-        settle(client, post_claim(client, first["slug"], PHONE).json()["claim_id"])
+        settle(client, post_claim(client, first["slug"], PHONE).json())
         wait_for(lambda: granted_in_gate(settings, first["slug"], PHONE), timeout=10, what="the gate")
         answer = post_claim(client, second["slug"], PHONE)
     assert answer.status_code == 200
@@ -181,7 +181,7 @@ def test_budget_counter_answers_all_packages_are_gone(settings: Settings, worker
         assert [a.status_code for a in accepted] == [202, 202]
         third = post_claim(client, act["slug"], "+8613800138003")
         assert third.status_code == 200 and third.json()["message"] == "all packages are gone"
-        settle(client, *(a.json()["claim_id"] for a in accepted))
+        settle(client, *(a.json() for a in accepted))
         # A new counter is seeded from PostgreSQL's count of granted packages.
         redis.Redis.from_url(settings.redis_url).flushdb()
         fourth = post_claim(client, act["slug"], "+8613800138004")
@@ -194,8 +194,9 @@ def test_budget_counter_answers_all_packages_are_gone(settings: Settings, worker
 def test_empty_code_pool_is_reported_by_the_status(settings: Settings, workers: Workers) -> None:
     act = make_activity(settings, codes=0)
     with page_client(fresh(settings)) as client:
-        claim_id = post_claim(client, act["slug"], PHONE).json()["claim_id"]
-        (status,) = settle(client, claim_id)
+        accepted = post_claim(client, act["slug"], PHONE).json()
+        (status,) = settle(client, accepted)
+        claim_id = accepted["claim_id"]
     assert status == {
         "claim_id": claim_id,
         "status": "refused",
@@ -270,7 +271,7 @@ def test_redis_down_still_accepts(settings: Settings) -> None:
         started = time.monotonic()
         answers = [post_claim(client, act["slug"], PHONE) for _ in range(3)]
         elapsed = time.monotonic() - started
-        status = client.get(f"/api/claims/{answers[0].json()['claim_id']}")
+        status = read_status(client, answers[0].json())
     assert [a.status_code for a in answers] == [202, 202, 202]
     assert elapsed < 3
     assert status.json()["status"] == "accepted"
@@ -354,12 +355,10 @@ def test_give_back_never_creates_a_counter_without_expiry(settings: Settings) ->
     counter of 1 behind that would refuse every later claim as sold out."""
     import asyncio
 
-    from issuance.producers.web.fastgate import FastGate
-
     r = redis.Redis.from_url(settings.redis_url)
 
     async def give_back() -> None:
-        fast = FastGate(settings.redis_url, per_ip=10, per_phone=10, window_seconds=60)
+        fast = FastGate(settings.redis_url, limits=Limits(10, 10, 10, 10, 60))
         await fast.give_back("expired-activity")
         r.set(budget_key("live-activity"), 4, ex=5)
         await fast.give_back("live-activity")
@@ -397,3 +396,137 @@ def test_the_page_serves_its_request_metrics(settings: Settings) -> None:
     assert grew("issuance_web_requests_total", route="/api/claims", status="202") == 1
     assert grew("issuance_web_requests_total", route="/api/claims", status="422") == 1
     assert grew("issuance_web_request_seconds_count", route="/api/claims") == 2
+
+
+def _gate_verdicts(
+    settings: Settings, limits: Limits, attempts: list[tuple[str, uuid.UUID | None]]
+) -> list[str]:
+    """What the gate answers to claims for fresh numbers from these (address, share) pairs."""
+    import asyncio
+
+    async def run() -> list[str]:
+        fast = FastGate(settings.redis_url, limits=limits)
+        try:
+            return [
+                (
+                    await fast.check_claim(
+                        client_ip=ip,
+                        activity="gate-limits",
+                        group="",
+                        digest=uuid.uuid4().bytes,
+                        claim_id=uuid.uuid4(),
+                        remaining=1000,
+                        share_id=share,
+                    )
+                ).value
+                for ip, share in attempts
+            ]
+        finally:
+            await fast.close()
+
+    return asyncio.run(run())
+
+
+def test_gate_limits_per_network_of_v4_and_v6_addresses(settings: Settings) -> None:
+    limits = Limits(per_ip=100, per_network=3, per_phone=10, per_share=0, window_seconds=60)
+    v4 = [(f"203.0.113.{i}", None) for i in range(1, 6)] + [("203.0.114.1", None)]
+    v6 = [(f"2001:db8:0:1::{i}", None) for i in range(1, 6)] + [("2001:db8:0:2::1", None)]
+    assert _gate_verdicts(settings, limits, v4) == ["ok"] * 3 + ["rate_network"] * 2 + ["ok"]
+    assert _gate_verdicts(settings, limits, v6) == ["ok"] * 3 + ["rate_network"] * 2 + ["ok"]
+
+
+def test_gate_limits_per_share(settings: Settings) -> None:
+    limits = Limits(per_ip=100, per_network=100, per_phone=10, per_share=2, window_seconds=60)
+    abused, other = uuid.uuid4(), uuid.uuid4()
+    attempts = [(f"198.51.{i}.1", abused) for i in range(4)] + [("198.51.9.1", other), ("198.51.10.1", None)]
+    assert _gate_verdicts(settings, limits, attempts) == ["ok", "ok", "rate_share", "rate_share", "ok", "ok"]
+
+
+def test_redis_down_still_limits_in_process(settings: Settings) -> None:
+    """Redis down no longer means no limits: a bot from one address gets the
+    same per-address limit from the page's own token buckets."""
+    act = make_activity(settings)
+    down = fresh(settings, redis_url="redis://127.0.0.1:1/0", web_rate_per_ip=3)
+    with page_client(down) as client:
+        codes = [post_claim(client, act["slug"], f"+86138001380{i:02d}").status_code for i in range(6)]
+    assert codes == [202, 202, 202, 429, 429, 429]
+    assert len(take_messages(settings, "claims")) == 3
+
+
+def test_numbers_of_other_regions_are_refused_with_a_reason(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_allowed_regions="CN")) as client:
+        andorra = post_claim(client, act["slug"], "+376312345")
+        china = post_claim(client, act["slug"], PHONE)
+    assert andorra.status_code == 422
+    assert andorra.json() == {
+        "status": "refused",
+        "reason": "region",
+        "message": "this activity is open only to mobile numbers of CN",
+    }
+    jsonschema.validate(andorra.json(), SPEC["components"]["schemas"]["ClaimAnswer"])
+    assert china.status_code == 202
+    assert len(take_messages(settings, "claims")) == 1
+
+
+def test_challenge_without_a_provider_refuses_and_says_so(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_challenge="always")) as client:
+        answer = post_claim(client, act["slug"], PHONE, challenge="123456")
+        bare = post_claim(client, act["slug"], "+8613900139000")
+    assert answer.status_code == 503
+    assert "no challenge provider is configured" in answer.json()["message"]
+    assert bare.status_code == 403 and bare.json()["status"] == "challenge"
+    assert take_messages(settings, "claims") == []
+
+
+def test_challenge_above_a_rate_starts_once_the_rate_is_passed(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_challenge="above:2")) as client:
+        codes = [post_claim(client, act["slug"], f"+86138001380{i:02d}").status_code for i in range(4)]
+    assert codes == [202, 202, 403, 403]
+
+
+def test_status_reads_only_for_the_claimant(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings)) as client:
+        mine = post_claim(client, act["slug"], PHONE).json()
+        theirs = post_claim(client, act["slug"], "+8613900139000").json()
+        jsonschema.validate(mine, SPEC["components"]["schemas"]["ClaimAnswer"])
+        url = f"/api/claims/{mine['claim_id']}"
+        stranger = client.get(url)
+        wrong = client.get(url, params={"token": theirs["status_token"]})
+        garbage = client.get(url, params={"token": "é" * 64})
+        by_header = client.get(url, headers={"x-claim-token": mine["status_token"]})
+        by_query = read_status(client, mine)
+    unknown = {"status": "unknown", "message": "no such claim"}
+    assert stranger.status_code == wrong.status_code == garbage.status_code == 404
+    assert stranger.json() == wrong.json() == garbage.json() == unknown
+    assert by_header.status_code == by_query.status_code == 200
+    assert by_header.json()["status"] == "accepted"
+
+
+def test_status_reads_are_throttled_per_address(settings: Settings) -> None:
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_status_rate_per_ip=3)) as client:
+        accepted = post_claim(client, act["slug"], PHONE).json()
+        codes = [read_status(client, accepted).status_code for _ in range(3)]
+        guesses = client.get(f"/api/claims/{uuid.uuid4()}", params={"token": "0" * 64})
+    assert codes == [200, 200, 200]
+    assert guesses.status_code == 429 and int(guesses.headers["retry-after"]) > 0
+
+
+def test_share_opens_from_one_address_stop_counting(settings: Settings) -> None:
+    """A script opening made-up shares does not inflate the funnel."""
+    act = make_activity(settings)
+    with page_client(fresh(settings, web_share_opens_per_ip=2)) as client:
+        pages = [client.get(f"/a/{act['slug']}", params={"share": str(uuid.uuid4())}) for _ in range(5)]
+        assert [p.status_code for p in pages] == [200] * 5
+        opened: list[object] = []
+        deadline = time.monotonic() + 5
+        while len(opened) < 2 and time.monotonic() < deadline:
+            opened += take_messages(settings, "shares")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        opened += take_messages(settings, "shares")
+    assert len(opened) == 2

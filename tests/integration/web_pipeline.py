@@ -107,11 +107,16 @@ def workers_running(service_env: dict[str, str], settings: Settings, log: Path) 
         workers.stop()
 
 
-def settle(client: httpx.Client, *claim_ids: str, timeout: float = 30) -> list[dict[str, Any]]:
-    """The final status of each claim, once the workers have credited or refused it."""
+def read_status(client: httpx.Client, accepted: dict[str, Any]) -> httpx.Response:
+    """A claim's status, read as its claimant: with the token of its accepted answer."""
+    return client.get(f"/api/claims/{accepted['claim_id']}", params={"token": accepted["status_token"]})
+
+
+def settle(client: httpx.Client, *accepted: dict[str, Any], timeout: float = 30) -> list[dict[str, Any]]:
+    """The final status of each accepted claim, once the workers have credited or refused it."""
 
     def final() -> list[dict[str, Any]] | None:
-        answers = [client.get(f"/api/claims/{claim_id}").json() for claim_id in claim_ids]
+        answers = [read_status(client, answer).json() for answer in accepted]
         return answers if all(a["status"] in ("credited", "refused") for a in answers) else None
 
     answers: list[dict[str, Any]] = wait_for(final, timeout=timeout, what="claims to be decided")

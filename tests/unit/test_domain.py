@@ -138,3 +138,10 @@ def test_a_number_is_accepted_exactly_when_it_is_a_valid_mobile_number(text):
     except domain.InvalidPhone:
         got = None
     assert got == expected
+
+
+@pytest.mark.parametrize("bits", [40, 63])
+def test_fewer_random_bits_than_the_documented_minimum_are_refused(bits: int) -> None:
+    with pytest.raises(ValueError, match="below the minimum of 64"):
+        domain.check_capacity("RX", 0, 10, bits)
+    domain.check_capacity("RX", 0, 10, 64)

@@ -89,6 +89,21 @@ class Settings:
     # "view my coupons", "download the APP" and "register" buttons lead there.
     # Empty: those buttons are hidden.
     app_url: str = ""
+    # The activity page against bots (deploy/SECURITY.md): attempts per
+    # client network (/24, /64) and per share link in each rate window,
+    # status reads and share opens per client address, the regions whose
+    # numbers may claim (ISO codes, comma-separated; empty: any), and when
+    # claims must pass a challenge ("off", "always", "above:N" claims a
+    # minute per page process).
+    web_rate_per_network: int = 600
+    web_rate_per_share: int = 300
+    web_status_rate_per_ip: int = 300
+    web_share_opens_per_ip: int = 30
+    web_allowed_regions: str = ""
+    web_challenge: str = "off"
+    # The address the workers' and exporter's metrics servers listen on:
+    # loopback unless Prometheus scrapes from another host.
+    metrics_bind: str = "127.0.0.1"
 
     @property
     def sqlalchemy_url(self) -> str:

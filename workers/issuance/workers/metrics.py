@@ -97,17 +97,18 @@ def serve_metrics() -> int:
     """Serve ``/metrics`` until the dramatiq main process stops this fork."""
     from issuance.shared.settings import load_settings
 
-    port = load_settings().metrics_port
+    settings = load_settings()
+    port = settings.metrics_port
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker process keeps its values in memory: nothing to add up.
         log.warning("PROMETHEUS_MULTIPROC_DIR is not set: worker metrics are not served")
         return 0
     try:
-        server = ThreadingHTTPServer(("0.0.0.0", port), _MetricsHandler)  # noqa: S104  # nosec B104 - scraped from outside
+        server = ThreadingHTTPServer((settings.metrics_bind, port), _MetricsHandler)
     except OSError as exc:
         log.error("cannot serve worker metrics on port %d: %s (set ISSUANCE_METRICS_PORT)", port, exc)
         return 1
-    log.info("serving worker metrics on :%d/metrics", port)
+    log.info("serving worker metrics on %s:%d/metrics", settings.metrics_bind, port)
     try:
         server.serve_forever()
     finally:

@@ -8,6 +8,7 @@ the pipeline with a confirmed publish; the workers decide everything else
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -19,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import phonenumbers
 import psycopg
 from issuance.producers.background import PublisherThread
-from issuance.producers.web.fastgate import FastGate, Verdict
+from issuance.producers.web.challenge import Challenge, ChallengePolicy, Verifier, VerifierUnavailable
+from issuance.producers.web.fastgate import FastGate, Limits, Verdict
 from issuance.producers.web.i18n import Texts, choose_language
-from issuance.producers.web.openapi import MAX_PHONE_CHARS, SPEC
+from issuance.producers.web.openapi import (
+    MAX_CHALLENGE_CHARS,
+    MAX_PHONE_CHARS,
+    REGION_REASON,
+    SPEC,
+    TOKEN_HEADER,
+)
 from issuance.producers.web.page import render_error, render_not_found, render_page
 from issuance.producers.web.queries import ActivityPage, Queries
 from issuance.producers.web.security import (
@@ -32,6 +41,9 @@ from issuance.producers.web.security import (
     own_hosts,
     parse_origins,
     same_site,
+    status_key,
+    status_token,
+    token_matches,
 )
 from issuance.shared.db.fingerprints import check_phone_key_async
 from issuance.shared.domain import (
@@ -49,16 +61,18 @@ from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOp
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-FORM_FIELDS = frozenset(("activity", "phone", "share_id", "claim_id"))
+FORM_FIELDS = frozenset(("activity", "phone", "share_id", "claim_id", "challenge"))
 BUSY = "busy, try again"
 LIMITED = "too many attempts, please try again in a minute"
+NO_SUCH_CLAIM = "no such claim"
+CHALLENGE_NEEDED = "please complete the verification first"
 OPENAPI_BYTES = orjson.dumps(SPEC)
 
 
@@ -79,6 +93,7 @@ class ClaimForm:
     phone: str
     share_id: uuid.UUID | None
     claim_id: uuid.UUID | None
+    challenge: str | None = None
 
     @classmethod
     def parse(cls, data: Any) -> ClaimForm:
@@ -94,11 +109,15 @@ class ClaimForm:
         phone = data.get("phone")
         if not isinstance(phone, str) or len(phone) > MAX_PHONE_CHARS:
             raise InvalidForm(f"phone must be a string of at most {MAX_PHONE_CHARS} characters")
+        challenge = data.get("challenge")
+        if challenge is not None and (not isinstance(challenge, str) or len(challenge) > MAX_CHALLENGE_CHARS):
+            raise InvalidForm(f"challenge must be a string of at most {MAX_CHALLENGE_CHARS} characters")
         return cls(
             activity=activity,
             phone=phone,
             share_id=_optional_uuid(data.get("share_id"), "share_id"),
             claim_id=_optional_uuid(data.get("claim_id"), "claim_id"),
+            challenge=challenge,
         )
 
 
@@ -121,6 +140,20 @@ def _invalid(message: str, status_code: int) -> JSON:
     return JSON({"status": "invalid", "message": message}, status_code)
 
 
+def parse_regions(raw: str) -> frozenset[str]:
+    """``ISSUANCE_WEB_ALLOWED_REGIONS``: ISO region codes, comma-separated."""
+    return frozenset(code.strip().upper() for code in raw.split(",") if code.strip())
+
+
+def region_of(e164: str) -> str:
+    """The region a normalised number belongs to (by its prefix), or "ZZ"."""
+    return phonenumbers.region_code_for_number(phonenumbers.parse(e164)) or "ZZ"
+
+
+def _limited(window_seconds: int) -> JSON:
+    return JSON({"status": "limited", "message": LIMITED}, 429, headers={"retry-after": str(window_seconds)})
+
+
 VERDICT_REFUSALS = {
     Verdict.ALREADY_RECEIVED: Refusal.ALREADY_RECEIVED,
     Verdict.SIMILAR_ACTIVITY: Refusal.SIMILAR_ACTIVITY,
@@ -131,8 +164,16 @@ VERDICT_REFUSALS = {
 class ActivityPageApp:
     """The routes, over the process's connections (opened in the lifespan)."""
 
-    def __init__(self, settings: Settings, publisher_factory: Callable[[], Publisher] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher_factory: Callable[[], Publisher] | None = None,
+        challenge: Challenge | None = None,
+    ) -> None:
         self.settings = settings
+        self.allowed_regions = parse_regions(settings.web_allowed_regions)
+        self.challenge = challenge or Challenge(ChallengePolicy.parse(settings.web_challenge))
+        self.status_key = status_key(settings.phone_key)
         self.trusted = parse_origins(settings.web_trusted_origins)
         self.own_hosts = own_hosts(settings.activity_base_url, self.trusted)
         hours = settings.credit_promise_seconds // 3600
@@ -161,9 +202,13 @@ class ActivityPageApp:
         self.queries = Queries(pool, cache_seconds=settings.web_cache_seconds)
         self.gate = FastGate(
             settings.redis_url,
-            per_ip=settings.web_rate_per_ip,
-            per_phone=settings.web_rate_per_phone,
-            window_seconds=settings.web_rate_window_seconds,
+            limits=Limits(
+                per_ip=settings.web_rate_per_ip,
+                per_network=settings.web_rate_per_network,
+                per_phone=settings.web_rate_per_phone,
+                per_share=settings.web_rate_per_share,
+                window_seconds=settings.web_rate_window_seconds,
+            ),
         )
         self.publisher = PublisherThread(self._publisher_factory, on_confirmed=self._remember_confirmed)
         self.publisher.start()
@@ -199,7 +244,14 @@ class ActivityPageApp:
         if activity is None:
             return HTMLResponse(render_not_found(texts), 404, headers=VARY)
         share = _share_param(request.query_params.get("share"))
-        if share is not None:
+        # Share opens are a funnel and fraud signal: a script opening made-up
+        # share IDs from one address stops counting after a few a minute.
+        if share is not None and not await self.gate.over_limit(
+            "share-open",
+            _client_ip(request),
+            self.settings.web_share_opens_per_ip,
+            self.settings.web_rate_window_seconds,
+        ):
             self.publisher.publish_nowait(
                 ShareOpened(event_id=uuid.uuid4(), share_id=share, opened_at=utcnow())
             )
@@ -227,6 +279,10 @@ class ActivityPageApp:
             form = ClaimForm.parse(orjson.loads(await request.body()))
         except BodyTooLarge:
             return _invalid("the request is too large", 413)
+        except ClientDisconnect:
+            # The client went away mid-body: nobody reads the answer.
+            log.debug("claim request abandoned by the client mid-body")
+            return _invalid("the request was not received whole", 400)
         except orjson.JSONDecodeError:
             return _invalid("the body is not JSON", 400)
         except InvalidForm as exc:
@@ -242,11 +298,44 @@ class ActivityPageApp:
             e164 = normalize_phone(form.phone, self.settings.default_region)
         except InvalidPhone:
             return _refused(Refusal.BAD_PHONE, 422)
+        if self.allowed_regions and region_of(e164) not in self.allowed_regions:
+            return JSON(
+                {
+                    "status": "refused",
+                    "reason": REGION_REASON,
+                    "message": "this activity is open only to mobile numbers of "
+                    + ", ".join(sorted(self.allowed_regions)),
+                },
+                422,
+            )
         now = utcnow()
         refusal = window_refusal(activity.rules, now)
         if refusal is not None:
             return _refused(refusal)
+        challenged = await self._challenge(request, form, e164)
+        if challenged is not None:
+            return challenged
         return await self._gate_and_publish(request, form, activity, e164, now)
+
+    async def _challenge(self, request: Request, form: ClaimForm, e164: str) -> Response | None:
+        """None when the claim may go on; else the answer that stops it."""
+        if not self.challenge.required():
+            return None
+        if not form.challenge:
+            return JSON({"status": "challenge", "message": CHALLENGE_NEEDED}, 403)
+        try:
+            passed = await asyncio.to_thread(
+                self.challenge.verifier.verify,
+                answer=form.challenge,
+                phone=e164,
+                client_ip=_client_ip(request),
+            )
+        except VerifierUnavailable as exc:
+            log.warning("claim not taken, the challenge cannot be checked: %s", exc)
+            return JSON({"status": "busy", "message": str(exc)}, 503, headers={"retry-after": "60"})
+        if not passed:
+            return JSON({"status": "challenge", "message": CHALLENGE_NEEDED}, 403)
+        return None
 
     async def _gate_and_publish(
         self, request: Request, form: ClaimForm, activity: ActivityPage, e164: str, now: datetime
@@ -254,17 +343,17 @@ class ActivityPageApp:
         digest = phone_digest(e164, self.settings.phone_key)
         claim_id = form.claim_id or uuid.uuid4()
         verdict = await self.gate.check_claim(
-            client_ip=request.client.host if request.client else "unknown",
+            client_ip=_client_ip(request),
             activity=activity.slug,
             group=activity.exclusivity_group,
             digest=digest,
             claim_id=claim_id,
             remaining=activity.remaining,
+            share_id=form.share_id,
         )
-        if verdict in (Verdict.RATE_IP, Verdict.RATE_PHONE):
+        if verdict in RATE_VERDICTS:
             log.info("claim attempts limited (%s) for %s", verdict.value, mask_phone(e164))
-            headers = {"retry-after": str(self.settings.web_rate_window_seconds)}
-            return JSON({"status": "limited", "message": LIMITED}, 429, headers=headers)
+            return _limited(self.settings.web_rate_window_seconds)
         if verdict in VERDICT_REFUSALS:
             return _refused(VERDICT_REFUSALS[verdict])
         if verdict is Verdict.CONFLICT:
@@ -285,13 +374,29 @@ class ActivityPageApp:
         return self._accepted(claim_id)
 
     def _accepted(self, claim_id: uuid.UUID) -> JSON:
-        return JSON({"status": "accepted", "claim_id": str(claim_id), "message": self.accepted_text}, 202)
+        body = {
+            "status": "accepted",
+            "claim_id": str(claim_id),
+            "status_token": status_token(self.status_key, claim_id),
+            "message": self.accepted_text,
+        }
+        return JSON(body, 202)
 
     async def claim_status(self, request: Request) -> Response:
+        settings = self.settings
+        if await self.gate.over_limit(
+            "status", _client_ip(request), settings.web_status_rate_per_ip, settings.web_rate_window_seconds
+        ):
+            return _limited(settings.web_rate_window_seconds)
         try:
             claim_id = uuid.UUID(request.path_params["claim_id"])
         except ValueError:
-            return JSON({"status": "unknown", "message": "no such claim"}, 404)
+            return JSON({"status": "unknown", "message": NO_SUCH_CLAIM}, 404)
+        token = request.query_params.get("token") or request.headers.get(TOKEN_HEADER)
+        if not token_matches(self.status_key, claim_id, token):
+            # The same answer as an unknown claim: a stranger learns nothing,
+            # not even that the claim exists.
+            return JSON({"status": "unknown", "message": NO_SUCH_CLAIM}, 404)
         try:
             found = await self.queries.claim_status(claim_id)
         except Exception as exc:
@@ -300,7 +405,7 @@ class ActivityPageApp:
         body: dict[str, Any] = {"claim_id": str(claim_id)}
         if found is None:
             if await self.gate.was_accepted(claim_id) is False:
-                return JSON({**body, "status": "unknown", "message": "no such claim"}, 404)
+                return JSON({**body, "status": "unknown", "message": NO_SUCH_CLAIM}, 404)
             # Queued, or Redis cannot tell: the worker has not recorded it yet.
             return JSON({**body, "status": "accepted", "message": self.accepted_text})
         if found.status == "refused" and found.reason is not None:  # a constraint: refusals have a reason
@@ -320,6 +425,11 @@ class ActivityPageApp:
 
 
 VARY = {"vary": "Accept-Language"}
+RATE_VERDICTS = frozenset((Verdict.RATE_IP, Verdict.RATE_NETWORK, Verdict.RATE_PHONE, Verdict.RATE_SHARE))
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def page_texts(request: Request) -> Texts:
@@ -365,13 +475,19 @@ def _share_param(value: str | None) -> uuid.UUID | None:
 
 
 def create_app(
-    settings: Settings | None = None, *, publisher_factory: Callable[[], Publisher] | None = None
+    settings: Settings | None = None,
+    *,
+    publisher_factory: Callable[[], Publisher] | None = None,
+    challenge_verifier: Verifier | None = None,
 ) -> Starlette:
     """The ASGI app. ``publisher_factory`` builds the process's publisher
-    (RabbitMQ from the settings by default)."""
+    (RabbitMQ from the settings by default); ``challenge_verifier`` checks
+    challenge answers when ``ISSUANCE_WEB_CHALLENGE`` is on (none: every
+    challenged claim is refused, saying no provider is configured)."""
     settings = settings or load_settings()
     require_phone_key(settings)
-    page = ActivityPageApp(settings, publisher_factory)
+    challenge = Challenge(ChallengePolicy.parse(settings.web_challenge), challenge_verifier)
+    page = ActivityPageApp(settings, publisher_factory, challenge)
     routes = [
         Route("/a/{slug}", page.page, methods=["GET"]),
         Route("/api/claims", page.request_claim, methods=["POST"]),

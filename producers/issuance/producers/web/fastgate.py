@@ -1,17 +1,20 @@
 """The page's side of the Redis gate: one script call per claim, the calls of
 concurrent claims sent together, one pipeline per round trip.
 
-A Lua script counts the attempt against the per-IP and per-number rate
-limits, looks the number up in the sets the workers fill after they commit
-(``issuance.shared.gate``: already received, similar activity), and takes one package
-from the activity's budget counter. The counter is seeded from PostgreSQL's
+A Lua script counts the attempt against the rate limits (per client
+address, per client network, per number and activity, per share), looks
+the number up in the sets the workers fill after they commit
+(``issuance.shared.gate``: already received, similar activity), and takes
+one package from the activity's budget counter. The counter is seeded from PostgreSQL's
 count of granted packages and re-seeded every ``BUDGET_SYNC_SECONDS``: between
 seeds it also counts claims still in the queue, so a flood past the budget is
 answered "all packages are gone" at once instead of queueing.
 
-Redis is an optimisation, not the truth: when it is unreachable every check
-is skipped (the workers enforce every rule again) and Redis is left alone for
-a second, so an outage costs one timeout per second, not one per request.
+Redis is an optimisation, not the truth: when it is unreachable the rules
+are left to the workers (they enforce every one again), the rate limits to
+an in-process limiter (``limits.LocalLimiter``), and Redis is left alone for
+a second, so an outage costs one timeout per second, not one per request,
+and a bot cannot drain a budget while Redis is down.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import hashlib
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
+from issuance.producers.web.limits import Limit, LocalLimiter, network_of
 from issuance.shared import gate
 from redis.exceptions import NoScriptError, RedisError
 
@@ -39,7 +43,9 @@ BACKOFF_SECONDS = 1.0
 class Verdict(enum.StrEnum):
     OK = "ok"
     RATE_IP = "rate_ip"
+    RATE_NETWORK = "rate_network"
     RATE_PHONE = "rate_phone"
+    RATE_SHARE = "rate_share"
     ALREADY_RECEIVED = "already_received"
     SIMILAR_ACTIVITY = "similar_activity"
     SOLD_OUT = "sold_out"
@@ -48,25 +54,46 @@ class Verdict(enum.StrEnum):
     UNCHECKED = "unchecked"  # Redis is unavailable: the workers decide
 
 
+# KEYS: the rate counters (address, network, number, share), the
+# activity's and the group's "received" sets, the budget, the accepted marker.
+# A limit of 0 is not counted (a claim without a share).
 CHECK_CLAIM = """
 local function hit(key, limit, window)
+  if tonumber(limit) == 0 then return false end
   local n = redis.call('INCR', key)
   if n == 1 then redis.call('EXPIRE', key, window) end
   return n > tonumber(limit)
 end
-if hit(KEYS[1], ARGV[2], ARGV[4]) then return 'rate_ip' end
-if hit(KEYS[2], ARGV[3], ARGV[4]) then return 'rate_phone' end
-local seen = redis.call('GET', KEYS[6])
+local window = ARGV[6]
+if hit(KEYS[1], ARGV[2], window) then return 'rate_ip' end
+if hit(KEYS[2], ARGV[3], window) then return 'rate_network' end
+if hit(KEYS[3], ARGV[4], window) then return 'rate_phone' end
+if hit(KEYS[4], ARGV[5], window) then return 'rate_share' end
+local seen = redis.call('GET', KEYS[8])
 if seen then
-  if seen == ARGV[7] then return 'duplicate' end
+  if seen == ARGV[9] then return 'duplicate' end
   return 'conflict'
 end
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 'already_received' end
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return 'similar_activity' end
-redis.call('SET', KEYS[5], ARGV[5], 'NX', 'EX', ARGV[6])
-if redis.call('DECR', KEYS[5]) < 0 then return 'sold_out' end
+if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 then return 'already_received' end
+if redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 1 then return 'similar_activity' end
+redis.call('SET', KEYS[7], ARGV[7], 'NX', 'EX', ARGV[8])
+if redis.call('DECR', KEYS[7]) < 0 then return 'sold_out' end
 return 'ok'
 """
+
+# One counter: over the limit or not (status reads, share opens).
+HIT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return n > tonumber(ARGV[1]) and 1 or 0
+"""
+
+LIMIT_VERDICTS = {
+    "ip": Verdict.RATE_IP,
+    "network": Verdict.RATE_NETWORK,
+    "phone": Verdict.RATE_PHONE,
+    "share": Verdict.RATE_SHARE,
+}
 
 
 # Only into a live counter: an INCR on an expired one would create a counter
@@ -95,18 +122,35 @@ def fingerprint(activity: str, digest: bytes) -> str:
     return hashlib.sha256(activity.encode() + b"\0" + digest).hexdigest()[:32]
 
 
+class Limits(NamedTuple):
+    """Attempts allowed per rate window (0: not limited)."""
+
+    per_ip: int
+    per_network: int
+    per_phone: int
+    per_share: int
+    window_seconds: int
+
+
+class _Check(NamedTuple):
+    keys: list[str]
+    args: list[str | int]
+    local: list[tuple[Limit, str]]
+    future: asyncio.Future[Verdict]
+
+
 class FastGate:
-    """Asynchronous checks against the gate, failing open."""
+    """Asynchronous checks against the gate: the rules fail open to the
+    workers, the rate limits to the in-process limiter."""
 
     def __init__(
         self,
         url: str,
         *,
-        per_ip: int,
-        per_phone: int,
-        window_seconds: int,
+        limits: Limits,
         timeout: float = 0.5,
         max_connections: int = 64,
+        local: LocalLimiter | None = None,
     ) -> None:
         # At most ``max_connections`` calls at once: a burst of requests waits
         # its turn here instead of opening hundreds of connections, whose
@@ -117,13 +161,13 @@ class FastGate:
             url, max_connections=max_connections, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self.sync_client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self.per_ip = per_ip
-        self.per_phone = per_phone
-        self.window_seconds = window_seconds
+        self.limits = limits
+        self.local = local or LocalLimiter()
         self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324  # nosec B324 - Redis names scripts by SHA-1
-        self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Verdict]]] = []
+        self._queued: list[_Check] = []
         self._drainer: asyncio.Task[None] | None = None
         self._give_back = self.client.register_script(GIVE_BACK)
+        self._hit = self.client.register_script(HIT)
         self._down_until = 0.0
 
     def _available(self) -> bool:
@@ -142,16 +186,32 @@ class FastGate:
         digest: bytes,
         claim_id: uuid.UUID,
         remaining: int,
+        share_id: uuid.UUID | None = None,
     ) -> Verdict:
         """Count the attempt and answer what Redis already knows."""
-        if not self._available():
-            return Verdict.UNCHECKED
         member = digest.hex()
+        limits = self.limits
+        window = limits.window_seconds
+        network = network_of(client_ip)
+        # Per number and activity: posts with a victim's number on one
+        # activity cannot lock the victim out of every other one.
+        phone = f"{activity}:{member}"
+        share = str(share_id) if share_id is not None else ""
+        per_share = limits.per_share if share_id is not None else 0
+        local = [
+            (Limit(kind="ip", count=limits.per_ip, window_seconds=window), client_ip),
+            (Limit(kind="network", count=limits.per_network, window_seconds=window), network),
+            (Limit(kind="phone", count=limits.per_phone, window_seconds=window), phone),
+            (Limit(kind="share", count=per_share, window_seconds=window), share),
+        ]
+        local = [(limit, value) for limit, value in local if limit.count > 0]
+        if not self._available():
+            return self._limit_locally(local)
         keys = [
             rate_key("ip", client_ip),
-            # Per number and activity: posts with a victim's number on one
-            # activity cannot lock the victim out of every other one.
-            rate_key("phone", f"{activity}:{member}"),
+            rate_key("net", network),
+            rate_key("phone", phone),
+            rate_key("share", share),
             gate.activity_key(activity),
             gate.group_key(group),
             budget_key(activity),
@@ -159,15 +219,17 @@ class FastGate:
         ]
         args: list[str | int] = [
             member,
-            self.per_ip,
-            self.per_phone,
-            self.window_seconds,
+            limits.per_ip,
+            limits.per_network,
+            limits.per_phone,
+            per_share,
+            window,
             max(remaining, 0),
             BUDGET_SYNC_SECONDS,
             fingerprint(activity, digest),
         ]
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._queued.append((keys, args, future))
+        self._queued.append(_Check(keys, args, local, future))
         if self._drainer is None:
             # Started on the next loop turn: the requests that arrived with
             # this one join its batch, and more gather while it is in flight.
@@ -179,16 +241,34 @@ class FastGate:
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
-                verdicts = await self._check_batch([(keys, args) for keys, args, _ in batch])
-                for (_, _, future), verdict in zip(batch, verdicts, strict=True):
-                    if not future.done():
-                        future.set_result(verdict)
+                verdicts = await self._check_batch([(check.keys, check.args) for check in batch])
+                for check, answer in zip(batch, verdicts, strict=True):
+                    verdict = self._limit_locally(check.local) if answer is Verdict.UNCHECKED else answer
+                    if not check.future.done():
+                        check.future.set_result(verdict)
         finally:
             self._drainer = None
-            for _, _, future in self._queued:  # only left behind if this task was cancelled
-                if not future.done():
-                    future.set_result(Verdict.UNCHECKED)
+            for check in self._queued:  # only left behind if this task was cancelled
+                if not check.future.done():
+                    check.future.set_result(self._limit_locally(check.local))
             self._queued = []
+
+    def _limit_locally(self, checks: list[tuple[Limit, str]]) -> Verdict:
+        """The rate limits without Redis: this process's token buckets."""
+        over = self.local.allow(checks)
+        return Verdict.UNCHECKED if over is None else LIMIT_VERDICTS[over.kind]
+
+    async def over_limit(self, kind: str, value: str, count: int, window_seconds: int) -> bool:
+        """Count one request against ``count`` per window for ``value``;
+        whether it is over (in Redis, else in this process)."""
+        limit = Limit(kind=kind, count=count, window_seconds=window_seconds)
+        if self._available():
+            try:
+                async with self._slots:
+                    return bool(await self._hit(keys=[rate_key(kind, value)], args=[count, window_seconds]))
+            except RedisError as exc:
+                self._failed(f"{kind} limit", exc)
+        return self.local.allow([(limit, value)]) is not None
 
     async def _check_batch(self, batch: list[tuple[list[str], list[str | int]]]) -> list[Verdict]:
         answers: list[Any] = [None] * len(batch)

@@ -9,6 +9,10 @@ from issuance.shared.domain import Refusal
 from issuance.shared.wire.messages import SLUG
 
 MAX_PHONE_CHARS = 32
+MAX_CHALLENGE_CHARS = 2048
+# Refused by the page's own setting (ISSUANCE_WEB_ALLOWED_REGIONS), not by a domain rule.
+REGION_REASON = "region"
+TOKEN_HEADER = "X-Claim-Token"  # noqa: S105 - a header's name, not a secret
 
 UUID_OR_NULL: dict[str, Any] = {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]}
 
@@ -27,12 +31,19 @@ CLAIM_FORM: dict[str, Any] = {
         "share_id": {**UUID_OR_NULL, "description": "the share the page was opened from, if any"},
         "claim_id": {
             **UUID_OR_NULL,
-            "description": "client-chosen claim ID (idempotency key); the server picks one when absent",
+            "description": (
+                "client-chosen claim ID (idempotency key) for publishers' scripts; the server picks one"
+                " when absent, and the activity page never sends one"
+            ),
+        },
+        "challenge": {
+            "anyOf": [{"type": "string", "maxLength": MAX_CHALLENGE_CHARS}, {"type": "null"}],
+            "description": "the answer to the challenge (SMS code or CAPTCHA token) when the server asks",
         },
     },
 }
 
-REASON: dict[str, Any] = {"type": "string", "enum": [r.value for r in Refusal]}
+REASON: dict[str, Any] = {"type": "string", "enum": [*(r.value for r in Refusal), REGION_REASON]}
 
 CLAIM_ANSWER: dict[str, Any] = {
     "type": "object",
@@ -40,9 +51,14 @@ CLAIM_ANSWER: dict[str, Any] = {
     "properties": {
         "status": {
             "type": "string",
-            "enum": ["accepted", "refused", "invalid", "limited", "busy", "forbidden"],
+            "enum": ["accepted", "refused", "invalid", "limited", "busy", "forbidden", "challenge"],
         },
         "claim_id": {"type": "string", "format": "uuid"},
+        "status_token": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{64}$",
+            "description": "with an accepted claim: the token its status read requires",
+        },
         "reason": REASON,
         "message": {"type": "string", "description": "the sentence to show the member"},
     },
@@ -52,7 +68,10 @@ CLAIM_STATUS: dict[str, Any] = {
     "type": "object",
     "required": ["status", "message"],
     "properties": {
-        "status": {"type": "string", "enum": ["accepted", "bound", "credited", "refused", "unknown"]},
+        "status": {
+            "type": "string",
+            "enum": ["accepted", "bound", "credited", "refused", "unknown", "limited"],
+        },
         "claim_id": {"type": "string", "format": "uuid"},
         "reason": REASON,
         "message": {"type": "string"},
@@ -122,13 +141,18 @@ SPEC: dict[str, Any] = {
                     "202": _answer("accepted: the coupons arrive within the promise"),
                     "200": _answer("refused at once, with the reason"),
                     "400": _answer("the body is not JSON"),
-                    "403": _answer("posted from another site"),
+                    "403": _answer("posted from another site, or the challenge is required or failed"),
                     "404": _answer("no such activity"),
                     "409": _answer("this claim ID was already used for another number"),
                     "413": _answer("the body is too large"),
                     "415": _answer("the body is not declared as application/json"),
-                    "422": _answer("a field is missing or of the wrong type, or the number is not valid"),
-                    "429": _answer("too many attempts from this address or for this number"),
+                    "422": _answer(
+                        "a field is missing or of the wrong type, or the number is not valid or of a region"
+                        " this page does not serve"
+                    ),
+                    "429": _answer(
+                        "too many attempts from this address, its network, for this number or this share"
+                    ),
                     "503": _answer("busy, try again: the claim was not queued"),
                 },
             }
@@ -136,18 +160,25 @@ SPEC: dict[str, Any] = {
         "/api/claims/{claim_id}": {
             "get": {
                 "operationId": "claimStatus",
-                "summary": "Where a claim stands",
+                "summary": "Where a claim stands (for the claimant only)",
+                "description": (
+                    "Requires the claim's status token, returned with the accepted claim, as ?token= or"
+                    f" the {TOKEN_HEADER} header; a wrong or missing token reads as an unknown claim."
+                ),
                 "parameters": [
                     {
                         "name": "claim_id",
                         "in": "path",
                         "required": True,
                         "schema": {"type": "string", "format": "uuid"},
-                    }
+                    },
+                    {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": TOKEN_HEADER, "in": "header", "required": False, "schema": {"type": "string"}},
                 ],
                 "responses": {
                     "200": _answer("accepted, bound (being credited), credited or refused", "ClaimStatus"),
-                    "404": _answer("no such claim", "ClaimStatus"),
+                    "404": _answer("no such claim, or not the claim's token", "ClaimStatus"),
+                    "429": _answer("too many status reads from this address", "ClaimStatus"),
                     "503": _answer("the status cannot be read right now", "ClaimStatus"),
                 },
             }

@@ -1,4 +1,5 @@
-"""Security headers, the request body limit and the cross-site check.
+"""Security headers, the request body limit, the cross-site check and the
+claim status token.
 
 Written as plain ASGI middleware (no per-request task or copy of the body),
 because it runs on every request of the hot path.
@@ -6,13 +7,20 @@ because it runs on every request of the hot path.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import uuid
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-MAX_BODY_BYTES = 2048
+# Room for the claim and a challenge answer (a CAPTCHA token).
+MAX_BODY_BYTES = 4096
+# Domain separation: the status key is derived from the phone key, so it is
+# no new secret to manage, yet a status token says nothing about a digest.
+STATUS_KEY_CONTEXT = b"issuance/claim-status-token/v1"
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' https: data:;"
@@ -29,6 +37,24 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cross-origin-resource-policy", b"same-origin"),
 )
 NO_STORE = (b"cache-control", b"no-store")
+
+
+def status_key(phone_key: str) -> bytes:
+    """The key status tokens are made with, derived from the phone key."""
+    return hmac.new(phone_key.encode(), STATUS_KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def status_token(key: bytes, claim_id: uuid.UUID) -> str:
+    """The token that lets the claimant, and only the claimant, read a
+    claim's status: returned with the claim, required by the status read."""
+    return hmac.new(key, claim_id.bytes, hashlib.sha256).hexdigest()
+
+
+def token_matches(key: bytes, claim_id: uuid.UUID, token: str | None) -> bool:
+    """Whether ``token`` is the claim's status token (in constant time)."""
+    if token is None:
+        return False
+    return hmac.compare_digest(status_token(key, claim_id).encode(), token.encode(errors="replace"))
 
 
 class BodyTooLarge(Exception):

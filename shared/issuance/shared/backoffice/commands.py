@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
@@ -162,10 +162,34 @@ def cmd_codes_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def open_export(path: str, *, force: bool) -> BinaryIO:
+    """A new file only its owner can read (codes are as good as money),
+    never through a symlink; an existing file only with ``force``."""
+    import os
+
+    from issuance.shared.backoffice import catalog
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise catalog.BackOfficeError(
+            f"{path} exists: choose a new file, or pass --force to replace it"
+        ) from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise catalog.BackOfficeError(
+                f"{path} is a symbolic link: codes are never written through one"
+            ) from None
+        raise catalog.BackOfficeError(f"cannot write {path}: {exc.strerror}") from None
+    os.fchmod(fd, 0o600)  # a replaced file keeps its old mode otherwise
+    return os.fdopen(fd, "wb")
+
+
 def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.backoffice import catalog
 
-    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115 - closed below
+    out = sys.stdout.buffer if args.out == "-" else open_export(args.out, force=args.force)
     try:
         with _connect(settings) as conn:
             for data in catalog.export_batch(conn, args.batch):
@@ -261,7 +285,8 @@ def register(sub: Any) -> None:
     export.add_argument(
         "--batch", type=int, required=True, help="the batch number (codes generate prints it)"
     )
-    export.add_argument("--out", default="-", help="file, or - for standard output")
+    export.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
     export.set_defaults(func=cmd_codes_export)
 
     coupons = sub.add_parser("coupons", help="coupons after issuance").add_subparsers(

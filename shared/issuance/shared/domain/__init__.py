@@ -27,6 +27,8 @@ CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODE_MIN_LENGTH = 10
 CODE_MAX_LENGTH = 16
 DEFAULT_CODE_RANDOM_BITS = 64
+# The documented floor: fewer random bits make codes guessable by a script.
+MIN_CODE_RANDOM_BITS = 64
 
 # Share IDs are derived from order IDs, so the order system can build the link
 # itself and a replayed order-placed opens the same share.
@@ -243,4 +245,9 @@ def check_capacity(prefix: str, existing: int, requested: int, bits: int = DEFAU
         raise ValueError(
             f"{existing + requested} codes under {prefix!r} exceed {limit}, the most a keyspace of"
             f" {keyspace(bits):.3g} holds while a guess stays under one in a million; use more random bits"
+        )
+    if bits < MIN_CODE_RANDOM_BITS:
+        raise ValueError(
+            f"{bits} random bits per code is below the minimum of {MIN_CODE_RANDOM_BITS};"
+            " use more random bits"
         )

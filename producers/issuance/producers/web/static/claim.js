@@ -35,7 +35,6 @@
     "status.credited": "action.use",
     "status.held": "action.register",
   };
-  let claimId = null; // kept across "busy" answers so a retry is the same claim
 
   function text(key, values) {
     let sentence = TEXTS[key] || TEXTS["status.invalid"];
@@ -74,8 +73,8 @@
     }
   }
 
-  function showMessage(key, state) {
-    message.textContent = text(key);
+  function showMessage(key, state, sentence) {
+    message.textContent = sentence || text(key);
     message.dataset.state = state;
     showActions(actions, key);
   }
@@ -183,13 +182,13 @@
     showMessage(key, "refused");
   }
 
-  async function poll(id) {
+  async function poll(id, token) {
     for (let i = 0; i < POLL_TRIES; i += 1) {
       await new Promise((resolve) => setTimeout(resolve, POLL_MS));
       let answer;
       try {
         const response = await fetch("/api/claims/" + encodeURIComponent(id), {
-          headers: { Accept: "application/json" },
+          headers: { Accept: "application/json", "X-Claim-Token": token },
         });
         if (!response.ok) {
           continue;
@@ -224,14 +223,12 @@
     actions.replaceChildren();
     phone.removeAttribute("aria-invalid");
     coupons.replaceChildren();
-    claimId = claimId || newClaimId();
     const body = { activity: main.dataset.activity, phone: phone.value.trim() };
     if (main.dataset.share) {
       body.share_id = main.dataset.share;
     }
-    if (claimId) {
-      body.claim_id = claimId;
-    }
+    // No claim ID: the server makes one and answers it with the token that
+    // alone lets this page read the claim's status.
     try {
       const response = await fetch("/api/claims", {
         method: "POST",
@@ -239,15 +236,13 @@
         body: JSON.stringify(body),
       });
       const answer = await response.json();
-      if (answer.status !== "busy") {
-        claimId = null;
-      }
       const key = keyOf(answer);
       if (answer.status === "accepted") {
         showResult(key);
-        poll(answer.claim_id);
+        poll(answer.claim_id, answer.status_token);
       } else {
-        showMessage(key, answer.status);
+        // A reason this page has no words for (a region, a challenge): the server's.
+        showMessage(key, answer.status, key in TEXTS ? null : answer.message);
         if (answer.reason === "bad_phone") {
           phone.setAttribute("aria-invalid", "true");
           phone.focus();
@@ -260,8 +255,4 @@
       button.textContent = text("claim");
     }
   });
-
-  function newClaimId() {
-    return window.crypto && window.crypto.randomUUID ? window.crypto.randomUUID() : null;
-  }
 })();
