@@ -141,7 +141,9 @@ def test_a_chosen_set_never_saves_more_than_the_cart_and_names_each_refusal():
     assert not refused.accepted
 
 
-@pytest.mark.parametrize("bad", [{"amount_cents": -1}, {"items": 2.5}, {"amount_cents": True}, {"items": "3"}])
+@pytest.mark.parametrize(
+    "bad", [{"amount_cents": -1}, {"items": 2.5}, {"amount_cents": True}, {"items": "3"}]
+)
 def test_a_cart_refuses_bad_numbers(bad):
     values: dict[str, object] = {"amount_cents": 100, "items": 1, "at": NOW}
     values.update(bad)
@@ -207,4 +209,3 @@ def test_a_chosen_set_never_exceeds_the_cart(wallet, c):
     chosen = choose([w.code for w in wallet], wallet, c, member_id=MEMBER)
     assert 0 <= chosen.discount_cents <= c.amount_cents
     assert all(reason is not None for _, reason in chosen.refused)
-

@@ -102,7 +102,9 @@ def checkout_refusal(
     return None
 
 
-def evaluate(coupon: WalletCoupon, cart: Cart, *, member_id: int, order_id: str | None = None) -> CouponOption:
+def evaluate(
+    coupon: WalletCoupon, cart: Cart, *, member_id: int, order_id: str | None = None
+) -> CouponOption:
     """The saving ``coupon`` gives on ``cart`` (never more than the cart), or
     why it gives none."""
     reason = checkout_refusal(coupon, cart, member_id=member_id, order_id=order_id)
