@@ -5,8 +5,11 @@ for one code, many times, never both holding or redeeming it."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import uvicorn
 from issuance.producers.checkout import service
 from issuance.producers.checkout.app import create_app
 from issuance.producers.checkout.openapi import SPEC
-from issuance.shared.db import checkout_store
+from issuance.shared.db import checkout_store, coupon_store
 from issuance.shared.domain.checkout import Cart
 from issuance.shared.domain.coupons import LifecycleRefusal
 from issuance.shared.wire.messages import OrderPlaced, utcnow
@@ -369,3 +372,59 @@ def test_the_same_order_asked_twice_at_once_reserves_once(settings, pool):
         assert [a.outcome for a in answers] == ["reserved", "reserved"]
         assert answers[0].lines == answers[1].lines
         assert one(settings, "SELECT count(*) FROM checkout_reservations WHERE order_id = %s", order) == 1
+
+
+def test_a_held_code_lost_before_payment_ends_the_hold_and_the_event_path_agrees(settings, pool):
+    rate, _, gift, act = three_kinds(settings)
+    member, codes, _ = member_with_package(pool, settings, act["slug"])
+    by_prefix = {p: next(c for c in codes if c.startswith(p)) for p in (rate, gift)}
+    now = utcnow()
+    cart = Cart(amount_cents=10_000, items=1, at=now)
+
+    # An operator cancels a held code: payment is refused with the reason, the hold ends.
+    cancelled = order_id()
+    service.reserve(pool, cancelled, member_id=member, cart=cart, codes=[by_prefix[gift]])
+    with psycopg.connect(settings.database_url) as conn:
+        coupon_store.cancel_code(conn, by_prefix[gift], now)
+    refused = service.redeem(pool, cancelled, at=now)
+    assert (refused.reason, refused.refused) == (
+        LifecycleRefusal.CANCELLED,
+        ((by_prefix[gift], LifecycleRefusal.CANCELLED),),
+    )
+    assert one(settings, "SELECT state, release_reason FROM checkout_reservations") == ("released", "lost")
+
+    # The order-placed event came first and used the code: checkout pays it once, not twice.
+    order, code = order_id(), by_prefix[rate]
+    event = OrderPlaced(
+        order_id=order, member_id=member, amount_cents=10_000, placed_at=now, redeemed_codes=(code,)
+    )
+    assert record_order(pool, event).used == (code,)
+    held = service.reserve(pool, order, member_id=member, cart=cart, codes=[code])
+    assert (held.outcome, held.discount_cents) == ("reserved", 1000)
+    assert service.redeem(pool, order, at=now).outcome == "redeemed"
+    assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", code) == ("used", order)
+    verify_clean(settings)
+
+
+def test_the_command_serves_the_api(service_env, settings):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "issuance.shared.cli", "checkout", "serve", "--port", str(port)]
+    proc = subprocess.Popen(command, env={**os.environ, **service_env}, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                spec = httpx.get(f"http://127.0.0.1:{port}/api/openapi.json", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "issuance checkout serve did not answer"
+                time.sleep(0.1)
+        assert spec["info"]["title"] == SPEC["info"]["title"]
+        listed = httpx.get(f"http://127.0.0.1:{port}/api/members/1/coupons?amount_cents=100&items=1").json()
+        assert listed == {"member_id": 1, "amount_cents": 100, "items": 1, "best": None, "coupons": []}
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -237,15 +237,21 @@ def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
     if min(r.hold_until for r in rows) <= at:
         ks.release_order(conn, order_id, at, "timeout")
         return _refused(order_id, LifecycleRefusal.RESERVATION_EXPIRED)
+    to_use = []
     for row in rows:
-        status = cs.lock_code_status(conn, row.code)
-        if status != "unused":
-            # Held, yet no longer unused: an operator cancelled it, or the
-            # expiry sweep reached it. The order's hold ends here.
+        coupon = cs.coupon_for_use(conn, row.code)
+        assert coupon is not None, "a reserved code exists (foreign key)"
+        if coupon.status == "used" and coupon.order_id == order_id:
+            continue  # the asynchronous order-placed event of this order used it already
+        if coupon.status != "unused":
+            # Held, yet no longer unused: an operator cancelled it, the expiry
+            # sweep reached it, or an order-placed event used it elsewhere.
+            # The order's hold ends here.
             ks.release_order(conn, order_id, at, "lost")
-            reason = LOST.get(status or "", LifecycleRefusal.EXPIRED)
+            reason = LOST.get(coupon.status, LifecycleRefusal.EXPIRED)
             return _refused(order_id, reason, [(row.code, reason)])
-    for row in rows:
+        to_use.append(row)
+    for row in to_use:
         used = cs.use_coupon(conn, code=row.code, order_id=order_id, at=at, discount_cents=row.discount_cents)
         assert used, "a locked, unused code can be used"
     ks.mark_redeemed(conn, order_id, at)
