@@ -121,8 +121,11 @@ def validate(
     return _from_choice(order_id, Outcome.VALID, chosen)
 
 
-# Why a held code can no longer be used at payment, by the state it is in.
+# Why a held code can no longer be used at payment, by the state it is in;
+# kept as the reservation's release reason, so asking again answers alike.
 LOST = {"cancelled": LifecycleRefusal.CANCELLED, "used": LifecycleRefusal.ALREADY_USED}
+ORDER_CANCELLED = "order_cancelled"
+TIMEOUT = "timeout"
 
 
 class _Rollback(Exception):
@@ -213,8 +216,12 @@ def _state_answer(order_id: str, rows: Sequence[ks.ReservationRow]) -> CheckoutA
         return _from_rows(order_id, Outcome.REDEEMED, rows)
     if states == {"reserved"}:
         return _from_rows(order_id, Outcome.RESERVED, rows)
-    if any(r.release_reason == "timeout" for r in rows):
+    reasons = {r.release_reason for r in rows if r.release_reason is not None}
+    if TIMEOUT in reasons:
         return _refused(order_id, LifecycleRefusal.RESERVATION_EXPIRED)
+    lost = sorted(reasons - {ORDER_CANCELLED})
+    if lost:
+        return _refused(order_id, LifecycleRefusal(lost[0]))
     return _from_rows(order_id, Outcome.RELEASED, rows)
 
 
@@ -235,7 +242,7 @@ def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
             return _refused(order_id, LifecycleRefusal.ORDER_CLOSED)
         return answer
     if min(r.hold_until for r in rows) <= at:
-        ks.release_order(conn, order_id, at, "timeout")
+        ks.release_order(conn, order_id, at, TIMEOUT)
         return _refused(order_id, LifecycleRefusal.RESERVATION_EXPIRED)
     to_use = []
     for row in rows:
@@ -247,9 +254,9 @@ def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
             # Held, yet no longer unused: an operator cancelled it, the expiry
             # sweep reached it, or an order-placed event used it elsewhere.
             # The order's hold ends here.
-            ks.release_order(conn, order_id, at, "lost")
             reason = LOST.get(coupon.status, LifecycleRefusal.EXPIRED)
-            return _refused(order_id, reason, [(row.code, reason)])
+            ks.release_order(conn, order_id, at, reason.value)
+            return _refused(order_id, reason)
         to_use.append(row)
     for row in to_use:
         used = cs.use_coupon(conn, code=row.code, order_id=order_id, at=at, discount_cents=row.discount_cents)
@@ -268,7 +275,7 @@ def release(pool: ConnectionPool, order_id: str, *, at: datetime) -> CheckoutAns
             return _refused(order_id, LifecycleRefusal.UNKNOWN_ORDER)
         if any(r.state == "redeemed" for r in rows):
             return _refused(order_id, LifecycleRefusal.ORDER_ALREADY_PAID)
-        ks.release_order(conn, order_id, at, "cancelled")
+        ks.release_order(conn, order_id, at, ORDER_CANCELLED)
     return _from_rows(order_id, Outcome.RELEASED, rows)
 
 
