@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_BODY = 16 * 1024
 MAX_ITEMS = 100_000
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
@@ -159,12 +160,6 @@ def create_app(
         finally:
             own.close()
 
-    async def guarded(request: Request, operation: Any) -> Response:
-        try:
-            return await operation(request)  # type: ignore[no-any-return]
-        except BadRequest as exc:
-            return JSON({"error": str(exc)}, status_code=exc.status)
-
     async def list_coupons(request: Request) -> Response:
         raw = str(request.path_params["member_id"])
         if not DIGITS.match(raw):
@@ -222,9 +217,12 @@ def create_app(
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI_BYTES, media_type="application/json")
 
-    def route(path: str, operation: Any, method: str) -> Route:
+    def route(path: str, operation: Endpoint, method: str) -> Route:
         async def endpoint(request: Request) -> Response:
-            return await guarded(request, operation)
+            try:
+                return await operation(request)
+            except BadRequest as exc:
+                return JSON({"error": str(exc)}, status_code=exc.status)
 
         return Route(path, endpoint, methods=[method])
 

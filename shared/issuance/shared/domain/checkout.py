@@ -37,7 +37,8 @@ class WalletCoupon:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Cart:
-    """What is being bought: the amount in minor units, the number of items,
+    """What is being bought: the amount in minor units, the number of items
+    (recorded with a reservation; the minimum-item-count scope will read it),
     and when (the instant the validity window is checked against)."""
 
     amount_cents: int
