@@ -110,6 +110,8 @@ def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
         *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart", "office"),
         # issuance.producers.commands, through the issuance.commands entry points
         *("publish", "web", "outbox-relay"),
+        # issuance.producers.checkout.commands, its own entry point
+        "checkout",
         # issuance.workers.commands, likewise
         *("worker", "dead-letters", "sweep", "sweeper", "exporter", "demo"),
     }

@@ -34,6 +34,10 @@ class LifecycleRefusal(enum.StrEnum):
     ORDER_CLOSED = "order_closed"
     UNKNOWN_MEMBER = "unknown_member"
     SELF_REFERRAL = "self_referral"
+    NOT_YET_VALID = "not_yet_valid"
+    HELD_BY_ANOTHER_ORDER = "held_by_another_order"
+    RESERVATION_EXPIRED = "reservation_expired"
+    ORDER_ALREADY_PAID = "order_already_paid"
 
     @property
     def text(self) -> str:
@@ -58,6 +62,10 @@ REFUSAL_TEXT: dict[LifecycleRefusal, str] = {
     LifecycleRefusal.ORDER_CLOSED: "the order is already cancelled or refunded",
     LifecycleRefusal.UNKNOWN_MEMBER: "no such member",
     LifecycleRefusal.SELF_REFERRAL: "a member cannot refer themselves",
+    LifecycleRefusal.NOT_YET_VALID: "the coupon is not valid yet",
+    LifecycleRefusal.HELD_BY_ANOTHER_ORDER: "the coupon is reserved by another order",
+    LifecycleRefusal.RESERVATION_EXPIRED: "the reservation timed out and was released",
+    LifecycleRefusal.ORDER_ALREADY_PAID: "the order is paid: its coupons are redeemed, not released",
 }
 
 
@@ -83,6 +91,8 @@ class CouponView:
     kind: str
     value: int
     threshold_cents: int
+    # The start of the activity's fixed validity window, when it has one.
+    valid_from: datetime | None = None
 
 
 def use_refusal(
@@ -102,6 +112,8 @@ def use_refusal(
         return LifecycleRefusal.ALREADY_USED
     if coupon.status == "expired" or (coupon.expires_at is not None and coupon.expires_at <= at):
         return LifecycleRefusal.EXPIRED
+    if coupon.valid_from is not None and at < coupon.valid_from:
+        return LifecycleRefusal.NOT_YET_VALID
     if not coupon.credited:
         return LifecycleRefusal.NOT_CREDITED
     return None

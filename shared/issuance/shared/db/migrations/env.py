@@ -4,7 +4,10 @@ issuance.shared.db.database.alembic_config), never from a file."""
 from __future__ import annotations
 
 from alembic import context
-from issuance.shared.db import office_models  # noqa: F401 - registers the back office's tables
+from issuance.shared.db import (
+    checkout_models,  # noqa: F401 - registers the checkout's table
+    office_models,  # noqa: F401 - registers the back office's tables
+)
 from issuance.shared.db.models import Base
 from sqlalchemy import create_engine, pool
 

@@ -1,0 +1,251 @@
+"""The OpenAPI description of the checkout API, served at
+``/api/openapi.json``. The request schemas are the ones the endpoints
+enforce (issuance.producers.checkout.app parses exactly these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from issuance.shared.domain.coupons import LifecycleRefusal
+
+ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+CODE_PATTERN = r"^[A-Za-z0-9]{1,16}$"
+MAX_CODES = 10
+MAX_BIGINT = 2**63 - 1
+
+REASON: dict[str, Any] = {"type": ["string", "null"], "enum": [*(r.value for r in LifecycleRefusal), None]}
+MINOR_UNITS: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT}
+
+CART_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["member_id", "amount_cents", "items", "codes"],
+    "properties": {
+        "member_id": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+        "amount_cents": {**MINOR_UNITS, "description": "the cart's amount in minor units (fen)"},
+        "items": {"type": "integer", "minimum": 0, "maximum": 100_000},
+        "codes": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_CODES,
+            "uniqueItems": True,
+            "items": {"type": "string", "pattern": CODE_PATTERN},
+            "description": "the coupon codes the buyer chose",
+        },
+    },
+}
+
+EMPTY_REQUEST: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
+
+ANSWER: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "outcome", "discount_cents", "coupons", "refused", "reason", "message"],
+    "properties": {
+        "order_id": {"type": "string"},
+        "outcome": {"type": "string", "enum": ["valid", "reserved", "redeemed", "released", "refused"]},
+        "discount_cents": {**MINOR_UNITS, "description": "the order's total saving"},
+        "coupons": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["code", "discount_cents"],
+                "properties": {"code": {"type": "string"}, "discount_cents": MINOR_UNITS},
+            },
+        },
+        "refused": {
+            "type": "array",
+            "description": "each chosen code that does not apply, with its reason",
+            "items": {
+                "type": "object",
+                "required": ["code", "reason", "message"],
+                "properties": {"code": {"type": "string"}, "reason": REASON, "message": {"type": "string"}},
+            },
+        },
+        "reason": {**REASON, "description": "why the operation was refused (null when it was not)"},
+        "message": {"type": ["string", "null"]},
+    },
+}
+
+COUPON_OPTION: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "code",
+        "kind",
+        "value",
+        "threshold_cents",
+        "status",
+        "valid_from",
+        "expires_at",
+        "applicable",
+        "discount_cents",
+        "reason",
+        "message",
+    ],
+    "properties": {
+        "code": {"type": "string"},
+        "kind": {"type": "string", "enum": ["discount_rate", "amount_off", "gift"]},
+        "value": {
+            "type": "integer",
+            "description": "discount_rate: basis points off (1500 = 15% off); otherwise minor units",
+        },
+        "threshold_cents": MINOR_UNITS,
+        "status": {"type": "string", "enum": ["unused", "used", "expired", "cancelled"]},
+        "valid_from": {"type": ["string", "null"], "format": "date-time"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "applicable": {"type": "boolean"},
+        "discount_cents": {**MINOR_UNITS, "description": "the saving on this cart (0 when not applicable)"},
+        "reason": REASON,
+        "message": {"type": ["string", "null"], "description": "why the coupon does not apply"},
+    },
+}
+
+COUPON_LIST: dict[str, Any] = {
+    "type": "object",
+    "required": ["member_id", "amount_cents", "items", "coupons"],
+    "properties": {
+        "member_id": {"type": "integer"},
+        "amount_cents": MINOR_UNITS,
+        "items": {"type": "integer"},
+        "best": {"type": ["string", "null"], "description": "the code of the best applicable coupon"},
+        "coupons": {"type": "array", "items": {"$ref": "#/components/schemas/CouponOption"}},
+    },
+}
+
+ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what is wrong with the request"}},
+}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+ORDER_PARAMETER: dict[str, Any] = {
+    "name": "order_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": ORDER_ID_PATTERN},
+    "description": "the order system's order ID: the idempotency key of every operation",
+}
+
+
+def _order_operation(
+    operation_id: str, summary: str, description: str, request: str, ok: str
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "description": description,
+            "parameters": [ORDER_PARAMETER],
+            "requestBody": {
+                "required": request == "CartRequest",
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
+            },
+            "responses": {
+                "200": _json("CheckoutAnswer", ok),
+                "404": _json("CheckoutAnswer", "no reservation for this order (reason unknown_order)"),
+                "409": _json("CheckoutAnswer", "refused, with the reason (and each code's reason)"),
+                "413": _json("Error", "the body is too large"),
+                "415": _json("Error", "the body is not declared as application/json"),
+                "422": _json("Error", "the request is not what this description says"),
+            },
+        }
+    }
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Checkout coupon API",
+        "version": "1",
+        "description": (
+            "For the order system: which of a member's coupons apply to a cart and what each saves,"
+            " best first; validate a chosen set; reserve it when the order is created, redeem it at"
+            " payment, release it on unpaid cancellation (a reservation also lapses after its hold)."
+            " Every operation is idempotent by order ID; a code is held or redeemed by at most one"
+            " order. Amounts are integers in minor units. Times are the server's."
+        ),
+    },
+    "paths": {
+        "/api/members/{member_id}/coupons": {
+            "get": {
+                "operationId": "listCoupons",
+                "summary": "A member's coupons against a cart, best first",
+                "description": (
+                    "Applicable coupons first, by largest saving, then soonest to expire, then code;"
+                    " then the others, each with the reason it does not apply."
+                ),
+                "parameters": [
+                    {
+                        "name": "member_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+                    },
+                    {"name": "amount_cents", "in": "query", "required": True, "schema": MINOR_UNITS},
+                    {
+                        "name": "items",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 100_000},
+                    },
+                ],
+                "responses": {
+                    "200": _json("CouponList", "the member's coupons (an unknown member has none)"),
+                    "422": _json("Error", "a parameter is missing or not a non-negative integer"),
+                },
+            }
+        },
+        "/api/orders/{order_id}/validate": _order_operation(
+            "validateCoupons",
+            "Would these codes apply to this cart?",
+            "Holds nothing. outcome valid, with each code's saving (together never more than the cart).",
+            "CartRequest",
+            "valid",
+        ),
+        "/api/orders/{order_id}/reserve": _order_operation(
+            "reserveCoupons",
+            "Hold the chosen codes for an order being created",
+            (
+                "Records the order (placed) and holds its codes. The same request again answers the"
+                " same; the same order ID with another member, amount or codes is refused"
+                " (order_conflict); a code another order holds is refused (held_by_another_order)."
+            ),
+            "CartRequest",
+            "reserved (or, asked again, the order's current state)",
+        ),
+        "/api/orders/{order_id}/redeem": _order_operation(
+            "redeemCoupons",
+            "The order is paid: its held codes become used",
+            (
+                "Each code becomes used with the order, the time and the reserved discount. Again:"
+                " the same answer. A lapsed hold is refused (reservation_expired)."
+            ),
+            "EmptyRequest",
+            "redeemed",
+        ),
+        "/api/orders/{order_id}/release": _order_operation(
+            "releaseCoupons",
+            "The order was cancelled before payment: its codes are free again",
+            "A paid order's codes are not released (order_already_paid). Again: the same answer.",
+            "EmptyRequest",
+            "released",
+        ),
+    },
+    "components": {
+        "schemas": {
+            "CartRequest": CART_REQUEST,
+            "EmptyRequest": EMPTY_REQUEST,
+            "CheckoutAnswer": ANSWER,
+            "CouponOption": COUPON_OPTION,
+            "CouponList": COUPON_LIST,
+            "Error": ERROR,
+        }
+    },
+}
