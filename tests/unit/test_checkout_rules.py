@@ -209,3 +209,14 @@ def test_a_chosen_set_never_exceeds_the_cart(wallet, c):
     chosen = choose([w.code for w in wallet], wallet, c, member_id=MEMBER)
     assert 0 <= chosen.discount_cents <= c.amount_cents
     assert all(reason is not None for _, reason in chosen.refused)
+
+
+def test_a_coupon_used_by_this_order_asked_again_with_a_cart_below_its_threshold():
+    """Found by the property test: the idempotent re-answer for a coupon this
+    order already used computed its discount against a cart below the
+    threshold, which raised instead of answering with the reason."""
+    used = coupon(kind="amount_off", value=500, threshold_cents=5_000, status="used", held_by="SO-1")
+    option = evaluate(used, cart(amount=1_000), member_id=MEMBER, order_id="SO-1")
+    assert option.reason is LifecycleRefusal.BELOW_THRESHOLD and option.discount_cents == 0
+    again = evaluate(used, cart(amount=6_000), member_id=MEMBER, order_id="SO-1")
+    assert again.applicable and again.discount_cents == 500

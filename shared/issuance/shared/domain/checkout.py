@@ -90,15 +90,18 @@ def checkout_refusal(
         return LifecycleRefusal.ALREADY_USED
     if coupon.held_by is not None and not mine:
         return LifecycleRefusal.HELD_BY_ANOTHER_ORDER
+    below = coupon.kind == "amount_off" and cart.amount_cents < coupon.threshold_cents
     if coupon.status == "used":
-        return None
+        # Used by this very order: asked again, it answers as it did, unless
+        # the cart asked about no longer reaches the threshold.
+        return LifecycleRefusal.BELOW_THRESHOLD if below else None
     if coupon.status == "expired" or (coupon.expires_at is not None and coupon.expires_at <= cart.at):
         return LifecycleRefusal.EXPIRED
     if coupon.valid_from is not None and cart.at < coupon.valid_from:
         return LifecycleRefusal.NOT_YET_VALID
     if not coupon.credited:
         return LifecycleRefusal.NOT_CREDITED
-    if coupon.kind == "amount_off" and cart.amount_cents < coupon.threshold_cents:
+    if below:
         return LifecycleRefusal.BELOW_THRESHOLD
     return None
 
