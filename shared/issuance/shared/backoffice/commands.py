@@ -96,20 +96,10 @@ def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_activity_show(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
-
-    import yaml
     from issuance.shared.backoffice import catalog
-    from issuance.shared.db.models import Activity
-    from sqlalchemy import select
 
     with _session(settings) as session:
-        activity = session.scalar(select(Activity).where(Activity.slug == args.slug))
-        if activity is None:
-            raise catalog.BackOfficeError(f"no activity {args.slug!r}")
-        spec = dataclasses.asdict(catalog.describe_activity(session, activity))
-    spec["templates"] = [dict(t) for t in spec["templates"]]
-    print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
+        print(catalog.show_activity(session, args.slug), end="")
     return 0
 
 
@@ -243,7 +233,10 @@ def register(sub: Any) -> None:
     edit.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. --set budget=5000")
     edit.add_argument("--templates", help="the templates as a JSON list (only before any claim)")
     edit.set_defaults(func=cmd_activity_edit)
-    show = activity.add_parser("show", help="print an activity in its file form (YAML)")
+    show = activity.add_parser(
+        "show",
+        help="print an activity in its file form (YAML, times in its zone); apply takes it back unchanged",
+    )
     show.add_argument("slug", help="the activity's slug")
     show.set_defaults(func=cmd_activity_show)
     listing = activity.add_parser("list", help="15 per page, newest first")
