@@ -117,6 +117,53 @@ def test_an_activity_file_in_yaml_creates_every_field_and_lists_newest_first(set
     assert "filler-15" in table and "double-eleven" not in table
 
 
+# An activity file as an operator writes it: times in the activity's zone,
+# the rules as a block of lines.
+HAND_WRITTEN = """\
+slug: partners-envelope
+title: Double Eleven partner envelope
+channel: partners
+starts_at: 2026-11-11T00:00:00+08:00
+ends_at: 2026-11-14T00:00:00+08:00
+timezone: Asia/Shanghai
+budget: 20
+validity_days: 7
+rules: |
+  One package per mobile number.
+  Coupons expire at 24:00 on the seventh day after the claim.
+templates:
+  - {prefix: PREFIX, kind: amount_off, value: 1000, threshold_cents: 5000, title: "满50减10"}
+"""
+
+
+def test_show_prints_the_file_form_and_applying_it_changes_nothing(service_env, tmp_path):
+    issuance(service_env, "channel", "create", "partners")
+    template_prefix = prefix()
+    written = HAND_WRITTEN.replace("PREFIX", template_prefix)
+    (tmp_path / "written.yaml").write_text(written, encoding="utf-8")
+    issuance(service_env, "activity", "create", "--file", str(tmp_path / "written.yaml"))
+
+    shown = issuance(service_env, "activity", "show", "partners-envelope").stdout
+    # Every line the operator wrote, but the template's (which show spells
+    # out with its defaults), comes back as written: zone, times, rules.
+    head = written.split("templates:")[0].splitlines()
+    assert [line for line in head if line not in shown.splitlines()] == []
+    assert yaml.safe_load(shown)["templates"] == [
+        {
+            "prefix": template_prefix,
+            "kind": "amount_off",
+            "value": 1000,
+            "threshold_cents": 5000,
+            "new_user_only": False,
+            "title": "满50减10",
+        }
+    ]
+    (tmp_path / "shown.yaml").write_text(shown, encoding="utf-8")
+    applied = issuance(service_env, "activity", "apply", "--file", str(tmp_path / "shown.yaml")).stdout
+    assert applied.strip() == "activity partners-envelope: unchanged"
+    assert issuance(service_env, "activity", "show", "partners-envelope").stdout == shown
+
+
 @pytest.mark.parametrize(
     ("templates", "message"),
     [

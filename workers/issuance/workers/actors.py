@@ -132,22 +132,25 @@ def _credited(now: datetime, promised_from: datetime) -> None:
     CREDITS.inc()
 
 
+def _ok_or_duplicate(applied: bool, kind: str) -> str:
+    """The outcome of a message applied at most once: "ok" the first time,
+    "duplicate" (counted under ``kind``) for a repeat."""
+    if applied:
+        return "ok"
+    DUPLICATES.labels(kind).inc()
+    return "duplicate"
+
+
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
     """Open the order's share (red envelope) and redeem the coupons it used."""
-    if unit_of_work().run(lambda conn: handlers.order_placed(conn, message)):
-        return "ok"
-    DUPLICATES.labels("orders").inc()
-    return "duplicate"
+    return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.order_placed(conn, message)), "orders")
 
 
 @pipeline_actor(ShareOpened)
 def share_opened(message: ShareOpened) -> str:
     """Record a share being opened."""
-    if unit_of_work().run(lambda conn: handlers.share_opened(conn, message)):
-        return "ok"
-    DUPLICATES.labels("shares").inc()
-    return "duplicate"
+    return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.share_opened(conn, message)), "shares")
 
 
 @pipeline_actor(OrderStatusChanged)

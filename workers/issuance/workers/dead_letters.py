@@ -110,42 +110,57 @@ def _last_line(text: Any) -> str:
     return lines[-1] if lines else ""
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Verdict:
+    """Why a delivery is dead, and what of it the store keeps."""
+
+    reason: Reason
+    detail: str
+    actor: str = "?"
+    stored: str | None = None  # the (redacted) envelope; None keeps an excerpt of the body
+    key: str | None = None  # the envelope's message ID
+    original: Original | None = None
+
+
 def inspect(queue: str, properties: Any, body: bytes) -> DeadEnvelope:
     """Classify a delivery taken off ``<queue>.XQ``. Never raises, whatever
     the body: a dead letter that cannot be read is still stored."""
     digest = hashlib.sha256(body).hexdigest()
     raw_headers = getattr(properties, "headers", None)
     x_death = raw_headers.get("x-death") if isinstance(raw_headers, dict) else None
-    headers: dict[str, Any] = {
-        "sha256": digest,
-        "size": len(body),
-        "x-death": _mask(str(x_death or ""))[:2000],
-    }
-    message_id = getattr(properties, "message_id", None)
+    verdict = _classify(queue, body, x_death)
+    return DeadEnvelope(
+        key=_key(str(verdict.key or getattr(properties, "message_id", None) or digest)),
+        queue=queue,
+        actor=_mask(verdict.actor)[:64],
+        reason=verdict.reason,
+        detail=verdict.detail[:2000],
+        body=verdict.stored if verdict.stored is not None else _excerpt(body),
+        headers={
+            "sha256": digest,
+            "size": len(body),
+            "x-death": _mask(str(x_death or ""))[:2000],
+            "truncated": verdict.stored is None,
+        },
+        original=verdict.original,
+    )
 
-    def entry(reason: Reason, detail: str, actor: str = "?", **kw: Any) -> DeadEnvelope:
-        stored = kw.pop("body", None)
-        truncated = stored is None
-        headers["truncated"] = truncated
-        return DeadEnvelope(
-            key=_key(str(kw.pop("key", None) or message_id or digest)),
-            queue=queue,
-            actor=_mask(actor)[:64],
-            reason=reason,
-            detail=detail[:2000],
-            body=stored if stored is not None else _excerpt(body),
-            headers=headers,
-            original=kw.pop("original", None),
-        )
 
+def _classify(queue: str, body: bytes, x_death: Any) -> _Verdict:
+    """Why the delivery is dead, from its size, its JSON, then its envelope."""
     if len(body) > MAX_STORED_BYTES:
-        return entry(Reason.TOO_LARGE, f"{len(body)} bytes, more than {MAX_STORED_BYTES}")
+        return _Verdict(reason=Reason.TOO_LARGE, detail=f"{len(body)} bytes, more than {MAX_STORED_BYTES}")
     try:
         envelope = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return entry(Reason.UNDECODABLE_ENVELOPE, f"not JSON: {exc}")
+        return _Verdict(reason=Reason.UNDECODABLE_ENVELOPE, detail=f"not JSON: {exc}")
     if not isinstance(envelope, dict):
-        return entry(Reason.BAD_ENVELOPE, f"the envelope is a JSON {type(envelope).__name__}, not an object")
+        detail = f"the envelope is a JSON {type(envelope).__name__}, not an object"
+        return _Verdict(reason=Reason.BAD_ENVELOPE, detail=detail)
+    return _classify_envelope(queue, body, envelope, x_death)
+
+
+def _classify_envelope(queue: str, body: bytes, envelope: dict[str, Any], x_death: Any) -> _Verdict:
     envelope_id = envelope.get("message_id")
     key = envelope_id if isinstance(envelope_id, str) and envelope_id else None
     args, actor, options = envelope.get("args"), envelope.get("actor_name"), envelope.get("options")
@@ -153,29 +168,44 @@ def inspect(queue: str, properties: Any, body: bytes) -> DeadEnvelope:
         envelope = {**envelope, "args": [redact(args[0]), *args[1:]]}
     stored = codec.dumps(envelope).decode()
     if not isinstance(actor, str):
-        return entry(Reason.BAD_ENVELOPE, "actor_name is missing or not a string", body=stored, key=key)
+        detail = "actor_name is missing or not a string"
+        return _Verdict(reason=Reason.BAD_ENVELOPE, detail=detail, stored=stored, key=key)
     if not isinstance(args, list) or not args:
-        return entry(Reason.BAD_ENVELOPE, "args is empty or not a list", actor, body=stored, key=key)
+        detail = "args is empty or not a list"
+        return _Verdict(reason=Reason.BAD_ENVELOPE, detail=detail, actor=actor, stored=stored, key=key)
     if not isinstance(options, dict):
-        return entry(Reason.BAD_ENVELOPE, "options is not an object", actor, body=stored, key=key)
+        detail = "options is not an object"
+        return _Verdict(reason=Reason.BAD_ENVELOPE, detail=detail, actor=actor, stored=stored, key=key)
     original = Original.STORED if stored.encode() == codec.dumps(orjson.loads(body)) else Original.PARKED
+    reason, detail = _why_dead(queue, actor, envelope, options, x_death)
+    return _Verdict(reason=reason, detail=detail, actor=actor, stored=stored, key=key, original=original)
+
+
+def _why_dead(
+    queue: str, actor: str, envelope: dict[str, Any], options: dict[str, Any], x_death: Any
+) -> tuple[Reason, str]:
+    """Why a well-formed envelope is dead: an actor this version lacks, the
+    wrong queue, exhausted retries, or else the broker rejected it."""
     type_ = codec.TYPE_BY_ACTOR.get(actor)
     if type_ is None:
-        return entry(
-            Reason.UNKNOWN_ACTOR, f"no actor named {actor!r}", actor, body=stored, key=key, original=original
-        )
+        return Reason.UNKNOWN_ACTOR, f"no actor named {actor!r}"
     route = codec.ROUTES[type_]
     if route.queue != queue or envelope.get("queue_name") != queue:
-        detail = (
-            f"{actor} is consumed from {route.queue!r}, the message was on {envelope.get('queue_name')!r}"
+        return (
+            Reason.WRONG_QUEUE,
+            f"{actor} is consumed from {route.queue!r}, the message was on {envelope.get('queue_name')!r}",
         )
-        return entry(Reason.WRONG_QUEUE, detail, actor, body=stored, key=key, original=original)
     if "retries" in options:
         detail = _last_line(options.get("traceback")) or f"{options['retries']} retries"
-        return entry(Reason.RETRIES_EXHAUSTED, detail, actor, body=stored, key=key, original=original)
-    first_death = x_death[0] if isinstance(x_death, list) and x_death and isinstance(x_death[0], dict) else {}
-    detail = f"rejected by the broker ({first_death.get('reason', 'no x-death')})"
-    return entry(Reason.REJECTED, detail, actor, body=stored, key=key, original=original)
+        return Reason.RETRIES_EXHAUSTED, detail
+    return Reason.REJECTED, f"rejected by the broker ({_first_death(x_death).get('reason', 'no x-death')})"
+
+
+def _first_death(x_death: Any) -> dict[str, Any]:
+    """The first entry of RabbitMQ's ``x-death`` header, or nothing."""
+    if isinstance(x_death, list) and x_death and isinstance(x_death[0], dict):
+        return x_death[0]
+    return {}
 
 
 def drain(settings: Settings, pool: Any, *, limit: int = 10_000) -> int:

@@ -22,6 +22,7 @@ import yaml
 from issuance.shared import domain
 from issuance.shared.db import coupon_store
 from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
+from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
 from issuance.shared.errors import OperatorError
 from sqlalchemy import ColumnElement, func, select, text
@@ -115,46 +116,97 @@ class ActivitySpec:
             raise BackOfficeError(f"invalid activity: {exc}") from None
 
     def check(self) -> None:
-        if not SLUG.fullmatch(self.slug):
-            raise BackOfficeError(f"slug {self.slug!r} must be lowercase letters, digits and dashes")
-        if self.starts_at.tzinfo is None or self.ends_at.tzinfo is None:
-            raise BackOfficeError("start and end times need a UTC offset")
-        if self.ends_at <= self.starts_at:
-            raise BackOfficeError("an activity must end after it starts")
-        if self.budget < 0:
-            raise BackOfficeError("the budget cannot be negative")
-        if self.banner_url and not BANNER_URL.fullmatch(self.banner_url):
-            raise BackOfficeError(
-                f"banner_url {self.banner_url[:60]!r} must be an https:// URL or a path on this site"
-                " starting with /"
-            )
-        if not 1 <= len(self.templates) <= 5:
-            raise BackOfficeError("a package holds 1 to 5 coupon templates")
-        if self.validity_days is None and self.valid_until is None:
-            raise BackOfficeError("set validity_days or a fixed validity window (valid_until)")
-        for template in self.templates:
-            try:
-                domain.validate_prefix(template.prefix)
-            except ValueError as exc:
-                raise BackOfficeError(str(exc)) from None
-            if template.kind not in ("discount_rate", "amount_off", "gift"):
-                raise BackOfficeError(
-                    f"template kind {template.kind!r} is not discount_rate, amount_off or gift"
-                )
-            if template.value < 0 or template.threshold_cents < 0:
-                raise BackOfficeError("template values cannot be negative")
-            if template.kind == "discount_rate" and not 0 < template.value <= 10_000:
-                raise BackOfficeError("a discount rate is 1 to 10000 basis points (1500 = 15% off)")
-        try:
-            ZoneInfo(self.timezone)
-        except (ValueError, KeyError):
-            raise BackOfficeError(f"unknown time zone {self.timezone!r}") from None
-        if self.rebate_every < 1:
-            raise BackOfficeError("rebate_every must be at least 1")
-        if self.rebate_amount_cents is not None and self.rebate_template is not None:
-            raise BackOfficeError("a rebate is an amount or a coupon template, not both")
-        if self.rebate_amount_cents is not None and self.rebate_amount_cents <= 0:
-            raise BackOfficeError("a rebate amount must be positive")
+        """Refuse (BackOfficeError) the first thing wrong with this spec, in
+        the order of the rules below."""
+        problem = (
+            _first_problem(self, _FORM_RULES)
+            or next(filter(None, map(_template_problem, self.templates)), None)
+            or _first_problem(self, _ZONE_AND_REBATE_RULES)
+        )
+        if problem is not None:
+            raise BackOfficeError(problem)
+
+
+_Spec = typing.TypeVar("_Spec")
+# A rule: when the test holds, the spec is refused with the message (text, or
+# made from the spec).
+_Rule = tuple[Callable[[_Spec], bool], str | Callable[[_Spec], str]]
+
+
+def _first_problem(spec: _Spec, rules: Sequence[_Rule[_Spec]]) -> str | None:
+    """The message of the first rule ``spec`` breaks, or None."""
+    for breaks, message in rules:
+        if breaks(spec):
+            return message if isinstance(message, str) else message(spec)
+    return None
+
+
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+_FORM_RULES: tuple[_Rule[ActivitySpec], ...] = (
+    (
+        lambda s: not SLUG.fullmatch(s.slug),
+        lambda s: f"slug {s.slug!r} must be lowercase letters, digits and dashes",
+    ),
+    (
+        lambda s: s.starts_at.tzinfo is None or s.ends_at.tzinfo is None,
+        "start and end times need a UTC offset",
+    ),
+    (lambda s: s.ends_at <= s.starts_at, "an activity must end after it starts"),
+    (lambda s: s.budget < 0, "the budget cannot be negative"),
+    (
+        lambda s: bool(s.banner_url) and not BANNER_URL.fullmatch(s.banner_url),
+        lambda s: (
+            f"banner_url {s.banner_url[:60]!r} must be an https:// URL or a path on this site starting with /"
+        ),
+    ),
+    (lambda s: not 1 <= len(s.templates) <= 5, "a package holds 1 to 5 coupon templates"),
+    (
+        lambda s: s.validity_days is None and s.valid_until is None,
+        "set validity_days or a fixed validity window (valid_until)",
+    ),
+)
+
+TEMPLATE_KINDS = ("discount_rate", "amount_off", "gift")
+
+_TEMPLATE_RULES: tuple[_Rule[TemplateSpec], ...] = (
+    (
+        lambda t: t.kind not in TEMPLATE_KINDS,
+        lambda t: f"template kind {t.kind!r} is not discount_rate, amount_off or gift",
+    ),
+    (lambda t: t.value < 0 or t.threshold_cents < 0, "template values cannot be negative"),
+    (
+        lambda t: t.kind == "discount_rate" and not 0 < t.value <= 10_000,
+        "a discount rate is 1 to 10000 basis points (1500 = 15% off)",
+    ),
+)
+
+_ZONE_AND_REBATE_RULES: tuple[_Rule[ActivitySpec], ...] = (
+    (lambda s: not _known_zone(s.timezone), lambda s: f"unknown time zone {s.timezone!r}"),
+    (lambda s: s.rebate_every < 1, "rebate_every must be at least 1"),
+    (
+        lambda s: s.rebate_amount_cents is not None and s.rebate_template is not None,
+        "a rebate is an amount or a coupon template, not both",
+    ),
+    (
+        lambda s: s.rebate_amount_cents is not None and s.rebate_amount_cents <= 0,
+        "a rebate amount must be positive",
+    ),
+)
+
+
+def _template_problem(template: TemplateSpec) -> str | None:
+    try:
+        domain.validate_prefix(template.prefix)
+    except ValueError as exc:
+        return str(exc)
+    return _first_problem(template, _TEMPLATE_RULES)
 
 
 def create_channel(session: Session, name: str) -> Channel:
@@ -169,9 +221,7 @@ def create_channel(session: Session, name: str) -> Channel:
 def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     """Create an activity, its templates and one package slot per budget unit."""
     spec.check()
-    channel = session.scalar(select(Channel).where(Channel.name == spec.channel))
-    if channel is None:
-        raise BackOfficeError(f"no channel {spec.channel!r}; create it first")
+    channel_id = _channel_id(session, spec.channel)
     if session.scalar(select(Activity).where(Activity.slug == spec.slug)) is not None:
         raise BackOfficeError(f"activity {spec.slug!r} already exists")
     prefixes = [t.prefix for t in spec.templates]
@@ -184,9 +234,9 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     values.pop("templates")
     values.pop("channel")
     values.pop("rebate_template")
-    values["exclusivity_group"] = spec.exclusivity_group or f"solo:{spec.slug}"
+    values["exclusivity_group"] = _stored_group(spec)
     values["rebate_template_id"] = _rebate_template_id(session, spec.rebate_template, prefixes)
-    activity = Activity(channel_id=channel.channel_id, **values)
+    activity = Activity(channel_id=channel_id, **values)
     session.add(activity)
     session.flush()
     for position, template in enumerate(spec.templates, start=1):
@@ -231,6 +281,64 @@ def load_activity_file(path: str) -> ActivitySpec:
     return ActivitySpec.from_mapping(data)
 
 
+class _FileDumper(yaml.SafeDumper):
+    """YAML as an operator writes an activity file: times as timestamps,
+    multi-line text as a literal block, each template on one line."""
+
+
+class _OneLine(dict[str, Any]):
+    """A mapping written on one line (``{prefix: DXA, kind: gift, ...}``)."""
+
+
+def _represent_time(dumper: yaml.SafeDumper, value: datetime) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:timestamp", value.isoformat())
+
+
+def _represent_text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+def _represent_one_line(dumper: yaml.SafeDumper, value: _OneLine) -> yaml.MappingNode:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=True)
+
+
+_FileDumper.add_representer(datetime, _represent_time)
+_FileDumper.add_representer(str, _represent_text)
+_FileDumper.add_representer(_OneLine, _represent_one_line)
+
+# The order of an activity file: who and when first (times next to their
+# zone), the templates last.
+_FILE_HEAD = ("slug", "title", "channel", "starts_at", "ends_at", "timezone")
+FILE_ORDER = (
+    *_FILE_HEAD,
+    *(f.name for f in dataclasses.fields(ActivitySpec) if f.name not in (*_FILE_HEAD, "templates")),
+    "templates",
+)
+
+
+def activity_file_text(spec: ActivitySpec) -> str:
+    """``spec`` in its file form (YAML), as :func:`load_activity_file` reads
+    it back: times in the activity's own zone, multi-line text such as the
+    rules as a literal block, so that a shown activity can go into version
+    control and be applied again unchanged."""
+    zone = ZoneInfo(spec.timezone)
+    values = dataclasses.asdict(spec)
+    for name in ("starts_at", "ends_at", "valid_from", "valid_until"):
+        if values[name] is not None:
+            values[name] = values[name].astimezone(zone)
+    values["templates"] = [_OneLine(t) for t in values["templates"]]
+    ordered = {name: values[name] for name in FILE_ORDER}
+    return yaml.dump(ordered, Dumper=_FileDumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+def show_activity(session: Session, slug: str) -> str:
+    """The activity ``slug`` in its file form (:func:`activity_file_text`)."""
+    activity = session.scalar(select(Activity).where(Activity.slug == slug))
+    if activity is None:
+        raise BackOfficeError(f"no activity {slug!r}")
+    return activity_file_text(describe_activity(session, activity))
+
+
 # What may not change once an activity has granted packages, and why: anything
 # members were already promised or that past claims were decided by. The rest
 # (presentation, distribution, the switch, the end of the window, the budget
@@ -259,32 +367,58 @@ def update_activity(session: Session, slug: str, changes: Mapping[str, Any]) -> 
         raise BackOfficeError("an activity's slug is its identity and cannot change")
     merged = ActivitySpec.from_mapping({**dataclasses.asdict(current), **changes})
     merged.check()
-    changed = [
+    changed = _changed_fields(current, merged)
+    if changed:
+        _refuse_frozen_changes(session, activity, changed)
+        _write_changes(session, activity, current, merged, changed)
+    return changed
+
+
+def _stored_group(spec: ActivitySpec) -> str:
+    """The exclusivity group as stored: an activity without one is alone in
+    a group of its own."""
+    return spec.exclusivity_group or _solo_group(spec.slug)
+
+
+def _solo_group(slug: str) -> str:
+    return f"solo:{slug}"
+
+
+def _changed_fields(current: ActivitySpec, merged: ActivitySpec) -> list[str]:
+    """The fields ``merged`` changes; naming the activity's own solo group
+    is no change."""
+    return [
         f.name
         for f in dataclasses.fields(ActivitySpec)
         if getattr(merged, f.name) != getattr(current, f.name)
-        and not (
-            f.name == "exclusivity_group"
-            and (merged.exclusivity_group or f"solo:{slug}") == activity.exclusivity_group
-        )
+        and not (f.name == "exclusivity_group" and _stored_group(merged) == _stored_group(current))
     ]
-    if not changed:
-        return []
+
+
+def _refuse_frozen_changes(session: Session, activity: Activity, changed: Sequence[str]) -> None:
+    """Refuse changing what is frozen once the activity has granted packages."""
+    frozen = [name for name in changed if name in FROZEN_AFTER_CLAIMS]
+    if not frozen:
+        return
     granted = session.scalar(
         select(func.count())
         .select_from(Claim)
-        .where(Claim.activity_id == activity.activity_id, Claim.status != "refused")
+        .where(Claim.activity_id == activity.activity_id, Claim.status != ClaimStatus.REFUSED)
     )
     if granted:
-        frozen = [name for name in changed if name in FROZEN_AFTER_CLAIMS]
-        if frozen:
-            reasons = "; ".join(f"{name}: {FROZEN_AFTER_CLAIMS[name]}" for name in frozen)
-            raise BackOfficeError(f"{slug} has {granted} packages issued; cannot change {reasons}")
+        reasons = "; ".join(f"{name}: {FROZEN_AFTER_CLAIMS[name]}" for name in frozen)
+        raise BackOfficeError(f"{activity.slug} has {granted} packages issued; cannot change {reasons}")
+
+
+# Fields written by a step of their own, not copied onto the activity's row.
+_WRITTEN_APART = frozenset({"channel", "templates", "rebate_template", "slug"})
+
+
+def _write_changes(
+    session: Session, activity: Activity, current: ActivitySpec, merged: ActivitySpec, changed: Sequence[str]
+) -> None:
     if "channel" in changed:
-        channel_id = session.scalar(select(Channel.channel_id).where(Channel.name == merged.channel))
-        if channel_id is None:
-            raise BackOfficeError(f"no channel {merged.channel!r}; create it first")
-        activity.channel_id = channel_id
+        activity.channel_id = _channel_id(session, merged.channel)
     if "templates" in changed:
         _replace_templates(session, activity.activity_id, current.templates, merged.templates)
     if "budget" in changed:
@@ -294,14 +428,17 @@ def update_activity(session: Session, slug: str, changes: Mapping[str, Any]) -> 
             session, merged.rebate_template, [t.prefix for t in merged.templates]
         )
     for name in changed:
-        if name in ("channel", "templates", "rebate_template", "slug"):
-            continue
-        value = getattr(merged, name)
-        if name == "exclusivity_group":
-            value = value or f"solo:{slug}"
-        setattr(activity, name, value)
+        if name not in _WRITTEN_APART:
+            value = _stored_group(merged) if name == "exclusivity_group" else getattr(merged, name)
+            setattr(activity, name, value)
     session.flush()
-    return changed
+
+
+def _channel_id(session: Session, name: str) -> int:
+    channel_id = session.scalar(select(Channel.channel_id).where(Channel.name == name))
+    if channel_id is None:
+        raise BackOfficeError(f"no channel {name!r}; create it first")
+    return channel_id
 
 
 def apply_activity(session: Session, spec: ActivitySpec) -> tuple[Activity, list[str]]:
@@ -327,41 +464,30 @@ def describe_activity(session: Session, activity: Activity) -> ActivitySpec:
         rebate_prefix = session.scalar(
             select(CouponTemplate.prefix).where(CouponTemplate.template_id == activity.rebate_template_id)
         )
+    # Every field but these is a column of the same name.
+    on_row = {
+        f.name: getattr(activity, f.name)
+        for f in dataclasses.fields(ActivitySpec)
+        if f.name not in _NOT_COLUMNS
+    }
     return ActivitySpec(
-        slug=activity.slug,
-        title=activity.title,
+        **on_row,
         channel=channel or "",
-        starts_at=activity.starts_at,
-        ends_at=activity.ends_at,
-        budget=activity.budget,
-        templates=tuple(
-            TemplateSpec(
-                prefix=t.prefix,
-                kind=t.kind,
-                value=t.value,
-                threshold_cents=t.threshold_cents,
-                new_user_only=t.new_user_only,
-                title=t.title,
-            )
-            for t in templates
-        ),
-        timezone=activity.timezone,
-        banner_url=activity.banner_url,
-        copy=activity.copy,
-        rules=activity.rules,
-        brand=activity.brand,
-        online=activity.online,
+        templates=tuple(_template_spec(t) for t in templates),
         exclusivity_group=None
-        if activity.exclusivity_group == f"solo:{activity.slug}"
+        if activity.exclusivity_group == _solo_group(activity.slug)
         else activity.exclusivity_group,
-        validity_days=activity.validity_days,
-        valid_from=activity.valid_from,
-        valid_until=activity.valid_until,
-        hold_until_registered=activity.hold_until_registered,
-        rebate_every=activity.rebate_every,
-        rebate_amount_cents=activity.rebate_amount_cents,
         rebate_template=rebate_prefix,
     )
+
+
+# The fields of an activity file that are not columns of ``activities`` as they are.
+_NOT_COLUMNS = frozenset({"channel", "templates", "exclusivity_group", "rebate_template"})
+
+
+def _template_spec(template: CouponTemplate) -> TemplateSpec:
+    """A template as in an activity file: every field is a column of the same name."""
+    return TemplateSpec(**{f.name: getattr(template, f.name) for f in dataclasses.fields(TemplateSpec)})
 
 
 def _replace_templates(

@@ -96,20 +96,10 @@ def cmd_activity_edit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_activity_show(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
-
-    import yaml
     from issuance.shared.backoffice import catalog
-    from issuance.shared.db.models import Activity
-    from sqlalchemy import select
 
     with _session(settings) as session:
-        activity = session.scalar(select(Activity).where(Activity.slug == args.slug))
-        if activity is None:
-            raise catalog.BackOfficeError(f"no activity {args.slug!r}")
-        spec = dataclasses.asdict(catalog.describe_activity(session, activity))
-    spec["templates"] = [dict(t) for t in spec["templates"]]
-    print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
+        print(catalog.show_activity(session, args.slug), end="")
     return 0
 
 
@@ -242,62 +232,77 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _group(sub: Any, name: str, help_: str) -> Any:
+    """A command with subcommands (``issuance activity ...``)."""
+    return sub.add_parser(name, help=help_).add_subparsers(dest="sub", required=True)
+
+
+def _command(group: Any, func: Any, name: str, **options: Any) -> Any:
+    """A subcommand of ``group`` that runs ``func``."""
+    parser = group.add_parser(name, **options)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def register(sub: Any) -> None:
     """Add the back-office commands to the ``issuance`` subparsers."""
-    channel = sub.add_parser("channel", help="distribution channels").add_subparsers(
-        dest="sub", required=True
-    )
-    create = channel.add_parser("create", help="create a channel (names are unique)")
+    channel = _group(sub, "channel", "distribution channels")
+    create = _command(channel, cmd_channel_create, "create", help="create a channel (names are unique)")
     create.add_argument("name", help="the channel's name")
-    create.set_defaults(func=cmd_channel_create)
 
-    activity = sub.add_parser("activity", help="activities (campaigns)").add_subparsers(
-        dest="sub", required=True
+    activity = _group(sub, "activity", "activities (campaigns)")
+    create = _command(
+        activity, cmd_activity_create, "create", help="create an activity from a JSON or YAML file"
     )
-    create = activity.add_parser("create", help="create an activity from a JSON or YAML file")
     create.add_argument("--file", required=True, help="the activity file (.json, .yaml or .yml)")
-    create.set_defaults(func=cmd_activity_create)
-    apply = activity.add_parser("apply", help="create the activity of a file, or bring it to the file")
+    apply = _command(
+        activity, cmd_activity_apply, "apply", help="create the activity of a file, or bring it to the file"
+    )
     apply.add_argument("--file", required=True, help="the activity file (.json, .yaml or .yml)")
-    apply.set_defaults(func=cmd_activity_apply)
-    edit = activity.add_parser(
-        "edit", help="change fields of an activity; what is unsafe once packages are issued is refused"
+    edit = _command(
+        activity,
+        cmd_activity_edit,
+        "edit",
+        help="change fields of an activity; what is unsafe once packages are issued is refused",
     )
     edit.add_argument("slug", help="the activity's slug")
     edit.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. --set budget=5000")
     edit.add_argument("--templates", help="the templates as a JSON list (only before any claim)")
-    edit.set_defaults(func=cmd_activity_edit)
-    show = activity.add_parser("show", help="print an activity in its file form (YAML)")
+    show = _command(
+        activity,
+        cmd_activity_show,
+        "show",
+        help="print an activity in its file form (YAML, times in its zone); apply takes it back unchanged",
+    )
     show.add_argument("slug", help="the activity's slug")
-    show.set_defaults(func=cmd_activity_show)
-    listing = activity.add_parser("list", help="15 per page, newest first")
+    listing = _command(activity, cmd_activity_list, "list", help="15 per page, newest first")
     listing.add_argument("--page", type=int, default=1, help="page number, from 1 (default 1)")
     listing.add_argument("--json", action="store_true", help="print the page as JSON")
-    listing.set_defaults(func=cmd_activity_list)
 
-    codes = sub.add_parser("codes", help="code batches").add_subparsers(dest="sub", required=True)
-    generate = codes.add_parser("generate", help="generate a numbered batch of codes for a template")
+    codes = _group(sub, "codes", "code batches")
+    generate = _command(
+        codes, cmd_codes_generate, "generate", help="generate a numbered batch of codes for a template"
+    )
     generate.add_argument("--template", required=True, help="the template's prefix")
     generate.add_argument("--count", type=int, required=True, help="how many codes")
     generate.add_argument("--bits", type=int, default=64, help="random bits per code (default 64)")
-    generate.set_defaults(func=cmd_codes_generate)
-    export = codes.add_parser("export", help="stream a batch as CSV (any number of times)")
+    export = _command(codes, cmd_codes_export, "export", help="stream a batch as CSV (any number of times)")
     export.add_argument(
         "--batch", type=int, required=True, help="the batch number (codes generate prints it)"
     )
     export.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
     export.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
-    export.set_defaults(func=cmd_codes_export)
 
-    coupons = sub.add_parser("coupons", help="coupons after issuance").add_subparsers(
-        dest="sub", required=True
+    coupons = _group(sub, "coupons", "coupons after issuance")
+    expire = _command(
+        coupons,
+        cmd_coupons_expire,
+        "expire",
+        help="the periodic sweep: mark unused coupons past expiry expired",
     )
-    expire = coupons.add_parser("expire", help="the periodic sweep: mark unused coupons past expiry expired")
     expire.add_argument("--every", type=float, help="run forever, sweeping every this many seconds")
-    expire.set_defaults(func=cmd_coupons_expire)
-    cancel = coupons.add_parser("cancel", help="cancel a coupon (unused or never issued)")
+    cancel = _command(coupons, cmd_coupons_cancel, "cancel", help="cancel a coupon (unused or never issued)")
     cancel.add_argument("code", help="the coupon code")
-    cancel.set_defaults(func=cmd_coupons_cancel)
 
     report = sub.add_parser("report", help="a campaign's report: packages, usage, cost, funnel, rebates")
     which = report.add_mutually_exclusive_group(required=True)

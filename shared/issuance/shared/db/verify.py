@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from issuance.shared.db.store import Conn
+from issuance.shared.domain.claims import ClaimStatus
 
 # Coupons after issuance, orders, referrals and rebates.
 BACKOFFICE_CHECKS: dict[str, str] = {
@@ -141,9 +142,9 @@ def verify(conn: Conn, *, grace: timedelta = DEFAULT_GRACE) -> Report:
     (settings.reconcile_grace_seconds) before its waiting is a breach."""
     names = (
         "claims",
-        "bound",
-        "credited",
-        "refused",
+        ClaimStatus.BOUND.value,
+        ClaimStatus.CREDITED.value,
+        ClaimStatus.REFUSED.value,
         "codes_bound",
         "codes_available",
         "credits",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 from issuance.shared import domain
+from issuance.shared.asgi import HttpMiddleware
 from issuance.shared.backoffice import catalog, charts, reports
 from issuance.shared.backoffice.web import approvals, audit, auth, forms, operations, queries
 from issuance.shared.backoffice.web.auth import APPROVES, CHANGES, EVERYONE, CurrentUser, Role
@@ -49,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -807,17 +808,11 @@ def session_secret(engine: Engine) -> str:
     return secret.hex()
 
 
-class AccessLog:
+class AccessLog(HttpMiddleware):
     """One log line per request, without the query string (a lookup's
     query holds a phone number): uvicorn's own access log is off."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 0
 

@@ -68,10 +68,7 @@ def request(session: Session, user: CurrentUser, activity: Activity, *, go_onlin
 
 def withdraw(session: Session, user: CurrentUser, approval: BudgetApproval, slug: str) -> None:
     """Close a waiting request that a later edit made moot."""
-    approval.status = ApprovalStatus.WITHDRAWN
-    approval.decided_by = user.user_id
-    approval.decided_at = func.now()
-    session.flush()
+    _close(session, user, approval, ApprovalStatus.WITHDRAWN)
     audit.record(
         session,
         user,
@@ -81,6 +78,14 @@ def withdraw(session: Session, user: CurrentUser, approval: BudgetApproval, slug
         before={"status": ApprovalStatus.PENDING.value, "budget": approval.budget},
         after={"status": ApprovalStatus.WITHDRAWN.value},
     )
+
+
+def _close(session: Session, user: CurrentUser, approval: BudgetApproval, status: ApprovalStatus) -> None:
+    """A waiting request leaves the queue with ``status``, decided by ``user`` now."""
+    approval.status = status
+    approval.decided_by = user.user_id
+    approval.decided_at = func.now()
+    session.flush()
 
 
 def pending_for(session: Session, activity_id: int) -> BudgetApproval | None:
@@ -113,10 +118,7 @@ def decide(session: Session, user: CurrentUser, approval_id: int, *, approve: bo
         raise catalog.BackOfficeError("this request was already decided or does not exist")
     activity = session.get(Activity, approval.activity_id)
     assert activity is not None
-    approval.status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
-    approval.decided_by = user.user_id
-    approval.decided_at = func.now()
-    session.flush()
+    _close(session, user, approval, ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED)
     audit.record(
         session,
         user,

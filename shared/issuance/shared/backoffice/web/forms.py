@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -103,58 +103,87 @@ class Parsed:
 
 def parse(form: Mapping[str, str]) -> Parsed:
     raw = {name: str(form.get(name, "")).strip() for name in FIELD_NAMES}
-    for row in range(MAX_TEMPLATES):
-        for name in TEMPLATE_FIELDS:
-            key = template_key(row, name)
-            raw[key] = str(form.get(key, "")).strip()
-    values: dict[str, Any] = {}
+    raw.update(
+        {
+            key: str(form.get(key, "")).strip()
+            for key in (template_key(row, name) for row in range(MAX_TEMPLATES) for name in TEMPLATE_FIELDS)
+        }
+    )
+    values: dict[str, Any] = {name: raw[name] for name in TEXT}
+    values.update({name: raw[name] or None for name in OPTIONAL_TEXT})
     errors: dict[str, str] = {}
-    for name in TEXT:
-        values[name] = raw[name]
-    for name in OPTIONAL_TEXT:
-        values[name] = raw[name] or None
-    for name in (*INTEGERS, *OPTIONAL_INTEGERS):
-        if not raw[name] and name in OPTIONAL_INTEGERS:
-            values[name] = None
-            continue
-        try:
-            values[name] = int(raw[name])
-        except ValueError:
-            errors[name] = "enter a whole number"
+    _read_each(
+        raw,
+        (*INTEGERS, *OPTIONAL_INTEGERS),
+        optional=OPTIONAL_INTEGERS,
+        read=int,
+        error=WHOLE_NUMBER,
+        values=values,
+        errors=errors,
+    )
     zone = _zone(raw["timezone"])
-    for name in (*INSTANTS, *OPTIONAL_INSTANTS):
-        if not raw[name] and name in OPTIONAL_INSTANTS:
+    _read_each(
+        raw,
+        (*INSTANTS, *OPTIONAL_INSTANTS),
+        optional=OPTIONAL_INSTANTS,
+        read=lambda text: datetime.fromisoformat(text).replace(tzinfo=zone),
+        error="enter a date and time (YYYY-MM-DD HH:MM)",
+        values=values,
+        errors=errors,
+    )
+    values.update({name: bool(raw[name]) for name in FLAGS})
+    values["templates"] = [
+        _parse_template(raw, row, errors) for row in range(MAX_TEMPLATES) if raw[template_key(row, "prefix")]
+    ]
+    return Parsed(raw=raw, values=values, errors=errors)
+
+
+WHOLE_NUMBER = "enter a whole number"
+
+
+def _read_each(
+    raw: Mapping[str, str],
+    names: Sequence[str],
+    *,
+    optional: Sequence[str],
+    read: Callable[[str], Any],
+    error: str,
+    values: dict[str, Any],
+    errors: dict[str, str],
+) -> None:
+    """Read each field of ``names`` into ``values``; an empty optional field
+    is None, text ``read`` refuses is ``error`` for that field."""
+    for name in names:
+        if not raw[name] and name in optional:
             values[name] = None
             continue
         try:
-            values[name] = datetime.fromisoformat(raw[name]).replace(tzinfo=zone)
+            values[name] = read(raw[name])
         except ValueError:
-            errors[name] = "enter a date and time (YYYY-MM-DD HH:MM)"
-    for name in FLAGS:
-        values[name] = bool(raw[name])
-    templates = []
-    for row in range(MAX_TEMPLATES):
-        if not raw[template_key(row, "prefix")]:
-            continue
-        numbers = {}
-        for name in ("value", "threshold_cents"):
-            key = template_key(row, name)
-            try:
-                numbers[name] = int(raw[key] or "0")
-            except ValueError:
-                errors[key] = "enter a whole number"
-        templates.append(
-            {
-                "prefix": raw[template_key(row, "prefix")].upper(),
-                "kind": raw[template_key(row, "kind")],
-                "value": numbers.get("value", 0),
-                "threshold_cents": numbers.get("threshold_cents", 0),
-                "new_user_only": bool(raw[template_key(row, "new_user_only")]),
-                "title": raw[template_key(row, "title")],
-            }
-        )
-    values["templates"] = templates
-    return Parsed(raw=raw, values=values, errors=errors)
+            errors[name] = error
+
+
+def _parse_template(raw: Mapping[str, str], row: int, errors: dict[str, str]) -> dict[str, Any]:
+    """The template of form row ``row``; empty numbers are 0."""
+    numbers: dict[str, Any] = {}
+    keys = [template_key(row, "value"), template_key(row, "threshold_cents")]
+    _read_each(
+        raw,
+        keys,
+        optional=(),
+        read=lambda text: int(text or "0"),
+        error=WHOLE_NUMBER,
+        values=numbers,
+        errors=errors,
+    )
+    return {
+        "prefix": raw[template_key(row, "prefix")].upper(),
+        "kind": raw[template_key(row, "kind")],
+        "value": numbers.get(keys[0], 0),
+        "threshold_cents": numbers.get(keys[1], 0),
+        "new_user_only": bool(raw[template_key(row, "new_user_only")]),
+        "title": raw[template_key(row, "title")],
+    }
 
 
 def changes(parsed: Parsed, current: Mapping[str, str]) -> dict[str, Any]:

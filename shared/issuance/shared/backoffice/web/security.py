@@ -25,7 +25,8 @@ import secrets
 from typing import Any
 from urllib.parse import parse_qs
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from issuance.shared.asgi import HttpMiddleware
+from starlette.types import Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 64 * 1024
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -61,17 +62,10 @@ def csrf_token(session: dict[str, Any]) -> str:
     return token
 
 
-class HeadersMiddleware:
+class HeadersMiddleware(HttpMiddleware):
     """Adds :data:`HEADERS` to every response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 names = {name.lower() for name, _ in message.get("headers", [])}
@@ -84,15 +78,12 @@ class HeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-class CsrfMiddleware:
+class CsrfMiddleware(HttpMiddleware):
     """Refuses (403) every state-changing request without the session's
     token; runs inside SessionMiddleware (it needs ``scope["session"]``)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in SAFE_METHODS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
