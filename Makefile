@@ -47,6 +47,9 @@ browser:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@# No function of the product above complexity C (radon's grades: D is 21 and up).
+	@complex="$$($(BIN)/radon cc -s -n D shared workers producers)"; \
+	  if [ -n "$$complex" ]; then echo "$$complex"; echo "functions above complexity C"; exit 1; fi
 
 typecheck: install
 	$(BIN)/mypy

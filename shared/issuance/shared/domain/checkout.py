@@ -80,6 +80,18 @@ def checkout_refusal(
     if coupon.kind not in KINDS:
         raise ValueError(f"unknown coupon kind {coupon.kind!r}")
     mine = order_id is not None and coupon.held_by == order_id
+    refusal = _whose(coupon, member_id=member_id, mine=mine)
+    if refusal is None and coupon.status != "used":
+        refusal = _when(coupon, cart)
+    if refusal is None and coupon.kind == "amount_off" and cart.amount_cents < coupon.threshold_cents:
+        # Also for a coupon this very order used: asked again, it answers as
+        # it did, unless the cart asked about no longer reaches the threshold.
+        refusal = LifecycleRefusal.BELOW_THRESHOLD
+    return refusal
+
+
+def _whose(coupon: WalletCoupon, *, member_id: int, mine: bool) -> LifecycleRefusal | None:
+    """Refusals about who holds the coupon: issued, owned, live, free."""
     if coupon.status == "available" or coupon.member_id is None:
         return LifecycleRefusal.NOT_ISSUED
     if coupon.member_id != member_id:
@@ -90,19 +102,17 @@ def checkout_refusal(
         return LifecycleRefusal.ALREADY_USED
     if coupon.held_by is not None and not mine:
         return LifecycleRefusal.HELD_BY_ANOTHER_ORDER
-    below = coupon.kind == "amount_off" and cart.amount_cents < coupon.threshold_cents
-    if coupon.status == "used":
-        # Used by this very order: asked again, it answers as it did, unless
-        # the cart asked about no longer reaches the threshold.
-        return LifecycleRefusal.BELOW_THRESHOLD if below else None
+    return None
+
+
+def _when(coupon: WalletCoupon, cart: Cart) -> LifecycleRefusal | None:
+    """Refusals about time: expired, not yet valid, not in the wallet yet."""
     if coupon.status == "expired" or (coupon.expires_at is not None and coupon.expires_at <= cart.at):
         return LifecycleRefusal.EXPIRED
     if coupon.valid_from is not None and cart.at < coupon.valid_from:
         return LifecycleRefusal.NOT_YET_VALID
     if not coupon.credited:
         return LifecycleRefusal.NOT_CREDITED
-    if below:
-        return LifecycleRefusal.BELOW_THRESHOLD
     return None
 
 
