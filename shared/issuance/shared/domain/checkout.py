@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from issuance.shared.domain.coupons import LifecycleRefusal, discount_cents
+from issuance.shared.domain.coupons import LifecycleRefusal, discount_cents, holder_refusal, time_refusal
 
 KINDS = frozenset(("discount_rate", "amount_off", "gift"))
 
@@ -92,28 +92,23 @@ def checkout_refusal(
 
 def _whose(coupon: WalletCoupon, *, member_id: int, mine: bool) -> LifecycleRefusal | None:
     """Refusals about who holds the coupon: issued, owned, live, free."""
-    if coupon.status == "available" or coupon.member_id is None:
-        return LifecycleRefusal.NOT_ISSUED
-    if coupon.member_id != member_id:
-        return LifecycleRefusal.NOT_OWNER
-    if coupon.status == "cancelled":
-        return LifecycleRefusal.CANCELLED
-    if coupon.status == "used" and not mine:
-        return LifecycleRefusal.ALREADY_USED
-    if coupon.held_by is not None and not mine:
-        return LifecycleRefusal.HELD_BY_ANOTHER_ORDER
-    return None
+    refusal = holder_refusal(status=coupon.status, owner=coupon.member_id, member_id=member_id)
+    if refusal is None and coupon.status == "used" and not mine:
+        refusal = LifecycleRefusal.ALREADY_USED
+    if refusal is None and coupon.held_by is not None and not mine:
+        refusal = LifecycleRefusal.HELD_BY_ANOTHER_ORDER
+    return refusal
 
 
 def _when(coupon: WalletCoupon, cart: Cart) -> LifecycleRefusal | None:
     """Refusals about time: expired, not yet valid, not in the wallet yet."""
-    if coupon.status == "expired" or (coupon.expires_at is not None and coupon.expires_at <= cart.at):
-        return LifecycleRefusal.EXPIRED
-    if coupon.valid_from is not None and cart.at < coupon.valid_from:
-        return LifecycleRefusal.NOT_YET_VALID
-    if not coupon.credited:
-        return LifecycleRefusal.NOT_CREDITED
-    return None
+    return time_refusal(
+        status=coupon.status,
+        expires_at=coupon.expires_at,
+        valid_from=coupon.valid_from,
+        credited=coupon.credited,
+        at=cart.at,
+    )
 
 
 def evaluate(

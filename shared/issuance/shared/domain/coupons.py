@@ -102,19 +102,42 @@ def use_refusal(
     means yes (or that it already did, in this very order: idempotent)."""
     if coupon.status == "used" and coupon.order_id == order_id:
         return None
-    if coupon.status == "available" or coupon.member_id is None:
+    refusal = holder_refusal(status=coupon.status, owner=coupon.member_id, member_id=member_id)
+    if refusal is None and coupon.status == "used":
+        refusal = LifecycleRefusal.ALREADY_USED
+    if refusal is None:
+        refusal = time_refusal(
+            status=coupon.status,
+            expires_at=coupon.expires_at,
+            valid_from=coupon.valid_from,
+            credited=coupon.credited,
+            at=at,
+        )
+    return refusal
+
+
+def holder_refusal(*, status: str, owner: int | None, member_id: int) -> LifecycleRefusal | None:
+    """Is the coupon issued, ``member_id``'s, and not cancelled? The rule
+    both the order events and checkout apply."""
+    if status == "available" or owner is None:
         return LifecycleRefusal.NOT_ISSUED
-    if coupon.member_id != member_id:
+    if owner != member_id:
         return LifecycleRefusal.NOT_OWNER
-    if coupon.status == "cancelled":
+    if status == "cancelled":
         return LifecycleRefusal.CANCELLED
-    if coupon.status == "used":
-        return LifecycleRefusal.ALREADY_USED
-    if coupon.status == "expired" or (coupon.expires_at is not None and coupon.expires_at <= at):
+    return None
+
+
+def time_refusal(
+    *, status: str, expires_at: datetime | None, valid_from: datetime | None, credited: bool, at: datetime
+) -> LifecycleRefusal | None:
+    """Does the coupon apply at ``at``: not expired, already valid, and in
+    the wallet? The rule both the order events and checkout apply."""
+    if status == "expired" or (expires_at is not None and expires_at <= at):
         return LifecycleRefusal.EXPIRED
-    if coupon.valid_from is not None and at < coupon.valid_from:
+    if valid_from is not None and at < valid_from:
         return LifecycleRefusal.NOT_YET_VALID
-    if not coupon.credited:
+    if not credited:
         return LifecycleRefusal.NOT_CREDITED
     return None
 
