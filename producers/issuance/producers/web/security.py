@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from issuance.shared.asgi import security_headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,16 +27,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' https: data:;"
     " connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    # Share links carry the share ID: never hand it to another site.
-    (b"referrer-policy", b"no-referrer"),
-    (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=()"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-    (b"cross-origin-resource-policy", b"same-origin"),
-)
+# Share links carry the share ID: never hand it to another site.
+SECURITY_HEADERS = security_headers(CONTENT_SECURITY_POLICY, referrer_policy=b"no-referrer")
 NO_STORE = (b"cache-control", b"no-store")
 
 

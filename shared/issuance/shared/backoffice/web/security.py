@@ -25,7 +25,7 @@ import secrets
 from typing import Any
 from urllib.parse import parse_qs
 
-from issuance.shared.asgi import HttpMiddleware
+from issuance.shared.asgi import HttpMiddleware, security_headers
 from starlette.types import Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 64 * 1024
@@ -40,14 +40,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' https:;"
     " connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
-HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"same-origin"),
-    (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=()"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-    (b"cross-origin-resource-policy", b"same-origin"),
+HEADERS = (
+    *security_headers(CONTENT_SECURITY_POLICY, referrer_policy=b"same-origin"),
     # Pages show members' coupons and orders: no copy in any cache.
     (b"cache-control", b"no-store"),
 )
