@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import dramatiq
+from dramatiq.brokers.stub import StubBroker
 from issuance.shared import logs
 from issuance.shared.settings import Settings, load_settings
 from issuance.shared.wire.codec import xq_name
@@ -86,6 +87,8 @@ class ProcessBoot(dramatiq.Middleware):
     and when it has stopped."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        if isinstance(broker, StubBroker):
+            return  # in-process (the demo, tests): the command has set up its process
         configure_logging()
         set_title("consumer")
 
