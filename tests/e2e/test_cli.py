@@ -163,13 +163,21 @@ def test_a_long_command_says_it_is_working_and_when_it_is_done(capsys, monkeypat
 
     monkeypatch.setattr(cli, "PROGRESS_AFTER_SECONDS", 0.1)
     args = argparse.Namespace(command="activity", sub="create")
-    with cli.progress_note(args):
+    with cli.progress_note(args, terminal=True):
         time.sleep(0.4)
-    with cli.progress_note(argparse.Namespace(command="verify")):
+    with cli.progress_note(argparse.Namespace(command="verify"), terminal=True):
         pass
-    with cli.progress_note(argparse.Namespace(command="worker", quiet=True)):
+    with cli.progress_note(argparse.Namespace(command="worker", quiet=True), terminal=True):
         time.sleep(0.3)
+    with cli.progress_note(args, terminal=False):  # a pipe: the command's output is the record
+        time.sleep(0.3)
+    try:
+        with cli.progress_note(args, terminal=True):
+            time.sleep(0.3)
+            raise ValueError("refused")
+    except ValueError:
+        pass
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "activity create: working..."
     assert re.fullmatch(r"activity create: done in 0\.\ds", err[1])
-    assert len(err) == 2, "a quick command and a server say nothing"
+    assert err[2:] == ["activity create: working..."], "quick, quiet, piped: nothing; a failure: no done line"

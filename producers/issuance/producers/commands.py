@@ -62,7 +62,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     setproctitle.setproctitle(f"issuance web :{args.port}")
     access = {} if args.no_access_log else {"uvicorn.access": "INFO"}
     logging.getLogger(__name__).info(
-        "serving the activity page on http://%s:%d (%d processes)", args.host, args.port, args.workers
+        "serving the activity page on http://%s:%d (uvicorn workers: %d)", args.host, args.port, args.workers
     )
     uvicorn.run(
         "issuance.producers.web:create_app",

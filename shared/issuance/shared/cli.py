@@ -275,10 +275,13 @@ PROGRESS_AFTER_SECONDS = 2.0
 
 
 @contextlib.contextmanager
-def progress_note(args: argparse.Namespace) -> Iterator[None]:
-    """Tell on stderr that a long command is working, and when it is done.
-    Commands that run until stopped or wait for a person set ``quiet=True``."""
-    if getattr(args, "quiet", False):
+def progress_note(args: argparse.Namespace, *, terminal: bool | None = None) -> Iterator[None]:
+    """On a terminal, tell that a long command is working, and when it is
+    done (a failure says so in its own error line). Commands that run until
+    stopped or wait for a person set ``quiet=True``; in a pipe or a log file
+    (``terminal`` False) the command's own output is the record."""
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    if getattr(args, "quiet", False) or not terminal:
         yield
         return
     name = " ".join(
@@ -298,8 +301,8 @@ def progress_note(args: argparse.Namespace) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
-        if noted.is_set():
-            print(f"{name}: done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    if noted.is_set():
+        print(f"{name}: done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
