@@ -181,3 +181,45 @@ def test_a_long_command_says_it_is_working_and_when_it_is_done(capsys, monkeypat
     assert err[0] == "activity create: working..."
     assert re.fullmatch(r"activity create: done in 0\.\ds", err[1])
     assert err[2:] == ["activity create: working..."], "quick, quiet, piped: nothing; a failure: no done line"
+
+
+def test_the_outbox_relay_says_when_it_starts_and_what_it_published(settings, service_env):
+    import signal
+    import time
+
+    import psycopg
+    from issuance.producers import outbox
+    from issuance.shared.wire.messages import OrderPlaced
+
+    with psycopg.connect(settings.database_url) as conn:
+        outbox.install(conn)
+        with conn.transaction():
+            conn.execute("DELETE FROM issuance_outbox")
+            for n in range(3):
+                outbox.add(
+                    conn, OrderPlaced(order_id=f"SO-R{n}", member_id=n, amount_cents=100, placed_at=utcnow())
+                )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")}
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "issuance.shared.cli", "outbox-relay", "--batch", "2"],
+        env={**clean, **service_env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            wait_for(
+                lambda: not conn.execute("SELECT 1 FROM issuance_outbox WHERE sent_at IS NULL").fetchone(),
+                what="the relay to publish the outbox",
+            )
+        time.sleep(0.5)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        out, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "outbox relay: publishing issuance_outbox in batches of 2; Ctrl-C stops"
+    assert re.fullmatch(r"outbox relay: published 3 rows in \d+\.\ds", lines[1]), out
+    assert len(lines) == 2 and err == "", out + err
