@@ -197,7 +197,10 @@ def test_the_outbox_relay_says_when_it_starts_and_what_it_published(settings, se
             conn.execute("DELETE FROM issuance_outbox")
             for n in range(3):
                 outbox.add(
-                    conn, OrderPlaced(order_id=f"SO-R{n}", member_id=n, amount_cents=100, placed_at=utcnow())
+                    conn,
+                    OrderPlaced(
+                        order_id=f"SO-R{n}", member_id=1000 + n, amount_cents=100, placed_at=utcnow()
+                    ),
                 )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")}
     relay = subprocess.Popen(

@@ -58,6 +58,7 @@ def test_the_project_speaks_at_info_and_the_libraries_only_at_warning(stderr: St
 
 
 def test_debug_opens_every_logger(stderr: Stderr) -> None:
+    logs.configure(settings_from({}))  # as every command does first, before reading its settings
     logs.configure(settings_from({"ISSUANCE_LOG_LEVEL": "debug"}))
     logging.getLogger("pika.connection").debug("frame")
     logging.getLogger("issuance.x").debug("detail")

@@ -92,8 +92,12 @@ def dict_config(
         {"()": f"{__name__}.JsonFormatter"} if settings.log_format == "json" else {"format": TEXT_FORMAT}
     )
     named: dict[str, dict[str, Any]] = {"issuance": {"level": own}}
-    if libraries != "DEBUG":
-        named.update((name, {"level": lvl}) for name, lvl in QUIET_BELOW_DEBUG.items())
+    # Set either way: a process configured twice (defaults, then settings)
+    # must not keep the first configuration's levels.
+    named.update(
+        (name, {"level": "NOTSET" if libraries == "DEBUG" else lvl})
+        for name, lvl in QUIET_BELOW_DEBUG.items()
+    )
     named.update((name, {"level": lvl}) for name, lvl in (loggers or {}).items())
     return {
         "version": 1,
