@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -39,9 +40,28 @@ def issuance(
 def test_the_demo_runs_embedded_with_no_servers():
     result = issuance("demo", "--claims", "400", "--embedded", "yes")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "embedded mode" in result.stdout
-    assert "verify: clean" in result.stdout
-    assert "refused bad_phone" in result.stdout and "refused already_received" in result.stdout
+    # Nothing but the demo's story: no warning, no log line, no library chatter.
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("embedded mode: ")
+    assert re.fullmatch(r"published \d+ messages: 400 claims, re-sends, orders and share opens", lines[1])
+    assert re.fullmatch(r"handled in \d+\.\ds", lines[2])
+    assert lines[3] == "" and lines[-2] == ""
+    assert lines[-1].startswith("verify: clean")
+    # One column per activity, so that granted never reads against the wrong budget.
+    header, *rows = lines[4:-2]
+    slug, similar = header.split()
+    assert similar == f"{slug}-similar"
+    table = {row.rsplit(maxsplit=2)[0].strip(): [int(v) for v in row.split()[-2:]] for row in rows}
+    assert list(table)[:4] == ["claims", "budget (packages)", "granted", "credited"]
+    assert {"refused: bad phone", "refused: already received"} <= set(table)
+    assert all(label.startswith("refused: ") for label in list(table)[4:])
+    for column in (0, 1):
+        granted, budget = table["granted"][column], table["budget (packages)"][column]
+        assert granted <= budget and table["credited"][column] == granted
+        refused = sum(v[column] for label, v in table.items() if label.startswith("refused: "))
+        assert granted + refused == table["claims"][column]
+    assert len(lines) <= 16, result.stdout
 
 
 def test_publish_replays_a_file_refusing_bad_lines_and_verify_reports(
@@ -123,3 +143,88 @@ def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
     ]
     assert not silent, f"options without help: {silent}"
     assert "``" not in (parser.description or ""), "the top-level help is plain text"
+
+
+def test_sweep_is_one_pass_and_only_the_sweeper_has_an_interval():
+    from issuance.shared.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sweeper", "--interval", "5"]).interval == 5
+    try:
+        parser.parse_args(["sweep", "--interval", "5"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("sweep accepted --interval")
+
+
+def test_a_long_command_says_it_is_working_and_when_it_is_done(capsys, monkeypatch):
+    import time
+
+    from issuance.shared import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_AFTER_SECONDS", 0.1)
+    args = argparse.Namespace(command="activity", sub="create")
+    with cli.progress_note(args, terminal=True):
+        time.sleep(0.4)
+    with cli.progress_note(argparse.Namespace(command="verify"), terminal=True):
+        pass
+    with cli.progress_note(argparse.Namespace(command="worker", quiet=True), terminal=True):
+        time.sleep(0.3)
+    with cli.progress_note(args, terminal=False):  # a pipe: the command's output is the record
+        time.sleep(0.3)
+    try:
+        with cli.progress_note(args, terminal=True):
+            time.sleep(0.3)
+            raise ValueError("refused")
+    except ValueError:
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "activity create: working..."
+    assert re.fullmatch(r"activity create: done in 0\.\ds", err[1])
+    assert err[2:] == ["activity create: working..."], "quick, quiet, piped: nothing; a failure: no done line"
+
+
+def test_the_outbox_relay_says_when_it_starts_and_what_it_published(settings, service_env):
+    import signal
+    import time
+
+    import psycopg
+    from issuance.producers import outbox
+    from issuance.shared.wire.messages import OrderPlaced
+
+    with psycopg.connect(settings.database_url) as conn:
+        outbox.install(conn)
+        with conn.transaction():
+            conn.execute("DELETE FROM issuance_outbox")
+            for n in range(3):
+                outbox.add(
+                    conn,
+                    OrderPlaced(
+                        order_id=f"SO-R{n}", member_id=1000 + n, amount_cents=100, placed_at=utcnow()
+                    ),
+                )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")}
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "issuance.shared.cli", "outbox-relay", "--batch", "2"],
+        env={**clean, **service_env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            wait_for(
+                lambda: not conn.execute("SELECT 1 FROM issuance_outbox WHERE sent_at IS NULL").fetchone(),
+                what="the relay to publish the outbox",
+            )
+        time.sleep(0.5)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        out, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "outbox relay: publishing issuance_outbox in batches of 2; Ctrl-C stops"
+    assert re.fullmatch(r"outbox relay: published 3 rows in \d+\.\ds", lines[1]), out
+    assert len(lines) == 2 and err == "", out + err

@@ -256,8 +256,15 @@ def test_a_stopped_credit_step_puts_the_promise_at_risk_then_drains(
     act = make_activity(settings, budget=50, codes=50)
     claims = [claim(act["slug"]) for _ in range(30)]
     env = metrics_env(tmp_path)
+    # Their sweeper fork holds off for 36 hours: the one-pass sweeps below
+    # are the only ones to re-send, whenever the fork's passes fall.
     claim_only = start_workers(
-        processes=1, threads=4, queues=["claims"], ISSUANCE_CREDIT_INLINE="false", **env
+        processes=1,
+        threads=4,
+        queues=["claims"],
+        ISSUANCE_CREDIT_INLINE="false",
+        ISSUANCE_RECONCILE_GRACE_SECONDS=str(3 * 86_400),
+        **env,
     )
     with RabbitPublisher.from_settings(settings) as publisher:
         publisher.publish_many(claims)

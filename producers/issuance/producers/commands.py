@@ -49,9 +49,21 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve the activity page under uvicorn."""
-    import uvicorn
+    """Serve the activity page under uvicorn, logging as every process does
+    (issuance.shared.logs): uvicorn applies the same configuration in each
+    of its worker processes, one access line per request unless
+    --no-access-log."""
+    import logging
 
+    import setproctitle
+    import uvicorn
+    from issuance.shared import logs
+
+    setproctitle.setproctitle(f"issuance web :{args.port}")
+    access = {} if args.no_access_log else {"uvicorn.access": "INFO"}
+    logging.getLogger(__name__).info(
+        "serving the activity page on http://%s:%d (uvicorn workers: %d)", args.host, args.port, args.workers
+    )
     uvicorn.run(
         "issuance.producers.web:create_app",
         factory=True,
@@ -59,6 +71,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         workers=args.workers,
         access_log=not args.no_access_log,
+        log_config=logs.dict_config(settings, verbose=args.verbose, loggers=access),
         proxy_headers=True,
         forwarded_allow_ips=args.forwarded_allow_ips,
     )
@@ -66,10 +79,23 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
-    """Publish the pending rows of an order system's outbox table."""
+    """Publish the pending rows of an order system's outbox table, with a
+    line when it starts and a summary line when it stops (SIGTERM, Ctrl-C)."""
+    import signal
+    import threading
+    import time
+
     from issuance.producers.outbox import relay_forever
 
-    relay_forever(args.dsn or settings.database_url, settings, batch=args.batch, table=args.table)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"outbox relay: publishing {args.table} in batches of {args.batch}; Ctrl-C stops", flush=True)
+    started = time.monotonic()
+    published = relay_forever(
+        args.dsn or settings.database_url, settings, batch=args.batch, table=args.table, stop=stop
+    )
+    print(f"outbox relay: published {published} rows in {time.monotonic() - started:.1f}s", flush=True)
     return 0
 
 
@@ -88,7 +114,7 @@ def register(sub: Subparsers) -> None:
     web.add_argument(
         "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-For is trusted"
     )
-    web.set_defaults(func=cmd_web)
+    web.set_defaults(func=cmd_web, quiet=True)
 
     relay = sub.add_parser("outbox-relay", help="publish an order system's transactional outbox")
     relay.add_argument("--dsn", help="the order system's database (default: ISSUANCE_DATABASE_URL)")
@@ -96,4 +122,4 @@ def register(sub: Subparsers) -> None:
         "--table", default="issuance_outbox", help="the outbox table (default issuance_outbox)"
     )
     relay.add_argument("--batch", type=int, default=500, help="rows per transaction (default 500)")
-    relay.set_defaults(func=cmd_outbox_relay)
+    relay.set_defaults(func=cmd_outbox_relay, quiet=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -123,17 +124,29 @@ def relay_forever(
     table: str = DEFAULT_TABLE,
     idle_seconds: float = 0.2,
     stop: threading.Event | None = None,
-) -> None:
+    summary_seconds: float = 300.0,
+) -> int:
     """The relay process: publish pending rows until ``stop`` is set,
-    surviving outages of the database or the broker."""
+    surviving outages of the database or the broker, with a summary line
+    every ``summary_seconds`` in which rows were published. Returns how many
+    rows it published."""
     stop = stop or threading.Event()
+    total = since_summary = 0
+    last_summary = time.monotonic()
     while not stop.is_set():
         try:
             with psycopg.connect(dsn) as conn, RabbitPublisher.from_settings(settings) as publisher:
                 while not stop.is_set():
-                    if relay_once(conn, publisher, batch=batch, table=table) < batch:
+                    published = relay_once(conn, publisher, batch=batch, table=table)
+                    total, since_summary = total + published, since_summary + published
+                    if time.monotonic() - last_summary >= summary_seconds:
+                        if since_summary:
+                            log.info("outbox relay: published %d rows of %s", since_summary, table)
+                        since_summary, last_summary = 0, time.monotonic()
+                    if published < batch:
                         publisher.keepalive()
                         stop.wait(idle_seconds)
         except Exception as exc:  # the relay outlives every outage; rows stay pending
             log.warning("outbox relay interrupted (%s); retrying in a second", exc)
             stop.wait(1.0)
+    return total

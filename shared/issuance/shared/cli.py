@@ -5,12 +5,15 @@ options of one command."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -115,6 +118,13 @@ def register(sub: Subparsers) -> None:
     from issuance.shared.backoffice.web import commands as office_commands
 
     office_commands.register(sub)
+    # The back office's server runs until stopped and user-add waits for a
+    # password: neither gets a progress note.
+    office = sub.choices["office"]
+    for action in office._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(quiet=True)
 
     verify = sub.add_parser("verify", help="check every invariant; non-zero exit on a breach")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -138,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The shared commands, then those each installed side registers under
     the ``issuance.commands`` entry points (sorted by name)."""
     parser = argparse.ArgumentParser(prog="issuance", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log everything at DEBUG, the libraries' loggers too (like ISSUANCE_LOG_LEVEL=DEBUG)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     plugins = sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
@@ -255,30 +270,57 @@ def operator_error(exc: BaseException, settings: Settings | None = None) -> Oper
     return None
 
 
-def _configure_logging(*, verbose: bool) -> None:
-    """The project's own loggers at INFO, the libraries' at WARNING; -v puts
-    everything at DEBUG. pika logs every failed connection attempt as an
-    ERROR: the command reports the outcome once, so pika speaks only with -v."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+# A command still running after this many seconds says so, and says when it
+# is done: a long `activity create` or `verify` is not mistaken for a hang.
+PROGRESS_AFTER_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def progress_note(args: argparse.Namespace, *, terminal: bool | None = None) -> Iterator[None]:
+    """On a terminal, tell that a long command is working, and when it is
+    done (a failure says so in its own error line). Commands that run until
+    stopped or wait for a person set ``quiet=True``; in a pipe or a log file
+    (``terminal`` False) the command's own output is the record."""
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    if getattr(args, "quiet", False) or not terminal:
+        yield
+        return
+    name = " ".join(
+        getattr(args, key) for key in ("command", "sub", "db_command") if getattr(args, key, None)
     )
-    if not verbose:
-        logging.getLogger("issuance").setLevel(logging.INFO)
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
+    started = time.monotonic()
+    noted = threading.Event()
+
+    def note() -> None:
+        noted.set()
+        print(f"{name}: working...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(PROGRESS_AFTER_SECONDS, note)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if noted.is_set():
+        print(f"{name}: done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from issuance.shared import logs
+
     args = build_parser().parse_args(argv)
-    _configure_logging(verbose=args.verbose)
+    logs.configure(verbose=args.verbose)
     settings: Settings | None = None
     try:
         # Read now, not from the process-wide cache: a command run in a process
         # that read the environment earlier (a test, an embedding program)
         # must see the environment it is run with.
         settings = settings_from(os.environ)
+        logs.configure(settings, verbose=args.verbose)
         check_urls(settings)
-        return int(args.func(args, settings))
+        with progress_note(args):
+            return int(args.func(args, settings))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -104,6 +104,18 @@ class Settings:
     # The address the workers' and exporter's metrics servers listen on:
     # loopback unless Prometheus scrapes from another host.
     metrics_bind: str = "127.0.0.1"
+    # Logging (issuance.shared.logs): the level of the project's own loggers
+    # (DEBUG, INFO, WARNING, ERROR; the libraries log at WARNING unless it
+    # is DEBUG) and the format, "text" or "json" (one object per line).
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # The name of a worker group (``issuance worker --queues ...``) in its
+    # process titles, its metrics directory and its metrics target file;
+    # empty: its queues joined with "+", or "all".
+    worker_group: str = ""
+    # Where each worker group announces its metrics endpoint as a Prometheus
+    # file_sd target file (<group>.json); empty: <temp dir>/issuance-metrics-targets.
+    metrics_targets_dir: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -119,6 +131,8 @@ _BOOL_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.type in ("bool
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 FAULTS = ("", "after_commit_before_ack", "after_commit_before_publish")
 QUEUE_TYPES = ("classic", "quorum")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def settings_from(environ: Mapping[str, str]) -> Settings:
@@ -144,6 +158,10 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
         raise SettingsError(f"{PREFIX}FAULT must be one of {FAULTS}, got {settings.fault!r}")
     if settings.queue_type not in QUEUE_TYPES:
         raise SettingsError(f"{PREFIX}QUEUE_TYPE must be one of {QUEUE_TYPES}, got {settings.queue_type!r}")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of {LOG_LEVELS}, got {settings.log_level!r}")
+    if settings.log_format not in LOG_FORMATS:
+        raise SettingsError(f"{PREFIX}LOG_FORMAT must be one of {LOG_FORMATS}, got {settings.log_format!r}")
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings

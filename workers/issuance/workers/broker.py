@@ -16,8 +16,8 @@ from issuance.shared.settings import PhoneKeyError, Settings
 from issuance.shared.wire.codec import OrjsonEncoder
 from issuance.workers.delivery import ConfirmedRetries, GuardedRabbitmqBroker
 from issuance.workers.metrics import WorkerMetrics
+from issuance.workers.process import ProcessBoot
 from issuance.workers.quorum import QueueTypeRabbitmqBroker
-from issuance.workers.redaction import RedactLogs
 from issuance.workers.signing import Signing
 from issuance.workers.startup import PhoneKeyCheck
 from issuance.workers.sweeper import SweeperFork
@@ -35,7 +35,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         # First: a forged or unsigned message is refused before anything else runs.
         Signing(),
         PhoneKeyCheck(),
-        RedactLogs(),
+        ProcessBoot(),
         AgeLimit(),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(),

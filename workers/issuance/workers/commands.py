@@ -20,21 +20,30 @@ from issuance.shared.settings import Settings
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the actors under Dramatiq's CLI (which forks the processes)."""
-    argv = [
-        "dramatiq",
-        "issuance.workers.actors",
-        "--processes",
-        str(args.processes),
-        "--threads",
-        str(args.threads),
-    ]
+    """Run Dramatiq's main process here: it forks the worker processes, the
+    metrics fork and the sweeper fork, which inherit this process's logging
+    set-up and the worker group's name and metrics port."""
+    import dramatiq.cli
+    from issuance.shared.settings import PREFIX, load_settings
+    from issuance.workers.process import group_name, set_title
+
+    argv = ["issuance.workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
     if args.queues:
         argv += ["--queues", *args.queues]
-    # Worker processes count into files here; /metrics on the metrics port adds them up.
-    default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{settings.metrics_port}"
+    if args.verbose or settings.log_level.upper() == "DEBUG":
+        argv.append("--verbose")
+    group = group_name(settings, args.queues)
+    os.environ[f"{PREFIX}WORKER_GROUP"] = group
+    if args.metrics_port is not None:
+        os.environ[f"{PREFIX}METRICS_PORT"] = str(args.metrics_port)
+    # Worker processes count into files here; the metrics fork adds them up.
+    # One directory per group: two groups on one host must not add up each other's.
+    default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{group}"
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
-    os.execvp(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606  # nosec B606 - replaces this process
+    load_settings.cache_clear()  # the forks read the group and the port from the environment
+    set_title("main", load_settings())
+    parser = dramatiq.cli.make_argument_parser()  # type: ignore[no-untyped-call]
+    return int(dramatiq.cli.main(parser.parse_args(argv)))  # type: ignore[no-untyped-call]
 
 
 def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -146,7 +155,13 @@ def register(sub: Subparsers) -> None:
     worker.add_argument(
         "--queues", nargs="*", metavar="QUEUE", help="consume only these queues (default: every queue)"
     )
-    worker.set_defaults(func=cmd_worker)
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of this group's /metrics (default ISSUANCE_METRICS_PORT, 9191); 0: a free port,"
+        " announced in ISSUANCE_METRICS_TARGETS_DIR/<group>.json",
+    )
+    worker.set_defaults(func=cmd_worker, quiet=True)
 
     _register_dead_letters(sub)
 
@@ -156,7 +171,7 @@ def register(sub: Subparsers) -> None:
             "re-send the credit of claims bound but not credited after a grace period (one pass)",
             cmd_sweep,
         ),
-        ("sweeper", "sweep every --interval seconds", cmd_sweeper),
+        ("sweeper", "sweep every --interval seconds, with a summary line every few minutes", cmd_sweeper),
     ):
         sweeper = sub.add_parser(name, help=text)
         sweeper.add_argument(
@@ -164,8 +179,12 @@ def register(sub: Subparsers) -> None:
             type=float,
             help="seconds after binding (default: half ISSUANCE_RECONCILE_GRACE_SECONDS)",
         )
-        sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass")
-        sweeper.add_argument("--interval", type=float, default=30, help="seconds between passes (sweeper)")
+        sweeper.add_argument("--limit", type=int, default=5000, help="claims per pass (default 5000)")
+        if name == "sweeper":
+            sweeper.add_argument(
+                "--interval", type=float, default=30, help="seconds between passes (default 30)"
+            )
+            sweeper.set_defaults(quiet=True)
         sweeper.add_argument(
             "--now", type=instant, help="evaluate at this RFC 3339 instant instead of the clock"
         )
@@ -182,7 +201,7 @@ def register(sub: Subparsers) -> None:
     exporter.add_argument(
         "--now", type=instant, help="evaluate the promise as if the clock read this RFC 3339 instant"
     )
-    exporter.set_defaults(func=cmd_exporter)
+    exporter.set_defaults(func=cmd_exporter, quiet=True)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end and print a summary")
     demo.add_argument("--claims", type=int, default=3000, help="claims to publish (default 3000)")
@@ -192,4 +211,4 @@ def register(sub: Subparsers) -> None:
         default="auto",
         help="embedded PostgreSQL/Redis and the in-process broker (auto: unless service URLs are set)",
     )
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, quiet=True)

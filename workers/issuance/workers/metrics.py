@@ -5,18 +5,28 @@ issuance.shared.metrics); the middleware adds the per-delivery view (in progress
 duration, errors), the consumer gauges, and, through Dramatiq's ``forks``, one
 extra process started by the dramatiq main process that serves ``/metrics``
 over HTTP on ``ISSUANCE_METRICS_PORT``, aggregating every worker process.
+
+Two worker groups on one host do not collide: each has its own metrics
+directory (``issuance worker``), a group whose port is taken (or 0) serves on
+a free port the system picks, and every group announces where it serves as a
+Prometheus file_sd target file, ``<ISSUANCE_METRICS_TARGETS_DIR>/<group>.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
+from issuance.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +103,69 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
+def bind(port: int, address: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """The metrics server on ``address``:``port``; on a free port the system
+    picks when ``port`` is 0 or taken (another worker group on this host)."""
+    try:
+        return ThreadingHTTPServer((address, port), _MetricsHandler)
+    except OSError as exc:
+        if port == 0:
+            raise
+        server = ThreadingHTTPServer((address, 0), _MetricsHandler)
+        log.warning(
+            "port %d is taken (%s): serving worker metrics on port %d instead;"
+            " give each worker group its own --metrics-port",
+            port,
+            exc.strerror,
+            server.server_port,
+        )
+        return server
+
+
+# The wildcard addresses a server may be bound to (named here, bound nowhere):
+# a server on one of them is announced by its host name.
+WILDCARDS = frozenset(("0.0.0.0", "::", ""))  # noqa: S104  # nosec B104
+
+
+def announce(directory: Path, group: str, port: int, address: str) -> Path:
+    """Write this group's endpoint as a Prometheus file_sd target file: the
+    address it is bound to, or the host's name when bound to every address."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{group}.json"
+    host = socket.gethostname() if address in WILDCARDS else address
+    target = [{"targets": [f"{host}:{port}"], "labels": {"group": group}}]
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(target) + "\n")
+    partial.replace(path)  # Prometheus never reads half a file
+    return path
+
+
+def targets_dir(settings: Settings) -> Path:
+    return Path(settings.metrics_targets_dir or Path(tempfile.gettempdir()) / "issuance-metrics-targets")
+
+
 def serve_metrics() -> int:
     """Serve ``/metrics`` until the dramatiq main process stops this fork."""
-    from issuance.shared.settings import load_settings
+    from issuance.workers.process import boot_fork, group_name, set_title
 
-    settings = load_settings()
-    port = settings.metrics_port
+    settings = boot_fork("metrics")
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker process keeps its values in memory: nothing to add up.
         log.warning("PROMETHEUS_MULTIPROC_DIR is not set: worker metrics are not served")
         return 0
     try:
-        server = ThreadingHTTPServer((settings.metrics_bind, port), _MetricsHandler)
+        server = bind(settings.metrics_port, settings.metrics_bind)
     except OSError as exc:
-        log.error("cannot serve worker metrics on port %d: %s (set ISSUANCE_METRICS_PORT)", port, exc)
+        log.error("cannot serve worker metrics: %s", exc)
         return 1
-    log.info("serving worker metrics on %s:%d/metrics", settings.metrics_bind, port)
+    group = group_name(settings)
+    port = server.server_port
+    target = announce(targets_dir(settings), group, port, settings.metrics_bind)
+    set_title(f"metrics :{port}", settings)
+    log.info("serving worker metrics on %s:%d/metrics (announced in %s)", settings.metrics_bind, port, target)
     try:
         server.serve_forever()
     finally:
         server.server_close()
+        target.unlink(missing_ok=True)
     return 0

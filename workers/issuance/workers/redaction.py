@@ -1,18 +1,16 @@
 """No phone number in clear in the workers' logs.
 
 Dramatiq logs a message's arguments when it retries or skips it ("Failed to
-process message claim_requested({'phone': '+86139...'})"). This middleware
-puts a filter on the process's log handlers at boot that masks phone
-numbers in every record, whoever logs it.
+process message claim_requested({'phone': '+86139...'})"). Every worker-side
+process puts this filter on its log handler at boot (issuance.workers.process):
+it masks phone numbers in every record, whoever logs it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
-import dramatiq
 from issuance.shared.domain import mask_phone
 
 # A phone field in a dict or JSON rendering, whatever its format.
@@ -41,21 +39,3 @@ class RedactingFilter(logging.Filter):
         elif record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         return True
-
-
-def install(logger: logging.Logger | None = None) -> None:
-    """Put the filter on every handler of ``logger`` (the root logger)."""
-    target = logger or logging.getLogger()
-    for handler in target.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
-
-
-class RedactLogs(dramatiq.Middleware):
-    """Install the filter once Dramatiq has set up a process's logging."""
-
-    def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        install()
-
-    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        install()

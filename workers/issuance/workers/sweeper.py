@@ -25,7 +25,7 @@ import psycopg
 import redis
 from issuance.shared.db.analytics import PromiseSnapshot, bound_not_credited, promise_snapshot
 from issuance.shared.errors import PublishError
-from issuance.shared.settings import Settings, load_settings
+from issuance.shared.settings import Settings
 from issuance.shared.wire.messages import CreditRequested, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = timedelta(minutes=10)
 INTERVAL_SECONDS = 30.0
+# One summary line this often: 288 lines a day, not one per pass.
+SUMMARY_SECONDS = 300.0
 RESENT_KEY = "issuance:sweeper:resent:{}"
 
 
@@ -115,25 +117,70 @@ def _not_recently_resent(cache: redis.Redis, claim_ids: list[uuid.UUID], ttl: in
     return [claim_id for claim_id, was_set in zip(claim_ids, fresh, strict=True) if was_set]
 
 
-def run_sweeper(settings: Settings, *, interval: float, grace: timedelta, passes: int | None = None) -> None:
-    """Sweep every ``interval`` seconds (``passes`` times, or until stopped)."""
+def run_sweeper(
+    settings: Settings,
+    *,
+    interval: float,
+    grace: timedelta,
+    passes: int | None = None,
+    summary_seconds: float = SUMMARY_SECONDS,
+) -> None:
+    """Sweep every ``interval`` seconds (``passes`` times, or until stopped),
+    with one summary line every ``summary_seconds`` and when it stops. A
+    pass that finds claims says so at once (a warning, from :func:`sweep`)."""
+    log.info("sweeper: a pass every %.0fs, re-sending credits after %s", interval, grace)
+    tally = _Tally()
     done = 0
-    while passes is None or done < passes:
-        started = time.monotonic()
-        try:
-            result = sweep(settings, grace=grace)
+    try:
+        while passes is None or done < passes:
+            started = time.monotonic()
+            try:
+                tally.add(sweep(settings, grace=grace))
+            except (psycopg.Error, redis.RedisError, PublishError, OSError) as exc:
+                tally.failed += 1
+                log.error("sweep failed: %s; trying again in %.0fs", exc, interval)
+            done += 1
+            if time.monotonic() - tally.since >= summary_seconds:
+                tally = tally.report()
+            if passes is None or done < passes:
+                time.sleep(max(interval - (time.monotonic() - started), 0))
+    finally:
+        tally.report()
+
+
+@dataclasses.dataclass(slots=True)
+class _Tally:
+    """What the passes since the last summary line found."""
+
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    passes: int = 0
+    failed: int = 0
+    found: int = 0
+    requeued: int = 0
+    last: SweepResult | None = None
+
+    def add(self, result: SweepResult) -> None:
+        self.passes += 1
+        self.found += result.found
+        self.requeued += result.requeued
+        self.last = result
+
+    def report(self) -> _Tally:
+        """Log the summary line; a fresh tally for the next one."""
+        if self.passes or self.failed:
+            promise = self.last.promise if self.last else None
             log.info(
-                "sweep: %d overdue, %d re-sent; %d uncredited, oldest %.0fs",
-                result.found,
-                result.requeued,
-                result.promise.uncredited,
-                result.promise.oldest_age_seconds,
+                "sweeper: %d passes in %.0fs (%d failed), %d overdue found, %d credits re-sent;"
+                " now %s uncredited, oldest %.0fs",
+                self.passes,
+                time.monotonic() - self.since,
+                self.failed,
+                self.found,
+                self.requeued,
+                promise.uncredited if promise else "?",
+                promise.oldest_age_seconds if promise else 0,
             )
-        except (psycopg.Error, redis.RedisError, PublishError, OSError) as exc:
-            log.error("sweep failed: %s; trying again in %.0fs", exc, interval)
-        done += 1
-        if passes is None or done < passes:
-            time.sleep(max(interval - (time.monotonic() - started), 0))
+        return _Tally()
 
 
 def default_grace(settings: Settings) -> timedelta:
@@ -144,7 +191,9 @@ def default_grace(settings: Settings) -> timedelta:
 
 def sweep_forever() -> int:
     """The sweeper as a fork of ``issuance worker``; never returns."""
-    settings = load_settings()
+    from issuance.workers.process import boot_fork
+
+    settings = boot_fork("sweeper")
     while True:
         try:
             run_sweeper(settings, interval=INTERVAL_SECONDS, grace=default_grace(settings))

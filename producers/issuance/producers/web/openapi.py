@@ -12,7 +12,7 @@ MAX_PHONE_CHARS = 32
 MAX_CHALLENGE_CHARS = 2048
 # Refused by the page's own setting (ISSUANCE_WEB_ALLOWED_REGIONS), not by a domain rule.
 REGION_REASON = "region"
-TOKEN_HEADER = "X-Claim-Token"  # noqa: S105 - a header's name, not a secret
+TOKEN_HEADER = "X-Claim-Token"  # noqa: S105  # nosec B105 - a header's name, not a secret
 
 UUID_OR_NULL: dict[str, Any] = {"anyOf": [{"type": "string", "format": "uuid"}, {"type": "null"}]}
 
