@@ -105,7 +105,7 @@ def metrics_env(tmp_path: Path) -> dict[str, str]:
 
 def leave_stale_values(directory: str, service_env: dict[str, str]) -> None:
     """A previous run that counted 1000 credits and exited."""
-    code = "from issuance.shared.metrics import CREDITS; CREDITS.inc(1000)"
+    code = "from issuance.workers.instruments import CREDITS; CREDITS.inc(1000)"
     env = {**os.environ, **service_env, "PROMETHEUS_MULTIPROC_DIR": directory}
     subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
     assert any(Path(directory).glob("counter_*.db"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from issuance.shared import metrics
-from issuance.workers import exporter
+from issuance.workers import exporter, instruments
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -54,7 +54,7 @@ def panel_exprs() -> list[str]:
 
 
 def exported() -> set[str]:
-    return metrics.exported_names() | exporter.exported_names()
+    return metrics.exported_names() | instruments.exported_names() | exporter.exported_names()
 
 
 def test_promtool_accepts_the_rules_and_the_scrape_configuration():

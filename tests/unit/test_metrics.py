@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from issuance.shared import metrics
+from issuance.workers import instruments
 from issuance.workers.exporter import _divide, _rate
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,12 +39,19 @@ def test_a_directory_with_a_live_sibling_is_kept(tmp_path):
     assert (tmp_path / f"counter_{os.getpid()}.db").read_bytes() == b"live"
 
 
-CHILD = (
-    "from issuance.shared.metrics import CREDITS, CONSUMERS; CREDITS.inc(2); CONSUMERS.labels('claims').inc()"
+CHILD = "; ".join(
+    [
+        "from issuance.workers.instruments import CREDITS, CONSUMERS",
+        "CREDITS.inc(2)",
+        "CONSUMERS.labels('claims').inc()",
+    ]
 )
+# The server plays the workers' metrics fork, which has the workers'
+# instruments loaded like every process Dramatiq forks.
 PARENT = f"""
 import subprocess, sys
 from issuance.shared.metrics import metrics_response
+import issuance.workers.instruments
 for _ in range(2):
     subprocess.run([sys.executable, "-c", {CHILD!r}], check=True)
 sys.stdout.write(metrics_response()[0].decode())
@@ -79,7 +87,7 @@ def test_the_asgi_app_serves_the_exposition_format():
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    metrics.CODES_BOUND.inc(0)
+    instruments.CODES_BOUND.inc(0)
     asyncio.run(metrics.asgi_app()({"type": "http", "path": "/metrics"}, receive, send))
     assert sent[0]["status"] == 200
     body = sent[1]["body"]
@@ -100,3 +108,20 @@ def test_rates_and_forecasts():
     assert _divide(100, 0.0) == float("inf")
     assert _divide(0, 0.0) == 0
     assert _divide(5, None) != _divide(5, None)  # NaN: unknown until two readings
+
+
+def test_the_page_exports_only_its_own_metrics():
+    """The page used to export every worker metric at 0 (its /metrics read
+    like a worker that had done nothing)."""
+    code = (
+        "import issuance.producers.web.app\n"
+        "from issuance.shared.metrics import metrics_response\n"
+        "print(metrics_response()[0].decode())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    families = {f.name for f in text_string_to_metric_families(out.stdout) if f.name.startswith("issuance_")}
+    assert families, "the page's own metrics are there"
+    assert all(name.startswith("issuance_web_") for name in families), families

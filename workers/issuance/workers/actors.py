@@ -12,14 +12,6 @@ from datetime import datetime
 from issuance.shared import gate
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.claims import ClaimStatus
-from issuance.shared.metrics import (
-    CLAIM_TO_CREDIT,
-    CLAIMS,
-    CODES_BOUND,
-    CREDITS,
-    DUPLICATES,
-    PROMISE_BREACHES,
-)
 from issuance.shared.settings import load_settings
 from issuance.shared.wire.messages import (
     ClaimRequested,
@@ -34,6 +26,14 @@ from issuance.shared.wire.messages import (
 from issuance.workers import handlers, lifecycle
 from issuance.workers.batching import GroupCommit
 from issuance.workers.broker import build_broker
+from issuance.workers.instruments import (
+    CLAIM_TO_CREDIT,
+    CLAIMS,
+    CODES_BOUND,
+    CREDITS,
+    DUPLICATES,
+    PROMISE_BREACHES,
+)
 from issuance.workers.runtime import dead_letter, pipeline_actor, resources, unit_of_work
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))

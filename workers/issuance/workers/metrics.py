@@ -43,7 +43,7 @@ class WorkerMetrics(dramatiq.Middleware):
         return [serve_metrics]
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        from issuance.shared.metrics import CONSUMERS, WORKER_THREADS
+        from issuance.workers.instruments import CONSUMERS, WORKER_THREADS
 
         for queue in getattr(worker, "consumers", {}):
             if not queue.endswith((".DQ", ".XQ")):
@@ -57,7 +57,7 @@ class WorkerMetrics(dramatiq.Middleware):
         mark_process_dead()
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        from issuance.shared.metrics import IN_PROGRESS
+        from issuance.workers.instruments import IN_PROGRESS
 
         IN_PROGRESS.labels(message.queue_name, message.actor_name).inc()
         self._started[message.message_id] = time.perf_counter()
@@ -70,7 +70,7 @@ class WorkerMetrics(dramatiq.Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        from issuance.shared.metrics import IN_PROGRESS, MESSAGE_DURATION, MESSAGE_ERRORS
+        from issuance.workers.instruments import IN_PROGRESS, MESSAGE_DURATION, MESSAGE_ERRORS
 
         labels = (message.queue_name, message.actor_name)
         started = self._started.pop(message.message_id, None)

@@ -26,10 +26,10 @@ from issuance.shared.db.store import Conn
 from issuance.shared.domain import mask_phone
 from issuance.shared.errors import InvalidMessage, PermanentError, TransientError
 from issuance.shared.faults import crash_point
-from issuance.shared.metrics import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
 from issuance.shared.settings import Settings, load_settings, require_phone_key
 from issuance.shared.wire.codec import ROUTES
 from issuance.shared.wire.messages import Message
+from issuance.workers.instruments import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ def sweep(
         if own_cache:
             cache.close()
     if due:
-        from issuance.shared.metrics import SWEEPER_REQUEUED
+        from issuance.workers.instruments import SWEEPER_REQUEUED
 
         own_publisher = publisher is None
         publisher = publisher or RabbitPublisher.from_settings(settings)
