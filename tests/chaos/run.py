@@ -115,7 +115,7 @@ def _order_status_supported() -> bool:
         from issuance.shared.wire.messages import MESSAGE_TYPES
     except ImportError:
         return False
-    actors = (ROOT / "workers" / "actors.py").read_text()
+    actors = (ROOT / "workers" / "issuance" / "workers" / "actors.py").read_text()
     return "order-status-changed" in MESSAGE_TYPES and "def order_status_changed" in actors
 
 
