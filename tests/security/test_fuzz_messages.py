@@ -40,8 +40,10 @@ from issuance.shared.wire.messages import CODE, MESSAGE_TYPES, ClaimRequested
 from tests.conftest import make_activity, verify_clean
 
 CASES = int(os.environ.get("FUZZ_CASES", "300"))
-SCHEMAS = Path(__file__).parents[2] / "shared" / "schemas"
+SCHEMAS = Path(__file__).parents[2] / "shared" / "issuance" / "shared" / "wire" / "schemas"
 TYPES = sorted(t for t in MESSAGE_TYPES if (SCHEMAS / f"{t}.v1.json").exists())
+# Every message type has its schema: an empty list would skip the fuzzing silently.
+assert set(TYPES) == set(MESSAGE_TYPES), f"schemas missing in {SCHEMAS}"
 SNAPSHOT = """SELECT (SELECT count(*) FROM claims), (SELECT count(*) FROM shares),
   (SELECT count(*) FROM share_opens), (SELECT count(*) FROM wallet_ledger),
   (SELECT count(*) FROM codes WHERE claim_id IS NOT NULL), (SELECT count(*) FROM members),
