@@ -65,7 +65,7 @@ def test_a_file_that_cannot_be_read_or_written(tmp_path):
     assert line == f"error: {tmp_path}: Is a directory"
     out = tmp_path / "no-such-dir" / "batch.csv"
     line = one_error_line(issuance("codes", "export", "--batch", "1", "--out", str(out)))
-    assert line == f"error: {out}: No such file or directory"
+    assert line == f"error: cannot write {out}: No such file or directory"
 
 
 def test_a_file_with_a_bad_value(tmp_path):
