@@ -75,7 +75,7 @@ def test_a_cut_off_host_hands_its_deliveries_to_the_other(
     tmp_path: Path,
 ) -> None:
     began = time.monotonic()
-    vhost, user, password = f"partition-{secrets.token_hex(3)}", "issuance-test", secrets.token_urlsafe(12)
+    vhost, user, password = f"partition-{secrets.token_hex(3)}", "issuance-test", secrets.token_hex(12)
     first = cluster.nodes[0]
     first.ctl("add_vhost", vhost)
     first.ctl("add_user", user, password, check=False)  # the cluster outlives one test

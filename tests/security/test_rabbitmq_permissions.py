@@ -54,7 +54,7 @@ def node() -> Iterator[tuple[PrivateRabbit, dict[str, str]]]:
         rabbit.ctl("import_definitions", str(loaded))
         passwords = {}
         for user in ("issuance-producer", "issuance-worker"):
-            passwords[user] = secrets.token_urlsafe(16)
+            passwords[user] = secrets.token_hex(16)  # no leading "-" (an option to rabbitmqctl)
             rabbit.ctl("change_password", user, passwords[user])
         yield rabbit, passwords
     finally:

@@ -136,7 +136,7 @@ def test_a_client_gone_mid_body_is_one_debug_line(caplog: pytest.LogCaptureFixtu
     async def gone() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="issuance")  # whatever an earlier test configured
     answer = asyncio.run(page.request_claim(Request(scope, gone)))
     assert answer.status_code == 400
     records = [r for r in caplog.records if r.name.startswith("issuance")]

@@ -30,6 +30,17 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # the outage once in its own words, so pika speaks only at DEBUG.
 QUIET_BELOW_DEBUG = {"pika": "CRITICAL"}
 
+
+def event_loggers() -> list[str]:
+    """Library loggers whose INFO lines are events an operator wants at the
+    project's level: a Dramatiq consumer restarting on another node after
+    its broker connection was lost (one line per restart)."""
+    from issuance.shared.wire.codec import QUEUES
+
+    queues = [*QUEUES, *(f"{q}.DQ" for q in QUEUES)]
+    return [f"dramatiq.worker.ConsumerThread({q})" for q in queues]
+
+
 # The attributes every LogRecord has: anything else was passed as ``extra``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -98,6 +109,7 @@ def dict_config(
         (name, {"level": "NOTSET" if libraries == "DEBUG" else lvl})
         for name, lvl in QUIET_BELOW_DEBUG.items()
     )
+    named.update((name, {"level": own}) for name in event_loggers())
     named.update((name, {"level": lvl}) for name, lvl in (loggers or {}).items())
     return {
         "version": 1,
