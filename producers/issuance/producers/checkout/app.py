@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from issuance.producers.checkout import service
 from issuance.producers.checkout.openapi import CODE_PATTERN, MAX_BIGINT, MAX_CODES, ORDER_ID_PATTERN, SPEC
+from issuance.producers.checkout.service import CheckoutAnswer
 from issuance.shared.domain.checkout import Cart, CouponOption, best
 from issuance.shared.domain.coupons import LifecycleRefusal
 from issuance.shared.settings import Settings, load_settings
@@ -200,19 +201,20 @@ def create_app(
         )
         return answer_response(answer)
 
-    async def redeem(request: Request) -> Response:
-        order_id = order_id_of(request)
-        if await body_of(request, required=False):
-            raise BadRequest("redeem takes no fields")
-        answer = await run_in_threadpool(lambda: service.redeem(state["pool"], order_id, at=utcnow()))
-        return answer_response(answer)
+    def order_step(name: str, step: Callable[..., CheckoutAnswer]) -> Endpoint:
+        """An order operation that takes no fields: redeem, release."""
 
-    async def release(request: Request) -> Response:
-        order_id = order_id_of(request)
-        if await body_of(request, required=False):
-            raise BadRequest("release takes no fields")
-        answer = await run_in_threadpool(lambda: service.release(state["pool"], order_id, at=utcnow()))
-        return answer_response(answer)
+        async def endpoint(request: Request) -> Response:
+            order_id = order_id_of(request)
+            if await body_of(request, required=False):
+                raise BadRequest(f"{name} takes no fields")
+            answer = await run_in_threadpool(lambda: step(state["pool"], order_id, at=utcnow()))
+            return answer_response(answer)
+
+        return endpoint
+
+    redeem = order_step("redeem", service.redeem)
+    release = order_step("release", service.release)
 
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI_BYTES, media_type="application/json")
