@@ -744,8 +744,8 @@ class ChaosRun:
         return {"without_faults": summary(quiet), "with_faults": summary(faulty)}
 
     def _judge(self, drain_s: float) -> dict[str, Any]:
+        from issuance.shared.db.dead_letters import drain
         from issuance.shared.db.verify import verify
-        from issuance.workers.dead_letters import drain
 
         with database.pool(self.settings, max_size=1) as pool:
             drain(self.settings, pool)

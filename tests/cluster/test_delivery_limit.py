@@ -56,7 +56,7 @@ def depth(settings: Settings, queue: str) -> int:
 
 
 def test_a_message_returned_past_the_limit_is_dead_lettered_and_drained(quorum: Settings, pool: Any) -> None:
-    from issuance.workers.dead_letters import drain
+    from issuance.shared.db.dead_letters import drain
 
     with RabbitPublisher.from_settings(quorum) as publisher:
         publisher.publish(claim("any-activity"))

@@ -73,7 +73,7 @@ def _publish_raw(settings, queue: str, body: bytes) -> None:
 
 def test_bad_messages_are_dead_lettered_with_a_reason_and_never_loop(settings, start_workers):
     from issuance.shared.db import database
-    from issuance.workers.dead_letters import drain
+    from issuance.shared.db.dead_letters import drain
 
     act = make_activity(settings)
     good = claim(act["slug"])

@@ -10,8 +10,8 @@ import pika
 import psycopg
 import pytest
 from issuance.shared import cli
+from issuance.shared.db.dead_letters import Selection, drain, parked_name, replay
 from issuance.shared.wire.codec import envelope, queue_arguments, xq_arguments
-from issuance.workers.dead_letters import Selection, drain, parked_name, replay
 
 from tests.conftest import claim, take_all
 from tests.unit.test_dead_letters import BAD_SHAPES, PHONE

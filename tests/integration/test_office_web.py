@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from issuance.shared.backoffice import catalog
@@ -27,7 +28,7 @@ from issuance.workers.handlers import handle_claim
 from sqlalchemy.orm import Session
 from starlette.routing import Route
 
-from tests.conftest import claim, make_activity
+from tests.conftest import claim, make_activity, take_all
 from tests.integration.office_support import (
     PASSWORD,
     Served,
@@ -676,3 +677,42 @@ def test_a_waiting_request_is_withdrawn_when_an_edit_makes_it_moot(app, settings
         "/activities/lowered/online", data={"online": "true", "csrf_token": token(operator, "/activities")}
     )
     assert count(settings, "SELECT count(*) FROM activities WHERE slug = 'lowered' AND online") == 1
+
+
+def test_an_operator_replays_a_dead_letter_once_and_it_is_audited(app, settings):
+    """The back office replays like `issuance dead-letters replay --id N`."""
+    body = {
+        "queue_name": "credits",
+        "actor_name": "credit_claim",
+        "args": [{"v": 1, "claim_ids": ["5e4d3c2b-1a09-4f8e-8d7c-6b5a49382716"]}],
+        "kwargs": {},
+        "options": {},
+        "message_id": "0b6c7a4e-5d1f-4e7a-9c3b-2a1d0e9f8c7b",
+        "message_timestamp": 1,
+    }
+    with psycopg.connect(settings.database_url) as conn, conn.transaction():
+        store.insert_dead_letter(
+            conn,
+            message_key=body["message_id"],
+            queue="credits",
+            actor="credit_claim",
+            reason="rejected",
+            detail="rejected by the broker (rejected)",
+            body=orjson.dumps(body).decode(),
+            headers={"original": "stored"},
+        )
+        dead_letter_id = conn.execute("SELECT dead_letter_id FROM dead_letters").fetchone()[0]
+    operator = sign_in(app, "olga")
+    path = f"/dead-letters/{dead_letter_id}"
+    assert f'action="{path}/replay"' in operator.get(path).text
+    first = operator.post(f"{path}/replay", data={"csrf_token": token(operator, path)})
+    assert first.status_code == 303
+    assert "published again" in operator.get(path).text
+    again = operator.post(f"{path}/replay", data={"csrf_token": token(operator, path)})
+    assert again.status_code == 303
+    assert "not replayed" in operator.get(path).text
+    assert len(take_all(settings, "credits")) == 1, "published once"
+    replays = audit_rows(settings, "replay")
+    assert [r["subject_key"] for r in replays] == [str(dead_letter_id)] * 2
+    assert replays[0]["after"]["replayed"] == [dead_letter_id] and replays[1]["after"]["replayed"] == []
+    assert "/replay" not in sign_in(app, "vera").get(path).text

@@ -7,8 +7,8 @@ import uuid
 
 import orjson
 import pytest
+from issuance.shared.db.dead_letters import EXCERPT_BYTES, Original, Reason, inspect
 from issuance.shared.wire.codec import envelope
-from issuance.workers.dead_letters import EXCERPT_BYTES, Original, Reason, inspect
 from pika import BasicProperties
 
 from tests.conftest import claim

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from issuance.shared.domain import mask_phone
+from issuance.shared.domain import redact_payload as redact
 from issuance.workers.redaction import redact_text
-from issuance.workers.runtime import redact
 
 e164_numbers = st.from_regex(r"\A\+[1-9][0-9]{7,14}\Z")
 

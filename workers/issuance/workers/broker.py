@@ -58,7 +58,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
 # phone key that does not match the database's (the worker holds its messages
 # until an operator gives it the right key); any other failure, such as a
 # message signed with a key this worker does not know, is retried a bounded
-# number of times and then dead-lettered (see issuance.workers.dead_letters).
+# number of times and then dead-lettered (see issuance.shared.db.dead_letters).
 OUTAGES = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
 
 

@@ -48,7 +48,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
-    from issuance.workers.dead_letters import listing
+    from issuance.shared.db.dead_letters import listing
 
     with psycopg.connect(settings.database_url) as conn:
         for line in listing(conn, args.limit):
@@ -58,7 +58,7 @@ def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dead_letters_drain(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.db import database
-    from issuance.workers.dead_letters import drain
+    from issuance.shared.db.dead_letters import drain
 
     with database.pool(settings, max_size=2) as pool:
         print(f"moved {drain(settings, pool)} messages from the .XQ queues")
@@ -67,7 +67,7 @@ def cmd_dead_letters_drain(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dead_letters_replay(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.db import database
-    from issuance.workers.dead_letters import Selection, replay
+    from issuance.shared.db.dead_letters import Selection, replay
 
     chosen = Selection(
         ids=args.id or (), reason=args.reason, queue=args.queue, since=args.since, until=args.until

@@ -23,7 +23,7 @@ import redis
 from dramatiq.middleware import CurrentMessage
 from issuance.shared.db import database, fingerprints, store
 from issuance.shared.db.store import Conn
-from issuance.shared.domain import mask_phone
+from issuance.shared.domain import redact_payload as redact
 from issuance.shared.errors import InvalidMessage, PermanentError, TransientError
 from issuance.shared.faults import crash_point
 from issuance.shared.settings import Settings, load_settings, require_phone_key
@@ -150,19 +150,6 @@ def unit_of_work() -> UnitOfWork:
     """A unit of work on this process's connections."""
     res = resources()
     return UnitOfWork(res.pool, res.settings)
-
-
-def redact(payload: Any) -> Any:
-    """A payload as it may be stored or logged: every phone number masked,
-    also those of the claims inside a batch (claims-requested)."""
-    if not isinstance(payload, dict):
-        return payload
-    masked = dict(payload)
-    if isinstance(masked.get("phone"), str):
-        masked["phone"] = mask_phone(masked["phone"])
-    if isinstance(masked.get("claims"), list):
-        masked["claims"] = [redact(item) for item in masked["claims"]]
-    return masked
 
 
 def dead_letter(

@@ -17,6 +17,7 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import phonenumbers
@@ -115,6 +116,19 @@ def mask_phone(number: str) -> str:
     head = min(3, shown - tail)
     hidden = len(national) - head - tail
     return f"{'+' if plus else ''}{country}{national[:head]}{'*' * hidden}{national[len(national) - tail :]}"
+
+
+def redact_payload(payload: Any) -> Any:
+    """A message payload as it may be stored or logged: every phone number
+    masked, also those of the claims inside a batch (claims-requested)."""
+    if not isinstance(payload, dict):
+        return payload
+    masked = dict(payload)
+    if isinstance(masked.get("phone"), str):
+        masked["phone"] = mask_phone(masked["phone"])
+    if isinstance(masked.get("claims"), list):
+        masked["claims"] = [redact_payload(item) for item in masked["claims"]]
+    return masked
 
 
 _NOT_DIGIT = re.compile(r"[^0-9]")

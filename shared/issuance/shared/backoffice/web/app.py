@@ -32,7 +32,7 @@ from issuance.shared.backoffice.web import approvals, audit, auth, forms, operat
 from issuance.shared.backoffice.web.auth import APPROVES, CHANGES, EVERYONE, CurrentUser, Role
 from issuance.shared.backoffice.web.jobs import Jobs
 from issuance.shared.backoffice.web.security import CsrfMiddleware, HeadersMiddleware, csrf_token
-from issuance.shared.db import database
+from issuance.shared.db import database, dead_letters
 from issuance.shared.db.models import Activity, Channel, CodeBatch
 from issuance.shared.db.office_models import ApprovalStatus, BudgetApproval, SessionKey
 from issuance.shared.errors import OperatorError
@@ -700,9 +700,37 @@ async def dead_letter_page(request: Request, user: CurrentUser) -> Response:
     row = await run(request, lambda s: queries.dead_letter(raw(s), dead_letter_id))
     if row is None:
         return _not_found(request, user, f"dead letter {dead_letter_id}")
-    # Replay (publishing the message again) goes here when it is added: a
-    # POST /dead-letters/{id}/replay for operators, audited like any change.
     return render(request, user, "dead_letter.html", row=row)
+
+
+@page(CHANGES)
+async def dead_letter_replay(request: Request, user: CurrentUser) -> Response:
+    """Publish a dead letter again after its cause was fixed (the same replay
+    as ``issuance dead-letters replay --id N``: once in effect), audited."""
+    dead_letter_id = _int(request.path_params["dead_letter"], 0)
+    settings = _office(request).settings
+
+    def replay_one() -> dead_letters.ReplayResult:
+        with database.pool(settings, max_size=1) as pool:
+            return dead_letters.replay(settings, pool, dead_letters.Selection(ids=(dead_letter_id,)))
+
+    try:
+        result = await run_in_threadpool(replay_one)
+    except OperatorError as exc:
+        flash(request, str(exc))
+        return RedirectResponse(f"/dead-letters/{dead_letter_id}", 303)
+    outcome = {"replayed": result.replayed, "skipped": {str(k): v for k, v in result.skipped.items()}}
+    await run(
+        request,
+        lambda s: audit.record(s, user, "replay", "dead letter", str(dead_letter_id), after=outcome),
+        write=True,
+    )
+    if result.replayed:
+        flash(request, f"dead letter {dead_letter_id} published again")
+    else:
+        why = result.skipped.get(dead_letter_id, "it was replayed before, or it is not there")
+        flash(request, f"dead letter {dead_letter_id} not replayed: {why}")
+    return RedirectResponse(f"/dead-letters/{dead_letter_id}", 303)
 
 
 @page()
@@ -781,6 +809,7 @@ def routes() -> list[BaseRoute]:
         Route("/approvals/{approval:int}", approval_decide, methods=["POST"]),
         Route("/dead-letters", dead_letters_page, methods=["GET"]),
         Route("/dead-letters/{dead_letter:int}", dead_letter_page, methods=["GET"]),
+        Route("/dead-letters/{dead_letter:int}/replay", dead_letter_replay, methods=["POST"]),
         Route("/lookup", lookup_page, methods=["GET"]),
         Route("/audit", audit_page, methods=["GET"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

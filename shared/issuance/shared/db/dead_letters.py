@@ -34,10 +34,10 @@ import orjson
 import pika
 from issuance.shared.db import store
 from issuance.shared.domain import mask_phone
+from issuance.shared.domain import redact_payload as redact
 from issuance.shared.errors import BadInput
 from issuance.shared.settings import Settings
 from issuance.shared.wire import amqp, codec
-from issuance.workers.runtime import redact
 
 log = logging.getLogger(__name__)
 
