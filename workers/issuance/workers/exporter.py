@@ -434,7 +434,7 @@ def run_exporter(
     # channel close that pika logs as a warning on every reading.
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
     exporter = Exporter(settings, rate_window=max(900.0, interval * 4), campaign_interval=campaign_interval)
-    start_http_server(port, registry=registry_for(exporter))
+    start_http_server(port, addr=settings.metrics_bind, registry=registry_for(exporter))
     import setproctitle
 
     setproctitle.setproctitle(f"issuance exporter :{port}")
