@@ -744,19 +744,14 @@ class ChaosRun:
         that negotiated the workers' heartbeat (the producer's and the
         judge's use the default)."""
         rabbit = self.services.rabbit
-
-        def consuming() -> set[str]:
-            rows = rabbit._rows("list_channels", "connection", "consumer_count")
-            return {conn for conn, n in rows if n.strip() != "0"}
-
-        consumers_before = consuming()
+        consumers_before = rabbit.consuming_connections()
         closed = 0
         deadline = time.monotonic() + fault.hold_s
         while time.monotonic() < deadline:
             for pid in rabbit.publishing_connections(HEARTBEAT_S):
                 closed += rabbit.close_connection(pid, "chaos: publishing connection dropped")
             time.sleep(0.3)
-        kept = len(consumers_before & consuming())
+        kept = len(consumers_before & rabbit.consuming_connections())
         fault.evidence |= {"publishing_connections_closed": closed, "consuming_connections_kept": kept,
                            "consuming_connections_before": len(consumers_before)}  # fmt: skip
         fault.note = (

@@ -223,9 +223,12 @@ class PrivateRabbit:
         on, since Dramatiq consumes on connections of their own."""
         connections = {pid for pid, timeout in self._rows("list_connections", "pid", "timeout")
                        if timeout.strip() == str(heartbeat)}  # fmt: skip
-        consuming = {conn for conn, n in self._rows("list_channels", "connection", "consumer_count")
-                     if n.strip() != "0"}  # fmt: skip
-        return sorted(connections - consuming)
+        return sorted(connections - self.consuming_connections())
+
+    def consuming_connections(self) -> set[str]:
+        """The connections (by Erlang pid) with a consumer on some channel."""
+        rows = self._rows("list_channels", "connection", "consumer_count")
+        return {conn for conn, n in rows if n.strip() != "0"}
 
     def close_connection(self, pid: str, reason: str) -> bool:
         return self.ctl("close_connection", pid, reason, check=False).returncode == 0
