@@ -1,0 +1,116 @@
+"""The refund rules as pure functions: what a cancellation or a refund does
+to an order's coupons, which referee orders count, and how a rebate no
+longer earned is taken back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from issuance.shared.domain.coupons import ORDER_MOVES, OrderStep
+from issuance.shared.domain.refunds import (
+    CouponFate,
+    RebateReversal,
+    ReferralRefusal,
+    coupon_fate,
+    rebate_changes,
+    rebate_reversal,
+    referral_refusal,
+    referrer_order_counts,
+    returned_coupon_status,
+)
+
+AT = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("order_status", "new_status", "refunded_by", "fate"),
+    [
+        ("placed", "cancelled", None, CouponFate.RETURN),  # unpaid cancellation
+        ("paid", "refunded", "merchant", CouponFate.RETURN),  # merchant, before fulfilment
+        ("paid", "refunded", "buyer", CouponFate.VOID),  # the buyer, after payment
+        ("paid", "refunded", None, CouponFate.VOID),  # unnamed: the buyer
+        ("fulfilled", "refunded", "merchant", CouponFate.VOID),  # after fulfilment
+        ("fulfilled", "refunded", "buyer", CouponFate.VOID),
+        ("placed", "paid", None, None),
+        ("paid", "fulfilled", None, None),
+    ],
+)
+def test_the_seeds_say_which_refunds_return_coupons(order_status, new_status, refunded_by, fate):
+    assert coupon_fate(order_status=order_status, new_status=new_status, refunded_by=refunded_by) is fate
+
+
+def test_an_unknown_refunder_is_an_error():
+    with pytest.raises(ValueError, match="refunded_by"):
+        coupon_fate(order_status="paid", new_status="refunded", refunded_by="bank")
+
+
+@given(st.sampled_from(sorted(ORDER_MOVES)), st.sampled_from((None, "buyer", "merchant")))
+def test_only_legal_moves_that_end_an_order_touch_its_coupons(move, refunded_by):
+    current, new = move
+    fate = coupon_fate(order_status=current, new_status=new, refunded_by=refunded_by)
+    if fate is not None:
+        assert ORDER_MOVES[move] is OrderStep.APPLY
+        assert new in ("cancelled", "refunded")
+
+
+def test_a_returned_coupon_comes_back_expired_when_its_time_is_up():
+    assert returned_coupon_status(AT + timedelta(seconds=1), AT) == "unused"
+    assert returned_coupon_status(AT, AT) == "expired"
+    assert returned_coupon_status(None, AT) == "unused"
+
+
+@pytest.mark.parametrize(
+    ("status", "amount", "least", "refusal"),
+    [
+        ("paid", 1_000, 1_000, None),
+        ("fulfilled", 5_000, 1_000, None),
+        ("paid", 1, 1_000, ReferralRefusal.BELOW_MINIMUM),
+        ("refunded", 5_000, 1_000, ReferralRefusal.NOT_PAID),
+        ("cancelled", 5_000, 0, ReferralRefusal.NOT_PAID),
+        ("placed", 5_000, 0, ReferralRefusal.NOT_PAID),
+    ],
+)
+def test_a_referral_needs_a_paid_unrefunded_order_of_the_minimum(status, amount, least, refusal):
+    assert referral_refusal(order_status=status, amount_cents=amount, min_amount_cents=least) is refusal
+
+
+def test_only_a_paid_referrer_order_earns_rebates():
+    assert [
+        referrer_order_counts(s) for s in ("placed", "paid", "fulfilled", "cancelled", "refunded", None)
+    ] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("amount", "code_status", "reversal"),
+    [
+        (None, "unused", RebateReversal.CLAWED_BACK),
+        (None, None, RebateReversal.CLAWED_BACK),  # owed, never bound: nothing to take
+        (None, "used", RebateReversal.REVIEW),
+        (None, "expired", RebateReversal.REVIEW),
+        (500, None, RebateReversal.REVIEW),
+    ],
+)
+def test_a_rebate_is_clawed_back_when_unspent_and_reviewed_otherwise(amount, code_status, reversal):
+    assert rebate_reversal(amount_cents=amount, code_status=code_status) is reversal
+
+
+@given(st.integers(0, 50), st.integers(0, 50))
+def test_settling_rebates_reaches_exactly_what_is_earned(earned, standing):
+    write, reverse = rebate_changes(earned=earned, standing=standing)
+    assert write >= 0 and reverse >= 0 and not (write and reverse)
+    assert standing + write - reverse == earned
+
+
+def test_rebate_counts_are_never_negative():
+    with pytest.raises(ValueError, match="negative"):
+        rebate_changes(earned=-1, standing=0)
