@@ -405,7 +405,7 @@ class Order(Base):
             name="orders_fulfilled_check",
         ),
         CheckConstraint(
-            "(status = 'refunded') = (refunded_by IS NOT NULL) AND refunded_by IN ('buyer', 'merchant')",
+            "refunded_by IS NULL OR (status = 'refunded' AND refunded_by IN ('buyer', 'merchant'))",
             name="orders_refunded_by_check",
         ),
         CheckConstraint("(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="orders_cancelled_check"),

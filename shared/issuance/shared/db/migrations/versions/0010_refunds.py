@@ -55,7 +55,8 @@ def upgrade() -> None:
     )
     op.execute(VOID_GUARD)
 
-    # Orders: fulfilled (shipped) after payment; a refund names who made it.
+    # Orders: fulfilled (shipped) after payment; a refund names who made it
+    # (none named: the buyer).
     op.add_column("orders", sa.Column("fulfilled_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("orders", sa.Column("refunded_by", sa.String(length=8), nullable=True))
     op.execute("UPDATE orders SET refunded_by = 'buyer' WHERE status = 'refunded'")
@@ -75,7 +76,7 @@ def upgrade() -> None:
     op.create_check_constraint(
         "orders_refunded_by_check",
         "orders",
-        "(status = 'refunded') = (refunded_by IS NOT NULL) AND refunded_by IN ('buyer', 'merchant')",
+        "refunded_by IS NULL OR (status = 'refunded' AND refunded_by IN ('buyer', 'merchant'))",
     )
 
     # Referrals: reversed (the referee's order refunded), kept for the record
