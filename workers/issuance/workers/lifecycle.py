@@ -34,6 +34,8 @@ from issuance.shared.domain.coupons import (
     use_refusal,
 )
 from issuance.shared.domain.refunds import (
+    RELEASED_CANCELLED,
+    RELEASED_REFUNDED,
     CouponFate,
     coupon_fate,
     rebate_changes,
@@ -189,7 +191,7 @@ def move_order(
     rs.move_order(conn, message.order_id, message.status, message.changed_at, refunded_by=refunded_by)
     moved = 0
     if fate is not None:
-        reason = "order_cancelled" if message.status == "cancelled" else "order_refunded"
+        reason = RELEASED_CANCELLED if message.status == "cancelled" else RELEASED_REFUNDED
         moved = rs.settle_coupons(conn, message.order_id, fate, at=now, reason=reason)
     returned, voided = (moved, 0) if fate is CouponFate.RETURN else (0, moved)
     if message.status == "paid":

@@ -31,11 +31,13 @@ UPDATE codes SET status = 'voided', voided_at = %(at)s
  WHERE order_id = %(order_id)s AND status = 'used'
 """
 # A reservation still waiting for payment ends with its order; a redemption
-# given back is released too, so the code may be reserved again.
+# given back is released too, so the code may be reserved again (never one
+# whose code an earlier refund voided: that one stays spent).
 RELEASE_RESERVATIONS = """
-UPDATE checkout_reservations
+UPDATE checkout_reservations r
    SET state = 'released', released_at = %(at)s, release_reason = %(reason)s, redeemed_at = NULL
- WHERE order_id = %(order_id)s AND state = ANY(%(states)s)
+ WHERE r.order_id = %(order_id)s AND r.state = ANY(%(states)s)
+   AND NOT EXISTS (SELECT 1 FROM codes c WHERE c.code = r.code AND c.status = 'voided')
 """
 
 

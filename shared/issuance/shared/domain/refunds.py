@@ -27,6 +27,9 @@ from issuance.shared.domain.coupons import returned_status
 # Orders whose payment stands: their coupons are spent, their referrals count.
 PAID_STATES = frozenset(("paid", "fulfilled"))
 REFUNDERS = ("buyer", "merchant")
+# Why a checkout reservation ended with its order (kept as its release reason).
+RELEASED_CANCELLED = "order_cancelled"
+RELEASED_REFUNDED = "order_refunded"
 
 
 class CouponFate(enum.StrEnum):
