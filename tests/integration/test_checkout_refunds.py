@@ -99,3 +99,25 @@ def test_the_event_path_and_the_api_agree_whichever_refunds_first(settings, pool
     assert move(pool, second, "refunded", refunded_by="merchant").returned == 0
     assert one(settings, "SELECT status FROM codes WHERE code = %s", other) == "voided"
     verify_clean(settings)
+
+
+def test_a_cancellation_event_releases_the_orders_reservation(settings, pool, client):
+    rate, _, _, act = three_kinds(settings)
+    member, codes, _ = member_with_package(pool, settings, act["slug"])
+    code = next(c for c in codes if c.startswith(rate))
+    order = order_id()
+    assert client.post(f"/api/orders/{order}/reserve", json=cart_body(member, [code])).json()["outcome"] == (
+        "reserved"
+    )
+    # The order system only publishes the cancellation: the hold ends with it.
+    assert move(pool, order, "cancelled").outcome == "ok"
+    assert one(
+        settings, "SELECT state, release_reason FROM checkout_reservations WHERE order_id = %s", order
+    ) == (
+        "released",
+        "order_cancelled",
+    )
+    assert client.post(f"/api/orders/{order}/release").json()["outcome"] == "released"
+    again = client.post(f"/api/orders/{order_id()}/reserve", json=cart_body(member, [code]))
+    assert (again.status_code, again.json()["outcome"]) == (200, "reserved")
+    verify_clean(settings)

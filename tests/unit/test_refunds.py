@@ -114,3 +114,27 @@ def test_settling_rebates_reaches_exactly_what_is_earned(earned, standing):
 def test_rebate_counts_are_never_negative():
     with pytest.raises(ValueError, match="negative"):
         rebate_changes(earned=-1, standing=0)
+
+
+def test_refunded_by_goes_with_a_refund_only():
+    from issuance.shared.errors import InvalidMessage
+    from issuance.shared.wire.messages import OrderStatusChanged
+
+    payload = {"v": 1, "order_id": "SO-1", "status": "refunded", "changed_at": AT.isoformat()}
+    assert OrderStatusChanged.from_payload({**payload, "refunded_by": "merchant"}).refunded_by == "merchant"
+    assert OrderStatusChanged.from_payload(payload).refunded_by is None
+    with pytest.raises(InvalidMessage, match="refunded_by only with status refunded"):
+        OrderStatusChanged.from_payload({**payload, "status": "paid", "refunded_by": "merchant"})
+    with pytest.raises(InvalidMessage):
+        OrderStatusChanged.from_payload({**payload, "refunded_by": "bank"})
+
+
+def test_the_referral_minimum_is_a_non_negative_setting():
+    from issuance.shared.settings import SettingsError, settings_from
+
+    assert settings_from({}).referral_min_order_cents == 1_000
+    assert settings_from({"ISSUANCE_REFERRAL_MIN_ORDER_CENTS": "0"}).referral_min_order_cents == 0
+    with pytest.raises(SettingsError, match="REFERRAL_MIN_ORDER_CENTS must be 0 or more"):
+        settings_from({"ISSUANCE_REFERRAL_MIN_ORDER_CENTS": "-1"})
+    with pytest.raises(SettingsError, match="must be an integer"):
+        settings_from({"ISSUANCE_REFERRAL_MIN_ORDER_CENTS": "2.5"})

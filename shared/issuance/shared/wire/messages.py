@@ -409,6 +409,10 @@ class OrderStatusChanged(Message):
     changed_at: datetime
     refunded_by: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.refunded_by is not None and self.status != "refunded":
+            raise InvalidMessage("bad_field", f"{self.TYPE} names refunded_by only with status refunded")
+
     def business_key(self) -> str:
         # An order reaches each status once.
         return f"{self.order_id}:{self.status}"
