@@ -66,6 +66,7 @@ def test_any_other_refund_voids_the_code_for_good(settings, pool, client, body):
     )
     assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", code) == ("voided", order)
     listed = client.get(f"/api/members/{member}/coupons", params={"amount_cents": 20_000, "items": 1}).json()
+    conforms(listed, "CouponList")  # a voided coupon is part of the described answer
     assert {c["code"]: c["reason"] for c in listed["coupons"]}[code] == "voided"
     again = client.post(f"/api/orders/{order_id()}/reserve", json=cart_body(member, [code]))
     assert (again.status_code, again.json()["reason"]) == (409, "voided")
