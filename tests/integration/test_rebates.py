@@ -318,3 +318,36 @@ def test_verify_finds_referrals_and_rebates_of_refunded_orders_left_standing(set
         report = verify(conn).as_json()
     assert report["breaches"]["referral_of_refunded_order"] == 1
     assert report["breaches"]["rebate_not_earned"] == 1
+
+
+def test_concurrent_refunds_and_payments_leave_exactly_the_rebates_earned(settings, pool):
+    act = activity_with(settings, budget=30, rebate_amount_cents=700)
+    me, share = referrer(pool, settings, act["slug"])
+    paid = [friend_pays(pool, settings, act["slug"], share)[1] for _ in range(6)]
+    assert len(rebates(settings)) == 2
+    waiting = []
+    for _ in range(4):
+        member, _, _ = member_with_package(pool, settings, act["slug"], share_id=share)
+        waiting.append(place(pool, member).order_id)
+    moves = [(o, "refunded") for o in paid[:5]] + [(o, "paid") for o in waiting]
+    barrier = threading.Barrier(len(moves))
+    errors: list[BaseException] = []
+
+    def run(order_id: str, status: str) -> None:
+        barrier.wait()
+        try:
+            move(pool, order_id, status)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=m) for m in moves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    # 6 - 5 + 4 = 5 standing referrals: one rebate of three stands.
+    assert one(settings, "SELECT count(*) FROM referrals WHERE reversed_at IS NULL") == 5
+    standing = "SELECT referrer_member_id, rebate_no FROM rebates WHERE reversed_at IS NULL"
+    assert rows(settings, standing) == [(me, 1)]
+    verify_clean(settings)
