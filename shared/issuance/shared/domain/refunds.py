@@ -6,7 +6,10 @@ code).
 The seeds' rules for coupons: an order cancelled before payment, or
 refunded by the merchant before fulfilment, gives its coupons back (unused,
 or expired when their time is up); any other refund after payment voids
-them: ``voided`` is final, the coupon is neither usable nor returned.
+them: ``voided`` is final, the coupon is neither usable nor returned. A
+returned coupon comes back as
+:func:`issuance.shared.domain.coupons.returned_status` says (refund_store
+applies it to the order's coupons in one statement).
 
 Referral fraud rules (refer three, get one back): a referral counts only
 for a referee's paid, unrefunded order of at least the minimum amount; the
@@ -20,9 +23,6 @@ already spent is flagged for an operator's review.
 from __future__ import annotations
 
 import enum
-from datetime import datetime
-
-from issuance.shared.domain.coupons import returned_status
 
 # Orders whose payment stands: their coupons are spent, their referrals count.
 PAID_STATES = frozenset(("paid", "fulfilled"))
@@ -54,11 +54,6 @@ def coupon_fate(*, order_status: str, new_status: str, refunded_by: str | None =
     return CouponFate.VOID
 
 
-def returned_coupon_status(expires_at: datetime | None, at: datetime) -> str:
-    """The state a returned coupon comes back in (see :func:`coupon_fate`)."""
-    return returned_status(expires_at, at)
-
-
 class ReferralRefusal(enum.StrEnum):
     """Why a referee's paid order does not count as a referral (stored)."""
 
@@ -76,12 +71,6 @@ def referral_refusal(
     if amount_cents < min_amount_cents:
         return ReferralRefusal.BELOW_MINIMUM
     return None
-
-
-def referrer_order_counts(share_order_status: str | None) -> bool:
-    """Do referrals through a share earn rebates? Only while the order the
-    share was made from is paid (not placed only, not cancelled or refunded)."""
-    return share_order_status in PAID_STATES
 
 
 class RebateReversal(enum.StrEnum):
