@@ -35,6 +35,11 @@ class Settings:
     phone_key: str = ""
     default_region: str = "CN"
     credit_promise_seconds: int = 86_400
+    # Refer three, get one back: a referee's first paid order counts as a
+    # referral only from this amount (minor units) up. One platform-wide
+    # fraud floor, not a campaign term: 1-cent orders paid and refunded
+    # farmed rebates (issuance.shared.domain.refunds).
+    referral_min_order_cents: int = 1_000
     # Credit a package in the transaction that binds it (one transaction per
     # batch, no credit message). False: every credit goes through the credit
     # step (credit_claim), as credits held until registration always do.
@@ -162,6 +167,11 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
         raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of {LOG_LEVELS}, got {settings.log_level!r}")
     if settings.log_format not in LOG_FORMATS:
         raise SettingsError(f"{PREFIX}LOG_FORMAT must be one of {LOG_FORMATS}, got {settings.log_format!r}")
+    if settings.referral_min_order_cents < 0:
+        raise SettingsError(
+            f"{PREFIX}REFERRAL_MIN_ORDER_CENTS must be 0 or more (minor units), "
+            f"got {settings.referral_min_order_cents}"
+        )
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings
