@@ -36,7 +36,8 @@ IDENTITIES: dict[str, dict[str, str | None]] = {
     "worker": WORKER,
     "sweeper": WORKER,
     "dead-letters": {**WORKER, "redis": None},
-    "exporter": {"database": "issuance_reader", "amqp": None, "redis": None},
+    # The exporter reads queue depths with passive declares only.
+    "exporter": {"database": "issuance_reader", "amqp": "issuance-monitor", "redis": None},
     "migrations": {"database": "issuance_migrate", "amqp": None, "redis": None},
 }
 KEYS = {"page": set(SECRET_NAMES), "worker": set(SECRET_NAMES), "sweeper": {"ISSUANCE_SIGNING_KEYS"}}
@@ -56,9 +57,10 @@ def check_identity(process: str, values: dict[str, str]) -> None:
         wanted = IDENTITIES[process][service]
         if wanted is None:
             assert variable not in values, f"{process} holds {service} credentials it does not need"
-        else:
-            user = urlsplit(values[variable]).username
-            assert user == wanted, f"{process} connects to {service} as {user}, not {wanted}"
+        else:  # every URL of a broker list (a;b;c) too
+            for url in values[variable].split(";"):
+                user = urlsplit(url).username
+                assert user == wanted, f"{process} connects to {service} as {user}, not {wanted}"
     extra = {name for name in SECRET_NAMES if name in values} - KEYS.get(process, set())
     assert not extra, f"{process} holds keys it does not use: {sorted(extra)}"
     if process == "page":
@@ -145,9 +147,13 @@ BROKEN = {
         _with(PAGE, ISSUANCE_REDIS_URL="rediss://issuance-worker:@redis:6380/0"),
     ),
     "the page publishing to the default exchange": ("page", _with(PAGE, ISSUANCE_PRODUCER_EXCHANGE="")),
-    "the exporter with a broker user": (
+    "the exporter with the worker's AMQP user": (
         "exporter",
         _with(KUBERNETES_ENV / "exporter.env", ISSUANCE_AMQP_URL="amqps://issuance-worker:@mq:5671/issuance"),
+    ),
+    "the exporter with a Redis user": (
+        "exporter",
+        _with(SYSTEMD / "exporter.env", ISSUANCE_REDIS_URL="rediss://issuance-worker:@cache:6380/0"),
     ),
     "the exporter with the phone key": (
         "exporter",
