@@ -132,3 +132,24 @@ def test_the_page_gate_knows_a_number_under_every_configured_key(settings):
         Verdict.RATE_PHONE,
         Verdict.RATE_PHONE,
     ]
+
+
+def test_workers_on_either_side_of_step_two_make_a_new_number_one_member(settings, pool):
+    """While step 2 rolls out, some workers make new digests with key 1,
+    others with key 2: the same new number claimed on both at once is still
+    one member with one package."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    act = make_activity(settings, budget=200, codes=200)
+    lookup, current, _ = _steps(settings)
+    numbers = [f"+86139{i:08d}" for i in range(40)]
+    with ThreadPoolExecutor(max_workers=8) as threads:
+        outcomes = list(
+            threads.map(
+                lambda job: handle_claim(pool, job[0], claim(act["slug"], job[1])),
+                [(step, number) for number in numbers for step in (lookup, current)],
+            )
+        )
+    assert sorted(o.status for o in outcomes) == ["credited"] * 40 + ["refused"] * 40
+    assert len(_members(settings)) == 40
+    verify_clean(settings)
