@@ -28,7 +28,7 @@ from issuance.shared.errors import (
     ServiceUnavailable,
     TransientError,
 )
-from issuance.shared.settings import PREFIX, Settings, SettingsError, settings_from
+from issuance.shared.settings import PREFIX, Settings, SettingsError, require_phone_keys, settings_from
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -105,10 +105,19 @@ def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def positive(value: str) -> int:
+    """A whole number of at least 1 (an argparse ``type``)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def cmd_phone_keys_status(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
     from issuance.shared.db import rekey
 
+    require_phone_keys(settings)  # a bad key set is named before anything is opened
     with psycopg.connect(settings.database_url) as conn:
         counts = rekey.members_per_key(conn, settings)
     for count in counts:
@@ -124,6 +133,7 @@ def cmd_phone_keys_rekey(args: argparse.Namespace, settings: Settings) -> int:
     import redis
     from issuance.shared.db import rekey
 
+    require_phone_keys(settings)
     with contextlib.ExitStack() as stack:
         lines = sys.stdin if args.numbers == "-" else stack.enter_context(open(args.numbers))
         conn = stack.enter_context(psycopg.connect(settings.database_url))
@@ -152,7 +162,9 @@ def _register_phone_keys(sub: Subparsers) -> None:
     move.add_argument(
         "--from", dest="key_id", help="only members under this key ID (default: every older one)"
     )
-    move.add_argument("--batch-size", type=int, default=1000, help="numbers per transaction (default: 1000)")
+    move.add_argument(
+        "--batch-size", type=positive, default=1000, help="numbers per transaction (default: 1000)"
+    )
     move.set_defaults(func=cmd_phone_keys_rekey)
 
 
