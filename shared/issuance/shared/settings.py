@@ -186,11 +186,11 @@ PHONE_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PhoneKeys:
-    """The phone keys of a process: ``secrets`` maps each key ID to its
-    secret, the current key (the one new digests are made with) first."""
+    """The phone keys of a process: ``secrets`` holds (key ID, secret) of
+    each, the current key (the one new digests are made with) first."""
 
     current_id: str
-    secrets: tuple[tuple[str, str], ...]
+    secrets: tuple[tuple[str, str], ...] = dataclasses.field(repr=False)
 
     @property
     def current(self) -> str:

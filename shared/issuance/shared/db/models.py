@@ -141,13 +141,10 @@ class CodeBatch(Base):
 
 class Member(Base):
     __tablename__ = "members"
-    __table_args__ = (
-        CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),
-        Index("members_phone_key_id_idx", "phone_key_id"),
-    )
+    __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    # HMAC-SHA256 of the E.164 number under ISSUANCE_PHONE_KEY: numbers are
+    # HMAC-SHA256 of the E.164 number under the phone key phone_key_id: numbers are
     # looked up by digest and never stored in clear.
     phone_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
     # Which phone key made the digest (ISSUANCE_PHONE_KEYS; "1": ISSUANCE_PHONE_KEY).

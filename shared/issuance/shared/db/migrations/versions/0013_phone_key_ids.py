@@ -28,11 +28,10 @@ def upgrade() -> None:
         "members",
         sa.Column("phone_key_id", sa.String(length=16), server_default=sa.text("'1'"), nullable=False),
     )
-    # `issuance phone-keys status` counts the members left under each key;
-    # re-keying looks members up by digest (unique index already).
-    op.create_index("members_phone_key_id_idx", "members", ["phone_key_id"])
+    # No index: re-keying finds members by digest (unique already), and
+    # `issuance phone-keys status` counting members per key in one scan is
+    # cheaper than one more index written by every new member.
 
 
 def downgrade() -> None:
-    op.drop_index("members_phone_key_id_idx", table_name="members")
     op.drop_column("members", "phone_key_id")
