@@ -53,7 +53,7 @@ def node() -> Iterator[tuple[PrivateRabbit, dict[str, str]]]:
         shutil.chown(loaded, "rabbitmq", "rabbitmq")
         rabbit.ctl("import_definitions", str(loaded))
         passwords = {}
-        for user in ("issuance-producer", "issuance-worker"):
+        for user in ("issuance-producer", "issuance-worker", "issuance-monitor"):
             passwords[user] = secrets.token_hex(16)  # no leading "-" (an option to rabbitmqctl)
             rabbit.ctl("change_password", user, passwords[user])
         yield rabbit, passwords
@@ -150,6 +150,30 @@ def test_the_worker_declares_consumes_and_publishes_follow_ups(node):
     finally:
         if connection.is_open:
             connection.close()
+
+
+def test_the_monitor_reads_queue_depths_and_nothing_else(node):
+    connection, channel = _channel(node, "issuance-monitor")
+    try:
+        for q in codec.QUEUES:  # what the exporter does
+            assert channel.queue_declare(q, passive=True).method.message_count >= 0
+            channel.queue_declare(codec.xq_name(q), passive=True)
+    finally:
+        connection.close()
+    for action in (
+        lambda ch: ch.basic_get("claims"),
+        lambda ch: ch.basic_consume("credits", lambda *a: None),
+        lambda ch: ch.basic_publish("", "credits", b"{}") or ch.basic_get("credits"),
+        lambda ch: ch.basic_publish("issuance.producers", "claims", b"{}") or ch.basic_get("claims"),
+        lambda ch: ch.queue_purge("claims"),
+        lambda ch: ch.queue_declare("mine", durable=True),
+    ):
+        connection, channel = _channel(node, "issuance-monitor")
+        try:
+            assert _refused(lambda: action(channel))  # noqa: B023 - run at once
+        finally:
+            if connection.is_open:
+                connection.close()
 
 
 def test_the_guest_account_is_not_in_the_definitions():

@@ -28,7 +28,7 @@ from issuance.shared.errors import (
     ServiceUnavailable,
     TransientError,
 )
-from issuance.shared.settings import PREFIX, Settings, SettingsError, settings_from
+from issuance.shared.settings import PREFIX, Settings, SettingsError, require_phone_keys, settings_from
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -105,6 +105,69 @@ def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def positive(value: str) -> int:
+    """A whole number of at least 1 (an argparse ``type``)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def cmd_phone_keys_status(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+    from issuance.shared.db import rekey
+
+    require_phone_keys(settings)  # a bad key set is named before anything is opened
+    with psycopg.connect(settings.database_url) as conn:
+        counts = rekey.members_per_key(conn, settings)
+    for count in counts:
+        print(f"key {count.key_id}: {count.members} members ({count.role})")
+    stranded = [c for c in counts if c.role == "not configured" and c.members]
+    if stranded:
+        print("members under a key that is not configured are new members when they claim again")
+    return 1 if stranded else 0
+
+
+def cmd_phone_keys_rekey(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+    import redis
+    from issuance.shared.db import rekey
+
+    require_phone_keys(settings)
+    with contextlib.ExitStack() as stack:
+        lines = sys.stdin if args.numbers == "-" else stack.enter_context(open(args.numbers))
+        conn = stack.enter_context(psycopg.connect(settings.database_url))
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        stack.callback(client.close)
+        report = rekey.rekey(conn, client, settings, lines, from_id=args.key_id, batch_size=args.batch_size)
+        counts = rekey.members_per_key(conn, settings)
+    print(
+        f"re-keyed {report.rekeyed} members of {report.numbers} numbers in {report.batches} batches"
+        f" ({report.invalid} not valid numbers)"
+    )
+    for count in counts:
+        print(f"key {count.key_id}: {count.members} members ({count.role})")
+    return 0
+
+
+def _register_phone_keys(sub: Subparsers) -> None:
+    keys = sub.add_parser("phone-keys", help="phone key rotation: members per key, re-keying")
+    commands = keys.add_subparsers(dest="phone_keys_command", required=True)
+    status = commands.add_parser("status", help="members stored under each phone key ID")
+    status.set_defaults(func=cmd_phone_keys_status)
+    move = commands.add_parser(
+        "rekey", help="move the members of a list of numbers from the older phone keys to the current one"
+    )
+    move.add_argument("numbers", help="a file of numbers, one a line (the shop's member export); - for stdin")
+    move.add_argument(
+        "--from", dest="key_id", help="only members under this key ID (default: every older one)"
+    )
+    move.add_argument(
+        "--batch-size", type=positive, default=1000, help="numbers per transaction (default: 1000)"
+    )
+    move.set_defaults(func=cmd_phone_keys_rekey)
+
+
 def register(sub: Subparsers) -> None:
     """The shared layer's commands: schema, back office, verify, schemas, chart."""
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
@@ -142,6 +205,8 @@ def register(sub: Subparsers) -> None:
     chart.add_argument("--until", type=instant, help="RFC 3339 end of the window")
     chart.add_argument("--out", required=True, help="the PNG file to write")
     chart.set_defaults(func=cmd_chart)
+
+    _register_phone_keys(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,9 @@ from datetime import datetime
 
 from issuance.shared.db import coupon_store as cs
 from issuance.shared.db import refund_store as rs
+from issuance.shared.db import store
 from issuance.shared.db.store import Conn
-from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digest
+from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digests
 from issuance.shared.domain.coupons import (
     LifecycleRefusal,
     OrderStep,
@@ -43,7 +44,7 @@ from issuance.shared.domain.refunds import (
     referral_refusal,
 )
 from issuance.shared.errors import InvalidMessage, TransientError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import Settings, require_phone_keys
 from issuance.shared.wire.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
 from issuance.workers.runtime import UnitOfWork
 from psycopg_pool import ConnectionPool
@@ -384,7 +385,10 @@ def register_member(
             e164 = normalize_phone(message.phone, settings.default_region)
         except InvalidPhone as exc:
             raise InvalidMessage("bad_phone", str(exc)) from None
-        digest_masked = (phone_digest(e164, settings.phone_key), mask_phone(e164))
+        keys = require_phone_keys(settings)
+        digests = phone_digests(e164, keys.secrets)
+        store.rekey_members(conn, keys.current_id, [digests])  # found under an older key: re-keyed
+        digest_masked = (digests[0][1], mask_phone(e164), keys.current_id)
     member = cs.register_member(
         conn,
         registered_at=message.registered_at,

@@ -290,8 +290,8 @@ def hold_credits(conn: Conn, claim_ids: list[uuid.UUID]) -> set[uuid.UUID]:
 
 
 REGISTER_BY_PHONE = """
-INSERT INTO members (phone_digest, phone_masked, status, registered_at)
-VALUES (%s, %s, 'registered', %s)
+INSERT INTO members (phone_digest, phone_masked, phone_key_id, status, registered_at)
+VALUES (%s, %s, %s, 'registered', %s)
 ON CONFLICT (phone_digest) DO UPDATE
    SET status = 'registered', registered_at = coalesce(members.registered_at, EXCLUDED.registered_at)
 RETURNING member_id, registered_at
@@ -308,10 +308,11 @@ def register_member(
     *,
     registered_at: datetime,
     member_id: int | None = None,
-    digest_masked: tuple[bytes, str] | None = None,
+    digest_masked: tuple[bytes, str, str] | None = None,
 ) -> tuple[int, datetime] | None:
     """Mark a member registered (creating it for an unknown number); None for
-    an unknown member ID. Returns (member_id, first registration time)."""
+    an unknown member ID. Returns (member_id, first registration time).
+    ``digest_masked``: the number's digest, masked form and phone key ID."""
     if digest_masked is not None:
         row = conn.execute(REGISTER_BY_PHONE, (*digest_masked, registered_at)).fetchone()
     else:

@@ -144,9 +144,11 @@ class Member(Base):
     __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    # HMAC-SHA256 of the E.164 number under ISSUANCE_PHONE_KEY: numbers are
+    # HMAC-SHA256 of the E.164 number under the phone key phone_key_id: numbers are
     # looked up by digest and never stored in clear.
     phone_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
+    # Which phone key made the digest (ISSUANCE_PHONE_KEYS; "1": ISSUANCE_PHONE_KEY).
+    phone_key_id: Mapped[str] = mapped_column(String(16), server_default=text("'1'"))
     phone_masked: Mapped[str] = mapped_column(String(24), server_default="")
     status: Mapped[str] = mapped_column(String(12), server_default="pending")
     created_at: Mapped[datetime] = _now()
