@@ -103,3 +103,16 @@ def test_the_ledger_is_a_bounded_stream():
     arguments = codec.ledger_arguments()
     assert arguments["x-queue-type"] == "stream"
     assert arguments["x-max-age"] == "7D" and arguments["x-max-length-bytes"] > 0
+
+
+def test_a_backlog_defers_the_redrive_of_what_may_still_wait_in_it():
+    from datetime import timedelta
+
+    from issuance.workers.sweeper import BACKLOG_PATIENCE, due_for_redrive
+
+    grace = timedelta(seconds=60)
+    now = 10_000_000
+    recent = Entry(0, b"{}", "recent", now - 2 * 60_000, ())
+    old = Entry(1, b"{}", "old", now - (BACKLOG_PATIENCE * 60_000 + 1), ())
+    assert due_for_redrive([recent, old], 0, grace, now) == [recent, old], "no backlog: every lost claim"
+    assert due_for_redrive([recent, old], 500, grace, now) == [old], "a backlog: only what waited too long"

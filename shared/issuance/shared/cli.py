@@ -89,7 +89,8 @@ def _reconcile_ledger(conn: Any, settings: Settings, grace: timedelta) -> Any:
     from issuance.shared.wire.ledger import LedgerAbsent
 
     try:
-        return reconcile(conn, settings.amqp_url, grace=grace)
+        # A hundred examples, as for the other checks; the summary counts them all.
+        return reconcile(conn, settings.amqp_url, grace=grace, keep=100)
     except LedgerAbsent as exc:
         return Reconciliation(absent=str(exc))
 

@@ -17,6 +17,8 @@ if the original turns up after all.
 
 Each claim or envelope is re-sent at most once per grace period (a Redis
 key each), so a stopped step does not make the sweeper flood its queue.
+While the ``claims`` queue holds a backlog, an unrecorded claim may only be
+waiting in it: it is re-sent once it is BACKLOG_PATIENCE grace periods old.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from issuance.shared.db import ledger
 from issuance.shared.db.analytics import PromiseSnapshot, bound_not_credited, promise_snapshot
 from issuance.shared.errors import PublishError
 from issuance.shared.settings import Settings
+from issuance.shared.wire import amqp
+from issuance.shared.wire.codec import LEDGER_ROUTE
 from issuance.shared.wire.ledger import Entry, LedgerAbsent
 from issuance.shared.wire.messages import CreditRequested, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
@@ -50,6 +54,8 @@ INTERVAL_SECONDS = 30.0
 SUMMARY_SECONDS = 300.0
 RESENT_KEY = "issuance:sweeper:resent:{}"
 REDRIVEN_KEY = "issuance:sweeper:redriven:{}"
+# Grace periods a claim may wait in a backlog of its queue before it is re-sent anyway.
+BACKLOG_PATIENCE = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +92,8 @@ def sweep(
     cache = cache or redis.Redis.from_url(settings.redis_url, socket_timeout=2)
     try:
         due = _not_recently_resent(cache, overdue, ttl, RESENT_KEY, str)
-        redrive = _not_recently_resent(cache, list(lost.entries), ttl, REDRIVEN_KEY, lambda e: e.message_id)
+        lost_now = due_for_redrive(lost.entries, _queued_claims(settings) if lost.entries else 0, grace)
+        redrive = _not_recently_resent(cache, lost_now, ttl, REDRIVEN_KEY, lambda e: e.message_id)
     finally:
         if own_cache:
             cache.close()
@@ -121,6 +128,32 @@ def sweep(
         unrecorded=lost.unsettled,
         redriven=len(redrive),
     )
+
+
+def due_for_redrive(
+    entries: Sequence[Entry], backlog: int, grace: timedelta, now_ms: int | None = None
+) -> list[Entry]:
+    """The unrecorded entries to re-publish now. While the ``claims`` queue
+    holds a ``backlog``, an entry past the grace may simply be waiting in
+    it: only those older than BACKLOG_PATIENCE grace periods are re-sent
+    then, so a backlog is not doubled and a lost claim still comes back."""
+    if not backlog:
+        return list(entries)
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    oldest = now_ms - BACKLOG_PATIENCE * int(grace.total_seconds() * 1000)
+    return [e for e in entries if e.accepted_ms < oldest]
+
+
+def _queued_claims(settings: Settings) -> int:
+    """How many messages wait in the ``claims`` queue (0 when there is none)."""
+    connection = amqp.connect(settings.amqp_url)
+    try:
+        return int(connection.channel().queue_declare(LEDGER_ROUTE, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def _unrecorded(conn: Any, settings: Settings, grace: timedelta, limit: int) -> ledger.Reconciliation:
