@@ -115,3 +115,37 @@ def test_without_a_ledger_verify_says_so_and_passes(settings, service_env):
     result = issuance("verify", env=service_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ledger: absent (no claims.accepted stream in this vhost)" in result.stdout
+
+
+def test_a_ledger_declared_anew_is_read_from_its_start_not_from_the_old_checkpoint(
+    settings, service_env, pool
+):
+    """Deleting the stream (to change its arguments, say) starts its offsets
+    at 0 again: a checkpoint past its end must not hide the new entries."""
+    from issuance.workers.handlers import handle_claim
+
+    act = make_activity(settings)
+    decided = [claim(act["slug"]) for _ in range(3)]
+    with RabbitPublisher.from_settings(settings) as publisher:
+        publisher.publish_many(decided)
+    for message in decided:
+        handle_claim(pool, settings, message)
+    _lose_queued_claims(settings)  # recorded already: nothing is lost
+    env = {**service_env, **GRACE}
+    time.sleep(2.5)
+    first = issuance("verify", env=env)
+    assert first.returncode == 0 and "checkpoint now 3" in first.stdout, first.stdout + first.stderr
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        connection.channel().queue_delete("claims.accepted")
+    finally:
+        connection.close()
+    lost = claim(act["slug"])
+    with RabbitPublisher.from_settings(settings) as publisher:
+        publisher.publish(lost)
+    assert _lose_queued_claims(settings) == 1
+    time.sleep(2.5)
+    again = issuance("verify", env=env)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert str(lost.claim_id) in again.stdout and "read again from the first" in again.stdout

@@ -17,13 +17,16 @@ something settles it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from issuance.shared.db.store import Conn
 from issuance.shared.wire import codec
-from issuance.shared.wire.ledger import Entry, Unit, now_ms, read
+from issuance.shared.wire.ledger import Entry, LedgerRecreated, Unit, now_ms, read
+
+log = logging.getLogger(__name__)
 
 # Entries checked against the database per query.
 CHUNK = 1000
@@ -38,6 +41,7 @@ ON CONFLICT (stream) DO UPDATE
 """
 RECORDED = "SELECT claim_id FROM claims WHERE claim_id = ANY(%s)"
 DEAD = "SELECT message_key FROM dead_letters WHERE message_key = ANY(%s)"
+RESET = "DELETE FROM ledger_checkpoints WHERE stream = %s"
 
 
 def is_settled(entry: Entry, recorded: set[Any], dead: set[str]) -> bool:
@@ -84,6 +88,8 @@ class Reconciliation:
     """The ledger against the database: ``absent`` when there is no ledger."""
 
     absent: str = ""
+    # Said when the checkpoint had to be reset (the stream was declared anew).
+    note: str = ""
     start: int | None = None
     checkpoint: int | None = None
     read: int = 0
@@ -104,9 +110,10 @@ class Reconciliation:
         if self.absent:
             return f"ledger: absent ({self.absent}): accepted claims are not reconciled"
         start = "its first entry" if self.start is None else f"offset {self.start}"
+        note = f" ({self.note})" if self.note else ""
         return (
             f"ledger: {self.read} entries past the grace period read from {start},"
-            f" {self.unsettled} not recorded; checkpoint now {self.checkpoint}"
+            f" {self.unsettled} not recorded; checkpoint now {self.checkpoint}{note}"
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -167,11 +174,21 @@ def reconcile(
     start = checkpoint(conn)
     conn.commit()  # no transaction held open while the stream is read
     until = (now if now is not None else now_ms()) - int(grace.total_seconds() * 1000)
-    progress = check(conn, read(amqp_url, start, until_ms=until), Progress(start, keep=keep))
+    note = ""
+    try:
+        progress = check(conn, read(amqp_url, start, until_ms=until), Progress(start, keep=keep))
+    except LedgerRecreated as exc:
+        log.warning("%s: the stream was declared anew; reading it from its first entry", exc)
+        note = f"{exc}, read again from the first"
+        conn.execute(RESET, (codec.LEDGER_QUEUE,))
+        conn.commit()
+        start = None
+        progress = check(conn, read(amqp_url, None, until_ms=until), Progress(None, keep=keep))
     conn.commit()
     if progress.checkpoint is not None and progress.checkpoint != start:
         advance(conn, progress.checkpoint)
     return Reconciliation(
+        note=note,
         start=start,
         checkpoint=progress.checkpoint,
         read=progress.read,

@@ -46,6 +46,11 @@ class LedgerAbsent(Exception):
     deploy definitions were not loaded into)."""
 
 
+class LedgerRecreated(Exception):
+    """The checkpoint lies past the stream's end: the stream was deleted and
+    declared anew, its offsets starting from 0 again."""
+
+
 class LedgerStalled(TransientError):
     """The stream stopped delivering before its end: what it holds was not all read."""
 
@@ -140,14 +145,35 @@ def read(url: str, start: int | None, *, until_ms: int, idle: float = IDLE_SECON
             if exc.reply_code == 404:
                 raise LedgerAbsent(f"no {codec.LEDGER_QUEUE} stream in this vhost") from None
             raise
+        channel.basic_qos(prefetch_count=PREFETCH)
+        if start is not None and start > floor + 1:
+            # Past the entries the stream holds: old segments were dropped,
+            # or the stream was deleted and declared anew (offsets from 0).
+            end = _last_offset(channel, idle)
+            if start > end + 1:
+                raise LedgerRecreated(f"checkpoint {start} is past the ledger's last offset {end}")
         yield from _consume(channel, start, until_ms=until_ms, idle=idle, floor=floor)
     finally:
         with contextlib.suppress(Exception):  # closing a broken connection
             connection.close()
 
 
+def _last_offset(channel: Any, idle: float) -> int:
+    """The stream's last offset (-1 when empty): the end of its last chunk."""
+    last = -1
+    for method, properties, _body in channel.consume(
+        codec.LEDGER_QUEUE, auto_ack=False, arguments={"x-stream-offset": "last"}, inactivity_timeout=idle
+    ):
+        if method is None:
+            break
+        channel.basic_ack(method.delivery_tag)
+        offset = _offset(properties)
+        last = last if offset is None else max(last, offset)
+    channel.cancel()
+    return last
+
+
 def _consume(channel: Any, start: int | None, *, until_ms: int, idle: float, floor: int) -> Iterator[Entry]:
-    channel.basic_qos(prefetch_count=PREFETCH)
     arguments = {"x-stream-offset": "first" if start is None else start}
     last = -1 if start is None else start - 1
     waited = 0.0
