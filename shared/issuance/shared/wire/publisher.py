@@ -126,8 +126,9 @@ class RabbitPublisher(Publisher):
     ) -> None:
         """``url``: one broker URL or several separated by ``;`` (a cluster);
         ``queue_type``: how the queues are declared (``declare``); ``ledger``
-        false: claims go straight to their queue, not into the acceptance
-        ledger (the sweeper's re-drive of a claim the ledger already holds)."""
+        false, on the default exchange: claims go straight to their queue,
+        not into the acceptance ledger (the sweeper's re-drive of a claim
+        the ledger already holds; it declares no exchange either)."""
         self.url = url
         # Parse now: a malformed list fails at start-up, not on first publish.
         self._nodes = len(amqp.broker_urls(url))
