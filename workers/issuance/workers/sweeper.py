@@ -165,10 +165,11 @@ def _unrecorded(conn: Any, settings: Settings, grace: timedelta, limit: int) -> 
 
 
 def _resend(publisher: Publisher, credits: list[uuid.UUID], entries: list[Entry]) -> None:
-    from issuance.workers.instruments import SWEEPER_REQUEUED
+    from issuance.workers.instruments import SWEEPER_REDRIVEN, SWEEPER_REQUEUED
 
     if entries:
         publisher.publish_encoded(e.item() for e in entries)
+        SWEEPER_REDRIVEN.inc(len(entries))
     if credits:
         publisher.publish_many(credit_messages(credits))
         SWEEPER_REQUEUED.inc(len(credits))
