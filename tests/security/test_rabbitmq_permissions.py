@@ -37,7 +37,8 @@ def test_definitions_declare_every_queue_exactly_as_the_codec_and_dramatiq_do():
         assert queues[codec.xq_name(q)] == codec.xq_arguments()
     producer_routes = {codec.ROUTES[t].queue for t in codec.ROUTES if t != "credit-requested"}
     bound = {b["destination"] for b in d["bindings"] if b["source"] == "issuance.producers"}
-    assert bound == producer_routes == PRODUCER_QUEUES
+    assert bound - {codec.LEDGER_QUEUE} == producer_routes == PRODUCER_QUEUES
+    assert queues[codec.LEDGER_QUEUE] == codec.ledger_arguments()
     assert all(not u["password_hash"] for u in d["users"]), "passwords are set at deploy time, never stored"
 
 
@@ -93,6 +94,27 @@ def test_the_producer_publishes_claims_through_its_exchange(node):
     with RabbitPublisher(_url(node, "issuance-producer"), exchange="issuance.producers") as publisher:
         assert publisher.publish_many([claim("spring"), claim("spring")]) == 2
     assert _depth(node, "claims") == before + 2
+
+
+def test_the_producers_claims_reach_the_ledger_which_the_worker_reads_and_cannot_delete(node):
+    from issuance.shared.wire.ledger import now_ms, read
+
+    sent = [claim("ledger"), claim("ledger")]
+    with RabbitPublisher(_url(node, "issuance-producer"), exchange="issuance.producers") as publisher:
+        publisher.publish_many(sent)
+    entries = list(read(_url(node, "issuance-worker"), None, until_ms=now_ms() + 60_000, idle=0.5))
+    read_ids = {u.claim_id for e in entries for u in e.units}
+    assert {c.claim_id for c in sent} <= read_ids
+    connection, channel = _channel(node, "issuance-worker")
+    try:
+        assert _refused(lambda: channel.queue_delete(codec.LEDGER_QUEUE)), (
+            "the ledger outlives a worker's mistake"
+        )
+    finally:
+        if connection.is_open:
+            connection.close()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        list(read(_url(node, "issuance-producer"), None, until_ms=now_ms(), idle=0.5))
 
 
 def test_the_producer_cannot_feed_the_internal_credit_queue(node):

@@ -176,6 +176,11 @@ def check_definitions(definitions: dict[str, Any]) -> None:
         assert queues[queue] == codec.queue_arguments(queue, "quorum"), queue
         assert queues[codec.dq_name(queue)] == codec.queue_arguments(queue, "quorum"), queue
         assert queues[codec.xq_name(queue)] == codec.xq_arguments("quorum"), queue
+    assert queues[codec.LEDGER_QUEUE] == codec.ledger_arguments(), "as a publisher declares it"
+    ledger_bindings = [b for b in definitions["bindings"] if b["destination"] == codec.LEDGER_QUEUE]
+    assert [(b["source"], b["routing_key"]) for b in ledger_bindings] == [
+        (codec.LEDGER_EXCHANGE, codec.LEDGER_ROUTE)
+    ], "claims reach the ledger in the publish that reaches their queue"
 
 
 def kubernetes_definitions(docs: list[dict[str, Any]]) -> dict[str, Any]:

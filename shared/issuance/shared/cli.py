@@ -14,10 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 from issuance.shared.errors import (
@@ -60,23 +60,39 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import timedelta
-
     import psycopg
-    from issuance.shared.db.verify import verify
+    from issuance.shared.db.verify import verify, with_ledger
 
+    grace = timedelta(seconds=settings.reconcile_grace_seconds)
     with psycopg.connect(settings.database_url) as conn:
-        report = verify(conn, grace=timedelta(seconds=settings.reconcile_grace_seconds))
+        report = verify(conn, grace=grace)
+        ledger = _reconcile_ledger(conn, settings, grace)
+    report = with_ledger(report, ledger.rows())
     if args.json:
-        print(json.dumps(report.as_json(), indent=2))
+        print(json.dumps({**report.as_json(), "ledger": ledger.as_json()}, indent=2))
     else:
         print("counts: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
         print("refused: " + (", ".join(f"{k}={v}" for k, v in report.refusals.items()) or "none"))
+        print(ledger.summary())
         for name, rows in report.breaches.items():
             if rows:
                 print(f"BREACH {name}: {len(rows)} e.g. {rows[:3]}")
         print("verify: clean" if report.clean else "verify: BREACHES FOUND")
     return 0 if report.clean else 1
+
+
+def _reconcile_ledger(conn: Any, settings: Settings, grace: timedelta) -> Any:
+    """The acceptance ledger against the database; absent where there is
+    none (the embedded demo). RabbitMQ down is a ServiceUnavailable, as for
+    every command: without the ledger verify cannot vouch for accepted claims."""
+    from issuance.shared.db.ledger import Reconciliation, reconcile
+    from issuance.shared.wire.ledger import LedgerAbsent
+
+    try:
+        # A hundred examples, as for the other checks; the summary counts them all.
+        return reconcile(conn, settings.amqp_url, grace=grace, keep=100)
+    except LedgerAbsent as exc:
+        return Reconciliation(absent=str(exc))
 
 
 def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:

@@ -76,14 +76,16 @@ class Settings:
     web_cache_seconds: int = 2
     # Producers publish through this exchange when set (deploy/rabbitmq:
     # "issuance.producers", the only thing the producer user may write to);
-    # empty: the default exchange, with the queues declared by the publisher.
+    # empty: the default exchange, with the queues declared by the publisher
+    # (claims go through "issuance.producers", declared too, for the ledger).
     producer_exchange: str = ""
     # "kid:secret,..." signs messages (issuance.shared.wire.signing); empty: signing off.
     signing_keys: str = ""
     # ``issuance verify`` reports a claim bound but not credited this long
-    # after its decision: a lost credit message is found in minutes, not at
-    # the 24-hour deadline. The sweeper (``issuance sweeper``) re-sends such
-    # credits after the same grace, so verify is clean again once it ran.
+    # after its decision, and a claim accepted (in the acceptance ledger) but
+    # never recorded this long after its publish: a lost message is found in
+    # minutes, not at the 24-hour deadline. The sweeper re-sends such credits
+    # and claims after half of it, so verify is clean again once it ran.
     reconcile_grace_seconds: int = 600
     # RabbitMQ queue type of every queue the project declares (the work
     # queues and their .DQ delay and .XQ dead-letter queues):

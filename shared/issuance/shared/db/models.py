@@ -389,6 +389,18 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = _now()
 
 
+class LedgerCheckpoint(Base):
+    """Where reconciliation resumes reading an acceptance ledger stream: the
+    offset of its first entry not known to be settled (issuance.shared.db.ledger)."""
+
+    __tablename__ = "ledger_checkpoints"
+    __table_args__ = (CheckConstraint("next_offset >= 0", name="ledger_checkpoints_offset_check"),)
+
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = _now()
+
+
 class Order(Base):
     """An order as far as coupons and referrals need it. Orders move
     placed -> paid [-> fulfilled] -> refunded, or placed -> cancelled."""

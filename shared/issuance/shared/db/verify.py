@@ -166,6 +166,17 @@ class Report:
         }
 
 
+# The acceptance ledger's check (issuance.shared.db.ledger): claims accepted
+# longer than the grace period ago with neither a row nor a dead letter.
+LEDGER_CHECK = "accepted_unrecorded"
+
+
+def with_ledger(report: Report, found: list[list[str]]) -> Report:
+    """``report`` with the ledger's check: ``found`` is one row per claim
+    accepted and not recorded (claim ID, ledger offset, accepted at)."""
+    return dataclasses.replace(report, breaches={**report.breaches, LEDGER_CHECK: found})
+
+
 def verify(conn: Conn, *, grace: timedelta = DEFAULT_GRACE) -> Report:
     """Run every check; ``grace`` is how long a claim may wait between states
     (settings.reconcile_grace_seconds) before its waiting is a breach."""
