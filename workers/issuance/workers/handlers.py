@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from issuance.shared.db import members as member_identity
 from issuance.shared.db import store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import (
@@ -180,6 +181,7 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
                 numbers[message.claim_id] = (phone_digest(e164, settings.phone_key), e164)
     masked = {digest: mask_phone(e164) for digest, e164 in numbers.values()}
     members = store.lock_members(conn, masked) if masked else {}
+    registered = member_identity.registered_at(conn, sorted(set(members.values()))) if members else {}
     requests = []
     for message in messages:
         digest, e164 = numbers.get(message.claim_id, (None, None))
@@ -190,6 +192,7 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
                 requested_at=message.requested_at,
                 phone=e164,
                 member_id=None if digest is None else members[digest],
+                registered_at=None if digest is None else registered.get(members[digest]),
             )
         )
     return _Batch(
@@ -359,7 +362,7 @@ def open_share(conn: Conn, message: OrderPlaced) -> bool:
         share_id=share_id_for(message.order_id),
         order_id=message.order_id,
         activity=message.activity,
-        referrer=message.member_id,
+        referrer=lifecycle.order_member(conn, message),
         placed_at=message.placed_at,
     )
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
+from issuance.shared.db import members
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.checkout import Cart, ChosenSet, CouponOption, choose, options_for
 from issuance.shared.domain.coupons import LifecycleRefusal
@@ -97,6 +98,17 @@ def _from_choice(order_id: str, outcome: Outcome, chosen: ChosenSet) -> Checkout
 
 def _first_reason(chosen: ChosenSet) -> LifecycleRefusal:
     return chosen.refused[0][1] if chosen.refused else LifecycleRefusal.UNKNOWN_CODE
+
+
+def member_of_app(pool: ConnectionPool, app_member_id: int) -> int | None:
+    """The member an app member ID is linked to (by member-registered), if any."""
+    with pool.connection() as conn:
+        return members.member_of_app(conn, app_member_id)
+
+
+def unknown_member(order_id: str) -> CheckoutAnswer:
+    """The answer for an order whose app member ID is linked to no member."""
+    return _refused(order_id, LifecycleRefusal.UNKNOWN_MEMBER)
 
 
 def list_coupons(pool: ConnectionPool, member_id: int, cart: Cart) -> list[CouponOption]:

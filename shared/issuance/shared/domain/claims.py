@@ -22,6 +22,7 @@ from issuance.shared.domain import (
     Refusal,
     TemplateRef,
     coupon_expiry,
+    is_new_user,
     templates_to_bind,
     window_refusal,
 )
@@ -90,6 +91,8 @@ class ClaimRequest(NamedTuple):
     requested_at: datetime
     phone: str | None = None
     member_id: int | None = None
+    # When the member registered in the app, if it did ("new user" reads it).
+    registered_at: datetime | None = None
 
 
 class Holding(NamedTuple):
@@ -209,7 +212,7 @@ def _decide(request: ClaimRequest, batch: _Batch, now: datetime, credit_inline: 
     activity, member_id = request.activity, request.member_id
     assert activity is not None and member_id is not None, "a screened claim has an activity and a member"
     held = batch.held.setdefault(member_id, [])
-    new_member = not held
+    new_member = is_new_user(holds_packages=bool(held), registered_at=request.registered_at, at=at)
     templates = tuple(templates_to_bind(activity.templates, new_member=new_member))
     refusal = batch.refusal(activity, held, templates)
     if refusal is not None:
