@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 import psycopg
+from issuance.shared.db import claim_channels, store
 from issuance.shared.db import members as member_identity
-from issuance.shared.db import store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import (
     InvalidPhone,
@@ -131,6 +131,7 @@ def claims(
         credit_inline=settings.credit_inline,
     )
     decided = _write(conn, settings, batch, decisions, {c: digests[i] for c, i in first_of.items()})
+    claim_channels.record(conn, [(m.claim_id, m.channel) for m in batch.messages])
     outcomes = []
     for i, (message, digest) in enumerate(zip(messages, digests, strict=True)):
         if message.claim_id in recorded:

@@ -144,6 +144,14 @@ class ActivitySpec:
     rebate_every: int = 3
     rebate_amount_cents: int | None = None
     rebate_template: str | None = None
+    # The cities or provinces the activity is limited to, as their names
+    # ("Jiangsu", "常州市"): a number from elsewhere is refused. None: everywhere.
+    regions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.regions, (list, tuple)) or not all(isinstance(r, str) for r in self.regions):
+            raise ValueError(f"regions must be a list of city or province names, got {self.regions!r}")
+        object.__setattr__(self, "regions", tuple(dict.fromkeys(r.strip() for r in self.regions)))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ActivitySpec:
@@ -201,6 +209,7 @@ def _known_zone(name: str) -> bool:
 
 # The longest "N days after the claim" (the database's check agrees).
 MAX_VALIDITY_DAYS = 3650
+MAX_REGIONS = 100
 
 _FORM_RULES: tuple[_Rule[ActivitySpec], ...] = (
     (
@@ -220,6 +229,10 @@ _FORM_RULES: tuple[_Rule[ActivitySpec], ...] = (
         ),
     ),
     (lambda s: not 1 <= len(s.templates) <= 5, "a package holds 1 to 5 coupon templates"),
+    (
+        lambda s: len(s.regions) > MAX_REGIONS or not all(0 < len(r) <= 64 for r in s.regions),
+        f"regions are at most {MAX_REGIONS} city or province names of 1 to 64 characters",
+    ),
     (
         lambda s: s.validity_days is None and s.valid_until is None,
         "set validity_days or a fixed validity window (valid_until)",
@@ -308,6 +321,7 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     values.pop("rebate_template")
     values["exclusivity_group"] = _stored_group(spec)
     values["rebate_template_id"] = _rebate_template_id(session, spec.rebate_template, prefixes)
+    values["regions"] = list(spec.regions)
     activity = Activity(channel_id=channel_id, **values)
     session.add(activity)
     session.flush()
@@ -409,7 +423,9 @@ def activity_file_text(spec: ActivitySpec) -> str:
         if values[name] is not None:
             values[name] = values[name].astimezone(zone)
     values["templates"] = [_OneLine(template_file(t)) for t in spec.templates]
-    ordered = {name: values[name] for name in FILE_ORDER}
+    values["regions"] = list(spec.regions)
+    # Regions only when the activity is limited to some.
+    ordered = {name: values[name] for name in FILE_ORDER if name != "regions" or spec.regions}
     return yaml.dump(ordered, Dumper=_FileDumper, sort_keys=False, allow_unicode=True, width=120)
 
 
@@ -512,7 +528,7 @@ def _write_changes(
     for name in changed:
         if name not in _WRITTEN_APART:
             value = _stored_group(merged) if name == "exclusivity_group" else getattr(merged, name)
-            setattr(activity, name, value)
+            setattr(activity, name, list(value) if isinstance(value, tuple) else value)
     session.flush()
 
 

@@ -95,6 +95,8 @@ class Activity(Base):
     validity_days: Mapped[int | None] = mapped_column(Integer)
     valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The cities or provinces the activity is limited to; none: everywhere (migration 0014).
+    regions: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
     hold_until_registered: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     # Refer K, get one back: every ``rebate_every`` successful referrals earn
     # the referrer either an amount or a coupon of a template (usually of a
@@ -168,6 +170,16 @@ class Member(Base):
     registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The app's member ID, linked by member-registered (migration 0014).
     app_member_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+
+
+class ClaimChannel(Base):
+    """The channel a claim came through when it is not its activity's own
+    (issuance.shared.db.claim_channels; migration 0014)."""
+
+    __tablename__ = "claim_channels"
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64))
 
 
 class PackageSlot(Base):

@@ -48,6 +48,7 @@ class Refusal(enum.StrEnum):
     SOLD_OUT = "sold_out"
     POOL_EMPTY = "pool_empty"
     UNKNOWN_ACTIVITY = "unknown_activity"
+    OUTSIDE_REGION = "outside_region"
 
     @property
     def text(self) -> str:
@@ -64,6 +65,7 @@ REFUSAL_TEXT: dict[Refusal, str] = {
     Refusal.SOLD_OUT: "all packages are gone",
     Refusal.POOL_EMPTY: "all packages are gone",
     Refusal.UNKNOWN_ACTIVITY: "this activity does not exist",
+    Refusal.OUTSIDE_REGION: "this activity is open only to mobile numbers from some cities or provinces",
 }
 
 

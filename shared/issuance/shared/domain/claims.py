@@ -26,6 +26,7 @@ from issuance.shared.domain import (
     templates_to_bind,
     window_refusal,
 )
+from issuance.shared.domain.regions import outside
 
 
 class ClaimStatus(enum.StrEnum):
@@ -48,6 +49,7 @@ REFUSAL_PRECEDENCE: tuple[Refusal, ...] = (
     Refusal.ENDED,
     Refusal.NOT_STARTED,
     Refusal.BAD_PHONE,
+    Refusal.OUTSIDE_REGION,
     Refusal.ALREADY_RECEIVED,
     Refusal.SIMILAR_ACTIVITY,
     Refusal.SOLD_OUT,
@@ -68,6 +70,8 @@ class ActivityTerms:
     valid_until: datetime | None
     hold_until_registered: bool
     templates: tuple[TemplateRef, ...]
+    # The cities or provinces it is limited to (none: everywhere).
+    regions: tuple[str, ...] = ()
 
 
 # The records made per claim (requests, holdings, decisions) are named
@@ -152,11 +156,17 @@ def activity_refusal(activity: ActivityTerms | None, at: datetime) -> Refusal | 
 
 def screen(request: ClaimRequest, at: datetime) -> Refusal | None:
     """The refusals that need no member and no stock: unknown activity,
-    window, bad number."""
+    window, bad number, a number from outside the activity's regions."""
     refusal = activity_refusal(request.activity, at)
-    if refusal is None and request.phone is None:
+    if refusal is not None:
+        return refusal
+    if request.phone is None:
         return Refusal.BAD_PHONE
-    return refusal
+    activity = request.activity
+    # Only an activity limited to some regions reads the number's region.
+    if activity is not None and activity.regions and outside(activity.regions, request.phone):
+        return Refusal.OUTSIDE_REGION
+    return None
 
 
 class _Batch:

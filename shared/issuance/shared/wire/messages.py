@@ -26,6 +26,8 @@ MAX_AMOUNT_CENTS = 10**11  # a billion in currency units: anything above is a bu
 MAX_CODES_PER_ORDER = 20
 MAX_MEMBER_ID = 2**63 - 1
 MAX_ITEMS = 100_000
+# A channel's name as the back office keeps it: any printable text.
+CHANNEL = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 STORE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 Parser = Callable[[Any], Any]
@@ -281,6 +283,7 @@ class ClaimRequested(Message):
         "phone": text(re.compile(r"^\+?[0-9 ()-]{3,31}$"), "mobile number, E.164 preferred"),
         "requested_at": timestamp("when the member tapped claim; the 24-hour promise runs from here"),
         "share_id": optional(uuid_field("the share the claim came through, if any")),
+        "channel": optional(text(CHANNEL, "the channel the claim came through, if not the activity's own")),
     }
     EXAMPLE: ClassVar[Mapping[str, Any]] = {
         "v": 1,
@@ -296,6 +299,7 @@ class ClaimRequested(Message):
     phone: str
     requested_at: datetime
     share_id: uuid.UUID | None = None
+    channel: str | None = None
 
     def business_key(self) -> str:
         return str(self.claim_id)

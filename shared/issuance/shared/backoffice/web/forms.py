@@ -23,6 +23,7 @@ OPTIONAL_INTEGERS = ("validity_days", "rebate_amount_cents")
 INSTANTS = ("starts_at", "ends_at")
 OPTIONAL_INSTANTS = ("valid_from", "valid_until")
 FLAGS = ("online", "hold_until_registered")
+LISTS = ("regions",)
 TEMPLATE_FIELDS = ("prefix", "kind", "value", "threshold_cents", "new_user_only", "title", "rules")
 # A template's rules (scope, stacking, priority, per-person count) are one
 # field of JSON: only the rules set, as in an activity file.
@@ -30,7 +31,16 @@ RULE_FIELDS = tuple(
     f.name for f in dataclasses.fields(catalog.TemplateSpec) if f.name not in catalog.TEMPLATE_BASICS
 )
 LOCAL_FORMAT = "%Y-%m-%dT%H:%M:%S"
-FIELD_NAMES = (*TEXT, *OPTIONAL_TEXT, *INTEGERS, *OPTIONAL_INTEGERS, *INSTANTS, *OPTIONAL_INSTANTS, *FLAGS)
+FIELD_NAMES = (
+    *TEXT,
+    *OPTIONAL_TEXT,
+    *INTEGERS,
+    *OPTIONAL_INTEGERS,
+    *INSTANTS,
+    *OPTIONAL_INSTANTS,
+    *FLAGS,
+    *LISTS,
+)
 
 # Where a catalog message is shown when it names no field: the first
 # field whose words it contains (anything else goes above the form).
@@ -42,6 +52,7 @@ MESSAGE_FIELDS = (
     ("channel", ("channel",)),
     ("budget", ("budget",)),
     ("validity_days", ("validity",)),
+    ("regions", ("regions",)),
     ("rebate_amount_cents", ("rebate amount", "rebate is an amount")),
     ("rebate_template", ("rebate template",)),
     ("rebate_every", ("rebate_every",)),
@@ -83,6 +94,8 @@ def render(spec: catalog.ActivitySpec | None) -> dict[str, str]:
         values[name] = "" if value is None else _local(value, zone)
     for name in FLAGS:
         values[name] = "on" if getattr(spec, name) else ""
+    for name in LISTS:
+        values[name] = ", ".join(getattr(spec, name))
     for row, template in enumerate(spec.templates):
         values.update(
             {
@@ -139,6 +152,7 @@ def parse(form: Mapping[str, str]) -> Parsed:
         errors=errors,
     )
     values.update({name: bool(raw[name]) for name in FLAGS})
+    values.update({name: [x.strip() for x in raw[name].split(",") if x.strip()] for name in LISTS})
     values["templates"] = [
         _parse_template(raw, row, errors) for row in range(MAX_TEMPLATES) if raw[template_key(row, "prefix")]
     ]
