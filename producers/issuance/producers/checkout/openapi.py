@@ -257,7 +257,9 @@ SPEC: dict[str, Any] = {
             " best first; validate a chosen set; reserve it when the order is created, redeem it at"
             " payment, release it on unpaid cancellation (a reservation also lapses after its hold)."
             " Every operation is idempotent by order ID; a code is held or redeemed by at most one"
-            " order. Amounts are integers in minor units. Times are the server's."
+            " order. A buyer is named by the member ID or by the app's member ID. The coupons' own"
+            " rules (scope, stacking, priority, per-person count) are judged on the cart described."
+            " Amounts are integers in minor units. Times are the server's."
         ),
     },
     "paths": {

@@ -7,7 +7,8 @@ which the database guarantees (the partial unique index of
 ``checkout_reservations``), so two checkouts racing for one code cannot
 both hold or redeem it.
 
-- :func:`list_coupons`: a member's coupons against a cart, best first.
+- :func:`list_coupons`: a member's coupons against a cart, best first
+  (:func:`member_of_app` finds the member an app member ID is linked to).
 - :func:`validate`: a chosen set of codes against a cart, nothing held.
 - :func:`reserve`: hold the chosen codes for an order at its creation.
 - :func:`redeem`: at payment, the held codes become used (order, time and

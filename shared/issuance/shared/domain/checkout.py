@@ -2,8 +2,10 @@
 apply to a cart, why the others do not, what each saves, and which is best.
 
 The synchronous checkout API and the asynchronous ``order-placed`` path share
-these rules (:func:`issuance.shared.domain.coupons.discount_cents` is the one
-discount formula). Like the rest of issuance.shared.domain, this module
+these rules, a template's own rules (:class:`CouponRules`: scope, stacking,
+priority, per-person count) included, and
+:func:`issuance.shared.domain.coupons.discount_cents` is the one discount
+formula. Like the rest of issuance.shared.domain, this module
 imports no database, broker or network code.
 """
 
@@ -16,9 +18,9 @@ from datetime import datetime
 from issuance.shared.domain.coupons import LifecycleRefusal, discount_cents, holder_refusal, time_refusal
 
 KINDS = frozenset(("discount_rate", "amount_off", "gift"))
-# Bounds of the rules an operator sets on a template (the database's check
-# agrees): a scope names at most MAX_SCOPE entries of at most SCOPE_TEXT
-# characters each.
+# Bounds of the rules an operator sets on a template (the database checks
+# the signs and the priority's range): a scope names at most MAX_SCOPE
+# entries of at most SCOPE_TEXT characters each.
 MAX_SCOPE = 200
 SCOPE_TEXT = 64
 MAX_PRIORITY = 1000
@@ -34,8 +36,8 @@ class CouponRules:
     ``stackable`` False makes the coupon exclusive: alone in its order, and
     not with the order's other promotions. Among equal savings, the higher
     ``priority`` comes first (as the best choice, and in a set, where the
-    savings are taken in that order). ``per_person_limit`` caps how many coupons of the template one member
-    uses, over all orders (None: no cap)."""
+    savings are taken in that order). ``per_person_limit`` caps how many
+    coupons of the template one member uses, over all orders (None: no cap)."""
 
     products: frozenset[str] = frozenset()
     categories: frozenset[str] = frozenset()
