@@ -165,10 +165,7 @@ class ActivitySpec:
             for key in ("starts_at", "ends_at", "valid_from", "valid_until"):
                 if isinstance(values.get(key), str):
                     values[key] = datetime.fromisoformat(values[key])
-            values["templates"] = tuple(
-                t if isinstance(t, TemplateSpec) else TemplateSpec(**_typed(TemplateSpec, t))
-                for t in values.get("templates", ())
-            )
+            values["templates"] = tuple(_template_of(t) for t in values.get("templates", ()))
             return cls(**_typed(cls, values))
         except (TypeError, ValueError) as exc:
             raise BackOfficeError(f"invalid activity: {exc}") from None
@@ -183,6 +180,18 @@ class ActivitySpec:
         )
         if problem is not None:
             raise BackOfficeError(problem)
+
+
+def _template_of(value: Any) -> TemplateSpec:
+    """A template of an activity file; a bad value names its template (the
+    form shows it with the templates)."""
+    if isinstance(value, TemplateSpec):
+        return value
+    try:
+        return TemplateSpec(**_typed(TemplateSpec, value))
+    except (TypeError, ValueError) as exc:
+        prefix = value.get("prefix") if isinstance(value, Mapping) else None
+        raise ValueError(f"template {prefix or '(no prefix)'}: {exc}") from None
 
 
 _Spec = typing.TypeVar("_Spec")
