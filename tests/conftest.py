@@ -28,7 +28,8 @@ RABBIT_HOST = "127.0.0.1:5672"
 TABLES = (
     "wallet_ledger, codes, claims, package_slots, code_batches, coupon_templates, activities, channels,"
     " members, shares, share_opens, dead_letters,"
-    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints"
+    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints,"
+    " claim_channels"
 )
 
 

@@ -5,6 +5,7 @@ for one code, many times, never both holding or redeeming it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -42,6 +43,12 @@ def conforms(body: Any, schema: str) -> Any:
 
 @pytest.fixture
 def client(pool) -> Iterator[httpx.Client]:
+    with serve(pool) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def serve(pool) -> Iterator[httpx.Client]:
     """The checkout API under uvicorn in a thread, on a free local port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -232,6 +232,15 @@ def test_channels_are_created_once_and_audited(app, settings):
         ({"channel": "nowhere"}, "channel", "no channel &#39;nowhere&#39;"),
         ({"validity_days": ""}, "validity_days", "set validity_days or a fixed validity window"),
         ({"t0_value": "ten"}, "t0_value", "enter a whole number"),
+        ({"validity_days": "-1"}, "validity_days", "validity_days must be 0 to 3650 days, got -1"),
+        ({"t0_rules": "{"}, "t0_rules", "enter the rules as a JSON object"),
+        ({"t0_rules": '{"colour": 1}'}, "t0_rules", "unknown rules colour"),
+        ({"t0_rules": '{"priority": 2.5}'}, "templates", "priority must be a whole number, got 2.5"),
+        (
+            {"t0_rules": '{"per_person_limit": -1}'},
+            "templates",
+            "per_person_limit must be a whole number from 1",
+        ),
     ],
 )
 def test_the_activity_form_shows_the_catalogs_rules_by_field(app, settings, overrides, field, message):
@@ -295,6 +304,41 @@ def test_create_and_edit_an_activity_with_its_audit_trail(app, settings):
     shown = operator.get("/activities/spring").text
     assert 'id="banner-preview" alt="Banner preview" src="https://cdn.example.com/spring.png"' in shown
     assert '<p class="card-copy" id="preview-copy">Open the envelope</p>' in shown
+
+
+def test_a_templates_rules_and_the_regions_survive_an_edit_from_the_form(app, settings):
+    operator = sign_in(app, "olga")
+    create_channel(operator)
+    rules = '{"scope_stores": ["S1"], "stackable": false, "per_person_limit": 2}'
+    form = activity_form("ruled", t0_rules=rules, regions="Jiangsu, 上海")
+    created = operator.post(
+        "/activities/new", data={**form, "csrf_token": token(operator, "/activities/new")}
+    )
+    assert created.status_code == 303, created.text[:2000]
+    stored = (
+        "SELECT t.scope_stores, t.stackable, t.per_person_limit, a.regions"
+        " FROM coupon_templates t JOIN activities a USING (activity_id)"
+    )
+    with psycopg.connect(settings.database_url) as conn:
+        before = conn.execute(stored).fetchone()
+    assert before == (["S1"], False, 2, ["Jiangsu", "上海"])
+    # The form shows them, and saving it with another title keeps them.
+    page = operator.get("/activities/ruled").text
+    assert 'name="t0_rules"' in page and "scope_stores" in page and 'value="Jiangsu, 上海"' in page
+    from issuance.shared.backoffice.web import forms
+
+    with Session(database.engine(settings)) as session:
+        from issuance.shared.db.models import Activity
+        from sqlalchemy import select
+
+        shown = forms.render(catalog.describe_activity(session, session.scalars(select(Activity)).one()))
+    edited = {**shown, "title": "Ruled envelope"}
+    answer = operator.post(
+        "/activities/ruled", data={**edited, "csrf_token": token(operator, "/activities/ruled")}
+    )
+    assert answer.status_code == 303
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute(stored).fetchone() == before
 
 
 def test_saving_an_untouched_form_changes_nothing(app, settings):

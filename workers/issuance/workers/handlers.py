@@ -23,7 +23,8 @@ from typing import Any
 
 import orjson
 import psycopg
-from issuance.shared.db import store
+from issuance.shared.db import claim_channels, store
+from issuance.shared.db import members as member_identity
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import (
     InvalidPhone,
@@ -130,6 +131,7 @@ def claims(
         credit_inline=settings.credit_inline,
     )
     decided = _write(conn, settings, batch, decisions, {c: digests[i] for c, i in first_of.items()})
+    claim_channels.record(conn, [(m.claim_id, m.channel) for m in batch.messages])
     outcomes = []
     for i, (message, digest) in enumerate(zip(messages, digests, strict=True)):
         if message.claim_id in recorded:
@@ -185,6 +187,7 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
     if masked:
         store.rekey_members(conn, keys.current_id, list(digests.values()))
     members = store.lock_members(conn, masked, key_id=keys.current_id) if masked else {}
+    registered = member_identity.registered_at(conn, sorted(set(members.values()))) if members else {}
     requests = []
     for message in messages:
         digest, e164 = numbers.get(message.claim_id, (None, None))
@@ -195,6 +198,7 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
                 requested_at=message.requested_at,
                 phone=e164,
                 member_id=None if digest is None else members[digest],
+                registered_at=None if digest is None else registered.get(members[digest]),
             )
         )
     return _Batch(
@@ -364,7 +368,7 @@ def open_share(conn: Conn, message: OrderPlaced) -> bool:
         share_id=share_id_for(message.order_id),
         order_id=message.order_id,
         activity=message.activity,
-        referrer=message.member_id,
+        referrer=lifecycle.order_member(conn, message),
         placed_at=message.placed_at,
     )
 

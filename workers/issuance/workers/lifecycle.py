@@ -19,20 +19,20 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
+from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
+from issuance.shared.db import members, store
 from issuance.shared.db import refund_store as rs
-from issuance.shared.db import store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digests
+from issuance.shared.domain.checkout import Cart, choose
 from issuance.shared.domain.coupons import (
     LifecycleRefusal,
     OrderStep,
     TransitionRefused,
-    discount_cents,
     is_self_referral,
     order_step,
     rebates_due,
-    use_refusal,
 )
 from issuance.shared.domain.refunds import (
     RELEASED_CANCELLED,
@@ -76,10 +76,11 @@ def record_order_in(conn: Conn, message: OrderPlaced) -> OrderOutcome:
     """Record a placed order and redeem the coupons it lists (each becomes
     used, with the order and its discount). Idempotent on the order ID."""
     event = f"order-placed:{message.order_id}"
+    member_id = order_member(conn, message)
     inserted = cs.insert_order(
         conn,
         order_id=message.order_id,
-        member_id=message.member_id,
+        member_id=member_id,
         activity=message.activity,
         amount_cents=message.amount_cents,
         placed_at=message.placed_at,
@@ -87,7 +88,7 @@ def record_order_in(conn: Conn, message: OrderPlaced) -> OrderOutcome:
     if not inserted:
         existing = cs.order_by_id(conn, message.order_id)
         assert existing is not None
-        if (existing.member_id, existing.amount_cents) != (message.member_id, message.amount_cents):
+        if (existing.member_id, existing.amount_cents) != (member_id, message.amount_cents):
             cs.record_refusal(
                 conn,
                 event_key=event,
@@ -96,41 +97,41 @@ def record_order_in(conn: Conn, message: OrderPlaced) -> OrderOutcome:
                 detail="member or amount differ from the recorded order",
             )
         return OrderOutcome(recorded=False)
-    used: list[str] = []
-    refused: list[tuple[str, LifecycleRefusal]] = []
-    total = 0
-    # Sorted: two orders naming the same codes lock them in one order.
-    for code in sorted(message.redeemed_codes):
-        try:
-            off = _redeem(conn, message, code, remaining=message.amount_cents - total)
-        except TransitionRefused as exc:
-            refused.append((code, exc.reason))
-            cs.record_refusal(conn, event_key=event, subject=code, reason=exc.reason, detail=exc.reason.text)
-            log.info("order %s: coupon %s refused (%s)", message.order_id, code, exc.reason.value)
-            continue
-        used.append(code)
-        total += off
-    if total:
-        cs.set_order_discount(conn, message.order_id, total)
-    return OrderOutcome(recorded=True, used=tuple(used), refused=tuple(refused), discount_cents=total)
-
-
-def _redeem(conn: Conn, message: OrderPlaced, code: str, *, remaining: int) -> int:
-    coupon = cs.coupon_for_use(conn, code)
-    if coupon is None:
-        raise TransitionRefused(LifecycleRefusal.UNKNOWN_CODE, code)
-    reason = use_refusal(coupon, member_id=message.member_id, order_id=message.order_id, at=message.placed_at)
-    if reason is not None:
-        raise TransitionRefused(reason, code)
-    off = discount_cents(
-        kind=coupon.kind,
-        value=coupon.value,
-        threshold_cents=coupon.threshold_cents,
-        amount_cents=message.amount_cents,
+    if not message.redeemed_codes:
+        return OrderOutcome(recorded=True)
+    # The checkout's rules, on the cart the event describes; the codes are
+    # locked in code order, so two orders naming the same codes cannot deadlock.
+    cart = Cart(
+        amount_cents=message.amount_cents, items=message.items or 0, at=message.placed_at, store=message.store
     )
-    off = min(off, max(remaining, 0))
-    cs.use_coupon(conn, code=code, order_id=message.order_id, at=message.placed_at, discount_cents=off)
-    return off
+    coupons = ks.coupons_for_update(conn, message.redeemed_codes)
+    chosen = choose(message.redeemed_codes, coupons, cart, member_id=member_id, order_id=message.order_id)
+    for code, reason in chosen.refused:
+        cs.record_refusal(conn, event_key=event, subject=code, reason=reason, detail=reason.text)
+        log.info("order %s: coupon %s refused (%s)", message.order_id, code, reason.value)
+    for code, off in chosen.lines:
+        cs.use_coupon(conn, code=code, order_id=message.order_id, at=message.placed_at, discount_cents=off)
+    if chosen.discount_cents:
+        cs.set_order_discount(conn, message.order_id, chosen.discount_cents)
+    return OrderOutcome(
+        recorded=True,
+        used=tuple(sorted(code for code, _ in chosen.lines)),
+        refused=chosen.refused,
+        discount_cents=chosen.discount_cents,
+    )
+
+
+class MemberNotYetKnown(TransientError):
+    """An order names an app member ID no member-registered event has linked
+    yet: retried later."""
+
+
+def order_member(conn: Conn, message: OrderPlaced) -> int:
+    """The member an order-placed event names, by either of its IDs."""
+    member_id = members.buyer(conn, member_id=message.member_id, app_member_id=message.app_member_id)
+    if member_id is None:
+        raise MemberNotYetKnown(f"app member {message.app_member_id} is not linked to a member yet")
+    return member_id
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,6 +405,8 @@ def register_member(
         )
         return []
     member_id, registered_at = member
+    if message.app_member_id is not None:
+        _link_app_member(conn, message, member_id, message.app_member_id)
     return cs.release_held(
         conn,
         member_id=member_id,
@@ -411,3 +414,17 @@ def register_member(
         promise_seconds=settings.credit_promise_seconds,
         now=now,
     )
+
+
+def _link_app_member(conn: Conn, message: MemberRegistered, member_id: int, app_member_id: int) -> None:
+    """Link the app's member ID to the member; a conflict is kept as a
+    refusal (the registration itself stands)."""
+    link = members.link_app_member(conn, member_id=member_id, app_member_id=app_member_id)
+    if link is members.Link.CONFLICT:
+        cs.record_refusal(
+            conn,
+            event_key=f"member-registered:{message.business_key()}",
+            subject=f"app:{app_member_id}",
+            reason=LifecycleRefusal.APP_MEMBER_CONFLICT,
+            detail=f"member {member_id}: {LifecycleRefusal.APP_MEMBER_CONFLICT.text}",
+        )

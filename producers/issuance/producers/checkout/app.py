@@ -7,6 +7,7 @@ issuance.producers.checkout.service in a worker thread, and render its answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -14,9 +15,19 @@ from typing import Any
 
 import orjson
 from issuance.producers.checkout import service
-from issuance.producers.checkout.openapi import CODE_PATTERN, MAX_BIGINT, MAX_CODES, ORDER_ID_PATTERN, SPEC
+from issuance.producers.checkout.openapi import (
+    CODE_PATTERN,
+    MAX_BIGINT,
+    MAX_CODES,
+    MAX_ITEMS,
+    MAX_LEVEL,
+    MAX_LINES,
+    NAME_PATTERN,
+    ORDER_ID_PATTERN,
+    SPEC,
+)
 from issuance.producers.checkout.service import CheckoutAnswer
-from issuance.shared.domain.checkout import Cart, CouponOption, best
+from issuance.shared.domain.checkout import Cart, CartLine, CouponOption, best
 from issuance.shared.domain.coupons import LifecycleRefusal
 from issuance.shared.settings import Settings, load_settings
 from issuance.shared.wire.messages import utcnow
@@ -29,12 +40,15 @@ from starlette.routing import Route
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_BODY = 16 * 1024
-MAX_ITEMS = 100_000
 ORDER_ID = re.compile(ORDER_ID_PATTERN)
 CODE = re.compile(CODE_PATTERN)
+NAME = re.compile(NAME_PATTERN)
 DIGITS = re.compile(r"^[0-9]{1,19}$")
-CART_FIELDS = frozenset(("member_id", "amount_cents", "items", "codes"))
 REFUND_FIELDS = frozenset(("refunded_by", "fulfilled"))
+MEMBER_FIELDS = frozenset(("member_id", "app_member_id"))
+CART_REQUIRED = frozenset(("amount_cents", "items"))
+CART_OPTIONAL = frozenset(("lines", "store", "member_level", "promotions"))
+LINE_FIELDS = frozenset(("product", "category", "amount_cents", "quantity"))
 OPENAPI_BYTES = orjson.dumps(SPEC)
 
 
@@ -93,15 +107,17 @@ async def body_of(request: Request, *, required: bool) -> dict[str, Any]:
     return body
 
 
-def cart_request(body: dict[str, Any]) -> tuple[int, Cart, list[str]]:
-    """(member, cart at the server's time, codes) from a CartRequest body."""
-    unknown = sorted(set(body) - CART_FIELDS)
-    missing = sorted(CART_FIELDS - set(body))
-    if unknown or missing:
-        raise BadRequest(f"unknown fields {unknown}, missing fields {missing}")
-    member_id = _integer(body["member_id"], "member_id", low=1, high=MAX_BIGINT)
-    amount = _integer(body["amount_cents"], "amount_cents", low=0, high=MAX_BIGINT)
-    items = _integer(body["items"], "items", low=0, high=MAX_ITEMS)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Buyer:
+    """The member a request names: by the member ID or by the app's."""
+
+    member_id: int | None
+    app_member_id: int | None
+
+
+def cart_request(body: dict[str, Any]) -> tuple[Buyer, Cart, list[str]]:
+    """(buyer, cart at the server's time, codes) from a CartRequest body."""
+    buyer, cart = cart_query(body, extra=frozenset(("codes",)))
     codes = body["codes"]
     if (
         not isinstance(codes, list)
@@ -110,7 +126,62 @@ def cart_request(body: dict[str, Any]) -> tuple[int, Cart, list[str]]:
         or len(set(codes)) != len(codes)
     ):
         raise BadRequest(f"codes must be 1 to {MAX_CODES} distinct codes matching {CODE_PATTERN}")
-    return member_id, Cart(amount_cents=amount, items=items, at=utcnow()), codes
+    return buyer, cart, codes
+
+
+def cart_query(body: dict[str, Any], *, extra: frozenset[str] = frozenset()) -> tuple[Buyer, Cart]:
+    """(buyer, cart at the server's time) from a CartQuery body (with the
+    ``extra`` fields required too)."""
+    required = CART_REQUIRED | extra
+    unknown = sorted(set(body) - required - CART_OPTIONAL - MEMBER_FIELDS)
+    missing = sorted(required - set(body))
+    if unknown or missing:
+        raise BadRequest(f"unknown fields {unknown}, missing fields {missing}")
+    named = [name for name in sorted(MEMBER_FIELDS) if name in body]
+    if len(named) != 1:
+        raise BadRequest("name the buyer by exactly one of member_id and app_member_id")
+    ids = {name: _integer(body[name], name, low=1, high=MAX_BIGINT) for name in named}
+    promotions = body.get("promotions", False)
+    if type(promotions) is not bool:
+        raise BadRequest("promotions must be true or false")
+    cart = Cart(
+        amount_cents=_integer(body["amount_cents"], "amount_cents", low=0, high=MAX_BIGINT),
+        items=_integer(body["items"], "items", low=0, high=MAX_ITEMS),
+        at=utcnow(),
+        lines=_lines(body.get("lines", [])),
+        store=None if body.get("store") is None else _name(body["store"], "store"),
+        member_level=_integer(body.get("member_level", 0), "member_level", low=0, high=MAX_LEVEL),
+        promotions=promotions,
+    )
+    return Buyer(ids.get("member_id"), ids.get("app_member_id")), cart
+
+
+def _name(value: object, name: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        raise BadRequest(f"{name} must match {NAME_PATTERN}")
+    return value
+
+
+def _lines(value: object) -> tuple[CartLine, ...]:
+    if not isinstance(value, list) or len(value) > MAX_LINES:
+        raise BadRequest(f"lines must be a list of at most {MAX_LINES} cart lines")
+    lines = []
+    for line in value:
+        if (
+            not isinstance(line, dict)
+            or set(line) - LINE_FIELDS
+            or not {"product", "amount_cents"} <= set(line)
+        ):
+            raise BadRequest("each line is {product, amount_cents} with optional category and quantity")
+        lines.append(
+            CartLine(
+                product=_name(line["product"], "product"),
+                category=_name(line["category"], "category") if "category" in line else "",
+                amount_cents=_integer(line["amount_cents"], "a line's amount_cents", low=0, high=MAX_BIGINT),
+                quantity=_integer(line.get("quantity", 1), "a line's quantity", low=1, high=MAX_ITEMS),
+            )
+        )
+    return tuple(lines)
 
 
 def refund_request(body: dict[str, Any]) -> tuple[str, bool]:
@@ -141,14 +212,49 @@ def option_json(option: CouponOption) -> dict[str, Any]:
         "discount_cents": option.discount_cents,
         "reason": None if option.reason is None else option.reason.value,
         "message": option.reason_text,
+        "rules": rules_json(option),
     }
+
+
+def rules_json(option: CouponOption) -> dict[str, Any]:
+    rules = option.coupon.rules
+    return {
+        "scope_products": sorted(rules.products),
+        "scope_categories": sorted(rules.categories),
+        "scope_stores": sorted(rules.stores),
+        "min_items": rules.min_items,
+        "min_member_level": rules.min_member_level,
+        "stackable": rules.stackable,
+        "priority": rules.priority,
+        "per_person_limit": rules.per_person_limit,
+    }
+
+
+def listing(member_id: int, cart: Cart, options: list[CouponOption]) -> JSON:
+    first = best(options)
+    return JSON(
+        {
+            "member_id": member_id,
+            "amount_cents": cart.amount_cents,
+            "items": cart.items,
+            "best": None if first is None else first.coupon.code,
+            "coupons": [option_json(o) for o in options],
+        }
+    )
+
+
+NOT_FOUND = frozenset((LifecycleRefusal.UNKNOWN_ORDER, LifecycleRefusal.UNKNOWN_MEMBER))
 
 
 def answer_response(answer: service.CheckoutAnswer) -> JSON:
     status = 200
     if answer.outcome is service.Outcome.REFUSED:
-        status = 404 if answer.reason is LifecycleRefusal.UNKNOWN_ORDER else 409
+        status = 404 if answer.reason in NOT_FOUND else 409
     return JSON(answer.as_json(), status_code=status)
+
+
+def unknown_app_member(app_member_id: int | None) -> BadRequest:
+    return BadRequest(f"no member is linked to app member {app_member_id}", 404)
 
 
 def create_app(
@@ -176,31 +282,50 @@ def create_app(
         finally:
             own.close()
 
-    async def list_coupons(request: Request) -> Response:
-        raw = str(request.path_params["member_id"])
+    async def member_of(buyer: Buyer) -> int | None:
+        if buyer.member_id is not None:
+            return buyer.member_id
+        assert buyer.app_member_id is not None
+        return await run_in_threadpool(service.member_of_app, state["pool"], buyer.app_member_id)
+
+    def path_id(request: Request, name: str) -> int:
+        raw = str(request.path_params[name])
         if not DIGITS.match(raw):
-            raise BadRequest("the member ID must be a positive integer")
-        member_id = _integer(int(raw), "member_id", low=1, high=MAX_BIGINT)
+            raise BadRequest(f"the {name.replace('_', ' ')} must be a positive integer")
+        return _integer(int(raw), name, low=1, high=MAX_BIGINT)
+
+    async def list_for(request: Request, buyer: Buyer) -> Response:
         if set(request.query_params) - {"amount_cents", "items"}:
             raise BadRequest("only amount_cents and items are accepted")
         amount = _query_integer(request.query_params, "amount_cents", low=0, high=MAX_BIGINT)
         items = _query_integer(request.query_params, "items", low=0, high=MAX_ITEMS)
+        member_id = await member_of(buyer)
+        if member_id is None:
+            raise unknown_app_member(buyer.app_member_id)
         cart = Cart(amount_cents=amount, items=items, at=utcnow())
         options = await run_in_threadpool(service.list_coupons, state["pool"], member_id, cart)
-        first = best(options)
-        return JSON(
-            {
-                "member_id": member_id,
-                "amount_cents": amount,
-                "items": items,
-                "best": None if first is None else first.coupon.code,
-                "coupons": [option_json(o) for o in options],
-            }
-        )
+        return listing(member_id, cart, options)
+
+    async def list_coupons(request: Request) -> Response:
+        return await list_for(request, Buyer(path_id(request, "member_id"), None))
+
+    async def list_app_member_coupons(request: Request) -> Response:
+        return await list_for(request, Buyer(None, path_id(request, "app_member_id")))
+
+    async def list_for_cart(request: Request) -> Response:
+        buyer, cart = cart_query(await body_of(request, required=True))
+        member_id = await member_of(buyer)
+        if member_id is None:
+            raise unknown_app_member(buyer.app_member_id)
+        options = await run_in_threadpool(service.list_coupons, state["pool"], member_id, cart)
+        return listing(member_id, cart, options)
 
     async def validate(request: Request) -> Response:
         order_id = order_id_of(request)
-        member_id, cart, codes = cart_request(await body_of(request, required=True))
+        buyer, cart, codes = cart_request(await body_of(request, required=True))
+        member_id = await member_of(buyer)
+        if member_id is None:
+            return answer_response(service.unknown_member(order_id))
         answer = await run_in_threadpool(
             lambda: service.validate(state["pool"], order_id, member_id=member_id, cart=cart, codes=codes)
         )
@@ -208,7 +333,10 @@ def create_app(
 
     async def reserve(request: Request) -> Response:
         order_id = order_id_of(request)
-        member_id, cart, codes = cart_request(await body_of(request, required=True))
+        buyer, cart, codes = cart_request(await body_of(request, required=True))
+        member_id = await member_of(buyer)
+        if member_id is None:
+            return answer_response(service.unknown_member(order_id))
         answer = await run_in_threadpool(
             lambda: service.reserve(
                 state["pool"], order_id, member_id=member_id, cart=cart, codes=codes, hold=hold
@@ -256,6 +384,8 @@ def create_app(
     return Starlette(
         routes=[
             route("/api/members/{member_id}/coupons", list_coupons, "GET"),
+            route("/api/app-members/{app_member_id}/coupons", list_app_member_coupons, "GET"),
+            route("/api/carts/coupons", list_for_cart, "POST"),
             route("/api/orders/{order_id}/validate", validate, "POST"),
             route("/api/orders/{order_id}/reserve", reserve, "POST"),
             route("/api/orders/{order_id}/redeem", redeem, "POST"),

@@ -16,14 +16,67 @@ MAX_BIGINT = 2**63 - 1
 REASON: dict[str, Any] = {"type": ["string", "null"], "enum": [*(r.value for r in LifecycleRefusal), None]}
 MINOR_UNITS: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT}
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.:/-]{0,63}$"
+MAX_LINES = 100
+MAX_ITEMS = 100_000
+MAX_LEVEL = 1000
+NAME: dict[str, Any] = {"type": "string", "pattern": NAME_PATTERN}
+
+CART_LINE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["product", "amount_cents"],
+    "properties": {
+        "product": {**NAME, "description": "the product's ID (coupons scoped to products)"},
+        "category": {**NAME, "description": "the product's category (coupons scoped to categories)"},
+        "amount_cents": {**MINOR_UNITS, "description": "what the line costs, in minor units"},
+        "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_ITEMS, "default": 1},
+    },
+}
+
+# The cart, as every operation that takes one reads it; the buyer is named by
+# exactly one of the two member IDs.
+CART_FIELDS: dict[str, Any] = {
+    "member_id": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT, "description": "the member ID"},
+    "app_member_id": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_BIGINT,
+        "description": "the app's member ID (linked by member-registered), instead of member_id",
+    },
+    "amount_cents": {**MINOR_UNITS, "description": "the cart's amount in minor units (fen)"},
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_ITEMS},
+    "lines": {
+        "type": "array",
+        "maxItems": MAX_LINES,
+        "items": {"$ref": "#/components/schemas/CartLine"},
+        "description": "the cart's lines (needed by coupons scoped to products or categories)",
+    },
+    "store": {**NAME, "description": "the store (needed by coupons limited to stores)"},
+    "member_level": {"type": "integer", "minimum": 0, "maximum": MAX_LEVEL, "default": 0},
+    "promotions": {
+        "type": "boolean",
+        "default": False,
+        "description": "the order already uses another promotion (exclusive coupons then do not apply)",
+    },
+}
+ONE_MEMBER: list[dict[str, Any]] = [{"required": ["member_id"]}, {"required": ["app_member_id"]}]
+
+CART_QUERY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["amount_cents", "items"],
+    "oneOf": ONE_MEMBER,
+    "properties": CART_FIELDS,
+}
+
 CART_REQUEST: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["member_id", "amount_cents", "items", "codes"],
+    "required": ["amount_cents", "items", "codes"],
+    "oneOf": ONE_MEMBER,
     "properties": {
-        "member_id": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
-        "amount_cents": {**MINOR_UNITS, "description": "the cart's amount in minor units (fen)"},
-        "items": {"type": "integer", "minimum": 0, "maximum": 100_000},
+        **CART_FIELDS,
         "codes": {
             "type": "array",
             "minItems": 1,
@@ -31,6 +84,35 @@ CART_REQUEST: dict[str, Any] = {
             "uniqueItems": True,
             "items": {"type": "string", "pattern": CODE_PATTERN},
             "description": "the coupon codes the buyer chose",
+        },
+    },
+}
+
+RULES: dict[str, Any] = {
+    "type": "object",
+    "description": "the coupon's rules, as its template sets them (empty scope: no restriction)",
+    "required": [
+        "scope_products",
+        "scope_categories",
+        "scope_stores",
+        "min_items",
+        "min_member_level",
+        "stackable",
+        "priority",
+        "per_person_limit",
+    ],
+    "properties": {
+        "scope_products": {"type": "array", "items": {"type": "string"}},
+        "scope_categories": {"type": "array", "items": {"type": "string"}},
+        "scope_stores": {"type": "array", "items": {"type": "string"}},
+        "min_items": {"type": "integer", "minimum": 0},
+        "min_member_level": {"type": "integer", "minimum": 0},
+        "stackable": {"type": "boolean", "description": "false: alone in its order, with no other promotion"},
+        "priority": {"type": "integer", "minimum": 0, "description": "among equal savings, higher first"},
+        "per_person_limit": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "how many coupons of the template one member may use (null: no limit)",
         },
     },
 }
@@ -101,6 +183,7 @@ COUPON_OPTION: dict[str, Any] = {
         "discount_cents",
         "reason",
         "message",
+        "rules",
     ],
     "properties": {
         "code": {"type": "string"},
@@ -117,6 +200,7 @@ COUPON_OPTION: dict[str, Any] = {
         "discount_cents": {**MINOR_UNITS, "description": "the saving on this cart (0 when not applicable)"},
         "reason": REASON,
         "message": {"type": ["string", "null"], "description": "why the coupon does not apply"},
+        "rules": {"$ref": "#/components/schemas/CouponRules"},
     },
 }
 
@@ -170,7 +254,11 @@ def _order_operation(
             },
             "responses": {
                 "200": _json("CheckoutAnswer", ok),
-                "404": _json("CheckoutAnswer", "no reservation for this order (reason unknown_order)"),
+                "404": _json(
+                    "CheckoutAnswer",
+                    "no reservation for this order (reason unknown_order), or no member linked to the"
+                    " app_member_id (reason unknown_member)",
+                ),
                 "409": _json("CheckoutAnswer", "refused, with the reason (and each code's reason)"),
                 "413": _json("Error", "the body is too large"),
                 "415": _json("Error", "the body is not declared as application/json"),
@@ -191,7 +279,9 @@ SPEC: dict[str, Any] = {
             " payment, release it on unpaid cancellation (a reservation also lapses after its hold);"
             " on a refund, return the coupons (the merchant's, before fulfilment) or void them."
             " Every operation is idempotent by order ID; a code is held or redeemed by at most one"
-            " order. Amounts are integers in minor units. Times are the server's."
+            " order. A buyer is named by the member ID or by the app's member ID. The coupons' own"
+            " rules (scope, stacking, priority, per-person count) are judged on the cart described."
+            " Amounts are integers in minor units. Times are the server's."
         ),
     },
     "paths": {
@@ -200,8 +290,10 @@ SPEC: dict[str, Any] = {
                 "operationId": "listCoupons",
                 "summary": "A member's coupons against a cart, best first",
                 "description": (
-                    "Applicable coupons first, by largest saving, then soonest to expire, then code;"
-                    " then the others, each with the reason it does not apply."
+                    "Applicable coupons first, by largest saving, then highest priority, then soonest"
+                    " to expire, then code; then the others, each with the reason it does not apply."
+                    " A coupon scoped to products, categories or stores needs the cart's lines or"
+                    " store: use listCouponsForCart."
                 ),
                 "parameters": [
                     {
@@ -221,6 +313,53 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "200": _json("CouponList", "the member's coupons (an unknown member has none)"),
                     "422": _json("Error", "a parameter is missing or not a non-negative integer"),
+                },
+            }
+        },
+        "/api/app-members/{app_member_id}/coupons": {
+            "get": {
+                "operationId": "listAppMemberCoupons",
+                "summary": "The same, for the member an app member ID is linked to",
+                "parameters": [
+                    {
+                        "name": "app_member_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+                    },
+                    {"name": "amount_cents", "in": "query", "required": True, "schema": MINOR_UNITS},
+                    {
+                        "name": "items",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ITEMS},
+                    },
+                ],
+                "responses": {
+                    "200": _json("CouponList", "the member's coupons"),
+                    "404": _json("Error", "no member is linked to this app member ID"),
+                    "422": _json("Error", "a parameter is missing or not a non-negative integer"),
+                },
+            }
+        },
+        "/api/carts/coupons": {
+            "post": {
+                "operationId": "listCouponsForCart",
+                "summary": "A member's coupons against a whole cart (lines, store, level), best first",
+                "description": (
+                    "As listCoupons, for a cart described in full, so that coupons scoped to products,"
+                    " categories, stores or member levels are judged on it."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CartQuery"}}},
+                },
+                "responses": {
+                    "200": _json("CouponList", "the member's coupons"),
+                    "404": _json("Error", "no member is linked to the app_member_id"),
+                    "413": _json("Error", "the body is too large"),
+                    "415": _json("Error", "the body is not declared as application/json"),
+                    "422": _json("Error", "the request is not what this description says"),
                 },
             }
         },
@@ -274,6 +413,9 @@ SPEC: dict[str, Any] = {
     "components": {
         "schemas": {
             "CartRequest": CART_REQUEST,
+            "CartQuery": CART_QUERY,
+            "CartLine": CART_LINE,
+            "CouponRules": RULES,
             "EmptyRequest": EMPTY_REQUEST,
             "RefundRequest": REFUND_REQUEST,
             "CheckoutAnswer": ANSWER,

@@ -7,7 +7,8 @@ which the database guarantees (the partial unique index of
 ``checkout_reservations``), so two checkouts racing for one code cannot
 both hold or redeem it.
 
-- :func:`list_coupons`: a member's coupons against a cart, best first.
+- :func:`list_coupons`: a member's coupons against a cart, best first
+  (:func:`member_of_app` finds the member an app member ID is linked to).
 - :func:`validate`: a chosen set of codes against a cart, nothing held.
 - :func:`reserve`: hold the chosen codes for an order at its creation.
 - :func:`redeem`: at payment, the held codes become used (order, time and
@@ -30,6 +31,7 @@ from typing import Any
 
 from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
+from issuance.shared.db import members
 from issuance.shared.db import refund_store as rs
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.checkout import Cart, ChosenSet, CouponOption, choose, options_for
@@ -104,6 +106,17 @@ def _from_choice(order_id: str, outcome: Outcome, chosen: ChosenSet) -> Checkout
 
 def _first_reason(chosen: ChosenSet) -> LifecycleRefusal:
     return chosen.refused[0][1] if chosen.refused else LifecycleRefusal.UNKNOWN_CODE
+
+
+def member_of_app(pool: ConnectionPool, app_member_id: int) -> int | None:
+    """The member an app member ID is linked to (by member-registered), if any."""
+    with pool.connection() as conn:
+        return members.member_of_app(conn, app_member_id)
+
+
+def unknown_member(order_id: str) -> CheckoutAnswer:
+    """The answer for an order whose app member ID is linked to no member."""
+    return _refused(order_id, LifecycleRefusal.UNKNOWN_MEMBER)
 
 
 def list_coupons(pool: ConnectionPool, member_id: int, cart: Cart) -> list[CouponOption]:

@@ -55,10 +55,11 @@ from issuance.shared.domain import (
     phone_digests,
     window_refusal,
 )
+from issuance.shared.domain.regions import outside
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
 from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_keys
-from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
+from issuance.shared.wire.messages import CHANNEL, SLUG, ClaimRequested, Message, ShareOpened, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
@@ -69,7 +70,7 @@ from starlette.staticfiles import StaticFiles
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-FORM_FIELDS = frozenset(("activity", "phone", "share_id", "claim_id", "challenge"))
+FORM_FIELDS = frozenset(("activity", "phone", "share_id", "claim_id", "challenge", "channel"))
 BUSY = "busy, try again"
 LIMITED = "too many attempts, please try again in a minute"
 NO_SUCH_CLAIM = "no such claim"
@@ -95,6 +96,7 @@ class ClaimForm:
     share_id: uuid.UUID | None
     claim_id: uuid.UUID | None
     challenge: str | None = None
+    channel: str | None = None
 
     @classmethod
     def parse(cls, data: Any) -> ClaimForm:
@@ -113,12 +115,16 @@ class ClaimForm:
         challenge = data.get("challenge")
         if challenge is not None and (not isinstance(challenge, str) or len(challenge) > MAX_CHALLENGE_CHARS):
             raise InvalidForm(f"challenge must be a string of at most {MAX_CHALLENGE_CHARS} characters")
+        channel = data.get("channel")
+        if channel is not None and (not isinstance(channel, str) or not CHANNEL.fullmatch(channel)):
+            raise InvalidForm("channel must be a channel's name, 1 to 64 printable characters")
         return cls(
             activity=activity,
             phone=phone,
             share_id=_optional_uuid(data.get("share_id"), "share_id"),
             claim_id=_optional_uuid(data.get("claim_id"), "claim_id"),
             challenge=challenge,
+            channel=channel,
         )
 
 
@@ -316,6 +322,12 @@ class ActivityPageApp:
         refusal = window_refusal(activity.rules, now)
         if refusal is not None:
             return _refused(refusal)
+        if activity.regions and outside(activity.regions, e164):
+            # The page says which regions the activity is open to.
+            message = f"{Refusal.OUTSIDE_REGION.text}: {', '.join(activity.regions)}"
+            return JSON(
+                {"status": "refused", "reason": Refusal.OUTSIDE_REGION.value, "message": message}, 200
+            )
         challenged = await self._challenge(request, form, e164)
         if challenged is not None:
             return challenged
@@ -366,7 +378,12 @@ class ActivityPageApp:
         if verdict is Verdict.DUPLICATE:  # a re-send of an accepted claim: not published twice
             return self._accepted(claim_id)
         message = ClaimRequested(
-            claim_id=claim_id, activity=activity.slug, phone=e164, requested_at=now, share_id=form.share_id
+            claim_id=claim_id,
+            activity=activity.slug,
+            phone=e164,
+            requested_at=now,
+            share_id=form.share_id,
+            channel=form.channel,
         )
         try:
             await self.publisher.publish(message)

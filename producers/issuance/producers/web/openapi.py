@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from issuance.shared.domain import Refusal
-from issuance.shared.wire.messages import SLUG
+from issuance.shared.wire.messages import CHANNEL, SLUG
 
 MAX_PHONE_CHARS = 32
 MAX_CHALLENGE_CHARS = 2048
@@ -29,6 +29,13 @@ CLAIM_FORM: dict[str, Any] = {
             "description": "the mobile number as typed; normalised to E.164 by the server",
         },
         "share_id": {**UUID_OR_NULL, "description": "the share the page was opened from, if any"},
+        "channel": {
+            "anyOf": [{"type": "string", "pattern": CHANNEL.pattern}, {"type": "null"}],
+            "description": (
+                "the channel the claim came through (the page sends its ?channel=), when it is not the"
+                " activity's own; kept with the claim"
+            ),
+        },
         "claim_id": {
             **UUID_OR_NULL,
             "description": (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 from urllib.parse import urlencode
@@ -127,9 +128,16 @@ def money(cents: int) -> str:
     return f"{cents / 100:.2f}".rstrip("0").rstrip(".")
 
 
-def script_texts(t: Texts, credit_hours: int) -> dict[str, str]:
+def script_texts(t: Texts, credit_hours: int, regions: Sequence[str] = ()) -> dict[str, str]:
     """What claim.js shows, keyed by the API's status and reason codes. The
-    placeholders in braces ({amount}, {date}...) are filled by the script."""
+    placeholders in braces ({amount}, {date}...) are filled by the script.
+    An activity limited to some regions names them when it refuses a number
+    from elsewhere."""
+    outside = (
+        t("This activity is only for mobile numbers from: {regions}", regions=", ".join(regions))
+        if regions
+        else t("This activity is not open to mobile numbers from your region")
+    )
     refusals = {
         Refusal.BAD_PHONE: t("Please enter a correct mobile number"),
         Refusal.ALREADY_RECEIVED: t("You have already received this package"),
@@ -141,6 +149,7 @@ def script_texts(t: Texts, credit_hours: int) -> dict[str, str]:
         Refusal.SOLD_OUT: t("All packages are gone"),
         Refusal.POOL_EMPTY: t("All packages are gone"),
         Refusal.UNKNOWN_ACTIVITY: t("This activity does not exist"),
+        Refusal.OUTSIDE_REGION: outside,
     }
     return {
         **{f"reason.{reason.value}": text for reason, text in refusals.items()},
@@ -312,7 +321,7 @@ def render_page(
         cards=cards,
         body=body,
         rules=rules,
-        texts=_json_block(script_texts(t, credit_hours)),
+        texts=_json_block(script_texts(t, credit_hours, activity.regions)),
     )
 
 

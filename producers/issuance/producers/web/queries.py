@@ -22,7 +22,7 @@ SELECT a.slug, a.title, a.banner_url, a.copy, a.rules, a.brand, a.starts_at, a.e
        a.timezone, a.exclusivity_group, a.budget,
        a.budget - (SELECT count(*) FROM claims c
                     WHERE c.activity_id = a.activity_id AND c.status <> 'refused') AS remaining,
-       a.validity_days, a.valid_until, a.hold_until_registered,
+       a.validity_days, a.valid_until, a.hold_until_registered, a.regions,
        coalesce((SELECT json_agg(json_build_object('title', t.title, 'kind', t.kind, 'value', t.value,
                                                    'threshold_cents', t.threshold_cents)
                                  ORDER BY t.position)
@@ -83,6 +83,7 @@ class ActivityPage:
     validity_days: int | None = None
     valid_until: datetime | None = None
     hold_until_registered: bool = False
+    regions: tuple[str, ...] = ()  # the cities or provinces it is limited to
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,6 +148,7 @@ class Queries:
             validity_days=row["validity_days"],
             valid_until=row["valid_until"],
             hold_until_registered=row["hold_until_registered"],
+            regions=tuple(row["regions"]),
         )
 
     async def claim_status(self, claim_id: uuid.UUID) -> ClaimState | None:

@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import threading
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -22,6 +23,7 @@ import yaml
 from issuance.shared import domain
 from issuance.shared.db import coupon_store
 from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
+from issuance.shared.domain.checkout import CouponRules, rules_problem
 from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
 from issuance.shared.errors import OperatorError
@@ -48,7 +50,8 @@ def _typed(spec: type, values: Mapping[str, Any]) -> Mapping[str, Any]:
         raise BackOfficeError(f"{spec.__name__} is a mapping of fields, got {values!r}")
     hints = typing.get_type_hints(spec)
     for name, value in values.items():
-        allowed = typing.get_args(hints.get(name)) or (hints.get(name),)
+        hint = hints.get(name)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         if value is None and type(None) in allowed:
             continue
         kinds = [t for t in allowed if t in _KINDS]
@@ -61,12 +64,59 @@ def _typed(spec: type, values: Mapping[str, Any]) -> Mapping[str, Any]:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TemplateSpec:
+    """A coupon template as in an activity file; every field is a column of
+    the same name. Past kind, value and threshold, the coupon's rules
+    (issuance.shared.domain.checkout.CouponRules): scope, stacking, priority,
+    per-person count."""
+
     prefix: str
     kind: str
     value: int
     threshold_cents: int = 0
     new_user_only: bool = False
     title: str = ""
+    scope_products: tuple[str, ...] = ()
+    scope_categories: tuple[str, ...] = ()
+    scope_stores: tuple[str, ...] = ()
+    min_items: int = 0
+    min_member_level: int = 0
+    stackable: bool = True
+    priority: int = 0
+    per_person_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        # A scope is a list of names, kept sorted and without repeats (so an
+        # activity file read back compares equal); a bare name is refused,
+        # not read as a list of its letters.
+        for name in SCOPE_FIELDS:
+            scope = getattr(self, name)
+            if not isinstance(scope, (list, tuple)):
+                raise ValueError(f"{name} must be a list of names, got {scope!r}")
+            if not all(isinstance(x, str) for x in scope):
+                raise ValueError(f"{name} must be a list of names (text), got {list(scope)!r}")
+            object.__setattr__(self, name, tuple(sorted(set(scope))))
+
+    def rules(self) -> CouponRules:
+        """The rules as checkout evaluates them."""
+        return CouponRules(
+            products=frozenset(self.scope_products),
+            categories=frozenset(self.scope_categories),
+            stores=frozenset(self.scope_stores),
+            min_items=self.min_items,
+            min_member_level=self.min_member_level,
+            stackable=self.stackable,
+            priority=self.priority,
+            per_person_limit=self.per_person_limit,
+        )
+
+    def columns(self) -> dict[str, Any]:
+        """The template's row (the scopes as lists: an array column)."""
+        values = dataclasses.asdict(self)
+        values.update({name: list(values[name]) for name in SCOPE_FIELDS})
+        return values
+
+
+SCOPE_FIELDS = ("scope_products", "scope_categories", "scope_stores")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +144,14 @@ class ActivitySpec:
     rebate_every: int = 3
     rebate_amount_cents: int | None = None
     rebate_template: str | None = None
+    # The cities or provinces the activity is limited to, as their names
+    # ("Jiangsu", "常州市"): a number from elsewhere is refused. None: everywhere.
+    regions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.regions, (list, tuple)) or not all(isinstance(r, str) for r in self.regions):
+            raise ValueError(f"regions must be a list of city or province names, got {self.regions!r}")
+        object.__setattr__(self, "regions", tuple(dict.fromkeys(r.strip() for r in self.regions)))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ActivitySpec:
@@ -107,10 +165,7 @@ class ActivitySpec:
             for key in ("starts_at", "ends_at", "valid_from", "valid_until"):
                 if isinstance(values.get(key), str):
                     values[key] = datetime.fromisoformat(values[key])
-            values["templates"] = tuple(
-                t if isinstance(t, TemplateSpec) else TemplateSpec(**_typed(TemplateSpec, t))
-                for t in values.get("templates", ())
-            )
+            values["templates"] = tuple(_template_of(t) for t in values.get("templates", ()))
             return cls(**_typed(cls, values))
         except (TypeError, ValueError) as exc:
             raise BackOfficeError(f"invalid activity: {exc}") from None
@@ -125,6 +180,18 @@ class ActivitySpec:
         )
         if problem is not None:
             raise BackOfficeError(problem)
+
+
+def _template_of(value: Any) -> TemplateSpec:
+    """A template of an activity file; a bad value names its template (the
+    form shows it with the templates)."""
+    if isinstance(value, TemplateSpec):
+        return value
+    try:
+        return TemplateSpec(**_typed(TemplateSpec, value))
+    except (TypeError, ValueError) as exc:
+        prefix = value.get("prefix") if isinstance(value, Mapping) else None
+        raise ValueError(f"template {prefix or '(no prefix)'}: {exc}") from None
 
 
 _Spec = typing.TypeVar("_Spec")
@@ -149,6 +216,10 @@ def _known_zone(name: str) -> bool:
     return True
 
 
+# The longest "N days after the claim" (the database's check agrees).
+MAX_VALIDITY_DAYS = 3650
+MAX_REGIONS = 100
+
 _FORM_RULES: tuple[_Rule[ActivitySpec], ...] = (
     (
         lambda s: not SLUG.fullmatch(s.slug),
@@ -168,8 +239,28 @@ _FORM_RULES: tuple[_Rule[ActivitySpec], ...] = (
     ),
     (lambda s: not 1 <= len(s.templates) <= 5, "a package holds 1 to 5 coupon templates"),
     (
+        lambda s: len(s.regions) > MAX_REGIONS or not all(0 < len(r) <= 64 for r in s.regions),
+        f"regions are at most {MAX_REGIONS} city or province names of 1 to 64 characters",
+    ),
+    (
         lambda s: s.validity_days is None and s.valid_until is None,
         "set validity_days or a fixed validity window (valid_until)",
+    ),
+    (
+        lambda s: s.validity_days is not None and not 0 <= s.validity_days <= MAX_VALIDITY_DAYS,
+        lambda s: f"validity_days must be 0 to {MAX_VALIDITY_DAYS} days, got {s.validity_days!r}",
+    ),
+    (
+        lambda s: any(t is not None and t.tzinfo is None for t in (s.valid_from, s.valid_until)),
+        "the validity window's times need a UTC offset",
+    ),
+    (
+        lambda s: s.valid_from is not None and s.valid_until is not None and s.valid_until <= s.valid_from,
+        "the validity window must end (valid_until) after it starts (valid_from)",
+    ),
+    (
+        lambda s: s.valid_until is not None and s.valid_until <= s.starts_at,
+        "the validity window must end (valid_until) after the activity starts",
     ),
 )
 
@@ -206,7 +297,10 @@ def _template_problem(template: TemplateSpec) -> str | None:
         domain.validate_prefix(template.prefix)
     except ValueError as exc:
         return str(exc)
-    return _first_problem(template, _TEMPLATE_RULES)
+    problem = _first_problem(template, _TEMPLATE_RULES)
+    if problem is None and (rules := rules_problem(template.rules())) is not None:
+        problem = f"template {template.prefix}: {rules}"
+    return problem
 
 
 def create_channel(session: Session, name: str) -> Channel:
@@ -236,15 +330,12 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     values.pop("rebate_template")
     values["exclusivity_group"] = _stored_group(spec)
     values["rebate_template_id"] = _rebate_template_id(session, spec.rebate_template, prefixes)
+    values["regions"] = list(spec.regions)
     activity = Activity(channel_id=channel_id, **values)
     session.add(activity)
     session.flush()
     for position, template in enumerate(spec.templates, start=1):
-        session.add(
-            CouponTemplate(
-                activity_id=activity.activity_id, position=position, **dataclasses.asdict(template)
-            )
-        )
+        session.add(CouponTemplate(activity_id=activity.activity_id, position=position, **template.columns()))
     add_slots(session, activity.activity_id, 0, spec.budget)
     session.flush()
     return activity
@@ -316,6 +407,20 @@ FILE_ORDER = (
 )
 
 
+# The template fields an activity file always shows; the rules only when set.
+TEMPLATE_BASICS = ("prefix", "kind", "value", "threshold_cents", "new_user_only", "title")
+
+
+def template_file(template: TemplateSpec) -> dict[str, Any]:
+    """A template as an activity file writes it: the rules only when set."""
+    unset = TemplateSpec(prefix=template.prefix, kind=template.kind, value=template.value).columns()
+    return {
+        name: value
+        for name, value in template.columns().items()
+        if name in TEMPLATE_BASICS or value != unset[name]
+    }
+
+
 def activity_file_text(spec: ActivitySpec) -> str:
     """``spec`` in its file form (YAML), as :func:`load_activity_file` reads
     it back: times in the activity's own zone, multi-line text such as the
@@ -326,8 +431,10 @@ def activity_file_text(spec: ActivitySpec) -> str:
     for name in ("starts_at", "ends_at", "valid_from", "valid_until"):
         if values[name] is not None:
             values[name] = values[name].astimezone(zone)
-    values["templates"] = [_OneLine(t) for t in values["templates"]]
-    ordered = {name: values[name] for name in FILE_ORDER}
+    values["templates"] = [_OneLine(template_file(t)) for t in spec.templates]
+    values["regions"] = list(spec.regions)
+    # Regions only when the activity is limited to some.
+    ordered = {name: values[name] for name in FILE_ORDER if name != "regions" or spec.regions}
     return yaml.dump(ordered, Dumper=_FileDumper, sort_keys=False, allow_unicode=True, width=120)
 
 
@@ -430,7 +537,7 @@ def _write_changes(
     for name in changed:
         if name not in _WRITTEN_APART:
             value = _stored_group(merged) if name == "exclusivity_group" else getattr(merged, name)
-            setattr(activity, name, value)
+            setattr(activity, name, list(value) if isinstance(value, tuple) else value)
     session.flush()
 
 
@@ -524,11 +631,9 @@ def _replace_templates(
     for spec in new:
         kept = rows.get(spec.prefix)
         if kept is None:
-            session.add(
-                CouponTemplate(activity_id=activity_id, position=next(free), **dataclasses.asdict(spec))
-            )
+            session.add(CouponTemplate(activity_id=activity_id, position=next(free), **spec.columns()))
             continue
-        for name, value in dataclasses.asdict(spec).items():
+        for name, value in spec.columns().items():
             setattr(kept, name, value)
     session.flush()
 

@@ -13,39 +13,86 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from issuance.shared.db.store import Conn
-from issuance.shared.domain.checkout import WalletCoupon
-from psycopg.rows import class_row
+from issuance.shared.domain.checkout import CouponRules, WalletCoupon
+from psycopg.rows import class_row, dict_row
 
 # What checkout needs of a code: its rule (the template), its validity window
 # (the start of the activity's fixed window; the code's own expiry), whether
-# it reached the wallet, and the order holding it (a live reservation, or the
-# order it was used in by the asynchronous path).
+# it reached the wallet, the order holding it (a live reservation, or the
+# order it was used in by the asynchronous path), and, for a template with a
+# per-person count, how many other coupons of the template the member has
+# used or holds for an order (found through the member's orders, which are
+# indexed by member; the codes asked about are not counted).
 WALLET_COLUMNS = """
 SELECT c.code, c.member_id, t.kind, t.value, t.threshold_cents, a.valid_from, c.expires_at, c.status,
        c.rebate_id IS NOT NULL OR EXISTS (
            SELECT 1 FROM wallet_ledger w WHERE (w.claim_id, w.code) = (c.claim_id, c.code)) AS credited,
        coalesce((SELECT r.order_id FROM checkout_reservations r
-                  WHERE r.code = c.code AND r.state IN ('reserved', 'redeemed')), c.order_id) AS held_by
+                  WHERE r.code = c.code AND r.state IN ('reserved', 'redeemed')), c.order_id) AS held_by,
+       t.template_id, t.scope_products, t.scope_categories, t.scope_stores, t.min_items,
+       t.min_member_level, t.stackable, t.priority, t.per_person_limit,
+       CASE WHEN t.per_person_limit IS NULL THEN 0 ELSE (
+           SELECT count(*) FROM (
+               SELECT u.code FROM orders o JOIN codes u ON u.order_id = o.order_id
+                WHERE o.member_id = c.member_id AND u.status = 'used'
+               UNION
+               SELECT r.code FROM orders o JOIN checkout_reservations r ON r.order_id = o.order_id
+                WHERE o.member_id = c.member_id AND r.state = 'reserved'
+           ) AS taken JOIN codes u ON u.code = taken.code
+            WHERE u.template_id = t.template_id AND u.code <> ALL(%(codes)s::text[])
+       ) END AS member_uses
   FROM codes c
   JOIN coupon_templates t USING (template_id)
   JOIN activities a ON a.activity_id = t.activity_id
 """
 
-WALLET = WALLET_COLUMNS + " WHERE c.member_id = %s AND c.status <> 'available' ORDER BY c.code"
+WALLET = WALLET_COLUMNS + " WHERE c.member_id = %(member)s AND c.status <> 'available' ORDER BY c.code"
+
+RULE_COLUMNS = (
+    "scope_products",
+    "scope_categories",
+    "scope_stores",
+    "min_items",
+    "min_member_level",
+    "stackable",
+    "priority",
+    "per_person_limit",
+)
+
+
+def coupon_of(row: dict[str, Any]) -> WalletCoupon:
+    """A row of WALLET_COLUMNS, by name, as checkout's rules see it."""
+    values = {k: v for k, v in row.items() if k not in RULE_COLUMNS}
+    rules = CouponRules(
+        products=frozenset(row["scope_products"]),
+        categories=frozenset(row["scope_categories"]),
+        stores=frozenset(row["scope_stores"]),
+        min_items=row["min_items"],
+        min_member_level=row["min_member_level"],
+        stackable=row["stackable"],
+        priority=row["priority"],
+        per_person_limit=row["per_person_limit"],
+    )
+    return WalletCoupon(**values, rules=rules)
+
+
+def _coupons(conn: Conn, sql: str, params: dict[str, Any]) -> list[WalletCoupon]:
+    return [coupon_of(row) for row in conn.cursor(row_factory=dict_row).execute(sql, params).fetchall()]
 
 
 def wallet(conn: Conn, member_id: int) -> list[WalletCoupon]:
     """Every coupon bound to a member, whatever its state."""
-    return conn.cursor(row_factory=class_row(WalletCoupon)).execute(WALLET, (member_id,)).fetchall()
+    return _coupons(conn, WALLET, {"member": member_id, "codes": []})
 
 
 # Locked in code order, so that two orders naming the same codes cannot
 # deadlock; read again after the lock, so the read sees what the holder of
 # the lock committed.
 LOCK_CODES = "SELECT code FROM codes WHERE code = ANY(%s) ORDER BY code FOR UPDATE"
-COUPONS = WALLET_COLUMNS + " WHERE c.code = ANY(%s) ORDER BY c.code"
+COUPONS = WALLET_COLUMNS + " WHERE c.code = ANY(%(codes)s) ORDER BY c.code"
 
 
 def coupons_for_update(conn: Conn, codes: Sequence[str]) -> list[WalletCoupon]:
@@ -53,12 +100,12 @@ def coupons_for_update(conn: Conn, codes: Sequence[str]) -> list[WalletCoupon]:
     are simply absent)."""
     wanted = sorted(set(codes))
     conn.execute(LOCK_CODES, (wanted,))
-    return conn.cursor(row_factory=class_row(WalletCoupon)).execute(COUPONS, (wanted,)).fetchall()
+    return _coupons(conn, COUPONS, {"codes": wanted})
 
 
 def coupons_named(conn: Conn, codes: Sequence[str]) -> list[WalletCoupon]:
     """The named codes, read without a lock (validation only)."""
-    return conn.cursor(row_factory=class_row(WalletCoupon)).execute(COUPONS, (sorted(set(codes)),)).fetchall()
+    return _coupons(conn, COUPONS, {"codes": sorted(set(codes))})
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -70,8 +70,9 @@ COUPON_FOR_USE = """
 SELECT c.code, c.status, c.member_id, c.order_id, c.expires_at,
        c.rebate_id IS NOT NULL OR EXISTS (
            SELECT 1 FROM wallet_ledger w WHERE (w.claim_id, w.code) = (c.claim_id, c.code)) AS credited,
-       t.kind, t.value, t.threshold_cents
+       t.kind, t.value, t.threshold_cents, a.valid_from
   FROM codes c JOIN coupon_templates t USING (template_id)
+  JOIN activities a ON a.activity_id = t.activity_id
  WHERE c.code = %s
    FOR UPDATE OF c
 """

@@ -36,7 +36,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 GRANTED = "status <> 'refused'"
@@ -95,6 +95,8 @@ class Activity(Base):
     validity_days: Mapped[int | None] = mapped_column(Integer)
     valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The cities or provinces the activity is limited to; none: everywhere (migration 0014).
+    regions: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
     hold_until_registered: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     # Refer K, get one back: every ``rebate_every`` successful referrals earn
     # the referrer either an amount or a coupon of a template (usually of a
@@ -116,6 +118,11 @@ class CouponTemplate(Base):
         ),
         CheckConstraint("value >= 0 AND threshold_cents >= 0", name="coupon_templates_value_check"),
         CheckConstraint("position BETWEEN 1 AND 5", name="coupon_templates_position_check"),
+        CheckConstraint(
+            "min_items >= 0 AND min_member_level >= 0 AND priority BETWEEN 0 AND 1000"
+            " AND (per_person_limit IS NULL OR per_person_limit >= 1)",
+            name="coupon_templates_rules_check",
+        ),
     )
 
     template_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
@@ -128,6 +135,16 @@ class CouponTemplate(Base):
     threshold_cents: Mapped[int] = mapped_column(Integer, server_default="0")
     new_user_only: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     title: Mapped[str] = mapped_column(String(200), server_default="")
+    # The coupon's rules (issuance.shared.domain.checkout): an empty scope is
+    # no restriction; per_person_limit None is no limit (migration 0014).
+    scope_products: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
+    scope_categories: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
+    scope_stores: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
+    min_items: Mapped[int] = mapped_column(Integer, server_default="0")
+    min_member_level: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    stackable: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    per_person_limit: Mapped[int | None] = mapped_column(Integer)
 
 
 class CodeBatch(Base):
@@ -153,6 +170,18 @@ class Member(Base):
     status: Mapped[str] = mapped_column(String(12), server_default="pending")
     created_at: Mapped[datetime] = _now()
     registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The app's member ID, linked by member-registered (migration 0014).
+    app_member_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+
+
+class ClaimChannel(Base):
+    """The channel a claim came through when it is not its activity's own
+    (issuance.shared.db.claim_channels; migration 0014)."""
+
+    __tablename__ = "claim_channels"
+
+    claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64))
 
 
 class PackageSlot(Base):

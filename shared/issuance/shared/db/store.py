@@ -50,7 +50,7 @@ class ClaimRow:
 
 ACTIVITY_BY_SLUG = """
 SELECT a.activity_id, a.slug, a.online, a.starts_at, a.ends_at, a.timezone,
-       a.exclusivity_group, a.validity_days, a.valid_until, a.hold_until_registered,
+       a.exclusivity_group, a.validity_days, a.valid_until, a.hold_until_registered, a.regions,
        coalesce(array_agg(t.template_id ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}')
            AS template_ids,
        coalesce(array_agg(t.new_user_only ORDER BY t.position) FILTER (WHERE t.template_id IS NOT NULL), '{}')
@@ -74,6 +74,7 @@ def _activity_terms(
     validity_days: int | None,
     valid_until: datetime | None,
     hold_until_registered: bool,
+    regions: list[str],
     template_ids: list[int],
     new_user_only: list[bool],
 ) -> ActivityTerms:
@@ -90,6 +91,7 @@ def _activity_terms(
             TemplateRef(template_id=t, new_user_only=n)
             for t, n in zip(template_ids, new_user_only, strict=True)
         ),
+        regions=tuple(regions),
     )
 
 

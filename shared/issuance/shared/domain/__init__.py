@@ -48,6 +48,7 @@ class Refusal(enum.StrEnum):
     SOLD_OUT = "sold_out"
     POOL_EMPTY = "pool_empty"
     UNKNOWN_ACTIVITY = "unknown_activity"
+    OUTSIDE_REGION = "outside_region"
 
     @property
     def text(self) -> str:
@@ -64,6 +65,7 @@ REFUSAL_TEXT: dict[Refusal, str] = {
     Refusal.SOLD_OUT: "all packages are gone",
     Refusal.POOL_EMPTY: "all packages are gone",
     Refusal.UNKNOWN_ACTIVITY: "this activity does not exist",
+    Refusal.OUTSIDE_REGION: "this activity is open only to mobile numbers from some cities or provinces",
 }
 
 
@@ -175,6 +177,21 @@ class TemplateRef:
     new_user_only: bool
 
 
+# How long after registering in the app a member still counts as a new
+# user: new to the app, not only to this pipeline.
+NEW_USER_WINDOW = timedelta(days=30)
+
+
+def is_new_user(*, holds_packages: bool, registered_at: datetime | None, at: datetime) -> bool:
+    """Is a number claiming at ``at`` a new user? Not when it already holds
+    a package, nor when its member registered in the app more than
+    :data:`NEW_USER_WINDOW` before (a member of long standing claiming here
+    for the first time is not new)."""
+    if holds_packages:
+        return False
+    return registered_at is None or at - registered_at < NEW_USER_WINDOW
+
+
 def templates_to_bind(templates: Sequence[TemplateRef], *, new_member: bool) -> list[TemplateRef]:
     """One code per template of the package; new-user-exclusive templates
     only when the number claims for the first time on the platform."""
@@ -191,13 +208,18 @@ def coupon_expiry(
     """When a coupon claimed at ``claimed_at`` expires.
 
     With ``validity_days`` N: at 24:00 (the end) of claim-date + N days in the
-    activity's time zone. Otherwise the fixed window's end.
+    activity's time zone, but never after ``valid_until`` when the activity
+    sets both ("N days, but not after date D"). Otherwise the fixed window's
+    end.
     """
     if validity_days is not None:
+        if type(validity_days) is not int or validity_days < 0:
+            raise ValueError(f"validity_days must be a whole number of days, not {validity_days!r}")
         tz = ZoneInfo(zone)
         claim_date: date = claimed_at.astimezone(tz).date()
         end_day = claim_date + timedelta(days=validity_days + 1)
-        return datetime.combine(end_day, time(0), tzinfo=tz).astimezone(UTC)
+        end = datetime.combine(end_day, time(0), tzinfo=tz).astimezone(UTC)
+        return end if valid_until is None else min(end, valid_until)
     if valid_until is None:
         raise ValueError("an activity needs validity_days or a fixed validity window")
     return valid_until

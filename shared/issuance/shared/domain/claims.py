@@ -22,9 +22,11 @@ from issuance.shared.domain import (
     Refusal,
     TemplateRef,
     coupon_expiry,
+    is_new_user,
     templates_to_bind,
     window_refusal,
 )
+from issuance.shared.domain.regions import outside
 
 
 class ClaimStatus(enum.StrEnum):
@@ -47,6 +49,7 @@ REFUSAL_PRECEDENCE: tuple[Refusal, ...] = (
     Refusal.ENDED,
     Refusal.NOT_STARTED,
     Refusal.BAD_PHONE,
+    Refusal.OUTSIDE_REGION,
     Refusal.ALREADY_RECEIVED,
     Refusal.SIMILAR_ACTIVITY,
     Refusal.SOLD_OUT,
@@ -67,6 +70,8 @@ class ActivityTerms:
     valid_until: datetime | None
     hold_until_registered: bool
     templates: tuple[TemplateRef, ...]
+    # The cities or provinces it is limited to (none: everywhere).
+    regions: tuple[str, ...] = ()
 
 
 # The records made per claim (requests, holdings, decisions) are named
@@ -90,6 +95,8 @@ class ClaimRequest(NamedTuple):
     requested_at: datetime
     phone: str | None = None
     member_id: int | None = None
+    # When the member registered in the app, if it did ("new user" reads it).
+    registered_at: datetime | None = None
 
 
 class Holding(NamedTuple):
@@ -149,11 +156,17 @@ def activity_refusal(activity: ActivityTerms | None, at: datetime) -> Refusal | 
 
 def screen(request: ClaimRequest, at: datetime) -> Refusal | None:
     """The refusals that need no member and no stock: unknown activity,
-    window, bad number."""
+    window, bad number, a number from outside the activity's regions."""
     refusal = activity_refusal(request.activity, at)
-    if refusal is None and request.phone is None:
+    if refusal is not None:
+        return refusal
+    if request.phone is None:
         return Refusal.BAD_PHONE
-    return refusal
+    activity = request.activity
+    # Only an activity limited to some regions reads the number's region.
+    if activity is not None and activity.regions and outside(activity.regions, request.phone):
+        return Refusal.OUTSIDE_REGION
+    return None
 
 
 class _Batch:
@@ -209,7 +222,7 @@ def _decide(request: ClaimRequest, batch: _Batch, now: datetime, credit_inline: 
     activity, member_id = request.activity, request.member_id
     assert activity is not None and member_id is not None, "a screened claim has an activity and a member"
     held = batch.held.setdefault(member_id, [])
-    new_member = not held
+    new_member = is_new_user(holds_packages=bool(held), registered_at=request.registered_at, at=at)
     templates = tuple(templates_to_bind(activity.templates, new_member=new_member))
     refusal = batch.refusal(activity, held, templates)
     if refusal is not None:

@@ -41,6 +41,16 @@ class LifecycleRefusal(enum.StrEnum):
     RESERVATION_EXPIRED = "reservation_expired"
     ORDER_ALREADY_PAID = "order_already_paid"
     VOIDED = "voided"
+    # The coupon's rules (issuance.shared.domain.checkout): scope, stacking,
+    # per-person count.
+    WRONG_STORE = "wrong_store"
+    NO_ELIGIBLE_ITEMS = "no_eligible_items"
+    TOO_FEW_ITEMS = "too_few_items"
+    MEMBER_LEVEL_TOO_LOW = "member_level_too_low"
+    NOT_STACKABLE = "not_stackable"
+    EXCLUDED_BY_PROMOTION = "excluded_by_promotion"
+    PER_PERSON_LIMIT = "per_person_limit"
+    APP_MEMBER_CONFLICT = "app_member_conflict"
 
     @property
     def text(self) -> str:
@@ -70,6 +80,14 @@ REFUSAL_TEXT: dict[LifecycleRefusal, str] = {
     LifecycleRefusal.RESERVATION_EXPIRED: "the reservation timed out and was released",
     LifecycleRefusal.ORDER_ALREADY_PAID: "the order is paid: its coupons are redeemed, not released",
     LifecycleRefusal.VOIDED: "the coupon was voided by a refund",
+    LifecycleRefusal.WRONG_STORE: "the coupon is not valid in this store",
+    LifecycleRefusal.NO_ELIGIBLE_ITEMS: "no item of the order is among the coupon's products or categories",
+    LifecycleRefusal.TOO_FEW_ITEMS: "the order has fewer eligible items than the coupon requires",
+    LifecycleRefusal.MEMBER_LEVEL_TOO_LOW: "the coupon needs a higher member level",
+    LifecycleRefusal.NOT_STACKABLE: "the coupon cannot be combined with other coupons",
+    LifecycleRefusal.EXCLUDED_BY_PROMOTION: "the coupon cannot be combined with the order's other promotions",
+    LifecycleRefusal.PER_PERSON_LIMIT: "the member has already used as many coupons of this kind as allowed",
+    LifecycleRefusal.APP_MEMBER_CONFLICT: "the app's member ID is already linked to another member",
 }
 
 

@@ -25,6 +25,10 @@ CODE = re.compile(r"^[23456789ABCDEFGHJKLMNPQRSTUVWXYZ]{10,16}$")
 MAX_AMOUNT_CENTS = 10**11  # a billion in currency units: anything above is a bug upstream
 MAX_CODES_PER_ORDER = 20
 MAX_MEMBER_ID = 2**63 - 1
+MAX_ITEMS = 100_000
+# A channel's name as the back office keeps it: any printable text.
+CHANNEL = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+STORE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 Parser = Callable[[Any], Any]
 
@@ -206,11 +210,14 @@ class OrderPlaced(Message):
     TYPE: ClassVar[str] = "order-placed"
     FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
         "order_id": text(ORDER_ID, "the order system's order ID (the idempotency key)"),
-        "member_id": integer(1, MAX_MEMBER_ID, "the buyer's member ID"),
+        "member_id": optional(integer(1, MAX_MEMBER_ID, "the buyer's member ID (or app_member_id)")),
+        "app_member_id": optional(integer(1, MAX_MEMBER_ID, "the buyer's app member ID (or member_id)")),
         "amount_cents": integer(0, MAX_AMOUNT_CENTS, "order amount in minor units"),
         "placed_at": timestamp("when the order was placed"),
         "activity": optional(text(SLUG, "slug of the activity whose envelope this order opens")),
         "redeemed_codes": code_list("coupon codes redeemed in this order"),
+        "items": optional(integer(0, MAX_ITEMS, "how many items the order holds (coupons with a minimum)")),
+        "store": optional(text(STORE, "the store the order was placed in (coupons limited to stores)")),
     }
     EXAMPLE: ClassVar[Mapping[str, Any]] = {
         "v": 1,
@@ -223,11 +230,18 @@ class OrderPlaced(Message):
     }
 
     order_id: str
-    member_id: int
     amount_cents: int
     placed_at: datetime
+    member_id: int | None = None
+    app_member_id: int | None = None
     activity: str | None = None
     redeemed_codes: tuple[str, ...] = ()
+    items: int | None = None
+    store: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.member_id is None) == (self.app_member_id is None):
+            raise InvalidMessage("bad_field", f"{self.TYPE} needs exactly one of member_id and app_member_id")
 
     def business_key(self) -> str:
         return self.order_id
@@ -269,6 +283,7 @@ class ClaimRequested(Message):
         "phone": text(re.compile(r"^\+?[0-9 ()-]{3,31}$"), "mobile number, E.164 preferred"),
         "requested_at": timestamp("when the member tapped claim; the 24-hour promise runs from here"),
         "share_id": optional(uuid_field("the share the claim came through, if any")),
+        "channel": optional(text(CHANNEL, "the channel the claim came through, if not the activity's own")),
     }
     EXAMPLE: ClassVar[Mapping[str, Any]] = {
         "v": 1,
@@ -284,6 +299,7 @@ class ClaimRequested(Message):
     phone: str
     requested_at: datetime
     share_id: uuid.UUID | None = None
+    channel: str | None = None
 
     def business_key(self) -> str:
         return str(self.claim_id)
@@ -428,16 +444,21 @@ class MemberRegistered(Message):
         "member_id": optional(integer(1, MAX_MEMBER_ID, "the member ID, when the number is not given")),
         "phone": optional(text(re.compile(r"^\+?[0-9 ()-]{3,31}$"), "mobile number, E.164 preferred")),
         "registered_at": timestamp("when the member registered; held credits' promise runs from here"),
+        "app_member_id": optional(
+            integer(1, MAX_MEMBER_ID, "the member's ID in the app, linked to it (orders may name it)")
+        ),
     }
     EXAMPLE: ClassVar[Mapping[str, Any]] = {
         "v": 1,
         "phone": "+8613800138000",
         "registered_at": "2026-11-12T09:30:00+08:00",
+        "app_member_id": 1001,
     }
 
     registered_at: datetime
     member_id: int | None = None
     phone: str | None = None
+    app_member_id: int | None = None
 
     def __post_init__(self) -> None:
         if (self.member_id is None) == (self.phone is None):

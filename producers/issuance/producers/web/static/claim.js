@@ -227,6 +227,11 @@
     if (main.dataset.share) {
       body.share_id = main.dataset.share;
     }
+    // A link handed out in a chat group or by a partner names its channel.
+    const channel = new URLSearchParams(window.location.search).get("channel");
+    if (channel) {
+      body.channel = channel;
+    }
     // No claim ID: the server makes one and answers it with the token that
     // alone lets this page read the claim's status.
     try {

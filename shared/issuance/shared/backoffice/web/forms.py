@@ -6,6 +6,7 @@ its message is shown next to the field it is about."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -22,9 +23,24 @@ OPTIONAL_INTEGERS = ("validity_days", "rebate_amount_cents")
 INSTANTS = ("starts_at", "ends_at")
 OPTIONAL_INSTANTS = ("valid_from", "valid_until")
 FLAGS = ("online", "hold_until_registered")
-TEMPLATE_FIELDS = ("prefix", "kind", "value", "threshold_cents", "new_user_only", "title")
+LISTS = ("regions",)
+TEMPLATE_FIELDS = ("prefix", "kind", "value", "threshold_cents", "new_user_only", "title", "rules")
+# A template's rules (scope, stacking, priority, per-person count) are one
+# field of JSON: only the rules set, as in an activity file.
+RULE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(catalog.TemplateSpec) if f.name not in catalog.TEMPLATE_BASICS
+)
 LOCAL_FORMAT = "%Y-%m-%dT%H:%M:%S"
-FIELD_NAMES = (*TEXT, *OPTIONAL_TEXT, *INTEGERS, *OPTIONAL_INTEGERS, *INSTANTS, *OPTIONAL_INSTANTS, *FLAGS)
+FIELD_NAMES = (
+    *TEXT,
+    *OPTIONAL_TEXT,
+    *INTEGERS,
+    *OPTIONAL_INTEGERS,
+    *INSTANTS,
+    *OPTIONAL_INSTANTS,
+    *FLAGS,
+    *LISTS,
+)
 
 # Where a catalog message is shown when it names no field: the first
 # field whose words it contains (anything else goes above the form).
@@ -36,6 +52,7 @@ MESSAGE_FIELDS = (
     ("channel", ("channel",)),
     ("budget", ("budget",)),
     ("validity_days", ("validity",)),
+    ("regions", ("regions",)),
     ("rebate_amount_cents", ("rebate amount", "rebate is an amount")),
     ("rebate_template", ("rebate template",)),
     ("rebate_every", ("rebate_every",)),
@@ -77,6 +94,8 @@ def render(spec: catalog.ActivitySpec | None) -> dict[str, str]:
         values[name] = "" if value is None else _local(value, zone)
     for name in FLAGS:
         values[name] = "on" if getattr(spec, name) else ""
+    for name in LISTS:
+        values[name] = ", ".join(getattr(spec, name))
     for row, template in enumerate(spec.templates):
         values.update(
             {
@@ -86,6 +105,7 @@ def render(spec: catalog.ActivitySpec | None) -> dict[str, str]:
                 template_key(row, "threshold_cents"): str(template.threshold_cents),
                 template_key(row, "new_user_only"): "on" if template.new_user_only else "",
                 template_key(row, "title"): template.title,
+                template_key(row, "rules"): _rules_text(template),
             }
         )
     return values
@@ -132,6 +152,7 @@ def parse(form: Mapping[str, str]) -> Parsed:
         errors=errors,
     )
     values.update({name: bool(raw[name]) for name in FLAGS})
+    values.update({name: [x.strip() for x in raw[name].split(",") if x.strip()] for name in LISTS})
     values["templates"] = [
         _parse_template(raw, row, errors) for row in range(MAX_TEMPLATES) if raw[template_key(row, "prefix")]
     ]
@@ -183,7 +204,36 @@ def _parse_template(raw: Mapping[str, str], row: int, errors: dict[str, str]) ->
         "threshold_cents": numbers.get(keys[1], 0),
         "new_user_only": bool(raw[template_key(row, "new_user_only")]),
         "title": raw[template_key(row, "title")],
+        **_read_rules(raw, row, errors),
     }
+
+
+RULES_FORM = 'enter the rules as a JSON object, e.g. {"scope_stores": ["S1"], "stackable": false}'
+
+
+def _rules_text(template: catalog.TemplateSpec) -> str:
+    rules = {k: v for k, v in catalog.template_file(template).items() if k in RULE_FIELDS}
+    return json.dumps(rules, ensure_ascii=False) if rules else ""
+
+
+def _read_rules(raw: Mapping[str, str], row: int, errors: dict[str, str]) -> dict[str, Any]:
+    """The rules field of form row ``row``: a JSON object of rule fields
+    (their values are the catalog's to check)."""
+    key = template_key(row, "rules")
+    if not raw[key]:
+        return {}
+    try:
+        rules = json.loads(raw[key])
+    except json.JSONDecodeError:
+        rules = None
+    if not isinstance(rules, dict):
+        errors[key] = RULES_FORM
+        return {}
+    unknown = sorted(set(rules) - set(RULE_FIELDS))
+    if unknown:
+        errors[key] = f"unknown rules {', '.join(unknown)}; the rules are {', '.join(RULE_FIELDS)}"
+        return {}
+    return rules
 
 
 def changes(parsed: Parsed, current: Mapping[str, str]) -> dict[str, Any]:
