@@ -28,7 +28,7 @@ RABBIT_HOST = "127.0.0.1:5672"
 TABLES = (
     "wallet_ledger, codes, claims, package_slots, code_batches, coupon_templates, activities, channels,"
     " members, shares, share_opens, dead_letters,"
-    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints"
+    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints"
 )
 
 
@@ -96,7 +96,21 @@ def settings(service_env: dict[str, str]) -> Iterator[Settings]:
     with psycopg.connect(current.database_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     redis.Redis.from_url(current.redis_url).flushdb()
+    _forget_ledger(current)
     yield current
+
+
+def _forget_ledger(settings: Settings) -> None:
+    """Delete the acceptance ledger stream: its entries name claims whose
+    rows were just truncated (a publisher declares it again)."""
+    import pika
+    from issuance.shared.wire import codec
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        connection.channel().queue_delete(codec.LEDGER_QUEUE)
+    finally:
+        connection.close()
 
 
 @pytest.fixture

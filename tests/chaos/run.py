@@ -52,22 +52,33 @@ from issuance.shared.wire.messages import (
 )
 
 from tests.chaos.proxy import FaultLoop, FaultProxy
-from tests.chaos.services import PrivateServices, free_port
+from tests.chaos.services import CHANNEL_TICK_MS, CONSUMER_TIMEOUT_S, PrivateServices, free_port
 
 ROOT = Path(__file__).parents[2]
 HEARTBEAT_S = 3  # the workers' AMQP heartbeat; a SIGSTOP lasts well beyond it
+# The fault matrix. Each kind, how it is made, is in ChaosRun._inject.
 FAULT_TYPES = (
-    "worker_kill",
-    "worker_stop",
-    "broker_restart",
-    "db_restart",
-    "redis_restart",
+    "worker_kill",  # SIGKILL of a worker process tree
+    "worker_stop",  # SIGSTOP past the heartbeat: RabbitMQ drops the connection
+    "worker_stop_past_consumer_timeout",  # SIGSTOP, connection kept alive: the consumer timeout acts
+    "broker_restart",  # RabbitMQ node kill -9, then a restart
+    "db_restart",  # PostgreSQL stopped -m immediate, then a restart
+    "db_refuse",  # PostgreSQL up but refusing every connection to the database
+    "redis_restart",  # Redis kill -9, then a restart (empty: no persistence)
+    "publish_refused",  # a policy makes RabbitMQ refuse publishes to one queue
+    "publish_conn_drop",  # the workers' publishing connections closed, consumers kept
     "net_partition",
     "net_reset",
     "net_latency",
     "crash_after_commit_before_ack",
     "crash_after_commit_before_publish",
 )
+# The queues publish_refused takes turns on: a delay queue, where a failed
+# message's retry copy goes, and the separate credit step's queue.
+REFUSED_QUEUES = ("claims.DQ", "credits")
+# The kinds that publish claims of their own while they hold, so that the
+# fault meets work in flight even after the producer is done.
+TRAFFIC_KINDS = ("publish_refused", "publish_conn_drop", "db_refuse", "worker_stop_past_consumer_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +88,15 @@ class Scale:
     faults: dict[str, int]
     drain_timeout: float
     warmup_s: float = 10
+    db_refuse_s: float = 60
 
 
 SCALES = {
     "short": Scale(
         messages=2500,
         rate=60,
-        faults={t: 1 for t in FAULT_TYPES} | {"worker_kill": 2},
+        # publish_refused twice: once on each of REFUSED_QUEUES.
+        faults={t: 1 for t in FAULT_TYPES} | {"worker_kill": 2, "publish_refused": 2},
         drain_timeout=240,
     ),
     # 30,000 envelopes carry over 100,000 business messages (claim batches
@@ -94,9 +107,13 @@ SCALES = {
         faults={
             "worker_kill": 50,
             "worker_stop": 6,
+            "worker_stop_past_consumer_timeout": 3,
             "broker_restart": 5,
             "db_restart": 5,
+            "db_refuse": 3,
             "redis_restart": 5,
+            "publish_refused": 4,
+            "publish_conn_drop": 3,
             "net_partition": 6,
             "net_reset": 6,
             "net_latency": 6,
@@ -131,27 +148,46 @@ class Fault:
     recovered: float = 0.0
     recovery_s: float | None = None
     note: str = ""
+    evidence: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def fault_schedule(rng: random.Random, scale: Scale) -> list[Fault]:
     kinds = [kind for kind, n in scale.faults.items() for _ in range(n)]
     rng.shuffle(kinds)
-    # Every kind once early on, so a short run covers them all even if cut.
+    # The refused queues take turns, in a seeded order, so that two faults cover both.
+    refused = list(REFUSED_QUEUES)
+    rng.shuffle(refused)
     faults = []
     for kind in kinds:
-        if kind in ("worker_kill", "worker_stop"):
+        if kind in ("worker_kill", "worker_stop", "worker_stop_past_consumer_timeout"):
             target = rng.choice(["A", "B"])
         elif kind.startswith("net_"):
             target = rng.choice(["postgres", "redis", "rabbitmq"])
         elif kind.startswith("crash_"):
             target = "A" if kind.endswith("ack") else "B"
+        elif kind == "publish_refused":
+            target = refused[sum(f.kind == kind for f in faults) % len(refused)]
+        elif kind == "publish_conn_drop":
+            target = "rabbitmq"
+        elif kind.startswith("db_"):
+            target = "postgres"
         else:
             target = kind.split("_")[0]
         hold = {
             "worker_stop": HEARTBEAT_S * 3 + rng.uniform(1, 3),
+            # Past the timeout and the channel tick that evaluates it.
+            "worker_stop_past_consumer_timeout": CONSUMER_TIMEOUT_S
+            + CHANNEL_TICK_MS / 1000
+            + rng.uniform(8, 12),
             "broker_restart": rng.uniform(1, 4),
             "db_restart": rng.uniform(1, 4),
+            "db_refuse": scale.db_refuse_s,
             "redis_restart": rng.uniform(0.5, 2),
+            # A delay queue gets a publish only when a message fails: the
+            # database refuses meanwhile (see _publish_refused) for longer
+            # than the pool's 30 s wait for a connection, so claims do fail.
+            "publish_refused": rng.uniform(35, 45) if target.endswith(".DQ") else rng.uniform(12, 20),
+            "publish_conn_drop": rng.uniform(8, 15),
             "net_partition": HEARTBEAT_S * 2 + rng.uniform(1, 4),
             "net_latency": rng.uniform(3, 8),
         }.get(kind, 0.0)
@@ -458,6 +494,8 @@ class ChaosRun:
         self.rng = random.Random(seed)
         self.log = log
         self.faults = fault_schedule(random.Random(seed ^ 0x5EED), self.scale)
+        # Phones of the claims the faults publish themselves (not the workload's rng).
+        self.traffic_rng = random.Random(seed ^ 0x7AFF1C)
 
     # -- set-up -----------------------------------------------------------------
     def _setup(self) -> None:
@@ -467,7 +505,7 @@ class ChaosRun:
         self.proxies = {
             "postgres": FaultProxy(self.loop, "postgres", free_port(), s.postgres.port),
             "redis": FaultProxy(self.loop, "redis", free_port(), s.redis.port),
-            "rabbitmq": FaultProxy(self.loop, "rabbitmq", free_port(), s.rabbit.port),
+            "rabbitmq": FaultProxy(self.loop, "rabbitmq", free_port(), s.rabbit.port, amqp=True),
         }
         common = {
             f"{PREFIX}PHONE_KEY": f"chaos-phone-key-{self.seed}",
@@ -514,7 +552,11 @@ class ChaosRun:
             "hot2": {"budget": max(claims // 40, 10), "codes": max(claims // 40, 10), "group": "g-hot"},
             "cool": {"budget": claims, "codes": claims, "templates": 2},
             "cool2": {"budget": claims // 3, "codes": claims // 3},
-            "probe": {"budget": 2000, "codes": 2000},
+            # Probes, and the claims the TRAFFIC_KINDS publish (about 4 a second while they hold).
+            "probe": {
+                "budget": (probes := 3000 + 600 * sum(self.scale.faults.get(k, 0) for k in TRAFFIC_KINDS)),
+                "codes": probes,
+            },
         }
         self.activities = {}
         for role, spec in specs.items():
@@ -599,6 +641,9 @@ class ChaosRun:
             self.proxies[target].latency(rng_ms := 150 + 50 * (len(fault.target) % 3), fault.hold_s)
             fault.note = f"{rng_ms} ms per chunk"
             time.sleep(fault.hold_s)
+        elif kind in TRAFFIC_KINDS:
+            with self._traffic(fault):
+                getattr(self, f"_{kind}")(fault)
         elif kind.startswith("crash_"):
             assert group is not None
             starts = group.starts
@@ -627,12 +672,143 @@ class ChaosRun:
         else:
             raise ValueError(kind)
 
+    # -- the faults that hold with traffic of their own ----------------------------
+    @contextlib.contextmanager
+    def _traffic(self, fault: Fault, per_s: float = 4) -> Any:
+        """Claims published (with confirms, to the probe activity) while the
+        fault holds; they are in the ledger like the workload's and must end
+        credited or refused like them."""
+        stop = threading.Event()
+        sent = 0
+
+        def publish() -> None:
+            nonlocal sent
+            while not stop.wait(1 / per_s):
+                claim = ClaimRequested(
+                    claim_id=uuid.UUID(int=self.traffic_rng.getrandbits(128), version=4),
+                    activity=self.activities["probe"],
+                    phone=f"+86135{self.traffic_rng.randrange(10**8):08d}",
+                    requested_at=utcnow(),
+                )
+                self.producer.publish([claim], probe=True)
+                sent += 1
+
+        thread = threading.Thread(target=publish, name="fault-traffic", daemon=True)
+        handed_back = self._worker_log_count("retry copy was not confirmed")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+            fault.evidence["claims_sent_during_fault"] = sent
+            fault.evidence["deliveries_handed_back"] = (
+                self._worker_log_count("retry copy was not confirmed") - handed_back
+            )
+
+    def _worker_log_count(self, needle: str) -> int:
+        return sum(g.log.read_text(errors="replace").count(needle) for g in self.groups if g.log.exists())
+
+    def _publish_refused(self, fault: Fault) -> None:
+        """A RabbitMQ policy (max-length 0, overflow reject-publish) on one
+        queue: the broker nacks every publish to it until the policy is
+        cleared. The workers must keep every delivery whose follow-up
+        (retry copy, credit message) was refused."""
+        s = self.services
+        s.rabbit.set_policy(
+            "chaos-refuse", f"^{re.escape(fault.target)}$", {"max-length": 0, "overflow": "reject-publish"}
+        )
+        try:
+            if fault.target.endswith(".DQ"):
+                # Only a failed message goes to a delay queue: the database
+                # refuses connections meanwhile, so every claim in flight
+                # fails, and its retry copy is refused.
+                fault.evidence["db_sessions_ended"] = s.postgres.refuse_connections()
+                try:
+                    time.sleep(fault.hold_s)
+                finally:
+                    s.postgres.allow_connections()
+            else:
+                time.sleep(fault.hold_s)
+        finally:
+            s.rabbit.clear_policy("chaos-refuse")
+        fault.note = f"publishes to {fault.target} refused"
+
+    def _publish_conn_drop(self, fault: Fault) -> None:
+        """The connections the workers publish on are closed by the broker
+        (``rabbitmqctl close_connection``), again and again while the fault
+        holds, while their consuming connections stay open: Dramatiq consumes
+        on a connection per consumer and publishes on one per thread, so a
+        connection with no consumer on any of its channels is a publishing
+        one. Only the workers' connections are touched: they are the ones
+        that negotiated the workers' heartbeat (the producer's and the
+        judge's use the default)."""
+        rabbit = self.services.rabbit
+        consumers_before = rabbit.consuming_connections()
+        closed = 0
+        deadline = time.monotonic() + fault.hold_s
+        while time.monotonic() < deadline:
+            for pid in rabbit.publishing_connections(HEARTBEAT_S):
+                closed += rabbit.close_connection(pid, "chaos: publishing connection dropped")
+            time.sleep(0.3)
+        kept = len(consumers_before & rabbit.consuming_connections())
+        fault.evidence |= {"publishing_connections_closed": closed, "consuming_connections_kept": kept,
+                           "consuming_connections_before": len(consumers_before)}  # fmt: skip
+        fault.note = (
+            f"{closed} publishing connections closed; {kept}/{len(consumers_before)} consuming ones kept"
+        )
+
+    def _db_refuse(self, fault: Fault) -> None:
+        """PostgreSQL stays up but refuses every connection to the database
+        (``ALLOW_CONNECTIONS false``) and ends the open sessions, for
+        ``hold_s`` (60 s at both scales), then accepts them again."""
+        pg = self.services.postgres
+        fault.evidence["db_sessions_ended"] = pg.refuse_connections()
+        try:
+            time.sleep(fault.hold_s)
+        finally:
+            pg.allow_connections()
+        fault.note = f"{fault.evidence['db_sessions_ended']} sessions ended, connections refused"
+
+    def _worker_stop_past_consumer_timeout(self, fault: Fault) -> None:
+        """A worker group frozen (SIGSTOP) longer than the broker's consumer
+        timeout while its connections stay alive: the fault proxy sends AMQP
+        heartbeats on the frozen clients' behalf, so RabbitMQ does not drop
+        the connection (as it does in worker_stop) but closes the consumer's
+        channel when its oldest delivery has waited CONSUMER_TIMEOUT_S for an
+        ack, and delivers its messages to the other group. After SIGCONT the
+        group finishes the messages it held and must not settle them on the
+        closed channel, nor apply them twice."""
+        group = next(g for g in self.groups if g.name == fault.target)
+        rabbit, proxy = self.services.rabbit, self.proxies["rabbitmq"]
+        timeouts = rabbit.timed_out_channels()
+        heartbeats = proxy.heartbeats_sent
+        proxy.keepalive(fault.hold_s + 5)
+        group.stopped = True
+        group.signal(signal.SIGSTOP)
+        try:
+            time.sleep(fault.hold_s)
+        finally:
+            group.signal(signal.SIGCONT)
+            group.stopped = False
+            proxy.keepalive(0)
+        fault.evidence["channels_closed_by_consumer_timeout"] = len(rabbit.timed_out_channels() - timeouts)
+        fault.evidence["heartbeats_sent_for_the_frozen"] = proxy.heartbeats_sent - heartbeats
+        fault.note = (
+            f"{fault.evidence['channels_closed_by_consumer_timeout']} channels closed by the consumer timeout"
+        )
+
     def _walk_schedule(self) -> None:
         for n, fault in enumerate(self.faults, 1):
             time.sleep(fault.gap_s)
             fault.started = time.time()
+            timeouts = self.services.rabbit.timed_out_channels()
             self._inject(fault)
             fault.healed = time.time()
+            # Any fault may hold deliveries past the consumer timeout (a worker
+            # waiting out an outage with messages prefetched): say where it did.
+            if closed := self.services.rabbit.timed_out_channels() - timeouts:
+                fault.evidence["channels_closed_by_consumer_timeout"] = len(closed)
             fault.recovery_s = self._probe()
             fault.recovered = time.time()
             self.log(
@@ -824,6 +1000,7 @@ class ChaosRun:
                     "hold_s": f.hold_s,
                     "recovery_s": None if f.recovery_s is None else round(f.recovery_s, 2),
                     "note": f.note,
+                    "evidence": f.evidence,
                 }
                 for f in self.faults
             ],
@@ -903,9 +1080,32 @@ def render(result: Result) -> str:
         + (", ".join(f"{d['queue']}/{d['reason']}={d['count']}" for d in r["dead_letters"]) or "none"),
         f"verify: {(r['verify']['clean'] and 'clean') or 'BREACHES ' + str(r['verify']['breaches'])},"
         f" issuance verify exit {r['verify']['cli_exit']}",
+        *fault_matrix(r),
         "RESULT: " + ("PASS" if result.ok else "FAIL"),
     ]
     return "\n".join(lines)
+
+
+def fault_matrix(r: dict[str, Any]) -> list[str]:
+    """One line per fault kind: how many, on what, recovery, and what each
+    fault did (its evidence summed). The run's verdict (lost, doubled,
+    verify) is over all of them together."""
+    lines = ["fault matrix (kind: count, targets, recovery p50/max s, evidence):"]
+    for kind in FAULT_TYPES:
+        faults = [f for f in r["faults"] if f["kind"] == kind]
+        if not faults:
+            lines.append(f"  {kind:34s} not scheduled")
+            continue
+        targets = ",".join(sorted({f["target"] for f in faults}))
+        recovery = r["recovery_s"].get(kind, {})
+        evidence: Counter[str] = Counter()
+        for f in faults:
+            evidence.update(f.get("evidence") or {})
+        lines.append(
+            f"  {kind:34s} {len(faults):3d}  {targets:24s} {recovery.get('p50')}/{recovery.get('max')}"
+            + (f"  {dict(evidence)}" if evidence else "")
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,9 @@ restarts them at will, and removes them at the end.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,11 @@ import redis
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_HOME = "/var/lib/rabbitmq"  # where the Erlang cookie of rabbitmqctl lives
+# The chaos run's node closes a channel whose oldest delivery has waited this
+# long for its ack (RabbitMQ's default is 30 minutes). The channel tick
+# evaluates the timeout; by default it runs once a minute, too coarse for a run.
+CONSUMER_TIMEOUT_S = 20
+CHANNEL_TICK_MS = 2000
 
 
 def free_port() -> int:
@@ -83,6 +90,23 @@ class PrivatePostgres:
         """Stop immediately: no checkpoint, crash recovery on the next start."""
         self._ctl("-m", "immediate", "stop")
 
+    def refuse_connections(self, db: str = "chaos") -> int:
+        """The server stays up but refuses every new connection to ``db``
+        ("database is not currently accepting connections") and ends the open
+        ones. Returns how many sessions it ended."""
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (db,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def allow_connections(self, db: str = "chaos") -> None:
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+
     def close(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError):
             self._ctl("-m", "immediate", "stop")
@@ -115,13 +139,21 @@ class PrivateRedis:
 
 
 class PrivateRabbit:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, consumer_timeout_s: int | None = None) -> None:
         self.dir = base / "rabbit"
         self.dir.mkdir()
         _chown(self.dir, "rabbitmq")
         plugins = self.dir / "plugins"
         plugins.write_text("[].\n")
         _chown(plugins, "rabbitmq")
+        advanced = self.dir / "advanced.config"
+        rabbit_env = (
+            f"{{consumer_timeout, {consumer_timeout_s * 1000}}}, {{channel_tick_interval, {CHANNEL_TICK_MS}}}"
+            if consumer_timeout_s
+            else ""
+        )
+        advanced.write_text(f"[{{rabbit, [{rabbit_env}]}}].\n")
+        _chown(advanced, "rabbitmq")
         self.node = f"chaos{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -138,6 +170,7 @@ class PrivateRabbit:
             "RABBITMQ_PID_FILE": str(self.pid_file),
             # Not the machine's config file, which pins the shared node's port.
             "RABBITMQ_CONFIG_FILE": str(self.dir / "none"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(advanced),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
         self.start()
@@ -172,6 +205,45 @@ class PrivateRabbit:
     def pid(self) -> int:
         return int(self.pid_file.read_text().strip())
 
+    def set_policy(self, name: str, pattern: str, definition: dict[str, object]) -> None:
+        self.ctl(
+            "set_policy", "--apply-to", "queues", "--priority", "100", name, pattern, json.dumps(definition)
+        )
+
+    def clear_policy(self, name: str) -> None:
+        self.ctl("clear_policy", name, check=False)
+
+    def _rows(self, *args: str) -> list[list[str]]:
+        out = self.ctl(*args, "--quiet", "--no-table-headers", check=False).stdout
+        return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+    def publishing_connections(self, heartbeat: int) -> list[str]:
+        """The connections (by Erlang pid) that negotiated ``heartbeat`` and
+        have no consumer on any channel: the connections the workers publish
+        on, since Dramatiq consumes on connections of their own."""
+        connections = {pid for pid, timeout in self._rows("list_connections", "pid", "timeout")
+                       if timeout.strip() == str(heartbeat)}  # fmt: skip
+        return sorted(connections - self.consuming_connections())
+
+    def consuming_connections(self) -> set[str]:
+        """The connections (by Erlang pid) with a consumer on some channel."""
+        rows = self._rows("list_channels", "connection", "consumer_count")
+        return {conn for conn, n in rows if n.strip() != "0"}
+
+    def close_connection(self, pid: str, reason: str) -> bool:
+        return self.ctl("close_connection", pid, reason, check=False).returncode == 0
+
+    def timed_out_channels(self) -> set[str]:
+        """The channels (by Erlang pid) the consumer timeout has closed so
+        far, from the node's log. A channel whose client does not answer the
+        close (a frozen one) is reported again at every tick: one pid each."""
+        found: set[str] = set()
+        for path in (self.dir / "log").glob("*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "has timed out waiting for delivery acknowledgement" in line:
+                    found.update(re.findall(r"<\d+\.\d+\.\d+>", line)[:1])
+        return found
+
     def crash(self) -> None:
         """kill -9 the node's Erlang VM (never the shared node, never epmd)."""
         pid = self.pid()
@@ -198,7 +270,7 @@ class PrivateServices:
         os.chmod(self.base, 0o755)
         self.postgres = PrivatePostgres(self.base)
         self.redis = PrivateRedis(self.base)
-        self.rabbit = PrivateRabbit(self.base)
+        self.rabbit = PrivateRabbit(self.base, consumer_timeout_s=CONSUMER_TIMEOUT_S)
 
     def close(self) -> None:
         for service in (self.rabbit, self.redis, self.postgres):

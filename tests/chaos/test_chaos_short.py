@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from tests.chaos.run import FAULT_TYPES, ChaosRun, render
+from tests.chaos.run import FAULT_TYPES, REFUSED_QUEUES, TRAFFIC_KINDS, ChaosRun, render
 
 
 @pytest.mark.timeout(900)
@@ -34,6 +34,21 @@ def test_short_chaos_run_loses_nothing_and_doubles_nothing():
     assert r["duplicate_effects"]["total"] == 0, text
     assert r["verify"]["clean"] and r["verify"]["cli_exit"] == 0, text
     assert all(f["recovery_s"] is not None for f in r["faults"]), text
+    # Each fault of the matrix did what it says.
+    by_kind: dict[str, list[dict]] = {}
+    for f in r["faults"]:
+        by_kind.setdefault(f["kind"], []).append(f)
+    assert {f["target"] for f in by_kind["publish_refused"]} == set(REFUSED_QUEUES), text
+    assert all(f["evidence"]["claims_sent_during_fault"] > 0 for k in TRAFFIC_KINDS for f in by_kind[k]), text
+    for f in by_kind["publish_refused"]:
+        if f["target"].endswith(".DQ"):  # retry copies were refused, and their deliveries kept
+            assert f["evidence"]["deliveries_handed_back"] >= 1, text
+    for f in by_kind["worker_stop_past_consumer_timeout"]:
+        assert f["evidence"]["channels_closed_by_consumer_timeout"] >= 1, text
+    for f in by_kind["publish_conn_drop"]:
+        ev = f["evidence"]
+        assert ev["publishing_connections_closed"] >= 1, text
+        assert ev["consuming_connections_kept"] == ev["consuming_connections_before"] > 0, text
     assert r["duplicate_deliveries_seen"] > 0, "re-sends were absorbed as duplicates\n" + text
     assert r["claim_states"].get("credited", 0) > 100 and r["claim_states"].get("refused", 0) > 0, text
     assert result.ok, text

@@ -54,5 +54,6 @@ def test_compose_definitions_load_and_clients_declare_the_same_queues(cluster: R
     listed = cluster.nodes[0].ctl("list_queues", "-q", "--no-table-headers", "-p", "issuance", "name", "type")
     types = dict(line.split("\t") for line in listed.stdout.splitlines() if "\t" in line)
     queues = json.loads((DEPLOY / "compose" / "definitions.json").read_text())["queues"]
-    assert len(queues) == 3 * len(codec.QUEUES)
-    assert {types[queue["name"]] for queue in queues} == {"quorum"}
+    assert len(queues) == 3 * len(codec.QUEUES) + 1
+    assert {types[queue["name"]] for queue in queues if queue["name"] != codec.LEDGER_QUEUE} == {"quorum"}
+    assert types[codec.LEDGER_QUEUE] == "stream", "the acceptance ledger"

@@ -54,7 +54,11 @@ def test_orders_use_coupons_pay_earn_a_rebate_and_registration_releases_held_cre
         ]
         publisher.publish_many(orders)
         wait_for(lambda: one(settings, "SELECT count(*) FROM orders") == 3, what="orders recorded")
-        paid = [OrderStatusChanged(order_id=o.order_id, status="paid", changed_at=utcnow()) for o in orders]
+        # The buyer pays too: only a paid order's share earns rebates.
+        paid = [
+            OrderStatusChanged(order_id=o.order_id, status="paid", changed_at=utcnow())
+            for o in (buyer_order, *orders)
+        ]
         publisher.publish_many([*paid, *paid])
         publisher.publish_many([MemberRegistered(phone="+8613600136000", registered_at=utcnow())])
         wait_for(
@@ -76,4 +80,16 @@ def test_orders_use_coupons_pay_earn_a_rebate_and_registration_releases_held_cre
         500,
     )
     assert one(settings, "SELECT count(*) FROM referrals") == 2
+    verify_clean(settings)
+    # A friend's refund over the broker: the coupon is voided, the referral
+    # reversed, and the rebate already paid flagged for review.
+    with RabbitPublisher.from_settings(settings) as publisher:
+        refund = OrderStatusChanged(order_id=orders[0].order_id, status="refunded", changed_at=utcnow())
+        publisher.publish_many([refund, refund])
+        wait_for(
+            lambda: one(settings, "SELECT reversal FROM rebates") == "review",
+            what="the rebate of a refunded referral taken back",
+        )
+    assert one(settings, "SELECT count(*) FROM referrals WHERE reversed_at IS NOT NULL") == 1
+    assert one(settings, "SELECT status FROM codes WHERE order_id = %s", orders[0].order_id) == "voided"
     verify_clean(settings)

@@ -70,9 +70,19 @@ def place(
     return message
 
 
-def move(pool, order_id: str, status: str, at: datetime | None = None) -> lifecycle.StatusOutcome:
-    message = OrderStatusChanged(order_id=order_id, status=status, changed_at=at or utcnow())
-    return lifecycle.handle_order_status(pool, message)
+def move(
+    pool,
+    order_id: str,
+    status: str,
+    at: datetime | None = None,
+    *,
+    refunded_by: str | None = None,
+    min_referral_cents: int = 1_000,
+) -> lifecycle.StatusOutcome:
+    message = OrderStatusChanged(
+        order_id=order_id, status=status, changed_at=at or utcnow(), refunded_by=refunded_by
+    )
+    return lifecycle.handle_order_status(pool, message, min_referral_cents=min_referral_cents)
 
 
 def share_of(order: OrderPlaced) -> uuid.UUID:

@@ -350,6 +350,7 @@ def test_the_report_counts_what_the_campaign_offered_cost_and_brought(settings, 
     handle_member_registered(pool, settings, MemberRegistered(phone=number, registered_at=utcnow()))
     buyer = one(settings, "SELECT member_id FROM members")
     share_order = place(pool, buyer, activity=act["slug"])
+    move(pool, share_order.order_id, "paid")  # only a paid order's share earns rebates
     from tests.integration.lifecycle_support import share_of
 
     friends = [
@@ -358,21 +359,32 @@ def test_the_report_counts_what_the_campaign_offered_cost_and_brought(settings, 
     (m1, (c1,), _), (m2, (c2,), _) = friends
     o1 = place(pool, m1, amount=20_000, codes=(c1,))
     move(pool, o1.order_id, "paid")
-    place(pool, m2, amount=10_000, codes=(c2,))
+    place(pool, m2, amount=10_000, codes=(c2,))  # placed, never paid: no sale
     handle_claim(pool, settings, claim(act["slug"], "12345"))  # refused
     report = json.loads(issuance(service_env, "report", "--activity", act["slug"], "--json").stdout)
     assert report["packages_offered"] == 10 and report["packages_claimed"] == 2
     assert report["packages_remaining"] == 8 and report["collect_rate"] == 0.2
     assert report["coupons_claimed"] == 2 and report["coupons_used"] == 2 and report["usage_rate"] == 1.0
     assert report["total_discount_cents"] == 1000
-    assert report["orders_with_coupon"] == 2 and report["sales_with_coupon_cents"] == 30_000
-    assert report["cost_effectiveness"] == 30.0 and report["average_order_with_coupon_cents"] == 15_000
+    # Sales count paid, unrefunded orders only (issue 16 item 7).
+    assert report["orders_with_coupon"] == 1 and report["sales_with_coupon_cents"] == 20_000
+    assert report["cost_effectiveness"] == 20.0 and report["average_order_with_coupon_cents"] == 20_000
     assert report["new_members"] == 2 and report["claims_requested"] == 3 and report["claims_refused"] == 1
     assert report["claims_credited"] == 2 and report["referrals"] == 1 and report["rebates_earned"] == 1
     assert report["rebate_amount_cents"] == 300
     assert report["templates"][0]["available"] == 18 and report["templates"][0]["used"] == 2
     table = issuance(service_env, "report", "--activity", act["slug"]).stdout
     assert "collect rate" in table and "20.0%" in table
+    verify_clean(settings)
+    # The friend refunds: no sale any more, the referral is reversed, and the
+    # rebate already paid (an amount) is flagged for review, in the report.
+    move(pool, o1.order_id, "refunded")
+    after = json.loads(issuance(service_env, "report", "--activity", act["slug"], "--json").stdout)
+    assert (after["orders_with_coupon"], after["sales_with_coupon_cents"]) == (0, 0)
+    assert (after["referrals"], after["referrals_reversed"]) == (0, 1)
+    assert (after["rebates_earned"], after["rebates_clawed_back"], after["rebates_for_review"]) == (0, 0, 1)
+    table = issuance(service_env, "report", "--activity", act["slug"]).stdout
+    assert "referrals reversed / rebates clawed back / for review" in table
     verify_clean(settings)
 
 
@@ -382,7 +394,8 @@ def test_a_channel_report_sums_its_activities(settings, pool, service_env):
     for slug, n in ((first["slug"], 1), (second["slug"], 3)):
         for _ in range(n):
             member, (code,), _ = member_with_package(pool, settings, slug)
-    place(pool, member, amount=8_000, codes=(code,))
+    order = place(pool, member, amount=8_000, codes=(code,))
+    move(pool, order.order_id, "paid")
     report = json.loads(issuance(service_env, "report", "--channel", "test", "--json").stdout)
     assert (report["packages_offered"], report["packages_claimed"], report["packages_remaining"]) == (
         10,

@@ -148,11 +148,11 @@ def test_a_whole_cart_list_choose_reserve_pay_refund(settings, pool, client):
 
     # Refund after payment: the coupon is not given back (DOMAIN: it is voided).
     assert move(pool, order, "refunded").outcome == "ok"
-    assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", best) == ("used", order)
+    assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", best) == ("voided", order)
     relisted = client.get(
         f"/api/members/{member}/coupons", params={"amount_cents": 20_000, "items": 3}
     ).json()
-    assert {c["code"]: c["reason"] for c in relisted["coupons"]}[best] == "already_used"
+    assert {c["code"]: c["reason"] for c in relisted["coupons"]}[best] == "voided"
     verify_clean(settings)
 
 

@@ -1,6 +1,6 @@
 """Coupons after issuance against real PostgreSQL: used in an order, given
-back by a cancellation before payment, kept by a refund, expired by the
-sweep, cancelled by an operator; every transition idempotent, every illegal
+back by a cancellation before payment, voided by a refund after payment,
+expired by the sweep, cancelled by an operator; every transition idempotent, every illegal
 one refused with its reason and recorded, and `verify` clean throughout."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_an_expired_or_cancelled_coupon_cannot_be_used(settings, pool):
     verify_clean(settings)
 
 
-def test_cancel_before_payment_returns_coupons_refund_after_payment_does_not(settings, pool):
+def test_cancel_before_payment_returns_coupons_refund_after_payment_voids_them(settings, pool):
     act = activity_with(settings, budget=5)
     member, (code,), _ = member_with_package(pool, settings, act["slug"])
     order = place(pool, member, codes=(code,))
@@ -106,19 +106,92 @@ def test_cancel_before_payment_returns_coupons_refund_after_payment_does_not(set
     refused = move(pool, order.order_id, "paid")
     assert (refused.outcome, refused.reason) == ("refused", LifecycleRefusal.ORDER_CLOSED)
 
-    # The returned coupon can be used again; paid then refunded keeps it used.
+    # The returned coupon can be used again; paid then refunded by the buyer
+    # voids it: it keeps its order, and can be neither used nor returned.
     paid = place(pool, member, codes=(code,))
     assert move(pool, paid.order_id, "paid").outcome == "ok"
     cancel = move(pool, paid.order_id, "cancelled")
     assert (cancel.outcome, cancel.reason) == ("refused", LifecycleRefusal.PAID_ORDER_NOT_CANCELLABLE)
-    assert move(pool, paid.order_id, "refunded").outcome == "ok"
+    refund = move(pool, paid.order_id, "refunded")
+    assert (refund.outcome, refund.voided, refund.returned) == ("ok", 1, 0)
     assert move(pool, paid.order_id, "refunded").outcome == "duplicate"
-    assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", code) == (
-        "used",
-        paid.order_id,
-    )
+    assert one(
+        settings,
+        "SELECT c.status, order_id, o.refunded_by FROM codes c JOIN orders o USING (order_id)"
+        " WHERE code = %s",
+        code,
+    ) == ("voided", paid.order_id, "buyer")
     assert (paid.order_id, LifecycleRefusal.PAID_ORDER_NOT_CANCELLABLE) in refusals(settings)
+    again = place(pool, member, codes=(code,))
+    assert (code, LifecycleRefusal.VOIDED) in refusals(settings)
+    assert one(settings, "SELECT discount_cents FROM orders WHERE order_id = %s", again.order_id) == 0
     verify_clean(settings)
+
+
+@pytest.mark.parametrize(
+    ("fulfil", "refunded_by", "status"),
+    [
+        (False, "merchant", "unused"),  # the seeds: a merchant's refund before fulfilment returns them
+        (True, "merchant", "voided"),  # after fulfilment, even the merchant's refund voids them
+        (False, "buyer", "voided"),  # the buyer's refund after payment voids them
+        (True, "buyer", "voided"),
+    ],
+)
+def test_a_refund_returns_or_voids_coupons_as_the_seeds_say(settings, pool, fulfil, refunded_by, status):
+    act = activity_with(settings, budget=5)
+    member, (code,), _ = member_with_package(pool, settings, act["slug"])
+    order = place(pool, member, codes=(code,))
+    move(pool, order.order_id, "paid")
+    if fulfil:
+        assert move(pool, order.order_id, "fulfilled").outcome == "ok"
+    refund = move(pool, order.order_id, "refunded", refunded_by=refunded_by)
+    assert refund.outcome == "ok"
+    assert (refund.returned, refund.voided) == ((1, 0) if status == "unused" else (0, 1))
+    assert one(settings, "SELECT status FROM codes WHERE code = %s", code) == status
+    # Idempotent: the same refund again, or the other initiator's, moves nothing.
+    assert move(pool, order.order_id, "refunded", refunded_by="buyer").outcome == "duplicate"
+    assert one(settings, "SELECT status FROM codes WHERE code = %s", code) == status
+    verify_clean(settings)
+
+
+def test_a_merchant_refund_returns_an_expired_coupon_as_expired(settings, pool):
+    act = activity_with(settings, budget=5)
+    member, (code,), _ = member_with_package(pool, settings, act["slug"])
+    order = place(pool, member, codes=(code,))
+    move(pool, order.order_id, "paid")
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("UPDATE codes SET expires_at = now() - interval '1 minute' WHERE code = %s", (code,))
+    move(pool, order.order_id, "refunded", refunded_by="merchant")
+    assert one(settings, "SELECT status, order_id FROM codes WHERE code = %s", code) == ("expired", None)
+    verify_clean(settings)
+
+
+def test_the_database_keeps_a_voided_coupon_voided(settings, pool):
+    act = activity_with(settings, budget=5, codes=5)
+    member, (code,), _ = member_with_package(pool, settings, act["slug"])
+    order = place(pool, member, codes=(code,))
+    move(pool, order.order_id, "paid")
+    move(pool, order.order_id, "refunded")
+    for change in (
+        "status = 'unused', order_id = NULL, voided_at = NULL",
+        "status = 'used', voided_at = NULL",
+        "status = 'expired', order_id = NULL, voided_at = NULL",
+    ):
+        with psycopg.connect(settings.database_url) as conn, pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(f"UPDATE codes SET {change} WHERE code = %s", (code,))
+    # Nor can a coupon that never was in a wallet be voided.
+    with psycopg.connect(settings.database_url) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "UPDATE codes SET status = 'voided', voided_at = now()"
+            " WHERE code = (SELECT code FROM codes WHERE status = 'available' LIMIT 1)"
+        )
+    # An operator cannot cancel it either.
+    with (
+        psycopg.connect(settings.database_url) as conn,
+        pytest.raises(catalog.BackOfficeError, match="voided"),
+    ):
+        catalog.cancel_coupon(conn, code, utcnow())
+    assert one(settings, "SELECT status FROM codes WHERE code = %s", code) == "voided"
 
 
 def test_a_cancelled_order_returns_an_expired_coupon_as_expired(settings, pool):

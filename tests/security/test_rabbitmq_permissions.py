@@ -37,7 +37,8 @@ def test_definitions_declare_every_queue_exactly_as_the_codec_and_dramatiq_do():
         assert queues[codec.xq_name(q)] == codec.xq_arguments()
     producer_routes = {codec.ROUTES[t].queue for t in codec.ROUTES if t != "credit-requested"}
     bound = {b["destination"] for b in d["bindings"] if b["source"] == "issuance.producers"}
-    assert bound == producer_routes == PRODUCER_QUEUES
+    assert bound - {codec.LEDGER_QUEUE} == producer_routes == PRODUCER_QUEUES
+    assert queues[codec.LEDGER_QUEUE] == codec.ledger_arguments()
     assert all(not u["password_hash"] for u in d["users"]), "passwords are set at deploy time, never stored"
 
 
@@ -53,7 +54,7 @@ def node() -> Iterator[tuple[PrivateRabbit, dict[str, str]]]:
         shutil.chown(loaded, "rabbitmq", "rabbitmq")
         rabbit.ctl("import_definitions", str(loaded))
         passwords = {}
-        for user in ("issuance-producer", "issuance-worker"):
+        for user in ("issuance-producer", "issuance-worker", "issuance-monitor"):
             passwords[user] = secrets.token_hex(16)  # no leading "-" (an option to rabbitmqctl)
             rabbit.ctl("change_password", user, passwords[user])
         yield rabbit, passwords
@@ -93,6 +94,27 @@ def test_the_producer_publishes_claims_through_its_exchange(node):
     with RabbitPublisher(_url(node, "issuance-producer"), exchange="issuance.producers") as publisher:
         assert publisher.publish_many([claim("spring"), claim("spring")]) == 2
     assert _depth(node, "claims") == before + 2
+
+
+def test_the_producers_claims_reach_the_ledger_which_the_worker_reads_and_cannot_delete(node):
+    from issuance.shared.wire.ledger import now_ms, read
+
+    sent = [claim("ledger"), claim("ledger")]
+    with RabbitPublisher(_url(node, "issuance-producer"), exchange="issuance.producers") as publisher:
+        publisher.publish_many(sent)
+    entries = list(read(_url(node, "issuance-worker"), None, until_ms=now_ms() + 60_000, idle=0.5))
+    read_ids = {u.claim_id for e in entries for u in e.units}
+    assert {c.claim_id for c in sent} <= read_ids
+    connection, channel = _channel(node, "issuance-worker")
+    try:
+        assert _refused(lambda: channel.queue_delete(codec.LEDGER_QUEUE)), (
+            "the ledger outlives a worker's mistake"
+        )
+    finally:
+        if connection.is_open:
+            connection.close()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        list(read(_url(node, "issuance-producer"), None, until_ms=now_ms(), idle=0.5))
 
 
 def test_the_producer_cannot_feed_the_internal_credit_queue(node):
@@ -150,6 +172,30 @@ def test_the_worker_declares_consumes_and_publishes_follow_ups(node):
     finally:
         if connection.is_open:
             connection.close()
+
+
+def test_the_monitor_reads_queue_depths_and_nothing_else(node):
+    connection, channel = _channel(node, "issuance-monitor")
+    try:
+        for q in codec.QUEUES:  # what the exporter does
+            assert channel.queue_declare(q, passive=True).method.message_count >= 0
+            channel.queue_declare(codec.xq_name(q), passive=True)
+    finally:
+        connection.close()
+    for action in (
+        lambda ch: ch.basic_get("claims"),
+        lambda ch: ch.basic_consume("credits", lambda *a: None),
+        lambda ch: ch.basic_publish("", "credits", b"{}") or ch.basic_get("credits"),
+        lambda ch: ch.basic_publish("issuance.producers", "claims", b"{}") or ch.basic_get("claims"),
+        lambda ch: ch.queue_purge("claims"),
+        lambda ch: ch.queue_declare("mine", durable=True),
+    ):
+        connection, channel = _channel(node, "issuance-monitor")
+        try:
+            assert _refused(lambda: action(channel))  # noqa: B023 - run at once
+        finally:
+            if connection.is_open:
+                connection.close()
 
 
 def test_the_guest_account_is_not_in_the_definitions():

@@ -7,7 +7,10 @@
 - the RabbitMQ cluster's definitions against the codec: every queue with
   exactly the arguments the clients declare, or they could not start;
 - every environment variable a manifest gives the project's image is one
-  the settings object reads.
+  the settings object reads, including those of the process's own Secret
+  (deploy/kubernetes/env/<process>.env);
+- each workload reads its own process's Secret and no other, so the page
+  never gets a worker's or the migrations' credentials.
 
 Each check is also run on a broken copy of a real manifest, which must fail.
 """
@@ -28,6 +31,8 @@ import yaml
 from issuance.shared.settings import PREFIX, Settings
 from issuance.shared.wire import codec
 
+from tests.unit.test_deploy_env import KUBERNETES_ENV, check_identity, env_file
+
 ROOT = Path(__file__).parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
@@ -35,7 +40,10 @@ KEDA_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "keda-scaledobject-v1alph
 KUBERNETES_VERSION = "1.30"
 IMAGE = "coupon-issuance"
 # Variables the image reads that are not settings, and who reads them.
-OTHER_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR": "prometheus_client, for the workers' shared metrics"}
+OTHER_VARIABLES = {
+    "PROMETHEUS_MULTIPROC_DIR": "prometheus_client, for the workers' shared metrics",
+    "SSL_CERT_FILE": "OpenSSL (pika): the CA of the broker's certificate",
+}
 SETTINGS_VARIABLES = {PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 OPERATOR_KINDS = {("rabbitmq.com/v1beta1", kind) for kind in ("RabbitmqCluster", "User", "Permission")}
 
@@ -96,9 +104,50 @@ def check_environment(docs: list[dict[str, Any]]) -> None:
                 continue
             names = {item["name"] for item in container.get("env", [])}
             for source in container.get("envFrom", []):
-                names |= set(config_maps[source["configMapRef"]["name"]])
+                if "configMapRef" in source:
+                    names |= set(config_maps[source["configMapRef"]["name"]])
+                else:
+                    names |= set(env_file(secret_file(source["secretRef"]["name"])))
             unknown = names - SETTINGS_VARIABLES - set(OTHER_VARIABLES)
             assert not unknown, f"{doc['metadata']['name']} sets variables nothing reads: {sorted(unknown)}"
+
+
+# The process each workload runs, and so the one Secret it may read.
+PROCESS_OF_WORKLOAD = {
+    "issuance-web": "page",
+    "issuance-worker-claims": "worker",
+    "issuance-worker-events": "worker",
+    "issuance-sweeper": "sweeper",
+    "issuance-exporter": "exporter",
+    "issuance-dead-letters": "dead-letters",
+    "issuance-db-upgrade": "migrations",
+}
+
+
+def secret_file(name: str) -> Path:
+    """The env file a process's Secret is made from (README.md)."""
+    assert name.startswith("issuance-"), name
+    return KUBERNETES_ENV / f"{name.removeprefix('issuance-')}.env"
+
+
+def check_secrets(docs: list[dict[str, Any]]) -> None:
+    """Each workload of the image reads exactly its process's Secret, whose
+    env file gives that process its own identities only."""
+    for doc in docs:
+        for container in containers(doc):
+            if not container["image"].startswith(IMAGE):
+                continue
+            process = PROCESS_OF_WORKLOAD[doc["metadata"]["name"]]
+            read = {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+            read |= {
+                item["valueFrom"]["secretKeyRef"]["name"]
+                for item in container.get("env", [])
+                if "secretKeyRef" in item.get("valueFrom", {})
+            }
+            assert read == {f"issuance-{process}"}, (
+                f"{doc['metadata']['name']} reads the Secrets {sorted(read)}"
+            )
+            check_identity(process, env_file(secret_file(f"issuance-{process}")))
 
 
 def check_compose_environment(services: dict[str, Any]) -> None:
@@ -127,6 +176,11 @@ def check_definitions(definitions: dict[str, Any]) -> None:
         assert queues[queue] == codec.queue_arguments(queue, "quorum"), queue
         assert queues[codec.dq_name(queue)] == codec.queue_arguments(queue, "quorum"), queue
         assert queues[codec.xq_name(queue)] == codec.xq_arguments("quorum"), queue
+    assert queues[codec.LEDGER_QUEUE] == codec.ledger_arguments(), "as a publisher declares it"
+    ledger_bindings = [b for b in definitions["bindings"] if b["destination"] == codec.LEDGER_QUEUE]
+    assert [(b["source"], b["routing_key"]) for b in ledger_bindings] == [
+        (codec.LEDGER_EXCHANGE, codec.LEDGER_ROUTE)
+    ], "claims reach the ledger in the publish that reaches their queue"
 
 
 def kubernetes_definitions(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,6 +228,44 @@ def test_manifests_set_only_variables_the_settings_read() -> None:
     check_compose_environment(compose()["services"])
 
 
+def test_every_workload_reads_its_own_process_secret_only() -> None:
+    check_secrets(documents())
+    names = {doc["metadata"]["name"] for doc in documents() if any(containers(doc))}
+    assert set(PROCESS_OF_WORKLOAD) <= names
+
+
+# The process each compose service runs.
+PROCESS_OF_SERVICE = {
+    "web": "page",
+    "worker": "worker",
+    "sweeper": "sweeper",
+    "exporter": "exporter",
+    "migrate": "migrations",
+}
+
+
+def check_compose_identities(services: dict[str, Any]) -> None:
+    """Each compose service of the image has an environment of its own."""
+    ours = {name for name, s in services.items() if s.get("image", "").startswith(IMAGE)}
+    assert ours == set(PROCESS_OF_SERVICE), sorted(ours)
+    for name, process in PROCESS_OF_SERVICE.items():
+        check_identity(process, {k: str(v) for k, v in services[name]["environment"].items()})
+
+
+def acl_rules(path: Path) -> list[str]:
+    """The ACL rules of a users.acl file, passwords (>...) left out."""
+    lines = [line.split() for line in path.read_text().splitlines() if line.startswith("user ")]
+    return [" ".join(word for word in line if not word.startswith(">")) for line in lines]
+
+
+def test_compose_gives_each_process_its_own_identities() -> None:
+    check_compose_identities(compose()["services"])
+    # Redis: the reference ACL rules, with development passwords added.
+    assert acl_rules(COMPOSE.parent / "users.acl") == acl_rules(ROOT / "deploy" / "redis" / "users.acl")
+    enabled = [line for line in (COMPOSE.parent / "users.acl").read_text().splitlines() if " on " in line]
+    assert enabled and all(">" in line for line in enabled)
+
+
 def test_queues_scale_the_deployments_that_consume_them() -> None:
     check_scaling(documents())
 
@@ -189,8 +281,12 @@ def test_compose_runs_three_nodes_and_gives_every_client_all_of_them() -> None:
     services = compose()["services"]
     nodes = [name for name in services if name.startswith("rabbitmq-")]
     assert len(nodes) == 3
-    clients = [s for s in services.values() if s.get("image", "").startswith(IMAGE)]
-    assert len(clients) >= 5
+    clients = [
+        s
+        for s in services.values()
+        if s.get("image", "").startswith(IMAGE) and "ISSUANCE_AMQP_URL" in s["environment"]
+    ]
+    assert len(clients) >= 4
     for service in clients:
         environment = service["environment"]
         hosts = [p.host for p in amqp.connection_parameters(environment["ISSUANCE_AMQP_URL"])]
@@ -259,6 +355,31 @@ BROKEN: dict[
             {"name": "RABBITMQ_URL", "value": "x"}
         ),
         check_environment,
+    ),
+    "the page reading the workers' Secret": (
+        "Deployment",
+        "issuance-web",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["envFrom"][1]["secretRef"].__setitem__(
+            "name", "issuance-worker"
+        ),
+        check_secrets,
+    ),
+    "the page given one variable of the migrations' Secret": (
+        "Deployment",
+        "issuance-web",
+        lambda d: (
+            d["spec"]["template"]["spec"]["containers"][0]
+            .setdefault("env", [])
+            .append(
+                {
+                    "name": "ISSUANCE_DATABASE_URL",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": "issuance-migrations", "key": "ISSUANCE_DATABASE_URL"}
+                    },
+                }
+            )
+        ),
+        check_secrets,
     ),
     "a queue scaled that the workers do not consume": (
         "ScaledObject",

@@ -14,10 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 from issuance.shared.errors import (
@@ -28,7 +28,7 @@ from issuance.shared.errors import (
     ServiceUnavailable,
     TransientError,
 )
-from issuance.shared.settings import PREFIX, Settings, SettingsError, settings_from
+from issuance.shared.settings import PREFIX, Settings, SettingsError, require_phone_keys, settings_from
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -60,23 +60,39 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import timedelta
-
     import psycopg
-    from issuance.shared.db.verify import verify
+    from issuance.shared.db.verify import verify, with_ledger
 
+    grace = timedelta(seconds=settings.reconcile_grace_seconds)
     with psycopg.connect(settings.database_url) as conn:
-        report = verify(conn, grace=timedelta(seconds=settings.reconcile_grace_seconds))
+        report = verify(conn, grace=grace)
+        ledger = _reconcile_ledger(conn, settings, grace)
+    report = with_ledger(report, ledger.rows())
     if args.json:
-        print(json.dumps(report.as_json(), indent=2))
+        print(json.dumps({**report.as_json(), "ledger": ledger.as_json()}, indent=2))
     else:
         print("counts: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
         print("refused: " + (", ".join(f"{k}={v}" for k, v in report.refusals.items()) or "none"))
+        print(ledger.summary())
         for name, rows in report.breaches.items():
             if rows:
                 print(f"BREACH {name}: {len(rows)} e.g. {rows[:3]}")
         print("verify: clean" if report.clean else "verify: BREACHES FOUND")
     return 0 if report.clean else 1
+
+
+def _reconcile_ledger(conn: Any, settings: Settings, grace: timedelta) -> Any:
+    """The acceptance ledger against the database; absent where there is
+    none (the embedded demo). RabbitMQ down is a ServiceUnavailable, as for
+    every command: without the ledger verify cannot vouch for accepted claims."""
+    from issuance.shared.db.ledger import Reconciliation, reconcile
+    from issuance.shared.wire.ledger import LedgerAbsent
+
+    try:
+        # A hundred examples, as for the other checks; the summary counts them all.
+        return reconcile(conn, settings.amqp_url, grace=grace, keep=100)
+    except LedgerAbsent as exc:
+        return Reconciliation(absent=str(exc))
 
 
 def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
@@ -103,6 +119,69 @@ def cmd_chart(args: argparse.Namespace, settings: Settings) -> int:
     path = render(series, args.out, promise_seconds=settings.credit_promise_seconds)
     print(f"chart of {series.claimed[-1]} claims written to {path}")
     return 0
+
+
+def positive(value: str) -> int:
+    """A whole number of at least 1 (an argparse ``type``)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def cmd_phone_keys_status(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+    from issuance.shared.db import rekey
+
+    require_phone_keys(settings)  # a bad key set is named before anything is opened
+    with psycopg.connect(settings.database_url) as conn:
+        counts = rekey.members_per_key(conn, settings)
+    for count in counts:
+        print(f"key {count.key_id}: {count.members} members ({count.role})")
+    stranded = [c for c in counts if c.role == "not configured" and c.members]
+    if stranded:
+        print("members under a key that is not configured are new members when they claim again")
+    return 1 if stranded else 0
+
+
+def cmd_phone_keys_rekey(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+    import redis
+    from issuance.shared.db import rekey
+
+    require_phone_keys(settings)
+    with contextlib.ExitStack() as stack:
+        lines = sys.stdin if args.numbers == "-" else stack.enter_context(open(args.numbers))
+        conn = stack.enter_context(psycopg.connect(settings.database_url))
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        stack.callback(client.close)
+        report = rekey.rekey(conn, client, settings, lines, from_id=args.key_id, batch_size=args.batch_size)
+        counts = rekey.members_per_key(conn, settings)
+    print(
+        f"re-keyed {report.rekeyed} members of {report.numbers} numbers in {report.batches} batches"
+        f" ({report.invalid} not valid numbers)"
+    )
+    for count in counts:
+        print(f"key {count.key_id}: {count.members} members ({count.role})")
+    return 0
+
+
+def _register_phone_keys(sub: Subparsers) -> None:
+    keys = sub.add_parser("phone-keys", help="phone key rotation: members per key, re-keying")
+    commands = keys.add_subparsers(dest="phone_keys_command", required=True)
+    status = commands.add_parser("status", help="members stored under each phone key ID")
+    status.set_defaults(func=cmd_phone_keys_status)
+    move = commands.add_parser(
+        "rekey", help="move the members of a list of numbers from the older phone keys to the current one"
+    )
+    move.add_argument("numbers", help="a file of numbers, one a line (the shop's member export); - for stdin")
+    move.add_argument(
+        "--from", dest="key_id", help="only members under this key ID (default: every older one)"
+    )
+    move.add_argument(
+        "--batch-size", type=positive, default=1000, help="numbers per transaction (default: 1000)"
+    )
+    move.set_defaults(func=cmd_phone_keys_rekey)
 
 
 def register(sub: Subparsers) -> None:
@@ -142,6 +221,8 @@ def register(sub: Subparsers) -> None:
     chart.add_argument("--until", type=instant, help="RFC 3339 end of the window")
     chart.add_argument("--out", required=True, help="the PNG file to write")
     chart.set_defaults(func=cmd_chart)
+
+    _register_phone_keys(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 
 PREFIX = "ISSUANCE_"
 
@@ -33,8 +34,18 @@ class Settings:
     # No default: every process that hashes numbers refuses to start without
     # a proper one (require_phone_key); only the embedded demo makes one up.
     phone_key: str = ""
+    # Rotation (deploy/SECURITY.md): more phone keys, "kid:secret,...", and
+    # the ID of the one new digests are made with. ISSUANCE_PHONE_KEY alone is
+    # the key with ID "1"; every listed key finds the members hashed with it.
+    phone_keys: str = ""
+    phone_key_id: str = ""
     default_region: str = "CN"
     credit_promise_seconds: int = 86_400
+    # Refer three, get one back: a referee's first paid order counts as a
+    # referral only from this amount (minor units) up. One platform-wide
+    # fraud floor, not a campaign term: 1-cent orders paid and refunded
+    # farmed rebates (issuance.shared.domain.refunds).
+    referral_min_order_cents: int = 1_000
     # Credit a package in the transaction that binds it (one transaction per
     # batch, no credit message). False: every credit goes through the credit
     # step (credit_claim), as credits held until registration always do.
@@ -65,14 +76,16 @@ class Settings:
     web_cache_seconds: int = 2
     # Producers publish through this exchange when set (deploy/rabbitmq:
     # "issuance.producers", the only thing the producer user may write to);
-    # empty: the default exchange, with the queues declared by the publisher.
+    # empty: the default exchange, with the queues declared by the publisher
+    # (claims go through "issuance.producers", declared too, for the ledger).
     producer_exchange: str = ""
     # "kid:secret,..." signs messages (issuance.shared.wire.signing); empty: signing off.
     signing_keys: str = ""
     # ``issuance verify`` reports a claim bound but not credited this long
-    # after its decision: a lost credit message is found in minutes, not at
-    # the 24-hour deadline. The sweeper (``issuance sweeper``) re-sends such
-    # credits after the same grace, so verify is clean again once it ran.
+    # after its decision, and a claim accepted (in the acceptance ledger) but
+    # never recorded this long after its publish: a lost message is found in
+    # minutes, not at the 24-hour deadline. The sweeper re-sends such credits
+    # and claims after half of it, so verify is clean again once it ran.
     reconcile_grace_seconds: int = 600
     # RabbitMQ queue type of every queue the project declares (the work
     # queues and their .DQ delay and .XQ dead-letter queues):
@@ -162,6 +175,11 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
         raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of {LOG_LEVELS}, got {settings.log_level!r}")
     if settings.log_format not in LOG_FORMATS:
         raise SettingsError(f"{PREFIX}LOG_FORMAT must be one of {LOG_FORMATS}, got {settings.log_format!r}")
+    if settings.referral_min_order_cents < 0:
+        raise SettingsError(
+            f"{PREFIX}REFERRAL_MIN_ORDER_CENTS must be 0 or more (minor units), "
+            f"got {settings.referral_min_order_cents}"
+        )
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings
@@ -172,15 +190,30 @@ MIN_PHONE_KEY_BYTES = 16
 PLACEHOLDER_MARKS = ("change-me", "changeme")
 
 
-def require_phone_key(settings: Settings) -> str:
-    """The phone key, or PhoneKeyError saying in one line what is wrong with it.
+# The ID of the key given as ISSUANCE_PHONE_KEY, and of every digest stored
+# before keys had IDs (migration 0013).
+SINGLE_PHONE_KEY_ID = "1"
+PHONE_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")
 
-    Called at start-up by every process that hashes numbers (the page, the
-    workers): a key that silently defaulted would hash numbers that anyone
-    holding the source can reverse, and a changed key makes every number a
-    new member."""
-    key = settings.phone_key
-    name = f"{PREFIX}PHONE_KEY"
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PhoneKeys:
+    """The phone keys of a process: ``secrets`` holds (key ID, secret) of
+    each, the current key (the one new digests are made with) first."""
+
+    current_id: str
+    secrets: tuple[tuple[str, str], ...] = dataclasses.field(repr=False)
+
+    @property
+    def current(self) -> str:
+        return self.secrets[0][1]
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(kid for kid, _ in self.secrets)
+
+
+def _check_secret(name: str, key: str) -> str:
     wanted = f"random secret of at least {MIN_PHONE_KEY_BYTES} bytes"
     if not key:
         raise PhoneKeyError(f"{name} is not set: give the page and every worker the same {wanted}")
@@ -191,6 +224,53 @@ def require_phone_key(settings: Settings) -> str:
             f"{name} is {len(key.encode())} bytes long: it must be at least {MIN_PHONE_KEY_BYTES}"
         )
     return key
+
+
+def _listed_phone_keys(raw: str) -> dict[str, str]:
+    name = f"{PREFIX}PHONE_KEYS"
+    keys: dict[str, str] = {}
+    for position, entry in enumerate(filter(None, (e.strip() for e in raw.split(","))), 1):
+        kid, sep, secret = entry.partition(":")
+        if not sep or not PHONE_KEY_ID.fullmatch(kid):  # never echoed: it may be a secret
+            raise PhoneKeyError(
+                f"{name} lists 'kid:secret' entries (kid: at most 16 letters, digits or ._-);"
+                f" entry {position} is not one"
+            )
+        if kid in keys:
+            raise PhoneKeyError(f"{name} lists key ID {kid!r} twice")
+        keys[kid] = _check_secret(f"{name} entry {kid!r}", secret)
+    return keys
+
+
+@lru_cache(maxsize=64)
+def require_phone_keys(settings: Settings) -> PhoneKeys:
+    """Every phone key, or PhoneKeyError saying in one line what is wrong.
+
+    Called at start-up by every process that hashes numbers (the page, the
+    workers): a key that silently defaulted would hash numbers that anyone
+    holding the source can reverse, and a changed key without an ID makes
+    every number a new member."""
+    keys = _listed_phone_keys(settings.phone_keys)
+    if settings.phone_key or not keys:
+        if SINGLE_PHONE_KEY_ID in keys:
+            raise PhoneKeyError(
+                f"key ID {SINGLE_PHONE_KEY_ID!r} is both {PREFIX}PHONE_KEY and an entry of {PREFIX}PHONE_KEYS"
+            )
+        keys[SINGLE_PHONE_KEY_ID] = _check_secret(f"{PREFIX}PHONE_KEY", settings.phone_key)
+    current = settings.phone_key_id or (SINGLE_PHONE_KEY_ID if settings.phone_key else "")
+    if not current and len(keys) == 1:
+        (current,) = keys
+    if current not in keys:
+        raise PhoneKeyError(
+            f"{PREFIX}PHONE_KEY_ID is {current!r}: it must name one of the phone keys ({', '.join(keys)})"
+        )
+    ordered = [(current, keys[current])] + [(kid, secret) for kid, secret in keys.items() if kid != current]
+    return PhoneKeys(current_id=current, secrets=tuple(ordered))
+
+
+def require_phone_key(settings: Settings) -> str:
+    """The current phone key (checked with every other, :func:`require_phone_keys`)."""
+    return require_phone_keys(settings).current
 
 
 @cache

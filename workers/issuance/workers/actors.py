@@ -155,9 +155,11 @@ def share_opened(message: ShareOpened) -> str:
 
 @pipeline_actor(OrderStatusChanged)
 def order_status_changed(message: OrderStatusChanged) -> str:
-    """Pay, cancel or refund an order: coupons return on a cancellation before
-    payment; a first paid order may complete a referral and earn a rebate."""
-    outcome = unit_of_work().run(lambda conn: lifecycle.move_order(conn, message))
+    """Pay, fulfil, cancel or refund an order: its coupons return or are
+    voided; a first paid order may complete a referral and earn a rebate, a
+    refund reverses it and takes back a rebate no longer earned."""
+    least = resources().settings.referral_min_order_cents
+    outcome = unit_of_work().run(lambda conn: lifecycle.move_order(conn, message, min_referral_cents=least))
     if outcome.outcome == "duplicate":
         DUPLICATES.labels("orders").inc()
     return outcome.outcome

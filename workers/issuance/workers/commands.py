@@ -94,7 +94,8 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"overdue for credit: {result.found}, re-sent: {result.requeued}; uncredited: {p.uncredited},"
         f" oldest {p.oldest_age_seconds:.0f}s, overdue {p.overdue}, at risk 1h {p.at_risk_1h},"
-        f" 6h {p.at_risk_6h}"
+        f" 6h {p.at_risk_6h}; accepted, not recorded: {result.unrecorded} envelopes,"
+        f" re-published: {result.redriven}"
     )
     return 0
 

@@ -204,7 +204,8 @@ def _run(settings: Any, claims: int, *, stub: bool) -> int:
     print(f"handled in {elapsed:.1f}s\n")
     print(summary_table(figures))
     print()
-    print(verdict(report))
+    # The in-process broker keeps no acceptance ledger: nothing to reconcile.
+    print(verdict(report) + ("; ledger: absent (the in-process broker keeps none)" if stub else ""))
     return 0 if report.clean and all(f["granted"] == f["credited"] for f in figures.values()) else 1
 
 

@@ -31,7 +31,7 @@ from issuance.shared.domain import (
     credit_deadline,
     mask_phone,
     normalize_phone,
-    phone_digest,
+    phone_digests,
     share_id_for,
 )
 from issuance.shared.domain.claims import (
@@ -47,7 +47,7 @@ from issuance.shared.domain.claims import (
     decide_claims,
 )
 from issuance.shared.errors import ConflictingDuplicate, PermanentError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import Settings, require_phone_keys
 from issuance.shared.wire.messages import ClaimRequested, CreditRequested, OrderPlaced, ShareOpened, utcnow
 from issuance.workers import lifecycle
 from issuance.workers.runtime import UnitOfWork
@@ -169,7 +169,9 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
     claims whose activity is open need their number read, and only those
     with a valid number a member and stock."""
     activities: dict[str, ActivityTerms | None] = {}
-    numbers: dict[uuid.UUID, tuple[bytes, str]] = {}  # claim -> phone digest, E.164
+    keys = require_phone_keys(settings)
+    numbers: dict[uuid.UUID, tuple[bytes, str]] = {}  # claim -> current phone digest, E.164
+    digests: dict[str, list[tuple[str, bytes]]] = {}  # E.164 -> its digest under every key
     for message in messages:
         if message.activity not in activities:
             activities[message.activity] = store.activity_by_slug(conn, message.activity)
@@ -177,9 +179,12 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
         if activity_refusal(activities[message.activity], at) is None:  # the number counts: read it
             e164 = _e164(message.phone, settings)
             if e164 is not None:
-                numbers[message.claim_id] = (phone_digest(e164, settings.phone_key), e164)
+                digests[e164] = phone_digests(e164, keys.secrets)
+                numbers[message.claim_id] = (digests[e164][0][1], e164)
     masked = {digest: mask_phone(e164) for digest, e164 in numbers.values()}
-    members = store.lock_members(conn, masked) if masked else {}
+    if masked:
+        store.rekey_members(conn, keys.current_id, list(digests.values()))
+    members = store.lock_members(conn, masked, key_id=keys.current_id) if masked else {}
     requests = []
     for message in messages:
         digest, e164 = numbers.get(message.claim_id, (None, None))

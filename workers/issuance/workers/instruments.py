@@ -107,6 +107,10 @@ SWEEPER_REQUEUED = Counter(
     "issuance_sweeper_requeued_total",
     "Credit messages re-sent by the sweeper for claims bound but not credited after the grace period.",
 )
+SWEEPER_REDRIVEN = Counter(
+    "issuance_sweeper_redriven_total",
+    "Claim envelopes re-published from the acceptance ledger: accepted, unrecorded after the grace period.",
+)
 
 
 def exported_names() -> set[str]:
@@ -128,4 +132,5 @@ def exported_names() -> set[str]:
         CONSUMERS,
         WORKER_THREADS,
         SWEEPER_REQUEUED,
+        SWEEPER_REDRIVEN,
     )

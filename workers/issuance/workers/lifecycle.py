@@ -1,5 +1,6 @@
 """What happens to coupons after issuance, one function per event: orders
-redeeming and returning coupons, orders paid (referrals and rebates),
+redeeming, returning and voiding coupons, orders paid or refunded
+(referrals counted and reversed, rebates written and taken back),
 members registering (held credits released), and the credit hold itself.
 
 Like issuance.workers.handlers, each function works inside the caller's
@@ -19,8 +20,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from issuance.shared.db import coupon_store as cs
+from issuance.shared.db import refund_store as rs
+from issuance.shared.db import store
 from issuance.shared.db.store import Conn
-from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digest
+from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digests
 from issuance.shared.domain.coupons import (
     LifecycleRefusal,
     OrderStep,
@@ -31,13 +34,25 @@ from issuance.shared.domain.coupons import (
     rebates_due,
     use_refusal,
 )
+from issuance.shared.domain.refunds import (
+    RELEASED_CANCELLED,
+    RELEASED_REFUNDED,
+    CouponFate,
+    coupon_fate,
+    rebate_changes,
+    rebate_reversal,
+    referral_refusal,
+)
 from issuance.shared.errors import InvalidMessage, TransientError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import Settings, require_phone_keys
 from issuance.shared.wire.messages import MemberRegistered, OrderPlaced, OrderStatusChanged, utcnow
 from issuance.workers.runtime import UnitOfWork
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_MIN_REFERRAL_CENTS = Settings().referral_min_order_cents
 
 
 class OrderNotYetKnown(TransientError):
@@ -123,20 +138,38 @@ class StatusOutcome:
     outcome: str  # "ok", "duplicate" or "refused"
     reason: LifecycleRefusal | None = None
     returned: int = 0
+    voided: int = 0
     referral: bool = False
+    referral_reversed: bool = False
     rebates: tuple[int, ...] = ()
+    rebates_reversed: tuple[int, ...] = ()
 
 
 def handle_order_status(
-    pool: ConnectionPool, message: OrderStatusChanged, *, now: datetime | None = None
+    pool: ConnectionPool,
+    message: OrderStatusChanged,
+    *,
+    now: datetime | None = None,
+    min_referral_cents: int = DEFAULT_MIN_REFERRAL_CENTS,
 ) -> StatusOutcome:
     """:func:`move_order` in a transaction of its own."""
-    return UnitOfWork(pool).run(lambda conn: move_order(conn, message, now=now))
+    return UnitOfWork(pool).run(
+        lambda conn: move_order(conn, message, now=now, min_referral_cents=min_referral_cents)
+    )
 
 
-def move_order(conn: Conn, message: OrderStatusChanged, *, now: datetime | None = None) -> StatusOutcome:
-    """Move an order: paid (and count a referral), cancelled before payment
-    (its coupons return), or refunded after payment (they do not)."""
+def move_order(
+    conn: Conn,
+    message: OrderStatusChanged,
+    *,
+    now: datetime | None = None,
+    min_referral_cents: int = DEFAULT_MIN_REFERRAL_CENTS,
+) -> StatusOutcome:
+    """Move an order: paid (a referral may count), fulfilled, cancelled
+    before payment or refunded after it. The coupons it used are returned or
+    voided (issuance.shared.domain.refunds.coupon_fate); a refund or a
+    cancellation reverses the referral the order counted for, and the
+    rebates of the referrers concerned are settled again."""
     now = now or utcnow()
     order = cs.order_by_id(conn, message.order_id, lock=True)
     if order is None:
@@ -154,23 +187,85 @@ def move_order(conn: Conn, message: OrderStatusChanged, *, now: datetime | None 
         return StatusOutcome(outcome="refused", reason=exc.reason)
     if step is OrderStep.DUPLICATE:
         return StatusOutcome(outcome="duplicate")
-    cs.move_order(conn, message.order_id, message.status, message.changed_at)
-    if message.status == "cancelled":
-        return StatusOutcome(outcome="ok", returned=cs.return_coupons(conn, message.order_id, now))
+    refunded_by = (message.refunded_by or "buyer") if message.status == "refunded" else None
+    fate = coupon_fate(order_status=order.status, new_status=message.status, refunded_by=refunded_by)
+    rs.move_order(conn, message.order_id, message.status, message.changed_at, refunded_by=refunded_by)
+    moved = 0
+    if fate is not None:
+        reason = RELEASED_CANCELLED if message.status == "cancelled" else RELEASED_REFUNDED
+        moved = rs.settle_coupons(conn, message.order_id, fate, at=now, reason=reason)
+    returned, voided = (moved, 0) if fate is CouponFate.RETURN else (0, moved)
     if message.status == "paid":
-        counted, rebates = _count_referral(conn, order, now)
-        return StatusOutcome(outcome="ok", referral=counted, rebates=rebates)
+        counted, written = _count_referral(conn, order, now, min_referral_cents)
+        # The referrer's own order paid: its share's referrals may earn now.
+        more = _settle_through(conn, order.order_id, now)
+        return StatusOutcome(
+            outcome="ok", referral=counted, rebates=written + more.written, rebates_reversed=more.reversed
+        )
+    if message.status in ("cancelled", "refunded"):
+        reversed_referral, settled = _unwind(conn, order.order_id, now)
+        return StatusOutcome(
+            outcome="ok",
+            returned=returned,
+            voided=voided,
+            referral_reversed=reversed_referral,
+            rebates=settled.written,
+            rebates_reversed=settled.reversed,
+        )
     return StatusOutcome(outcome="ok")
 
 
-def _count_referral(conn: Conn, order: cs.OrderRow, now: datetime) -> tuple[bool, tuple[int, ...]]:
-    """A new member who claimed through a share, paying a first order after
-    that claim: one successful referral for the share's buyer. Every K of them
-    earn the buyer a rebate, each written once."""
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settled:
+    written: tuple[int, ...] = ()
+    reversed: tuple[int, ...] = ()
+
+    def __add__(self, other: Settled) -> Settled:
+        return Settled(written=self.written + other.written, reversed=self.reversed + other.reversed)
+
+
+def _unwind(conn: Conn, order_id: str, now: datetime) -> tuple[bool, Settled]:
+    """An order cancelled or refunded: the referral it counted for (as the
+    referee's order) is reversed, and the referrals through its share (as
+    the referrer's own order) stop earning; rebates follow."""
+    settled = Settled()
+    key = rs.reverse_referral(conn, order_id, now)
+    if key is not None:
+        log.info("order %s refunded: its referral of member %s is reversed", order_id, key.referrer_member_id)
+        settled = settle_rebates(conn, key.referrer_member_id, key.activity_id, now)
+    return key is not None, settled + _settle_through(conn, order_id, now)
+
+
+def _settle_through(conn: Conn, order_id: str, now: datetime) -> Settled:
+    """Settle the rebates of the referrer whose share was made from ``order_id``."""
+    key = rs.referrals_through_order(conn, order_id)
+    if key is None:
+        return Settled()
+    return settle_rebates(conn, key.referrer_member_id, key.activity_id, now)
+
+
+def _count_referral(
+    conn: Conn, order: cs.OrderRow, now: datetime, min_referral_cents: int
+) -> tuple[bool, tuple[int, ...]]:
+    """A new member who claimed through a share, paying a first order of at
+    least the minimum after that claim: one successful referral for the
+    share's buyer. Every K of them earn the buyer a rebate, each written once."""
     source = cs.referral_source(conn, order.member_id)
     if source is None or order.placed_at < source.requested_at:
         return False, ()
-    if cs.other_paid_orders(conn, order.member_id, order.order_id):
+    refusal = referral_refusal(
+        order_status="paid", amount_cents=order.amount_cents, min_amount_cents=min_referral_cents
+    )
+    if refusal is not None:
+        cs.record_refusal(
+            conn,
+            event_key=f"referral:{order.order_id}",
+            subject=str(order.member_id),
+            reason=refusal,
+            detail=f"order of {order.amount_cents} below the minimum of {min_referral_cents}",
+        )
+        return False, ()
+    if rs.other_qualifying_orders(conn, order.member_id, order.order_id, min_referral_cents):
         return False, ()
     if is_self_referral(
         referrer_id=source.referrer_member_id,
@@ -188,45 +283,65 @@ def _count_referral(conn: Conn, order: cs.OrderRow, now: datetime) -> tuple[bool
     cs.lock_referrer(conn, source.referrer_member_id)
     if not cs.insert_referral(conn, referee=order.member_id, source=source, order_id=order.order_id):
         return False, ()
-    return True, credit_rebates(conn, source.referrer_member_id, source.activity_id, now)
+    return True, settle_rebates(conn, source.referrer_member_id, source.activity_id, now).written
 
 
-def credit_rebates(conn: Conn, referrer: int, activity_id: int, now: datetime) -> tuple[int, ...]:
-    """Write every rebate the referrer's referrals in the activity have earned
-    and that is not written yet; credit each (an amount by its row, a coupon
-    by binding a code of the rebate template). Returns new rebate numbers."""
+def settle_rebates(conn: Conn, referrer: int, activity_id: int, now: datetime) -> Settled:
+    """Bring the referrer's standing rebates in the activity to what its
+    earning referrals (not reversed, through a paid order of its own) are
+    due: write and credit the missing ones (an amount by its row, a coupon by
+    binding a code of the rebate template), take back the newest excess ones
+    (issuance.shared.domain.refunds.rebate_reversal)."""
+    cs.lock_referrer(conn, referrer)
     terms = cs.rebate_terms(conn, activity_id)
     if terms.amount_cents is None and terms.template_id is None:
-        return ()
-    due = rebates_due(cs.referral_count(conn, referrer, activity_id), terms.every)
-    have = cs.rebate_numbers(conn, referrer, activity_id)
-    written = []
-    for number in range(1, due + 1):
-        if number in have:
-            continue
-        rebate_id = cs.insert_rebate(
-            conn, referrer=referrer, activity_id=activity_id, rebate_no=number, terms=terms, now=now
+        return Settled()
+    standing = rs.standing_rebates(conn, referrer, activity_id)
+    earned = rebates_due(rs.earning_referrals(conn, referrer, activity_id), terms.every)
+    to_write, to_reverse = rebate_changes(earned=earned, standing=len(standing))
+    taken_back = []
+    for rebate in reversed(standing[len(standing) - to_reverse :] if to_reverse else []):
+        reversal = rebate_reversal(amount_cents=rebate.amount_cents, code_status=rebate.code_status)
+        rs.reverse_rebate(conn, rebate, reversal, now)
+        taken_back.append(rebate.rebate_no)
+        log.warning(
+            "rebate %s of member %s taken back (%s): its referrals no longer earn it",
+            rebate.rebate_no,
+            referrer,
+            reversal.value,
         )
-        if rebate_id is None:
-            continue
-        written.append(number)
-        if terms.amount_cents is None and terms.template_id is not None:
-            expires_at = coupon_expiry(
-                now, zone=terms.timezone, validity_days=terms.validity_days, valid_until=terms.valid_until
-            )
-            code = cs.bind_rebate_code(
-                conn,
-                rebate_id=rebate_id,
-                member=referrer,
-                template=terms.template_id,
-                now=now,
-                expires_at=expires_at,
-            )
-            if code is None:
-                log.warning(
-                    "rebate %s of member %s owed: the rebate template's pool is empty", number, referrer
-                )
-    return tuple(written)
+    first = len(standing) + 1
+    written = [
+        number
+        for number in range(first, first + to_write)
+        if _write_rebate(conn, referrer, activity_id, number, terms=terms, now=now)
+    ]
+    return Settled(written=tuple(written), reversed=tuple(taken_back))
+
+
+def _write_rebate(
+    conn: Conn, referrer: int, activity_id: int, number: int, *, terms: cs.RebateTerms, now: datetime
+) -> bool:
+    rebate_id = cs.insert_rebate(
+        conn, referrer=referrer, activity_id=activity_id, rebate_no=number, terms=terms, now=now
+    )
+    if rebate_id is None:
+        return False
+    if terms.amount_cents is None and terms.template_id is not None:
+        expires_at = coupon_expiry(
+            now, zone=terms.timezone, validity_days=terms.validity_days, valid_until=terms.valid_until
+        )
+        code = cs.bind_rebate_code(
+            conn,
+            rebate_id=rebate_id,
+            member=referrer,
+            template=terms.template_id,
+            now=now,
+            expires_at=expires_at,
+        )
+        if code is None:
+            log.warning("rebate %s of member %s owed: the rebate template's pool is empty", number, referrer)
+    return True
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,7 +385,10 @@ def register_member(
             e164 = normalize_phone(message.phone, settings.default_region)
         except InvalidPhone as exc:
             raise InvalidMessage("bad_phone", str(exc)) from None
-        digest_masked = (phone_digest(e164, settings.phone_key), mask_phone(e164))
+        keys = require_phone_keys(settings)
+        digests = phone_digests(e164, keys.secrets)
+        store.rekey_members(conn, keys.current_id, [digests])  # found under an older key: re-keyed
+        digest_masked = (digests[0][1], mask_phone(e164), keys.current_id)
     member = cs.register_member(
         conn,
         registered_at=message.registered_at,

@@ -1,13 +1,24 @@
 """The promise's safety net: claims bound but not credited after a grace
-period get their credit message sent again.
+period get their credit message sent again, and claims accepted but never
+recorded get their claim message sent again.
 
-A claim that was never recorded is still in the broker (the claim message is
-acknowledged only after its decision commits), so only bound claims matter.
-Re-sending is idempotent twice over: the credit message carries the same
-stable message ID as the first one (issuance.shared.wire.codec), and the credit handler
-writes each wallet entry at most once. A claim is re-sent at most once per
-grace period (a Redis key per claim), so a stopped credit step does not make
-the sweeper flood its queue.
+Re-sending a credit is idempotent twice over: the credit message carries the
+same stable message ID as the first one (issuance.shared.wire.codec), and
+the credit handler writes each wallet entry at most once.
+
+A claim message is acknowledged only after its decision commits, but its
+queue copy can still be lost before any worker took it (a purge, a policy,
+a broker losing a classic queue). The acceptance ledger
+(issuance.shared.db.ledger) still holds the envelope: an entry older than
+the grace period with neither a ``claims`` row nor a dead letter is
+re-published to the ``claims`` queue byte for byte (not into the ledger
+again), and the claim handler, idempotent by claim ID, absorbs the copy
+if the original turns up after all.
+
+Each claim or envelope is re-sent at most once per grace period (a Redis
+key each), so a stopped step does not make the sweeper flood its queue.
+While the ``claims`` queue holds a backlog, an unrecorded claim may only be
+waiting in it: it is re-sent once it is BACKLOG_PATIENCE grace periods old.
 """
 
 from __future__ import annotations
@@ -16,26 +27,35 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import dramatiq
+import pika.exceptions
 import psycopg
 import redis
+from issuance.shared.db import ledger
 from issuance.shared.db.analytics import PromiseSnapshot, bound_not_credited, promise_snapshot
 from issuance.shared.errors import PublishError
 from issuance.shared.settings import Settings
+from issuance.shared.wire import amqp
+from issuance.shared.wire.codec import LEDGER_ROUTE
+from issuance.shared.wire.ledger import Entry, LedgerAbsent
 from issuance.shared.wire.messages import CreditRequested, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_GRACE = timedelta(minutes=10)
 INTERVAL_SECONDS = 30.0
 # One summary line this often: 288 lines a day, not one per pass.
 SUMMARY_SECONDS = 300.0
 RESENT_KEY = "issuance:sweeper:resent:{}"
+REDRIVEN_KEY = "issuance:sweeper:redriven:{}"
+# Grace periods a claim may wait in a backlog of its queue before it is re-sent anyway.
+BACKLOG_PATIENCE = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +63,9 @@ class SweepResult:
     found: int
     requeued: int
     promise: PromiseSnapshot
+    # Ledger entries accepted and not recorded, and how many were re-published.
+    unrecorded: int = 0
+    redriven: int = 0
 
 
 def sweep(
@@ -55,30 +78,34 @@ def sweep(
     cache: redis.Redis | None = None,
 ) -> SweepResult:
     """One pass: find claims bound ``grace`` ago or earlier and not credited,
-    re-send their credit messages (oldest deadline first), and return what
-    was found with the promise as it stands at ``now``."""
+    re-send their credit messages (oldest deadline first); find claims
+    accepted ``grace`` ago or earlier and never recorded, re-send their claim
+    messages from the ledger; return what was found with the promise as it
+    stands at ``now``."""
     now = now or utcnow()
     with psycopg.connect(settings.database_url) as conn:
         overdue = bound_not_credited(conn, now=now, grace=grace, limit=limit)
         promise = promise_snapshot(conn, now)
+        lost = _unrecorded(conn, settings, grace, limit)
+    ttl = max(int(grace.total_seconds()), 1)
     own_cache = cache is None
     cache = cache or redis.Redis.from_url(settings.redis_url, socket_timeout=2)
     try:
-        due = _not_recently_resent(cache, overdue, ttl=max(int(grace.total_seconds()), 1))
+        due = _not_recently_resent(cache, overdue, ttl, RESENT_KEY, str)
+        lost_now = due_for_redrive(lost.entries, _queued_claims(settings) if lost.entries else 0, grace)
+        redrive = _not_recently_resent(cache, lost_now, ttl, REDRIVEN_KEY, lambda e: e.message_id)
     finally:
         if own_cache:
             cache.close()
-    if due:
-        from issuance.workers.instruments import SWEEPER_REQUEUED
-
+    if due or redrive:
         own_publisher = publisher is None
-        publisher = publisher or RabbitPublisher.from_settings(settings)
+        # Re-sent claims go to their queue only: the ledger has them already.
+        publisher = publisher or RabbitPublisher.from_settings(settings, ledger=False)
         try:
-            publisher.publish_many(credit_messages(due))
+            _resend(publisher, due, redrive)
         finally:
             if own_publisher:
                 publisher.close()
-        SWEEPER_REQUEUED.inc(len(due))
     if overdue:
         log.warning(
             "%d claims bound and not credited after %s; re-sent %d credit messages",
@@ -86,7 +113,66 @@ def sweep(
             grace,
             len(due),
         )
-    return SweepResult(found=len(overdue), requeued=len(due), promise=promise)
+    if lost.unsettled:
+        log.warning(
+            "%d accepted claim messages not recorded after %s (ledger offsets %s..); re-sent %d",
+            lost.unsettled,
+            grace,
+            lost.checkpoint,
+            len(redrive),
+        )
+    return SweepResult(
+        found=len(overdue),
+        requeued=len(due),
+        promise=promise,
+        unrecorded=lost.unsettled,
+        redriven=len(redrive),
+    )
+
+
+def due_for_redrive(
+    entries: Sequence[Entry], backlog: int, grace: timedelta, now_ms: int | None = None
+) -> list[Entry]:
+    """The unrecorded entries to re-publish now. While the ``claims`` queue
+    holds a ``backlog``, an entry past the grace may simply be waiting in
+    it: only those older than BACKLOG_PATIENCE grace periods are re-sent
+    then, so a backlog is not doubled and a lost claim still comes back."""
+    if not backlog:
+        return list(entries)
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    oldest = now_ms - BACKLOG_PATIENCE * int(grace.total_seconds() * 1000)
+    return [e for e in entries if e.accepted_ms < oldest]
+
+
+def _queued_claims(settings: Settings) -> int:
+    """How many messages wait in the ``claims`` queue (0 when there is none)."""
+    connection = amqp.connect(settings.amqp_url)
+    try:
+        return int(connection.channel().queue_declare(LEDGER_ROUTE, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _unrecorded(conn: Any, settings: Settings, grace: timedelta, limit: int) -> ledger.Reconciliation:
+    """The ledger's entries past ``grace`` not recorded (none without a ledger)."""
+    try:
+        return ledger.reconcile(conn, settings.amqp_url, grace=grace, keep=limit)
+    except LedgerAbsent as exc:
+        return ledger.Reconciliation(absent=str(exc))
+
+
+def _resend(publisher: Publisher, credits: list[uuid.UUID], entries: list[Entry]) -> None:
+    from issuance.workers.instruments import SWEEPER_REDRIVEN, SWEEPER_REQUEUED
+
+    if entries:
+        publisher.publish_encoded(e.item() for e in entries)
+        SWEEPER_REDRIVEN.inc(len(entries))
+    if credits:
+        publisher.publish_many(credit_messages(credits))
+        SWEEPER_REQUEUED.inc(len(credits))
 
 
 def credit_messages(claim_ids: Sequence[uuid.UUID], batch: int = 500) -> Iterator[CreditRequested]:
@@ -101,20 +187,23 @@ def credit_messages(claim_ids: Sequence[uuid.UUID], batch: int = 500) -> Iterato
             yield CreditRequested.from_payload({"v": CreditRequested.VERSION, "claim_id": str(claim_id)})
 
 
-def _not_recently_resent(cache: redis.Redis, claim_ids: list[uuid.UUID], ttl: int) -> list[uuid.UUID]:
-    """The claims not re-sent within ``ttl`` seconds; marks them as re-sent.
-    Without Redis every one is re-sent (duplicates are harmless)."""
-    if not claim_ids:
+def _not_recently_resent(
+    cache: redis.Redis, items: Sequence[T], ttl: int, key: str, name: Callable[[T], str]
+) -> list[T]:
+    """The items not re-sent within ``ttl`` seconds (``key`` formatted with
+    each one's ``name``); marks them as re-sent. Without Redis every one is
+    re-sent (duplicates are harmless)."""
+    if not items:
         return []
     try:
         pipe = cache.pipeline(transaction=False)
-        for claim_id in claim_ids:
-            pipe.set(RESENT_KEY.format(claim_id), b"1", nx=True, ex=ttl)
+        for item in items:
+            pipe.set(key.format(name(item)), b"1", nx=True, ex=ttl)
         fresh = pipe.execute()
     except redis.RedisError as exc:
-        log.warning("Redis unavailable (%s): re-sending every overdue credit", exc)
-        return list(claim_ids)
-    return [claim_id for claim_id, was_set in zip(claim_ids, fresh, strict=True) if was_set]
+        log.warning("Redis unavailable (%s): re-sending everything overdue", exc)
+        return list(items)
+    return [item for item, was_set in zip(items, fresh, strict=True) if was_set]
 
 
 def run_sweeper(
@@ -136,7 +225,7 @@ def run_sweeper(
             started = time.monotonic()
             try:
                 tally.add(sweep(settings, grace=grace))
-            except (psycopg.Error, redis.RedisError, PublishError, OSError) as exc:
+            except (psycopg.Error, redis.RedisError, PublishError, pika.exceptions.AMQPError, OSError) as exc:
                 tally.failed += 1
                 log.error("sweep failed: %s; trying again in %.0fs", exc, interval)
             done += 1
@@ -157,12 +246,16 @@ class _Tally:
     failed: int = 0
     found: int = 0
     requeued: int = 0
+    unrecorded: int = 0
+    redriven: int = 0
     last: SweepResult | None = None
 
     def add(self, result: SweepResult) -> None:
         self.passes += 1
         self.found += result.found
         self.requeued += result.requeued
+        self.unrecorded += result.unrecorded
+        self.redriven += result.redriven
         self.last = result
 
     def report(self) -> _Tally:
@@ -170,13 +263,15 @@ class _Tally:
         if self.passes or self.failed:
             promise = self.last.promise if self.last else None
             log.info(
-                "sweeper: %d passes in %.0fs (%d failed), %d overdue found, %d credits re-sent;"
-                " now %s uncredited, oldest %.0fs",
+                "sweeper: %d passes in %.0fs (%d failed), %d overdue found, %d credits re-sent,"
+                " %d accepted claims unrecorded, %d re-sent; now %s uncredited, oldest %.0fs",
                 self.passes,
                 time.monotonic() - self.since,
                 self.failed,
                 self.found,
                 self.requeued,
+                self.unrecorded,
+                self.redriven,
                 promise.uncredited if promise else "?",
                 promise.oldest_age_seconds if promise else 0,
             )

@@ -34,6 +34,7 @@ ORDER_ID = re.compile(ORDER_ID_PATTERN)
 CODE = re.compile(CODE_PATTERN)
 DIGITS = re.compile(r"^[0-9]{1,19}$")
 CART_FIELDS = frozenset(("member_id", "amount_cents", "items", "codes"))
+REFUND_FIELDS = frozenset(("refunded_by", "fulfilled"))
 OPENAPI_BYTES = orjson.dumps(SPEC)
 
 
@@ -110,6 +111,20 @@ def cart_request(body: dict[str, Any]) -> tuple[int, Cart, list[str]]:
     ):
         raise BadRequest(f"codes must be 1 to {MAX_CODES} distinct codes matching {CODE_PATTERN}")
     return member_id, Cart(amount_cents=amount, items=items, at=utcnow()), codes
+
+
+def refund_request(body: dict[str, Any]) -> tuple[str, bool]:
+    """(who refunds, whether the order was fulfilled) from a RefundRequest body."""
+    unknown = sorted(set(body) - REFUND_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown fields {unknown}")
+    refunded_by = body.get("refunded_by", "buyer")
+    fulfilled = body.get("fulfilled", False)
+    if refunded_by not in ("buyer", "merchant"):
+        raise BadRequest("refunded_by must be buyer or merchant")
+    if not isinstance(fulfilled, bool):
+        raise BadRequest("fulfilled must be true or false")
+    return refunded_by, fulfilled
 
 
 def option_json(option: CouponOption) -> dict[str, Any]:
@@ -216,6 +231,16 @@ def create_app(
     redeem = order_step("redeem", service.redeem)
     release = order_step("release", service.release)
 
+    async def refund(request: Request) -> Response:
+        order_id = order_id_of(request)
+        refunded_by, fulfilled = refund_request(await body_of(request, required=False))
+        answer = await run_in_threadpool(
+            lambda: service.refund(
+                state["pool"], order_id, at=utcnow(), refunded_by=refunded_by, fulfilled=fulfilled
+            )
+        )
+        return answer_response(answer)
+
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI_BYTES, media_type="application/json")
 
@@ -235,6 +260,7 @@ def create_app(
             route("/api/orders/{order_id}/reserve", reserve, "POST"),
             route("/api/orders/{order_id}/redeem", redeem, "POST"),
             route("/api/orders/{order_id}/release", release, "POST"),
+            route("/api/orders/{order_id}/refund", refund, "POST"),
             Route("/api/openapi.json", openapi, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -37,12 +37,33 @@ CART_REQUEST: dict[str, Any] = {
 
 EMPTY_REQUEST: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
 
+REFUND_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "refunded_by": {
+            "type": "string",
+            "enum": ["buyer", "merchant"],
+            "default": "buyer",
+            "description": "who refunds: a merchant's refund before fulfilment gives the coupons back",
+        },
+        "fulfilled": {
+            "type": "boolean",
+            "default": False,
+            "description": "whether the order was fulfilled (shipped): a refund after it voids the coupons",
+        },
+    },
+}
+
 ANSWER: dict[str, Any] = {
     "type": "object",
     "required": ["order_id", "outcome", "discount_cents", "coupons", "refused", "reason", "message"],
     "properties": {
         "order_id": {"type": "string"},
-        "outcome": {"type": "string", "enum": ["valid", "reserved", "redeemed", "released", "refused"]},
+        "outcome": {
+            "type": "string",
+            "enum": ["valid", "reserved", "redeemed", "released", "returned", "voided", "refused"],
+        },
         "discount_cents": {**MINOR_UNITS, "description": "the order's total saving"},
         "coupons": {
             "type": "array",
@@ -89,7 +110,7 @@ COUPON_OPTION: dict[str, Any] = {
             "description": "discount_rate: basis points off (1500 = 15% off); otherwise minor units",
         },
         "threshold_cents": MINOR_UNITS,
-        "status": {"type": "string", "enum": ["unused", "used", "expired", "cancelled"]},
+        "status": {"type": "string", "enum": ["unused", "used", "expired", "cancelled", "voided"]},
         "valid_from": {"type": ["string", "null"], "format": "date-time"},
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "applicable": {"type": "boolean"},
@@ -167,7 +188,8 @@ SPEC: dict[str, Any] = {
         "description": (
             "For the order system: which of a member's coupons apply to a cart and what each saves,"
             " best first; validate a chosen set; reserve it when the order is created, redeem it at"
-            " payment, release it on unpaid cancellation (a reservation also lapses after its hold)."
+            " payment, release it on unpaid cancellation (a reservation also lapses after its hold);"
+            " on a refund, return the coupons (the merchant's, before fulfilment) or void them."
             " Every operation is idempotent by order ID; a code is held or redeemed by at most one"
             " order. Amounts are integers in minor units. Times are the server's."
         ),
@@ -237,11 +259,23 @@ SPEC: dict[str, Any] = {
             "EmptyRequest",
             "released",
         ),
+        "/api/orders/{order_id}/refund": _order_operation(
+            "refundCoupons",
+            "The paid order is refunded: its codes are returned or voided",
+            (
+                "A merchant's refund before fulfilment returns the codes (an expired one comes back"
+                " expired): outcome returned. Any other refund voids them: outcome voided, final."
+                " An unpaid order is refused (not_paid: release it). Again: the same answer."
+            ),
+            "RefundRequest",
+            "returned or voided",
+        ),
     },
     "components": {
         "schemas": {
             "CartRequest": CART_REQUEST,
             "EmptyRequest": EMPTY_REQUEST,
+            "RefundRequest": REFUND_REQUEST,
             "CheckoutAnswer": ANSWER,
             "CouponOption": COUPON_OPTION,
             "CouponList": COUPON_LIST,

@@ -14,6 +14,9 @@ both hold or redeem it.
   discount), as the asynchronous ``order-placed`` path records them.
 - :func:`release`: on unpaid cancellation, give the held codes back;
   :func:`release_timed_out` does the same for holds that lapsed.
+- :func:`refund`: a paid order refunded: a merchant's refund before
+  fulfilment gives its codes back, any other voids them (the rule the
+  asynchronous ``order-status-changed`` path applies too).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from typing import Any
 
 from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
+from issuance.shared.db import refund_store as rs
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.checkout import Cart, ChosenSet, CouponOption, choose, options_for
 from issuance.shared.domain.coupons import LifecycleRefusal
+from issuance.shared.domain.refunds import RELEASED_CANCELLED, RELEASED_REFUNDED, CouponFate, coupon_fate
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,8 @@ class Outcome(enum.StrEnum):
     RESERVED = "reserved"
     REDEEMED = "redeemed"
     RELEASED = "released"
+    RETURNED = "returned"
+    VOIDED = "voided"
     REFUSED = "refused"
 
 
@@ -124,7 +131,7 @@ def validate(
 # Why a held code can no longer be used at payment, by the state it is in;
 # kept as the reservation's release reason, so asking again answers alike.
 LOST = {"cancelled": LifecycleRefusal.CANCELLED, "used": LifecycleRefusal.ALREADY_USED}
-ORDER_CANCELLED = "order_cancelled"
+ORDER_CANCELLED = RELEASED_CANCELLED
 TIMEOUT = "timeout"
 
 
@@ -219,7 +226,7 @@ def _state_answer(order_id: str, rows: Sequence[ks.ReservationRow]) -> CheckoutA
     reasons = {r.release_reason for r in rows if r.release_reason is not None}
     if TIMEOUT in reasons:
         return _refused(order_id, LifecycleRefusal.RESERVATION_EXPIRED)
-    lost = sorted(reasons - {ORDER_CANCELLED})
+    lost = sorted(reasons - {ORDER_CANCELLED, RELEASED_REFUNDED})
     if lost:
         return _refused(order_id, LifecycleRefusal(lost[0]))
     return _from_rows(order_id, Outcome.RELEASED, rows)
@@ -277,6 +284,39 @@ def release(pool: ConnectionPool, order_id: str, *, at: datetime) -> CheckoutAns
             return _refused(order_id, LifecycleRefusal.ORDER_ALREADY_PAID)
         ks.release_order(conn, order_id, at, ORDER_CANCELLED)
     return _from_rows(order_id, Outcome.RELEASED, rows)
+
+
+def refund(
+    pool: ConnectionPool, order_id: str, *, at: datetime, refunded_by: str = "buyer", fulfilled: bool = False
+) -> CheckoutAnswer:
+    """The paid order is refunded: by the merchant before fulfilment, its
+    codes are given back (returned; an expired one comes back expired); any
+    other refund voids them (voided: neither usable nor returned). Asking
+    again gives the same answer, whatever it asks; so does a refund the
+    ``order-status-changed`` path applied first. The order's status and its
+    referrals follow that event."""
+    with pool.connection() as conn, conn.transaction():
+        # The order row first, as the order-status-changed path locks it.
+        order = cs.order_by_id(conn, order_id, lock=True)
+        rows = ks.reservations_of(conn, order_id, lock=True)
+        if order is None or not rows:
+            return _refused(order_id, LifecycleRefusal.UNKNOWN_ORDER)
+        if _given_back(rows):
+            return _from_rows(order_id, Outcome.RETURNED, rows)
+        if any(r.state != "redeemed" for r in rows):
+            return _refused(order_id, LifecycleRefusal.NOT_PAID)
+        shipped = fulfilled or order.status == "fulfilled"
+        fate = coupon_fate(
+            order_status="fulfilled" if shipped else "paid", new_status="refunded", refunded_by=refunded_by
+        )
+        rs.settle_coupons(conn, order_id, fate or CouponFate.VOID, at=at, reason=RELEASED_REFUNDED)
+        after = ks.reservations_of(conn, order_id)
+    outcome = Outcome.RETURNED if _given_back(after) else Outcome.VOIDED
+    return _from_rows(order_id, outcome, rows)
+
+
+def _given_back(rows: Sequence[ks.ReservationRow]) -> bool:
+    return all(r.state == "released" and r.release_reason == RELEASED_REFUNDED for r in rows)
 
 
 def release_timed_out(pool: ConnectionPool, *, now: datetime, batch: int = 1000) -> int:

@@ -52,11 +52,12 @@ from issuance.shared.domain import (
     mask_phone,
     normalize_phone,
     phone_digest,
+    phone_digests,
     window_refusal,
 )
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
-from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_key
+from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_keys
 from issuance.shared.wire.messages import SLUG, ClaimRequested, Message, ShareOpened, utcnow
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -173,7 +174,10 @@ class ActivityPageApp:
         self.settings = settings
         self.allowed_regions = parse_regions(settings.web_allowed_regions)
         self.challenge = challenge or Challenge(ChallengePolicy.parse(settings.web_challenge))
-        self.status_key = status_key(settings.phone_key)
+        self.phone_keys = require_phone_keys(settings)
+        # Tokens are made with the current phone key's and accepted with every
+        # configured key's: a rotation does not lock claimants out of claims in flight.
+        self.status_keys = [status_key(secret) for _, secret in self.phone_keys.secrets]
         self.trusted = parse_origins(settings.web_trusted_origins)
         self.own_hosts = own_hosts(settings.activity_base_url, self.trusted)
         hours = settings.credit_promise_seconds // 3600
@@ -220,7 +224,7 @@ class ActivityPageApp:
             await pool.close()
 
     def _remember_confirmed(self, messages: list[Message]) -> None:
-        key = self.settings.phone_key
+        key = self.phone_keys.current
         self.gate.remember_accepted(
             [
                 (m.claim_id, m.activity, phone_digest(m.phone, key))
@@ -340,13 +344,14 @@ class ActivityPageApp:
     async def _gate_and_publish(
         self, request: Request, form: ClaimForm, activity: ActivityPage, e164: str, now: datetime
     ) -> Response:
-        digest = phone_digest(e164, self.settings.phone_key)
+        (_, digest), *older = phone_digests(e164, self.phone_keys.secrets)
         claim_id = form.claim_id or uuid.uuid4()
         verdict = await self.gate.check_claim(
             client_ip=_client_ip(request),
             activity=activity.slug,
             group=activity.exclusivity_group,
             digest=digest,
+            older_digests=[d for _, d in older],
             claim_id=claim_id,
             remaining=activity.remaining,
             share_id=form.share_id,
@@ -377,7 +382,7 @@ class ActivityPageApp:
         body = {
             "status": "accepted",
             "claim_id": str(claim_id),
-            "status_token": status_token(self.status_key, claim_id),
+            "status_token": status_token(self.status_keys[0], claim_id),
             "message": self.accepted_text,
         }
         return JSON(body, 202)
@@ -393,7 +398,7 @@ class ActivityPageApp:
         except ValueError:
             return JSON({"status": "unknown", "message": NO_SUCH_CLAIM}, 404)
         token = request.query_params.get("token") or request.headers.get(TOKEN_HEADER)
-        if not token_matches(self.status_key, claim_id, token):
+        if not any(token_matches(key, claim_id, token) for key in self.status_keys):
             # The same answer as an unknown claim: a stranger learns nothing,
             # not even that the claim exists.
             return JSON({"status": "unknown", "message": NO_SUCH_CLAIM}, 404)
@@ -485,7 +490,7 @@ def create_app(
     challenge answers when ``ISSUANCE_WEB_CHALLENGE`` is on (none: every
     challenged claim is refused, saying no provider is configured)."""
     settings = settings or load_settings()
-    require_phone_key(settings)
+    require_phone_keys(settings)
     challenge = Challenge(ChallengePolicy.parse(settings.web_challenge), challenge_verifier)
     page = ActivityPageApp(settings, publisher_factory, challenge)
     routes = [

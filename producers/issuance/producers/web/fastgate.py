@@ -25,6 +25,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
@@ -55,8 +56,14 @@ class Verdict(enum.StrEnum):
 
 
 # KEYS: the rate counters (address, network, number, share), the
-# activity's and the group's "received" sets, the budget, the accepted marker.
-# A limit of 0 is not counted (a claim without a share).
+# activity's and the group's "received" sets, the budget, the accepted marker,
+# then the number's rate counters under its older phone keys.
+# ARGV: the number's digest, the four limits, the window, the budget seed and
+# its lifetime, the accepted fingerprint; then, while a phone key rotation
+# is rolled out (deploy/SECURITY.md), the count n of older keys, the digests
+# under them and the fingerprints with them: a number counts and is found
+# under every key the page knows. A limit of 0 is not counted (a claim
+# without a share).
 CHECK_CLAIM = """
 local function hit(key, limit, window)
   if tonumber(limit) == 0 then return false end
@@ -64,18 +71,33 @@ local function hit(key, limit, window)
   if n == 1 then redis.call('EXPIRE', key, window) end
   return n > tonumber(limit)
 end
+local older = tonumber(ARGV[10] or '0')
+local function received(key)
+  if redis.call('SISMEMBER', key, ARGV[1]) == 1 then return true end
+  for i = 1, older do
+    if redis.call('SISMEMBER', key, ARGV[10 + i]) == 1 then return true end
+  end
+  return false
+end
 local window = ARGV[6]
 if hit(KEYS[1], ARGV[2], window) then return 'rate_ip' end
 if hit(KEYS[2], ARGV[3], window) then return 'rate_network' end
-if hit(KEYS[3], ARGV[4], window) then return 'rate_phone' end
+local phone = hit(KEYS[3], ARGV[4], window)
+for i = 1, older do
+  if hit(KEYS[8 + i], ARGV[4], window) then phone = true end
+end
+if phone then return 'rate_phone' end
 if hit(KEYS[4], ARGV[5], window) then return 'rate_share' end
 local seen = redis.call('GET', KEYS[8])
 if seen then
   if seen == ARGV[9] then return 'duplicate' end
+  for i = 1, older do
+    if seen == ARGV[10 + older + i] then return 'duplicate' end
+  end
   return 'conflict'
 end
-if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 then return 'already_received' end
-if redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 1 then return 'similar_activity' end
+if received(KEYS[5]) then return 'already_received' end
+if received(KEYS[6]) then return 'similar_activity' end
 redis.call('SET', KEYS[7], ARGV[7], 'NX', 'EX', ARGV[8])
 if redis.call('DECR', KEYS[7]) < 0 then return 'sold_out' end
 return 'ok'
@@ -187,8 +209,11 @@ class FastGate:
         claim_id: uuid.UUID,
         remaining: int,
         share_id: uuid.UUID | None = None,
+        older_digests: Sequence[bytes] = (),
     ) -> Verdict:
-        """Count the attempt and answer what Redis already knows."""
+        """Count the attempt and answer what Redis already knows.
+        ``older_digests``: the number under the older phone keys still
+        configured (a rotation in progress), counted and looked up too."""
         member = digest.hex()
         limits = self.limits
         window = limits.window_seconds
@@ -216,6 +241,7 @@ class FastGate:
             gate.group_key(group),
             budget_key(activity),
             accepted_key(claim_id),
+            *(rate_key("phone", f"{activity}:{d.hex()}") for d in older_digests),
         ]
         args: list[str | int] = [
             member,
@@ -228,6 +254,9 @@ class FastGate:
             BUDGET_SYNC_SECONDS,
             fingerprint(activity, digest),
         ]
+        if older_digests:
+            args += [len(older_digests), *(d.hex() for d in older_digests)]
+            args += [fingerprint(activity, d) for d in older_digests]
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._queued.append(_Check(keys, args, local, future))
         if self._drainer is None:

@@ -53,9 +53,12 @@ class ActivityReport:
     claims_credited: int
     credits_held: int
     referrals: int
+    referrals_reversed: int
     rebates_earned: int
     rebate_amount_cents: int
     rebate_coupons: int
+    rebates_clawed_back: int
+    rebates_for_review: int
     claims_last_24h: int
     days_until_exhausted: float | None
     templates: tuple[TemplateStock, ...]
@@ -86,7 +89,7 @@ SELECT count(*) AS claims_requested,
 TEMPLATES = """
 SELECT t.prefix, t.kind, count(c.code) AS generated,
        count(c.code) FILTER (WHERE c.status = 'available') AS available,
-       count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')) AS issued,
+       count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired', 'voided')) AS issued,
        count(c.code) FILTER (WHERE c.status = 'used') AS used,
        count(c.code) FILTER (WHERE c.status = 'expired') AS expired,
        count(c.code) FILTER (WHERE c.status = 'cancelled') AS cancelled
@@ -95,7 +98,9 @@ SELECT t.prefix, t.kind, count(c.code) AS generated,
  GROUP BY t.template_id ORDER BY t.position
 """
 
-# Coupons claimed in this activity's packages, and what their use brought.
+# Coupons claimed in this activity's packages, and what their use brought:
+# sales are paid orders not refunded (an unpaid order is no sale yet, a
+# refunded one no longer is; issue 16 item 7).
 USAGE = """
 WITH claimed AS (
     SELECT c.code, c.status, c.order_id, c.discount_cents
@@ -104,7 +109,7 @@ WITH claimed AS (
 ), used_orders AS (
     SELECT DISTINCT o.order_id, o.amount_cents
       FROM claimed c JOIN orders o USING (order_id)
-     WHERE c.status = 'used'
+     WHERE c.status = 'used' AND o.status IN ('paid', 'fulfilled')
 )
 SELECT (SELECT count(*) FROM claimed) AS coupons_claimed,
        (SELECT count(*) FROM claimed WHERE status = 'used') AS coupons_used,
@@ -120,11 +125,20 @@ SELECT (SELECT count(*) FROM shares WHERE activity_id = %(activity_id)s) AS shar
          WHERE s.activity_id = %(activity_id)s) AS shares_opened,
        (SELECT count(*) FROM held_credits h JOIN claims k USING (claim_id)
          WHERE k.activity_id = %(activity_id)s AND h.released_at IS NULL) AS credits_held,
-       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s) AS referrals,
-       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s) AS rebates_earned,
-       (SELECT coalesce(sum(amount_cents), 0) FROM rebates WHERE activity_id = %(activity_id)s)::bigint
-           AS rebate_amount_cents,
-       (SELECT count(code) FROM rebates WHERE activity_id = %(activity_id)s) AS rebate_coupons
+       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s AND reversed_at IS NULL)
+           AS referrals,
+       (SELECT count(*) FROM referrals WHERE activity_id = %(activity_id)s AND reversed_at IS NOT NULL)
+           AS referrals_reversed,
+       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s AND reversed_at IS NULL)
+           AS rebates_earned,
+       (SELECT coalesce(sum(amount_cents), 0) FROM rebates
+         WHERE activity_id = %(activity_id)s AND reversed_at IS NULL)::bigint AS rebate_amount_cents,
+       (SELECT count(code) FROM rebates WHERE activity_id = %(activity_id)s AND reversed_at IS NULL)
+           AS rebate_coupons,
+       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s AND reversal = 'clawed_back')
+           AS rebates_clawed_back,
+       (SELECT count(*) FROM rebates WHERE activity_id = %(activity_id)s AND reversal = 'review')
+           AS rebates_for_review
 """
 
 
@@ -203,6 +217,10 @@ def render_table(report: ActivityReport) -> str:
         ("referrals / rebates earned", f"{r.referrals} / {r.rebates_earned}"),
         ("rebates paid", f"{_money(r.rebate_amount_cents)} and {r.rebate_coupons} coupons"),
         (
+            "refunds: referrals reversed / rebates clawed back / for review",
+            f"{r.referrals_reversed} / {r.rebates_clawed_back} / {r.rebates_for_review}",
+        ),
+        (
             "claims in the last 24 h / days until exhausted",
             f"{r.claims_last_24h} / {'-' if r.days_until_exhausted is None else r.days_until_exhausted}",
         ),
@@ -243,9 +261,12 @@ _SUMMED = (
     "claims_credited",
     "credits_held",
     "referrals",
+    "referrals_reversed",
     "rebates_earned",
     "rebate_amount_cents",
     "rebate_coupons",
+    "rebates_clawed_back",
+    "rebates_for_review",
     "claims_last_24h",
 )
 

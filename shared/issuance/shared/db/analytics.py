@@ -205,8 +205,8 @@ def template_figures(conn: Conn, now: datetime, horizon: timedelta = REPORT_HORI
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class UsageFigures:
-    """Orders that used the activity's coupons (placed or paid: cancelled
-    orders give their coupons back, refunded ones are no sale)."""
+    """Paid orders that used the activity's coupons and were not refunded
+    (an unpaid order is no sale yet; cancelled ones give their coupons back)."""
 
     slug: str
     orders: int
@@ -226,7 +226,7 @@ SELECT a.slug, count(o.order_id) AS orders, coalesce(sum(u.discount), 0)::bigint
        coalesce(sum(o.amount_cents), 0)::bigint AS sales_cents
   FROM used u
   JOIN activities a ON a.activity_id = u.activity_id
-  JOIN orders o ON o.order_id = u.order_id AND o.status IN ('placed', 'paid')
+  JOIN orders o ON o.order_id = u.order_id AND o.status IN ('paid', 'fulfilled')
  GROUP BY a.slug
 """
 

@@ -2,7 +2,9 @@
 credits: readable, named, one function per statement or step.
 
 Functions take an open psycopg connection inside the caller's transaction
-and never commit. The rules themselves are in issuance.shared.domain.coupons.
+and never commit. The rules themselves are in issuance.shared.domain.coupons; refunds (coupons
+returned or voided, referrals reversed, rebates taken back) are in
+issuance.shared.db.refund_store.
 """
 
 from __future__ import annotations
@@ -62,17 +64,6 @@ def set_order_discount(conn: Conn, order_id: str, discount_cents: int) -> None:
     conn.execute("UPDATE orders SET discount_cents = %s WHERE order_id = %s", (discount_cents, order_id))
 
 
-MOVE_ORDER = {
-    "paid": "UPDATE orders SET status = 'paid', paid_at = %s WHERE order_id = %s",
-    "cancelled": "UPDATE orders SET status = 'cancelled', cancelled_at = %s WHERE order_id = %s",
-    "refunded": "UPDATE orders SET status = 'refunded', refunded_at = %s WHERE order_id = %s",
-}
-
-
-def move_order(conn: Conn, order_id: str, status: str, at: datetime) -> None:
-    conn.execute(MOVE_ORDER[status], (at, order_id))
-
-
 # --- coupons -----------------------------------------------------------------
 
 COUPON_FOR_USE = """
@@ -100,20 +91,6 @@ UPDATE codes SET status = 'used', order_id = %(order_id)s, used_at = %(at)s, dis
 def use_coupon(conn: Conn, *, code: str, order_id: str, at: datetime, discount_cents: int) -> bool:
     params = {"code": code, "order_id": order_id, "at": at, "discount": discount_cents}
     return conn.execute(USE_COUPON, params).rowcount == 1
-
-
-RETURN_COUPONS = """
-UPDATE codes
-   SET status = CASE WHEN expires_at <= %(at)s THEN 'expired' ELSE 'unused' END,
-       order_id = NULL, used_at = NULL, discount_cents = NULL
- WHERE order_id = %(order_id)s AND status = 'used'
-"""
-
-
-def return_coupons(conn: Conn, order_id: str, at: datetime) -> int:
-    """Give an order's coupons back (cancelled before payment): unused again,
-    or expired when their time is up (see issuance.shared.domain.coupons.returned_status)."""
-    return conn.execute(RETURN_COUPONS, {"order_id": order_id, "at": at}).rowcount
 
 
 EXPIRE_DUE = """
@@ -171,12 +148,6 @@ def referral_source(conn: Conn, member_id: int) -> ReferralSource | None:
     return (
         conn.cursor(row_factory=class_row(ReferralSource)).execute(REFERRAL_SOURCE, (member_id,)).fetchone()
     )
-
-
-def other_paid_orders(conn: Conn, member_id: int, order_id: str) -> int:
-    sql = "SELECT count(*) FROM orders WHERE member_id = %s AND paid_at IS NOT NULL AND order_id <> %s"
-    row = conn.execute(sql, (member_id, order_id)).fetchone()
-    return int(row[0]) if row else 0
 
 
 # Rebates of one referrer are counted one transaction at a time, so that two
@@ -237,22 +208,11 @@ def rebate_terms(conn: Conn, activity_id: int) -> RebateTerms:
     return terms
 
 
-def referral_count(conn: Conn, referrer: int, activity_id: int) -> int:
-    sql = "SELECT count(*) FROM referrals WHERE referrer_member_id = %s AND activity_id = %s"
-    row = conn.execute(sql, (referrer, activity_id)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def rebate_numbers(conn: Conn, referrer: int, activity_id: int) -> set[int]:
-    sql = "SELECT rebate_no FROM rebates WHERE referrer_member_id = %s AND activity_id = %s"
-    return {int(r[0]) for r in conn.execute(sql, (referrer, activity_id)).fetchall()}
-
-
 INSERT_REBATE = """
 INSERT INTO rebates (referrer_member_id, activity_id, rebate_no, amount_cents, template_id, credited_at)
 VALUES (%(referrer)s, %(activity_id)s, %(rebate_no)s, %(amount)s, %(template)s,
         CASE WHEN %(amount)s::bigint IS NULL THEN NULL ELSE %(now)s::timestamptz END)
-ON CONFLICT (referrer_member_id, activity_id, rebate_no) DO NOTHING
+ON CONFLICT (referrer_member_id, activity_id, rebate_no) WHERE reversed_at IS NULL DO NOTHING
 RETURNING rebate_id
 """
 
@@ -260,7 +220,7 @@ RETURNING rebate_id
 def insert_rebate(
     conn: Conn, *, referrer: int, activity_id: int, rebate_no: int, terms: RebateTerms, now: datetime
 ) -> int | None:
-    """Write the n-th rebate once; an amount is credited by this very row."""
+    """Write the n-th standing rebate once; an amount is credited by this very row."""
     params = {
         "referrer": referrer,
         "activity_id": activity_id,
@@ -330,8 +290,8 @@ def hold_credits(conn: Conn, claim_ids: list[uuid.UUID]) -> set[uuid.UUID]:
 
 
 REGISTER_BY_PHONE = """
-INSERT INTO members (phone_digest, phone_masked, status, registered_at)
-VALUES (%s, %s, 'registered', %s)
+INSERT INTO members (phone_digest, phone_masked, phone_key_id, status, registered_at)
+VALUES (%s, %s, %s, 'registered', %s)
 ON CONFLICT (phone_digest) DO UPDATE
    SET status = 'registered', registered_at = coalesce(members.registered_at, EXCLUDED.registered_at)
 RETURNING member_id, registered_at
@@ -348,10 +308,11 @@ def register_member(
     *,
     registered_at: datetime,
     member_id: int | None = None,
-    digest_masked: tuple[bytes, str] | None = None,
+    digest_masked: tuple[bytes, str, str] | None = None,
 ) -> tuple[int, datetime] | None:
     """Mark a member registered (creating it for an unknown number); None for
-    an unknown member ID. Returns (member_id, first registration time)."""
+    an unknown member ID. Returns (member_id, first registration time).
+    ``digest_masked``: the number's digest, masked form and phone key ID."""
     if digest_masked is not None:
         row = conn.execute(REGISTER_BY_PHONE, (*digest_masked, registered_at)).fetchone()
     else:

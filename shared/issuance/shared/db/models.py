@@ -144,9 +144,11 @@ class Member(Base):
     __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    # HMAC-SHA256 of the E.164 number under ISSUANCE_PHONE_KEY: numbers are
+    # HMAC-SHA256 of the E.164 number under the phone key phone_key_id: numbers are
     # looked up by digest and never stored in clear.
     phone_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
+    # Which phone key made the digest (ISSUANCE_PHONE_KEYS; "1": ISSUANCE_PHONE_KEY).
+    phone_key_id: Mapped[str] = mapped_column(String(16), server_default=text("'1'"))
     phone_masked: Mapped[str] = mapped_column(String(24), server_default="")
     status: Mapped[str] = mapped_column(String(12), server_default="pending")
     created_at: Mapped[datetime] = _now()
@@ -257,8 +259,12 @@ class Code(Base):
     __tablename__ = "codes"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('available', 'unused', 'used', 'expired', 'cancelled')", name="codes_status_check"
+            "status IN ('available', 'unused', 'used', 'expired', 'cancelled', 'voided')",
+            name="codes_status_check",
         ),
+        # Voided (a refund after payment, a rebate taken back) is final; the
+        # trigger codes_void_guard (migration 0010) refuses any move out of it.
+        CheckConstraint("(status = 'voided') = (voided_at IS NOT NULL)", name="codes_voided_check"),
         # A code belongs to a member through exactly one claim or one rebate.
         CheckConstraint(
             "(member_id IS NULL) = (claim_id IS NULL AND rebate_id IS NULL)", name="codes_binding_check"
@@ -269,8 +275,13 @@ class Code(Base):
             ["rebates.rebate_id", "rebates.referrer_member_id"],
             name="codes_rebate_member_fkey",
         ),
-        # A used coupon always names its order; returning it clears both.
-        CheckConstraint("(status = 'used') = (order_id IS NOT NULL)", name="codes_used_order_check"),
+        # A used coupon always names its order; returning it clears both; a
+        # voided one keeps the order that voided it.
+        CheckConstraint(
+            "(status <> 'used' OR order_id IS NOT NULL)"
+            " AND (order_id IS NULL OR status IN ('used', 'voided'))",
+            name="codes_used_order_check",
+        ),
         CheckConstraint(
             "status <> 'used' OR (used_at IS NOT NULL AND discount_cents IS NOT NULL)",
             name="codes_used_detail_check",
@@ -324,6 +335,7 @@ class Code(Base):
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     discount_cents: Mapped[int | None] = mapped_column(BigInteger)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    voided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WalletEntry(Base):
@@ -377,14 +389,39 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = _now()
 
 
+class LedgerCheckpoint(Base):
+    """Where reconciliation resumes reading an acceptance ledger stream: the
+    offset of its first entry not known to be settled (issuance.shared.db.ledger)."""
+
+    __tablename__ = "ledger_checkpoints"
+    __table_args__ = (CheckConstraint("next_offset >= 0", name="ledger_checkpoints_offset_check"),)
+
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = _now()
+
+
 class Order(Base):
     """An order as far as coupons and referrals need it. Orders move
-    placed -> paid -> refunded, or placed -> cancelled."""
+    placed -> paid [-> fulfilled] -> refunded, or placed -> cancelled."""
 
     __tablename__ = "orders"
     __table_args__ = (
-        CheckConstraint("status IN ('placed', 'paid', 'cancelled', 'refunded')", name="orders_status_check"),
-        CheckConstraint("(status IN ('paid', 'refunded')) = (paid_at IS NOT NULL)", name="orders_paid_check"),
+        CheckConstraint(
+            "status IN ('placed', 'paid', 'fulfilled', 'cancelled', 'refunded')", name="orders_status_check"
+        ),
+        CheckConstraint(
+            "(status IN ('paid', 'fulfilled', 'refunded')) = (paid_at IS NOT NULL)", name="orders_paid_check"
+        ),
+        CheckConstraint(
+            "(status <> 'fulfilled' OR fulfilled_at IS NOT NULL)"
+            " AND (fulfilled_at IS NULL OR paid_at IS NOT NULL)",
+            name="orders_fulfilled_check",
+        ),
+        CheckConstraint(
+            "refunded_by IS NULL OR (status = 'refunded' AND refunded_by IN ('buyer', 'merchant'))",
+            name="orders_refunded_by_check",
+        ),
         CheckConstraint("(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="orders_cancelled_check"),
         CheckConstraint("(status = 'refunded') = (refunded_at IS NOT NULL)", name="orders_refunded_check"),
         CheckConstraint(
@@ -403,16 +440,27 @@ class Order(Base):
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    fulfilled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who refunded it: a merchant's refund before fulfilment gives the
+    # coupons back, any other refund voids them (issuance.shared.domain.refunds).
+    refunded_by: Mapped[str | None] = mapped_column(String(8))
 
 
 class Referral(Base):
     """One successful referral: a new member who claimed through a share and
-    then paid a first order. A referee counts once, never for themselves."""
+    then paid a first order. A referee counts once, never for themselves;
+    the referee's refund reverses it (the row stays, so it cannot count again)."""
 
     __tablename__ = "referrals"
     __table_args__ = (
         CheckConstraint("referrer_member_id <> referee_member_id", name="referrals_not_self_check"),
         Index("referrals_referrer_idx", "referrer_member_id", "activity_id"),
+        Index(
+            "referrals_standing_idx",
+            "referrer_member_id",
+            "activity_id",
+            postgresql_where=text("reversed_at IS NULL"),
+        ),
     )
 
     referee_member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), primary_key=True)
@@ -422,15 +470,29 @@ class Referral(Base):
     claim_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("claims.claim_id"), unique=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.order_id"), unique=True)
     counted_at: Mapped[datetime] = _now()
+    reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Rebate(Base):
     """The rebate ledger: the n-th rebate of a referrer in an activity is
-    written once (an amount, or a coupon code bound through ``codes.rebate_id``)."""
+    written once among the standing ones (an amount, or a coupon code bound
+    through ``codes.rebate_id``). A rebate no longer earned is reversed:
+    ``clawed_back`` (its unused coupon voided) or ``review`` (spent already)."""
 
     __tablename__ = "rebates"
     __table_args__ = (
-        UniqueConstraint("referrer_member_id", "activity_id", "rebate_no", name="rebates_once_key"),
+        Index(
+            "rebates_once_key",
+            "referrer_member_id",
+            "activity_id",
+            "rebate_no",
+            unique=True,
+            postgresql_where=text("reversed_at IS NULL"),
+        ),
+        CheckConstraint(
+            "(reversed_at IS NULL) = (reversal IS NULL) AND reversal IN ('clawed_back', 'review')",
+            name="rebates_reversal_check",
+        ),
         UniqueConstraint("rebate_id", "referrer_member_id", name="rebates_id_member_key"),
         CheckConstraint("rebate_no >= 1", name="rebates_no_check"),
         CheckConstraint("(amount_cents IS NULL) <> (template_id IS NULL)", name="rebates_kind_check"),
@@ -449,6 +511,8 @@ class Rebate(Base):
     code: Mapped[str | None] = mapped_column(String(16))
     earned_at: Mapped[datetime] = _now()
     credited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reversal: Mapped[str | None] = mapped_column(String(12))
 
 
 class HeldCredit(Base):

@@ -127,8 +127,8 @@ def lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> None:
 # in the order of the (sorted) input: concurrent batches wait for each other
 # in one global order instead of deadlocking.
 UPSERT_MEMBERS = """
-INSERT INTO members (phone_digest, phone_masked, status)
-SELECT d, m, 'pending' FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
+INSERT INTO members (phone_digest, phone_masked, status, phone_key_id)
+SELECT d, m, 'pending', %s FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
 ON CONFLICT (phone_digest) DO UPDATE SET phone_masked = EXCLUDED.phone_masked WHERE false
 RETURNING phone_digest, member_id
 """
@@ -137,17 +137,64 @@ SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s)
 """
 
 
-def lock_members(conn: Conn, numbers: dict[bytes, str]) -> dict[bytes, int]:
-    """Resolve the members behind phone digests, creating pending ones where
-    needed, and lock their rows: the claims of one member are decided one at
-    a time (no global lock: other members go on in parallel)."""
+def lock_members(conn: Conn, numbers: dict[bytes, str], *, key_id: str) -> dict[bytes, int]:
+    """Resolve the members behind phone digests (made with the phone key
+    ``key_id``), creating pending ones where needed, and lock their rows: the
+    claims of one member are decided one at a time (no global lock: other
+    members go on in parallel). Members still stored under an older key are
+    re-keyed first (:func:`rekey_members`)."""
     digests = sorted(numbers)
-    rows = conn.execute(UPSERT_MEMBERS, (digests, [numbers[d] for d in digests]))
+    rows = conn.execute(UPSERT_MEMBERS, (key_id, digests, [numbers[d] for d in digests]))
     members = {bytes(d): int(m) for d, m in rows}  # the new ones
     known = [d for d in digests if d not in members]
     if known:
         members.update((bytes(d), int(m)) for d, m in conn.execute(LOCK_MEMBERS, (known,), prepare=False))
     return members
+
+
+# Phone key rotation (deploy/SECURITY.md): a member whose digest was made
+# with an older key still listed is moved to the current key's digest, so
+# that the number stays one member. One member per number (the lowest ID,
+# should an older bug have made two), and none where the current digest is
+# taken already.
+REKEY_MEMBERS = """
+WITH found AS (
+    SELECT DISTINCT ON (u.new) m.member_id, u.new
+      FROM unnest(%s::bytea[], %s::bytea[]) AS u(old, new)
+      JOIN members m ON m.phone_digest = u.old
+     WHERE NOT EXISTS (SELECT FROM members c WHERE c.phone_digest = u.new)
+     ORDER BY u.new, m.member_id
+)
+UPDATE members SET phone_digest = found.new, phone_key_id = %s
+  FROM found WHERE members.member_id = found.member_id
+RETURNING members.member_id, members.phone_digest
+"""
+# Two-integer advisory locks: a key space apart from lock_claim_ids' bigints.
+DIGEST_LOCK_CLASS = 0x70686B  # "phk"
+
+
+def rekey_members(
+    conn: Conn, key_id: str, numbers: Sequence[Sequence[tuple[str, bytes]]]
+) -> list[tuple[int, bytes]]:
+    """Move members found under an older phone key to the current one
+    (``key_id``). ``numbers`` holds each number's (key ID, digest) under
+    every configured key, the current one first. Returns (member, current
+    digest) of each member moved; no statement at all with a single key.
+
+    Each number's digests are locked first (transaction-level advisory
+    locks, one global order): two processes whose current keys differ
+    while a rotation rolls out share at least one key, so they cannot both
+    see "no member" and create the number twice."""
+    pairs = [(digest, digests[0][1]) for digests in numbers for _, digest in digests[1:]]
+    if not pairs:
+        return []
+    locks = sorted({int.from_bytes(d[:4], "big", signed=True) for ds in numbers for _, d in ds})
+    conn.execute(
+        "SELECT count(pg_advisory_xact_lock(%s, k)) FROM unnest(%s::int[]) AS k", (DIGEST_LOCK_CLASS, locks)
+    )
+    old, new = (list(column) for column in zip(*pairs, strict=True))
+    rows = conn.execute(REKEY_MEMBERS, (old, new, key_id), prepare=False)
+    return [(int(member), bytes(digest)) for member, digest in rows]
 
 
 MEMBER_GRANTS = """

@@ -17,7 +17,8 @@ from issuance.shared.domain.claims import ClaimStatus
 # Coupons after issuance, orders, referrals and rebates.
 BACKOFFICE_CHECKS: dict[str, str] = {
     "codes_differ_from_batches": """
-        SELECT b.batch_id, b.size, count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired')),
+        SELECT b.batch_id, b.size,
+               count(c.code) FILTER (WHERE c.status IN ('unused', 'used', 'expired', 'voided')),
                count(c.code) FILTER (WHERE c.status = 'available'),
                count(c.code) FILTER (WHERE c.status = 'cancelled')
           FROM code_batches b LEFT JOIN codes c USING (batch_id)
@@ -48,7 +49,34 @@ BACKOFFICE_CHECKS: dict[str, str] = {
                                     WHERE r.referrer_member_id = b.referrer_member_id
                                       AND r.activity_id = b.activity_id) / a.rebate_every""",
     "rebate_not_credited": """
-        SELECT rebate_id FROM rebates WHERE credited_at IS NULL""",
+        SELECT rebate_id FROM rebates WHERE credited_at IS NULL AND reversed_at IS NULL""",
+}
+
+# Refunds (issuance.shared.domain.refunds): what a cancellation or a refund
+# must have undone, and what still stands on it.
+REFUND_CHECKS: dict[str, str] = {
+    "coupon_used_by_refunded_order": """
+        SELECT c.code FROM codes c JOIN orders o USING (order_id)
+         WHERE c.status = 'used' AND o.status = 'refunded'""",
+    "referral_of_refunded_order": """
+        SELECT r.referee_member_id FROM referrals r JOIN orders o USING (order_id)
+         WHERE r.reversed_at IS NULL AND o.status IN ('cancelled', 'refunded')""",
+    "rebate_not_earned": """
+        SELECT b.referrer_member_id, b.activity_id FROM rebates b
+          JOIN activities a USING (activity_id)
+         WHERE b.reversed_at IS NULL
+         GROUP BY b.referrer_member_id, b.activity_id, a.rebate_every
+        HAVING count(*) > (SELECT count(*) FROM referrals r
+                             JOIN orders e ON e.order_id = r.order_id
+                             JOIN shares s ON s.share_id = r.share_id
+                             JOIN orders o ON o.order_id = s.order_id
+                            WHERE r.referrer_member_id = b.referrer_member_id
+                              AND r.activity_id = b.activity_id AND r.reversed_at IS NULL
+                              AND e.status IN ('paid', 'fulfilled')
+                              AND o.status IN ('paid', 'fulfilled')) / a.rebate_every""",
+    "clawed_back_rebate_coupon_still_usable": """
+        SELECT b.rebate_id FROM rebates b JOIN codes c USING (rebate_id)
+         WHERE b.reversal = 'clawed_back' AND c.status = 'unused'""",
 }
 
 CHECKS: dict[str, str] = {
@@ -90,6 +118,7 @@ CHECKS: dict[str, str] = {
            AND NOT EXISTS (SELECT 1 FROM held_credits h
                             WHERE h.claim_id = k.claim_id AND h.released_at IS NULL)""",
     **BACKOFFICE_CHECKS,
+    **REFUND_CHECKS,
 }
 
 # Checks that take the grace period, %(grace)s: a claim is given this long to
@@ -135,6 +164,17 @@ class Report:
             "breaches": {name: len(rows) for name, rows in self.breaches.items()},
             "examples": {name: rows[:5] for name, rows in self.breaches.items() if rows},
         }
+
+
+# The acceptance ledger's check (issuance.shared.db.ledger): claims accepted
+# longer than the grace period ago with neither a row nor a dead letter.
+LEDGER_CHECK = "accepted_unrecorded"
+
+
+def with_ledger(report: Report, found: list[list[str]]) -> Report:
+    """``report`` with the ledger's check: ``found`` is one row per claim
+    accepted and not recorded (claim ID, ledger offset, accepted at)."""
+    return dataclasses.replace(report, breaches={**report.breaches, LEDGER_CHECK: found})
 
 
 def verify(conn: Conn, *, grace: timedelta = DEFAULT_GRACE) -> Report:

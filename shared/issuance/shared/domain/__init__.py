@@ -96,6 +96,12 @@ def phone_digest(e164: str, key: str) -> bytes:
     return hmac.new(key.encode(), e164.encode(), hashlib.sha256).digest()
 
 
+def phone_digests(e164: str, keys: Sequence[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """(key ID, digest) of a number under each (key ID, secret), in order:
+    during a key rotation a member may still be stored under an older key."""
+    return [(kid, phone_digest(e164, secret)) for kid, secret in keys]
+
+
 def mask_phone(number: str) -> str:
     """A number as it may appear in logs, dead letters and screens, whatever
     its typing: ``+86138******00`` for ``+8613800138000``.

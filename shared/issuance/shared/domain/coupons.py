@@ -4,9 +4,11 @@ network code; a unit test checks it).
 
 Coupon states: ``unused`` (bound to a member), ``used`` (redeemed in an
 order), ``expired`` (swept after its expiry), ``cancelled`` (by an
-operator). Orders: ``placed`` -> ``paid`` -> ``refunded``, or ``placed`` ->
-``cancelled``. Every transition is idempotent: asking for the state a thing is
-already in changes nothing; an illegal one is refused with a stable reason.
+operator), ``voided`` (final: refunded after payment, or a rebate taken
+back; see issuance.shared.domain.refunds). Orders: ``placed`` -> ``paid``
+[-> ``fulfilled``] -> ``refunded``, or ``placed`` -> ``cancelled``. Every
+transition is idempotent: asking for the state a thing is already in
+changes nothing; an illegal one is refused with a stable reason.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LifecycleRefusal(enum.StrEnum):
     HELD_BY_ANOTHER_ORDER = "held_by_another_order"
     RESERVATION_EXPIRED = "reservation_expired"
     ORDER_ALREADY_PAID = "order_already_paid"
+    VOIDED = "voided"
 
     @property
     def text(self) -> str:
@@ -66,6 +69,7 @@ REFUSAL_TEXT: dict[LifecycleRefusal, str] = {
     LifecycleRefusal.HELD_BY_ANOTHER_ORDER: "the coupon is reserved by another order",
     LifecycleRefusal.RESERVATION_EXPIRED: "the reservation timed out and was released",
     LifecycleRefusal.ORDER_ALREADY_PAID: "the order is paid: its coupons are redeemed, not released",
+    LifecycleRefusal.VOIDED: "the coupon was voided by a refund",
 }
 
 
@@ -125,6 +129,8 @@ def holder_refusal(*, status: str, owner: int | None, member_id: int) -> Lifecyc
         return LifecycleRefusal.NOT_OWNER
     if status == "cancelled":
         return LifecycleRefusal.CANCELLED
+    if status == "voided":
+        return LifecycleRefusal.VOIDED
     return None
 
 
@@ -169,16 +175,25 @@ class OrderStep(enum.StrEnum):
 
 ORDER_MOVES: dict[tuple[str, str], OrderStep | LifecycleRefusal] = {
     ("placed", "paid"): OrderStep.APPLY,
+    ("placed", "fulfilled"): LifecycleRefusal.NOT_PAID,
     ("placed", "cancelled"): OrderStep.APPLY,
     ("placed", "refunded"): LifecycleRefusal.NOT_PAID,
     ("paid", "paid"): OrderStep.DUPLICATE,
+    ("paid", "fulfilled"): OrderStep.APPLY,
     ("paid", "cancelled"): LifecycleRefusal.PAID_ORDER_NOT_CANCELLABLE,
     ("paid", "refunded"): OrderStep.APPLY,
+    # A payment delivered after the shipment it preceded changes nothing.
+    ("fulfilled", "paid"): OrderStep.DUPLICATE,
+    ("fulfilled", "fulfilled"): OrderStep.DUPLICATE,
+    ("fulfilled", "cancelled"): LifecycleRefusal.PAID_ORDER_NOT_CANCELLABLE,
+    ("fulfilled", "refunded"): OrderStep.APPLY,
     ("cancelled", "cancelled"): OrderStep.DUPLICATE,
     ("cancelled", "paid"): LifecycleRefusal.ORDER_CLOSED,
+    ("cancelled", "fulfilled"): LifecycleRefusal.ORDER_CLOSED,
     ("cancelled", "refunded"): LifecycleRefusal.ORDER_CLOSED,
     ("refunded", "refunded"): OrderStep.DUPLICATE,
     ("refunded", "paid"): LifecycleRefusal.ORDER_CLOSED,
+    ("refunded", "fulfilled"): LifecycleRefusal.ORDER_CLOSED,
     ("refunded", "cancelled"): LifecycleRefusal.ORDER_CLOSED,
 }
 
@@ -207,6 +222,8 @@ def cancel_refusal(status: str) -> LifecycleRefusal | None:
         return LifecycleRefusal.ALREADY_USED
     if status == "expired":
         return LifecycleRefusal.EXPIRED
+    if status == "voided":
+        return LifecycleRefusal.VOIDED
     return None
 
 

@@ -60,6 +60,19 @@ ROUTES: dict[str, Route] = {
 TYPE_BY_ACTOR = {route.actor: type_ for type_, route in ROUTES.items()}
 QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))
 
+# The acceptance ledger: a RabbitMQ stream that keeps a copy of every claim
+# envelope a producer published, for ``LEDGER_MAX_AGE`` or up to
+# ``LEDGER_MAX_BYTES``. Claims are published through ``LEDGER_EXCHANGE``
+# (direct), where both the ``claims`` queue and the stream are bound with the
+# routing key ``claims``: the one publisher confirm arrives only after both
+# took the message, so "accepted" means "in the ledger" too.
+# issuance.shared.db.ledger reconciles it against the database.
+LEDGER_QUEUE = "claims.accepted"
+LEDGER_ROUTE = "claims"
+LEDGER_EXCHANGE = "issuance.producers"
+LEDGER_MAX_AGE = "7D"
+LEDGER_MAX_BYTES = 5_000_000_000
+
 
 def xq_name(queue: str) -> str:
     return f"{queue}.XQ"
@@ -94,6 +107,12 @@ def xq_arguments(queue_type: str = "classic") -> dict[str, Any]:
     if _queue_type(queue_type) == "quorum":
         arguments["x-queue-type"] = "quorum"
     return arguments
+
+
+def ledger_arguments() -> dict[str, Any]:
+    """The ledger stream's arguments, for its declarer and the deploy
+    definitions alike (a stream whatever the work queues' type)."""
+    return {"x-queue-type": "stream", "x-max-age": LEDGER_MAX_AGE, "x-max-length-bytes": LEDGER_MAX_BYTES}
 
 
 def _queue_type(queue_type: str) -> str:

@@ -375,18 +375,27 @@ class CreditRequested(Message):
         return hashlib.sha256("".join(sorted(str(c) for c in self.claim_ids)).encode()).hexdigest()
 
 
-ORDER_STATUS = re.compile(r"^(paid|cancelled|refunded)$")
+ORDER_STATUS = re.compile(r"^(paid|fulfilled|cancelled|refunded)$")
+REFUNDED_BY = re.compile(r"^(buyer|merchant)$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OrderStatusChanged(Message):
-    """An order was paid, cancelled before payment, or refunded after it."""
+    """An order was paid, fulfilled (shipped), cancelled before payment, or
+    refunded after payment (by the buyer or by the merchant)."""
 
     TYPE: ClassVar[str] = "order-status-changed"
     FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
         "order_id": text(ORDER_ID, "the order system's order ID"),
-        "status": text(ORDER_STATUS, "the new status: paid, cancelled or refunded"),
+        "status": text(ORDER_STATUS, "the new status: paid, fulfilled, cancelled or refunded"),
         "changed_at": timestamp("when the order changed status"),
+        "refunded_by": optional(
+            text(
+                REFUNDED_BY,
+                "who refunded (status refunded): buyer (the default) or merchant; a merchant's "
+                "refund before fulfilment gives the coupons back, any other refund voids them",
+            )
+        ),
     }
     EXAMPLE: ClassVar[Mapping[str, Any]] = {
         "v": 1,
@@ -398,6 +407,11 @@ class OrderStatusChanged(Message):
     order_id: str
     status: str
     changed_at: datetime
+    refunded_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.refunded_by is not None and self.status != "refunded":
+            raise InvalidMessage("bad_field", f"{self.TYPE} names refunded_by only with status refunded")
 
     def business_key(self) -> str:
         # An order reaches each status once.

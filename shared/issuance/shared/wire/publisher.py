@@ -15,6 +15,14 @@ a message may then arrive twice, which the workers absorb (every message has
 a stable ID and an idempotency key). Given the nodes of a cluster
 (``amqp://a;amqp://b;amqp://c``, see :mod:`issuance.shared.wire.amqp`), the
 publisher reconnects to the node after the one it lost, then the others.
+
+Claims also go into the acceptance ledger (the ``claims.accepted`` stream,
+:data:`issuance.shared.wire.codec.LEDGER_QUEUE`) in the same publish: they
+are routed through a direct exchange to which the ``claims`` queue and the
+stream are both bound, and RabbitMQ confirms a message only once every
+queue it was routed to has it. Through the producers' exchange the deploy
+definitions bind the stream; publishing to the default exchange, the
+publisher declares the exchange, the stream and both bindings itself.
 """
 
 from __future__ import annotations
@@ -70,6 +78,11 @@ class Publisher(abc.ABC):
         """Publish all of ``messages``; return how many were confirmed.
         Raises PublishError if any could not be confirmed."""
 
+    def publish_encoded(self, items: Iterable[Item]) -> int:
+        """Publish envelopes as they are, (queue, body, message ID) each:
+        what the sweeper re-drives from the ledger, byte for byte."""
+        raise NotImplementedError(f"{type(self).__name__} does not publish encoded envelopes")
+
     def publish_claims(self, claims: Sequence[ClaimRequested], *, batch: int = 200) -> int:
         """Publish claims packed ``batch`` to a message (claims-requested): the
         workers decide each batch in one transaction. Each claim keeps its own
@@ -109,9 +122,13 @@ class RabbitPublisher(Publisher):
         declare: bool = True,
         exchange: str = "",
         queue_type: str = "classic",
+        ledger: bool = True,
     ) -> None:
         """``url``: one broker URL or several separated by ``;`` (a cluster);
-        ``queue_type``: how the queues are declared (``declare``)."""
+        ``queue_type``: how the queues are declared (``declare``); ``ledger``
+        false, on the default exchange: claims go straight to their queue,
+        not into the acceptance ledger (the sweeper's re-drive of a claim
+        the ledger already holds; it declares no exchange either)."""
         self.url = url
         # Parse now: a malformed list fails at start-up, not on first publish.
         self._nodes = len(amqp.broker_urls(url))
@@ -125,6 +142,9 @@ class RabbitPublisher(Publisher):
         # deploy definitions: the producer user may not declare (configure).
         self.declare = declare and not exchange
         self.exchange = exchange
+        # Where claims go when publishing to the default exchange: through
+        # the ledger's exchange, declared at connect.
+        self._claims_exchange = codec.LEDGER_EXCHANGE if self.declare and ledger else ""
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._next_tag = 1
@@ -167,6 +187,8 @@ class RabbitPublisher(Publisher):
                 channel.queue_declare(
                     codec.xq_name(queue), durable=True, arguments=codec.xq_arguments(self.queue_type)
                 )
+        if self._claims_exchange:
+            declare_ledger(channel)
         # Confirms are collected asynchronously (the blocking channel's own
         # confirm mode waits for each publish in turn).
         self._select_ok = False
@@ -230,13 +252,16 @@ class RabbitPublisher(Publisher):
     # -- publishing ---------------------------------------------------------
 
     def publish_many(self, messages: Iterable[Message]) -> int:
-        encoded = map(encode, messages)
+        return self.publish_encoded(map(encode, messages))
+
+    def publish_encoded(self, items: Iterable[Item]) -> int:
+        todo = iter(items)
         confirmed = 0
         # Each batch is the next message and up to window - 1 more, encoded
         # as they are sent: the broker takes the first ones meanwhile.
-        for first in encoded:
+        for first in todo:
             confirmed += self._publish_batch(
-                itertools.chain((first,), itertools.islice(encoded, self.window - 1))
+                itertools.chain((first,), itertools.islice(todo, self.window - 1))
             )
         return confirmed
 
@@ -279,6 +304,7 @@ class RabbitPublisher(Publisher):
         # The low-level channel's publish only buffers the frames: the
         # blocking one would write them and poll the socket for every message.
         publish = self._channel._impl.basic_publish
+        claims_exchange = self.exchange or self._claims_exchange
         for item in batch:
             queue, body, message_id = item
             tag = self._next_tag
@@ -287,7 +313,7 @@ class RabbitPublisher(Publisher):
             self._pending[tag] = None
             self._routes[tag] = message_id
             publish(
-                exchange=self.exchange,
+                exchange=claims_exchange if queue == codec.LEDGER_ROUTE else self.exchange,
                 routing_key=queue,
                 body=body,
                 properties=pika.BasicProperties(
@@ -327,6 +353,15 @@ class RabbitPublisher(Publisher):
         self._connection = None
 
 
+def declare_ledger(channel: Any) -> None:
+    """The ledger stream and the exchange through which claims reach it and
+    their queue (both bound with the routing key ``claims``)."""
+    channel.exchange_declare(codec.LEDGER_EXCHANGE, exchange_type="direct", durable=True)
+    channel.queue_declare(codec.LEDGER_QUEUE, durable=True, arguments=codec.ledger_arguments())
+    for queue in (codec.LEDGER_ROUTE, codec.LEDGER_QUEUE):
+        channel.queue_bind(queue, codec.LEDGER_EXCHANGE, routing_key=codec.LEDGER_ROUTE)
+
+
 class BrokerPublisher(Publisher):
     """Publishes through a Dramatiq broker object: the in-process stub of the
     embedded demo, or any broker a test hands in."""
@@ -341,5 +376,14 @@ class BrokerPublisher(Publisher):
         for message in messages:
             envelope = codec.envelope(message)
             self.broker.enqueue(DramatiqMessage(**envelope))
+            count += 1
+        return count
+
+    def publish_encoded(self, items: Iterable[Item]) -> int:
+        from dramatiq import Message as DramatiqMessage
+
+        count = 0
+        for _queue, body, _message_id in items:
+            self.broker.enqueue(DramatiqMessage(**codec.OrjsonEncoder().decode(body)))
             count += 1
         return count

@@ -36,7 +36,7 @@ from issuance.shared.db import database, dead_letters
 from issuance.shared.db.models import Activity, Channel, CodeBatch
 from issuance.shared.db.office_models import ApprovalStatus, BudgetApproval, SessionKey
 from issuance.shared.errors import OperatorError
-from issuance.shared.settings import Settings
+from issuance.shared.settings import PhoneKeyError, Settings, require_phone_keys
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlalchemy import Engine, func, inspect, or_, select, text
 from sqlalchemy.exc import DataError, IntegrityError
@@ -749,15 +749,14 @@ async def lookup_page(request: Request, user: CurrentUser) -> Response:
     }
 
     def by_phone(session: Session) -> tuple[Any, Any]:
-        member = queries.member_by_phone(
-            raw(session), phone, region=settings.default_region, key=settings.phone_key
-        )
+        keys = require_phone_keys(settings).secrets
+        member = queries.member_by_phone(raw(session), phone, region=settings.default_region, keys=keys)
         return member, queries.member_history(raw(session), member["member_id"]) if member else None
 
     if phone:
         try:
             result["member"], result["history"] = await run(request, by_phone)
-        except domain.InvalidPhone as exc:
+        except (domain.InvalidPhone, PhoneKeyError) as exc:
             result["error"] = str(exc)
         else:
             if result["member"] is None:

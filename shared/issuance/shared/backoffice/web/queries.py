@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from issuance.shared import domain
@@ -27,8 +28,10 @@ def _one(conn: Conn, sql: str, params: Any) -> Row | None:
     return rows[0] if rows else None
 
 
+# Under any phone key still configured (a rotation in progress), the current one first.
 MEMBER_BY_DIGEST = """
-SELECT member_id, phone_masked, status, created_at, registered_at FROM members WHERE phone_digest = %s
+SELECT member_id, phone_masked, status, created_at, registered_at FROM members
+ WHERE phone_digest = ANY(%s) ORDER BY array_position(%s, phone_digest) LIMIT 1
 """
 MEMBER_BY_ID = """
 SELECT member_id, phone_masked, status, created_at, registered_at FROM members WHERE member_id = %s
@@ -56,11 +59,13 @@ SELECT order_id, status, amount_cents, discount_cents, placed_at, paid_at, cance
 """
 
 
-def member_by_phone(conn: Conn, phone: str, *, region: str, key: str) -> Row | None:
+def member_by_phone(conn: Conn, phone: str, *, region: str, keys: Sequence[tuple[str, str]]) -> Row | None:
     """A member by mobile number, normalised and digested as the claim path
-    does (raises domain.InvalidPhone for a number that is not one)."""
-    digest = domain.phone_digest(domain.normalize_phone(phone, region), key)
-    return _one(conn, MEMBER_BY_DIGEST, (digest,))
+    does under each (key ID, secret) of ``keys`` (raises domain.InvalidPhone
+    for a number that is not one)."""
+    e164 = domain.normalize_phone(phone, region)
+    digests = [digest for _, digest in domain.phone_digests(e164, keys)]
+    return _one(conn, MEMBER_BY_DIGEST, (digests, digests))
 
 
 def member_by_id(conn: Conn, member_id: int) -> Row | None:
