@@ -80,10 +80,12 @@ class RabbitCluster:
                 raise RuntimeError(f"fewer than {count} RabbitMQ nodes running after {timeout}s")
             time.sleep(0.5)
 
-    def leader(self, queue: str) -> PrivateRabbit:
-        """The node that leads quorum queue ``queue``."""
+    def leader(self, queue: str, vhost: str = "/") -> PrivateRabbit:
+        """The node that leads quorum queue ``queue`` (of ``vhost``)."""
         for node in self.nodes:
-            result = node.ctl("list_queues", "-q", "--no-table-headers", "name", "leader", check=False)
+            result = node.ctl(
+                "list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "leader", check=False
+            )
             if result.returncode != 0:
                 continue
             for line in result.stdout.splitlines():
