@@ -26,8 +26,8 @@ def _lines(path: str) -> Iterator[bytes]:
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Replay or backfill a JSON-lines file, one payload per line."""
     from issuance.shared.errors import InvalidMessage
+    from issuance.shared.wire.cells import publisher_for
     from issuance.shared.wire.codec import parse_line
-    from issuance.shared.wire.publisher import RabbitPublisher
     from rich.progress import Progress
 
     good, bad = [], 0
@@ -38,7 +38,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             bad += 1
             print(f"line {number}: refused, {exc}", file=sys.stderr)
     with (
-        RabbitPublisher.from_settings(settings) as publisher,
+        publisher_for(settings) as publisher,
         Progress(disable=not sys.stderr.isatty()) as bar,
     ):
         task = bar.add_task(f"publishing {args.type}", total=len(good))

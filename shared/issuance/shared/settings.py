@@ -129,6 +129,11 @@ class Settings:
     # Where each worker group announces its metrics endpoint as a Prometheus
     # file_sd target file (<group>.json); empty: <temp dir>/issuance-metrics-targets.
     metrics_targets_dir: str = ""
+    # The cell map (issuance.shared.cellmap): a JSON list of cells, inline or
+    # the path of a file holding it, each {"name", "number", "database_url",
+    # "amqp_url", "redis_url" (optional), "slots" (optional, "0-511")}.
+    # Empty: one cell, this deployment (database_url, amqp_url, redis_url).
+    cells: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -59,8 +59,9 @@ from issuance.shared.domain.regions import outside
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
 from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_keys
+from issuance.shared.wire.cells import publisher_for
 from issuance.shared.wire.messages import CHANNEL, SLUG, ClaimRequested, Message, ShareOpened, utcnow
-from issuance.shared.wire.publisher import Publisher, RabbitPublisher
+from issuance.shared.wire.publisher import Publisher
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -190,7 +191,7 @@ class ActivityPageApp:
         self.accepted_text = f"accepted: your coupons arrive within {hours} hours"
         self._publisher_factory = publisher_factory or (
             # Fail fast when RabbitMQ is down: the member is told to try again.
-            lambda: RabbitPublisher.from_settings(settings, connect_attempts=2, confirm_timeout=5.0)
+            lambda: publisher_for(settings, connect_attempts=2, confirm_timeout=5.0)
         )
         self.publisher: PublisherThread
         self.gate: FastGate
