@@ -128,6 +128,7 @@ def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
     assert set(commands) == {
         # the shared layer
         *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart", "office"),
+        "cells",
         # issuance.producers.commands, through the issuance.commands entry points
         *("publish", "web", "outbox-relay"),
         # issuance.producers.checkout.commands, its own entry point

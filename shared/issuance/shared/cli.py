@@ -60,6 +60,11 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    if args.cells or settings.cells:
+        from issuance.shared.backoffice.cells import verify_all
+
+        return verify_all(args, settings)
+
     import psycopg
     from issuance.shared.db.verify import verify, with_ledger
 
@@ -197,6 +202,9 @@ def register(sub: Subparsers) -> None:
     from issuance.shared.backoffice.web import commands as office_commands
 
     office_commands.register(sub)
+    from issuance.shared.backoffice import cells as cell_commands
+
+    cell_commands.register(sub, build_parser=build_parser, redact=redact)
     # The back office's server runs until stopped and user-add waits for a
     # password: neither gets a progress note.
     office = sub.choices["office"]
@@ -207,6 +215,10 @@ def register(sub: Subparsers) -> None:
 
     verify = sub.add_parser("verify", help="check every invariant; non-zero exit on a breach")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--cells", action="store_true", help="every cell and the whole (ISSUANCE_CELLS set: always)"
+    )
+    cell_commands.add_budget_option(verify)
     verify.set_defaults(func=cmd_verify)
 
     schemas = sub.add_parser("schemas", help="write the JSON Schema of every message")

@@ -1,0 +1,298 @@
+"""``issuance cells``: the cell map, commands run in every cell, budgets and
+code pools split over cells and moved between them, and the checks across
+cells (issuance.shared.db.cells holds the SQL)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+from issuance.shared.cellmap import cell_settings, configured, load_cell_map
+from issuance.shared.domain.cells import Cell, slot_ranges, split_evenly
+from issuance.shared.errors import BadInput, OperatorError
+from issuance.shared.settings import Settings
+
+
+class CellCommandError(OperatorError):
+    """A cell operation refused; nothing (or, for a move, only the donor's
+    committed half, which the message names) was changed."""
+
+
+def _ranges(slots: Sequence[int]) -> str:
+    parts: list[str] = []
+    start = prev = None
+    for slot in [*sorted(slots), None]:
+        if start is not None and (slot is None or slot != prev + 1):  # type: ignore[operator]
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if slot is not None and start is None:
+            start = slot
+        prev = slot
+    return ",".join(parts)
+
+
+@contextlib.contextmanager
+def _conns(cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+    import psycopg
+
+    opened: dict[str, Any] = {}
+    try:
+        for cell in cells:
+            opened[cell.name] = psycopg.connect(cell.database_url)
+        yield opened
+    finally:
+        for conn in opened.values():
+            conn.close()
+
+
+def _pairs(items: Sequence[str] | None, what: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items or []:
+        name, sep, raw = item.partition("=")
+        try:
+            out[name.strip()] = int(raw)
+        except ValueError:
+            raise BadInput(f"{what} takes NAME=COUNT, got {item!r}") from None
+        if not sep or out[name.strip()] < 0:
+            raise BadInput(f"{what} takes NAME=COUNT, got {item!r}")
+    return out
+
+
+def _refusing(exc: Exception) -> CellCommandError:
+    return CellCommandError(str(exc))
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    redact = args.redact
+    cells = load_cell_map(settings)
+    if not configured(settings):
+        print("no cell map (ISSUANCE_CELLS): one implicit cell")
+    for cell in cells.cells:
+        print(
+            f"{cell.name}: number {cell.number}, ring slots {_ranges(cell.slots)} ({len(cell.slots)}),"
+            f" database {redact(cell.database_url)}, broker {redact(cell.amqp_url)}"
+        )
+    return 0
+
+
+def cmd_each(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an ``issuance`` command once per cell, with that cell's settings."""
+    if not args.argv:
+        raise BadInput("cells each needs a command, e.g. cells each -- db upgrade")
+    argv = args.argv[1:] if args.argv[0] == "--" else args.argv
+    if argv and argv[0] == "cells":
+        raise BadInput("cells each runs per-cell commands, not cells commands")
+    status = 0
+    for cell in load_cell_map(settings).cells:
+        print(f"[{cell.name}]", flush=True)
+        sub = args.build_parser().parse_args(argv)
+        status = max(status, int(sub.func(sub, cell_settings(settings, cell))))
+    return status
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.db import cells as db
+
+    cells = load_cell_map(settings)
+    with _conns(cells.cells) as conns:
+        for cell in cells.cells:
+            with conns[cell.name].transaction():
+                try:
+                    lo, hi = db.init_member_ids(conns[cell.name], cell.number)
+                except db.CellError as exc:
+                    raise CellCommandError(f"cell {cell.name}: {exc}") from None
+            print(f"{cell.name}: member IDs {lo}-{hi}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace, settings: Settings) -> int:
+    """Each cell gets a disjoint range of the activity's slots and a disjoint
+    share of each listed template's codes. Every cell's change is made in its
+    own transaction, and the transactions are committed only once all of them
+    succeeded (a commit failing half-way is put right by running split again:
+    it only refuses once a cell has issued packages)."""
+    import psycopg
+    from issuance.shared.db import cells as db
+
+    cells = load_cell_map(settings)
+    names = [c.name for c in cells.cells]
+    budgets = split_evenly(args.budget, len(names))
+    codes = _pairs(args.codes, "--codes")
+    with _conns(cells.cells) as conns:
+        try:
+            pools = {
+                prefix: db.draw_codes(prefix, count, db.existing_codes(conns.values(), prefix))
+                for prefix, count in codes.items()
+            }
+            for name, slots in zip(names, slot_ranges(budgets), strict=True):
+                db.set_slots(conns[name], args.slug, slots)
+            for prefix, pool in pools.items():
+                start = 0
+                for name, share in zip(names, db.shares_of(len(pool), budgets), strict=True):
+                    if share:
+                        db.put_codes(conns[name], prefix, pool[start : start + share])
+                    start += share
+        except (db.CellError, ValueError, psycopg.Error) as exc:
+            for conn in conns.values():
+                conn.rollback()
+            raise _refusing(exc) from None
+        for conn in conns.values():
+            conn.commit()
+    for name, budget, slots in zip(names, budgets, slot_ranges(budgets), strict=True):
+        extra = "".join(
+            f", {share} {prefix} codes"
+            for prefix, pool in codes.items()
+            for n, share in zip(names, db.shares_of(pool, budgets), strict=True)
+            if n == name
+        )
+        print(f"{name}: {args.slug} budget {budget}, slots {slots.start}-{slots.stop - 1}{extra}")
+    return 0
+
+
+def _donor_slots(settings: Settings, slug: str, count: int) -> list[int]:
+    """Shrink the donor's budget by ``count`` free slots, through the back
+    office's own budget edit (which refuses to go below what is issued);
+    committed before the receiver grows. Returns the freed slot numbers."""
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.db import cells as db
+    from issuance.shared.db import database
+    from sqlalchemy.orm import Session
+
+    with Session(database.engine(settings)) as session, session.begin():
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        try:
+            activity_id, budget = db.activity_row(raw, slug, lock=True)
+        except db.CellError as exc:
+            raise CellCommandError(str(exc)) from None
+        if count > budget:
+            raise CellCommandError(f"{slug} has a budget of {budget} in the donor: cannot move {count}")
+        before = db.slot_numbers(raw, activity_id)
+        catalog.update_activity(session, slug, {"budget": budget - count})
+        session.flush()
+        return sorted(before - db.slot_numbers(raw, activity_id))
+
+
+def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
+    """Move free slots and unbound codes from one cell to another while
+    claims run: the donor gives them up (committed), then the receiver gets
+    them. Between the two, they are in neither cell: never in both."""
+    from issuance.shared.db import cells as db
+
+    cells = load_cell_map(settings)
+    donor, receiver = cells.by_name(args.source), cells.by_name(args.target)
+    if donor.name == receiver.name:
+        raise BadInput("--from and --to name the same cell")
+    codes = _pairs(args.codes, "--codes")
+    moved: list[int] = []
+    if args.restore:
+        moved = [int(n) for n in args.restore.split(",") if n.strip()]
+    elif args.slots:
+        moved = _donor_slots(cell_settings(settings, donor), args.slug, args.slots)
+    taken: dict[str, list[str]] = {}
+    with _conns([donor, receiver]) as conns:
+        if codes:
+            with conns[donor.name].transaction():
+                try:
+                    taken = {p: db.take_codes(conns[donor.name], p, n) for p, n in codes.items()}
+                except db.CellError as exc:
+                    raise CellCommandError(f"{donor.name}: {exc}") from None
+        try:
+            with conns[receiver.name].transaction():
+                budget = db.receive_slots(conns[receiver.name], args.slug, moved) if moved else None
+                for prefix, pool in taken.items():
+                    if pool:
+                        db.put_codes(conns[receiver.name], prefix, pool)
+        except Exception as exc:
+            codes_lost = sum(map(len, taken.values()))
+            restore = f"cells move {args.slug} --from {donor.name} --to {receiver.name}"
+            raise CellCommandError(
+                f"{donor.name} gave up slots {_ranges(moved) or 'none'} and {codes_lost} codes"
+                f" but {receiver.name} could not take them ({exc}); put the slots back with"
+                f" {restore} --restore {','.join(map(str, moved))}"
+            ) from None
+    print(
+        f"moved {len(moved)} slots of {args.slug} ({_ranges(moved) or 'none'})"
+        + "".join(f", {len(pool)} {prefix} codes" for prefix, pool in taken.items())
+        + f" from {donor.name} to {receiver.name}"
+        + (f"; {receiver.name} budget now {budget}" if budget is not None else "")
+    )
+    return 0
+
+
+def verify_all(args: argparse.Namespace, settings: Settings) -> int:
+    """``issuance verify --cells`` and ``issuance cells verify``."""
+    from issuance.shared.db import cells as db
+
+    cells = load_cell_map(settings)
+    totals = _pairs(getattr(args, "budget", None), "--budget")
+    with _conns(cells.cells) as conns:
+        report = db.verify_cells(
+            conns, cells.cells, grace=timedelta(seconds=settings.reconcile_grace_seconds), totals=totals
+        )
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0 if report.clean else 1
+    for name, cell_report in report.cells.items():
+        counts = ", ".join(f"{k}={v}" for k, v in cell_report.counts.items())
+        print(f"[{name}] {counts}")
+        for check, rows in cell_report.breaches.items():
+            if rows:
+                print(f"[{name}] BREACH {check}: {len(rows)} e.g. {rows[:3]}")
+        print(f"[{name}] " + ("clean" if cell_report.clean else "BREACHES FOUND"))
+    for slug, per_cell in sorted(report.granted.items()):
+        print(f"{slug}: granted {sum(per_cell.values())} of {report.totals[slug]} ({_by_cell(per_cell)})")
+    for check, rows in report.breaches.items():
+        if rows:
+            print(f"BREACH {check}: {len(rows)} e.g. {rows[:3]}")
+    print("verify across cells: clean" if report.clean else "verify across cells: BREACHES FOUND")
+    return 0 if report.clean else 1
+
+
+def _by_cell(values: dict[str, int]) -> str:
+    return ", ".join(f"{cell} {n}" for cell, n in values.items())
+
+
+def add_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--budget",
+        action="append",
+        metavar="SLUG=N",
+        help="an activity's platform budget (default: the sum of its cells' budgets)",
+    )
+
+
+def register(sub: Any, *, build_parser: Callable[[], Any], redact: Callable[[str], str]) -> None:
+    """The ``cells`` commands; ``build_parser`` and ``redact`` are the command
+    line's own (``cells each`` parses the command it runs per cell)."""
+    group = sub.add_parser("cells", help="cells: the cell map, budgets split over cells, checks across cells")
+    cells = group.add_subparsers(dest="cells_command", required=True)
+    show = cells.add_parser("show", help="the cell map: cells, ring slots, services")
+    show.set_defaults(func=cmd_show, redact=redact)
+    each = cells.add_parser("each", help="run an issuance command in every cell (cells each -- db upgrade)")
+    each.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its options")
+    each.set_defaults(func=cmd_each, build_parser=build_parser)
+    cells.add_parser("init", help="bound each cell's member IDs to its range").set_defaults(func=cmd_init)
+    split = cells.add_parser("split", help="split an activity's budget and code pools over the cells")
+    split.add_argument("slug", help="the activity, created in every cell (cells each -- activity create)")
+    split.add_argument("--budget", type=int, required=True, help="the platform budget")
+    split.add_argument(
+        "--codes", action="append", metavar="PREFIX=COUNT", help="codes to generate and share out"
+    )
+    split.set_defaults(func=cmd_split)
+    move = cells.add_parser("move", help="move free slots and unbound codes from one cell to another")
+    move.add_argument("slug", help="the activity")
+    move.add_argument("--from", dest="source", required=True, help="the donor cell")
+    move.add_argument("--to", dest="target", required=True, help="the receiving cell")
+    move.add_argument("--slots", type=int, default=0, help="how many free slots to move")
+    move.add_argument("--codes", action="append", metavar="PREFIX=COUNT", help="unbound codes to move")
+    move.add_argument("--restore", help="slot numbers a failed move left in neither cell")
+    move.set_defaults(func=cmd_move)
+    verify = cells.add_parser("verify", help="verify every cell and the whole; non-zero exit on a breach")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_budget_option(verify)
+    verify.set_defaults(func=verify_all)

@@ -1,0 +1,315 @@
+"""Cells in the database: member-ID ranges, budgets and code pools split over
+cells, free slots and unbound codes moved between them, and the checks that
+span cells.
+
+An activity exists in every cell (same slug, templates, prefixes). Its
+package slots are numbered once for the platform, ``0 .. budget - 1``, and
+each number lives in exactly one cell: a split hands each cell a disjoint
+range, a move deletes free slots in the donor (committed) before inserting
+the same numbers in the receiver. A crash between the two steps loses those
+slots from both cells, which can only lower the sum, never raise it; the
+move prints the numbers so they can be put back (``cells move --restore``).
+
+Codes are generated centrally, in one process, drawn until none is already
+in any cell, and handed out as disjoint shares; a move deletes available
+codes in the donor before inserting them in the receiver. So a code is in
+at most one cell at any instant, and the codes keep the format members and
+the checkout already know (a cell mark would be wrong after a move anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from issuance.shared import domain
+from issuance.shared.domain.cells import Cell, member_id_range
+
+Conn = psycopg.Connection[Any]
+
+
+class CellError(ValueError):
+    """A cell operation that must not run (the message says why)."""
+
+
+# -- member IDs --------------------------------------------------------------
+
+
+def init_member_ids(conn: Conn, number: int) -> tuple[int, int]:
+    """Bound the cell's member identity to its range (members of another cell
+    can then never get the same ID). Refuses if members outside it exist."""
+    lo, hi = member_id_range(number)
+    row = conn.execute(
+        "SELECT count(*) FROM members WHERE member_id NOT BETWEEN %s AND %s", (lo, hi)
+    ).fetchone()
+    if row and row[0]:
+        raise CellError(f"{row[0]} members have IDs outside cell number {number}'s range {lo}-{hi}")
+    top = conn.execute("SELECT coalesce(max(member_id), 0) FROM members").fetchone()
+    nxt = max(lo, int(top[0]) + 1 if top else lo)
+    conn.execute(
+        f"ALTER TABLE members ALTER COLUMN member_id SET MINVALUE {lo} SET MAXVALUE {hi}"
+        f" SET START WITH {lo} RESTART WITH {nxt}"
+    )
+    return lo, hi
+
+
+# -- activities --------------------------------------------------------------
+
+
+def activity_row(conn: Conn, slug: str, *, lock: bool = False) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT activity_id, budget FROM activities WHERE slug = %s" + (" FOR UPDATE" if lock else ""),
+        (slug,),
+    ).fetchone()
+    if row is None:
+        raise CellError(f"no activity {slug!r} in this cell (create it in every cell first)")
+    return int(row[0]), int(row[1])
+
+
+def _template(conn: Conn, prefix: str) -> int:
+    row = conn.execute("SELECT template_id FROM coupon_templates WHERE prefix = %s", (prefix,)).fetchone()
+    if row is None:
+        raise CellError(f"no coupon template with prefix {prefix!r} in this cell")
+    return int(row[0])
+
+
+def set_slots(conn: Conn, slug: str, slots: range) -> None:
+    """Give a cell exactly ``slots`` of an activity (before any claim)."""
+    activity_id, _ = activity_row(conn, slug, lock=True)
+    row = conn.execute(
+        "SELECT count(*) FROM claims WHERE activity_id = %s AND status <> 'refused'", (activity_id,)
+    ).fetchone()
+    if row and row[0]:
+        raise CellError(
+            f"{slug} has {row[0]} packages issued in this cell: split only before claims; use cells move"
+        )
+    conn.execute("DELETE FROM package_slots WHERE activity_id = %s", (activity_id,))
+    add_slot_numbers(conn, activity_id, list(slots))
+    conn.execute("UPDATE activities SET budget = %s WHERE activity_id = %s", (len(slots), activity_id))
+
+
+def add_slot_numbers(conn: Conn, activity_id: int, numbers: Sequence[int]) -> None:
+    conn.execute(
+        "INSERT INTO package_slots (activity_id, slot_no) SELECT %s, unnest(%s::int[])",
+        (activity_id, list(numbers)),
+    )
+
+
+def slot_numbers(conn: Conn, activity_id: int) -> set[int]:
+    rows = conn.execute("SELECT slot_no FROM package_slots WHERE activity_id = %s", (activity_id,)).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def receive_slots(conn: Conn, slug: str, numbers: Sequence[int]) -> int:
+    """The receiver's half of a move: the donor's slot numbers and budget."""
+    activity_id, budget = activity_row(conn, slug, lock=True)
+    add_slot_numbers(conn, activity_id, numbers)
+    conn.execute(
+        "UPDATE activities SET budget = %s WHERE activity_id = %s", (budget + len(numbers), activity_id)
+    )
+    return budget + len(numbers)
+
+
+# -- codes -------------------------------------------------------------------
+
+TAKE_CODES = """
+WITH gone AS (
+    DELETE FROM codes WHERE code IN (
+        SELECT code FROM codes WHERE template_id = %s AND status = 'available'
+         ORDER BY seq DESC LIMIT %s FOR UPDATE SKIP LOCKED)
+    RETURNING code, batch_id)
+SELECT code, batch_id FROM gone
+"""
+
+
+def take_codes(conn: Conn, prefix: str, count: int) -> list[str]:
+    """The donor's half of a move: remove up to ``count`` available codes
+    (their batches shrink with them, so batch sizes still add up)."""
+    template_id = _template(conn, prefix)
+    rows = conn.execute(TAKE_CODES, (template_id, count)).fetchall()
+    per_batch: dict[int, int] = {}
+    for _, batch_id in rows:
+        per_batch[int(batch_id)] = per_batch.get(int(batch_id), 0) + 1
+    for batch_id, n in per_batch.items():
+        conn.execute("UPDATE code_batches SET size = size - %s WHERE batch_id = %s", (n, batch_id))
+    return [str(r[0]) for r in rows]
+
+
+def put_codes(conn: Conn, prefix: str, codes: Sequence[str]) -> int:
+    """Insert ``codes`` as a new batch of the template with ``prefix``; the
+    primary key refuses any already in this cell. Returns the batch ID."""
+    template_id = _template(conn, prefix)
+    row = conn.execute(
+        "INSERT INTO code_batches (template_id, size) VALUES (%s, %s) RETURNING batch_id",
+        (template_id, len(codes)),
+    ).fetchone()
+    assert row is not None
+    batch_id = int(row[0])
+    suffix = f"\t{template_id}\t{batch_id}\n"
+    with conn.cursor().copy("COPY codes (code, template_id, batch_id) FROM STDIN") as copy:
+        copy.write("".join(code + suffix for code in sorted(codes)))
+    return batch_id
+
+
+def existing_codes(conns: Iterable[Conn], prefix: str) -> set[str]:
+    found: set[str] = set()
+    for conn in conns:
+        rows = conn.execute(
+            "SELECT c.code FROM codes c JOIN coupon_templates t USING (template_id) WHERE t.prefix = %s",
+            (prefix,),
+        ).fetchall()
+        found.update(str(r[0]) for r in rows)
+    return found
+
+
+def draw_codes(
+    prefix: str, count: int, taken: set[str], bits: int = domain.DEFAULT_CODE_RANDOM_BITS
+) -> list[str]:
+    """``count`` new codes, none in ``taken`` and none twice (CSPRNG)."""
+    domain.check_capacity(prefix, len(taken), count, bits)
+    made: set[str] = set()
+    while len(made) < count:
+        made.update(c for c in domain.new_codes(prefix, count - len(made), bits) if c not in taken)
+    return sorted(made)
+
+
+def shares_of(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` in proportion to ``weights`` (largest remainder), summing to it."""
+    whole = sum(weights)
+    if whole == 0:
+        return [total // len(weights) + (1 if i < total % len(weights) else 0) for i in range(len(weights))]
+    exact = [total * w / whole for w in weights]
+    parts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - parts[i], reverse=True)
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+# -- checks over all cells ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CellsReport:
+    cells: dict[str, Any]  # cell name -> its verify Report
+    granted: dict[str, dict[str, int]]  # slug -> cell -> granted packages
+    budgets: dict[str, dict[str, int]]  # slug -> cell -> budget
+    totals: dict[str, int]  # slug -> the platform budget checked against
+    breaches: dict[str, list[list[str]]]
+
+    @property
+    def clean(self) -> bool:
+        return not any(self.breaches.values()) and all(r.clean for r in self.cells.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean,
+            "cells": {name: report.as_json() for name, report in self.cells.items()},
+            "granted": self.granted,
+            "budgets": self.budgets,
+            "totals": self.totals,
+            "breaches": {name: len(rows) for name, rows in self.breaches.items()},
+            "examples": {name: rows[:5] for name, rows in self.breaches.items() if rows},
+        }
+
+
+def _in_two(sets: Mapping[str, set[Any]]) -> list[list[str]]:
+    """Values found in more than one cell, with the cells."""
+    where: dict[Any, list[str]] = {}
+    for cell, values in sets.items():
+        for value in values:
+            where.setdefault(value, []).append(cell)
+    return [[_show(v), *cells] for v, cells in where.items() if len(cells) > 1]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.hex()[:16]
+    return str(value)
+
+
+def _activity_figures(
+    conns: Mapping[str, Conn],
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]], dict[str, set[tuple[str, int]]]]:
+    """Per slug and cell: granted packages and budget; per cell: its slots."""
+    granted: dict[str, dict[str, int]] = {}
+    budgets: dict[str, dict[str, int]] = {}
+    slots: dict[str, set[tuple[str, int]]] = {}
+    for name, conn in conns.items():
+        for slug, budget, count in conn.execute(ACTIVITY_FIGURES).fetchall():
+            budgets.setdefault(slug, {})[name] = int(budget)
+            granted.setdefault(slug, {})[name] = int(count)
+        slots[name] = {(str(s), int(n)) for s, n in conn.execute(CELL_SLOTS).fetchall()}
+    return granted, budgets, slots
+
+
+ACTIVITY_FIGURES = """
+SELECT a.slug, a.budget,
+       (SELECT count(*) FROM claims k WHERE k.activity_id = a.activity_id AND k.status <> 'refused')
+  FROM activities a"""
+CELL_SLOTS = "SELECT a.slug, s.slot_no FROM package_slots s JOIN activities a USING (activity_id)"
+# What must never be in two cells: (check, query of the values).
+UNIQUE_ACROSS_CELLS = {
+    "phone_digest_in_two_cells": "SELECT phone_digest FROM members WHERE phone_digest IS NOT NULL",
+    "member_id_in_two_cells": "SELECT member_id FROM members",
+    "code_in_two_cells": "SELECT code FROM codes",
+}
+
+
+def _over(figures: Mapping[str, Mapping[str, int]], limits: Mapping[str, int]) -> list[list[str]]:
+    return [
+        [slug, str(sum(per_cell.values())), str(limits[slug])]
+        for slug, per_cell in figures.items()
+        if sum(per_cell.values()) > limits[slug]
+    ]
+
+
+def verify_cells(
+    conns: Mapping[str, Conn],
+    cells: Sequence[Cell],
+    *,
+    grace: timedelta,
+    totals: Mapping[str, int] | None = None,
+) -> CellsReport:
+    """Each cell's own verify, then what only the whole can show: grants over
+    all cells within the platform budget (``totals``, or the sum of the
+    cells' budgets), no package slot, phone digest, member ID or code in two
+    cells, and each cell's members inside its member-ID range."""
+    from issuance.shared.db.verify import verify
+
+    totals = totals or {}
+    reports = {name: verify(conn, grace=grace) for name, conn in conns.items()}
+    granted, budgets, slots = _activity_figures(conns)
+    limits = {slug: totals.get(slug, sum(b.values())) for slug, b in budgets.items()}
+    breaches: dict[str, list[list[str]]] = {
+        "granted_over_platform_budget": _over(granted, limits),
+        "cell_budgets_over_platform_budget": _over(budgets, limits),
+        # Slot numbers are platform-wide: with the platform budget given, a
+        # number at or past it is a package the platform never had.
+        "slot_outside_platform_budget": sorted(
+            [cell, slug, str(n)]
+            for cell, pairs in slots.items()
+            for slug, n in pairs
+            if slug in totals and n >= limits[slug]
+        )[:100],
+        "slot_in_two_cells": _in_two(slots)[:100],
+    }
+    for check, sql in UNIQUE_ACROSS_CELLS.items():
+        values = {name: {_key(r[0]) for r in conn.execute(sql)} for name, conn in conns.items()}
+        breaches[check] = _in_two(values)[:100]
+    breaches["member_outside_cell_range"] = [
+        [cell.name, str(member_id)]
+        for cell in cells
+        for (member_id,) in conns[cell.name].execute(
+            "SELECT member_id FROM members WHERE member_id NOT BETWEEN %s AND %s LIMIT 100",
+            member_id_range(cell.number),
+        )
+    ]
+    return CellsReport(cells=reports, granted=granted, budgets=budgets, totals=limits, breaches=breaches)
+
+
+def _key(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
