@@ -202,3 +202,32 @@ def test_orders_and_registrations_route_by_member() -> None:
     recorders = {name: Recording() for name in cells.names}
     CellPublisher(router, recorders).publish_for_member(member, [status])
     assert recorders["c2"].sent == [status]
+
+
+def test_the_page_and_publish_route_over_the_cells_only_when_a_map_is_set() -> None:
+    from issuance.shared.wire.cells import publisher_for
+    from issuance.shared.wire.publisher import RabbitPublisher
+
+    plain = publisher_for(Settings())
+    assert isinstance(plain, RabbitPublisher)
+    routed = publisher_for(settings_from({"ISSUANCE_CELLS": json.dumps(entries(3))}), connect_attempts=2)
+    assert isinstance(routed, CellPublisher)
+    assert {name: p.url for name, p in routed.publishers.items()} == {  # type: ignore[attr-defined]
+        f"c{n}": f"amqp://guest:guest@127.0.0.1/c{n}" for n in range(3)
+    }
+    assert all(p.connect_attempts == 2 for p in routed.publishers.values())  # type: ignore[attr-defined]
+
+
+def test_cells_show_names_each_cell_without_passwords(capsys: pytest.CaptureFixture[str]) -> None:
+    from issuance.shared.cli import build_parser
+
+    settings = settings_from({"ISSUANCE_CELLS": json.dumps(entries(2, c0="0-99,200-1023", c1="100-199"))})
+    args = build_parser().parse_args(["cells", "show"])
+    assert args.func(args, settings) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "c0: number 0, ring slots 0-99,200-1023 (924), database postgresql://127.0.0.1/c0,"
+        " broker amqp://guest:***@127.0.0.1/c0",
+        "c1: number 1, ring slots 100-199 (100), database postgresql://127.0.0.1/c1,"
+        " broker amqp://guest:***@127.0.0.1/c1",
+    ]
