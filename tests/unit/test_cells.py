@@ -231,3 +231,26 @@ def test_cells_show_names_each_cell_without_passwords(capsys: pytest.CaptureFixt
         "c1: number 1, ring slots 100-199 (100), database postgresql://127.0.0.1/c1,"
         " broker amqp://guest:***@127.0.0.1/c1",
     ]
+
+
+def test_a_number_routes_the_same_however_it_is_typed_in_every_region() -> None:
+    """E.164 text is routed as written (no parse); any other form is parsed
+    first. Both must agree for every region's example mobile number."""
+    import phonenumbers
+
+    cells = build_map(entries(3))
+    checked = 0
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+        if example is None:
+            continue
+        router = CellRouter(cells, region)
+        e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+        typed = [
+            phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL),
+            phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL),
+        ]
+        assert normalize_phone(e164, region) == e164
+        assert {router.phone_cell(t) for t in typed} == {router.phone_cell(e164)}, (region, typed)
+        checked += 1
+    assert checked > 200
