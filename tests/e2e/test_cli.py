@@ -129,6 +129,7 @@ def test_each_side_registers_its_commands_and_every_option_says_what_it_does():
         # the shared layer
         *("db", "channel", "activity", "codes", "coupons", "report", "verify", "schemas", "chart", "office"),
         "cells",
+        "phone-keys",
         # issuance.producers.commands, through the issuance.commands entry points
         *("publish", "web", "outbox-relay"),
         # issuance.producers.checkout.commands, its own entry point
