@@ -172,6 +172,8 @@ def test_three_cells_keep_every_invariant_per_cell_and_over_all(
     assert status == 0, out + log.read_text()[-3000:]
     assert "verify across cells: clean" in out
     report = json.loads(issuance(operator, "verify", "--cells", "--json")[1])
+    # Each cell's verify is the whole of its own: its vhost's acceptance ledger too.
+    assert all(cell["breaches"]["accepted_unrecorded"] == 0 for cell in report["cells"].values())
     granted = {slug: sum(cells_.values()) for slug, cells_ in report["granted"].items()}
     # 1,500 numbers for 600 + 300 packages of two similar activities: both sell out.
     assert granted == {slugs["first"]: 600, slugs["twin"]: 300}, report["granted"]

@@ -274,14 +274,13 @@ def verify_cells(
     grace: timedelta,
     totals: Mapping[str, int] | None = None,
 ) -> CellsReport:
-    """Each cell's own verify, then what only the whole can show: grants over
-    all cells within the platform budget (``totals``, or the sum of the
-    cells' budgets), no package slot, phone digest, member ID or code in two
-    cells, and each cell's members inside its member-ID range."""
-    from issuance.shared.db.verify import verify
-
+    """Each cell's own verify (with its broker's acceptance ledger, where it
+    has one), then what only the whole can show: grants over all cells within
+    the platform budget (``totals``, or the sum of the cells' budgets), no
+    package slot, phone digest, member ID or code in two cells, and each
+    cell's members inside its member-ID range."""
     totals = totals or {}
-    reports = {name: verify(conn, grace=grace) for name, conn in conns.items()}
+    reports = {cell.name: _cell_verify(conns[cell.name], cell, grace) for cell in cells}
     granted, budgets, slots = _activity_figures(conns)
     limits = {slug: totals.get(slug, sum(b.values())) for slug, b in budgets.items()}
     breaches: dict[str, list[list[str]]] = {
@@ -309,6 +308,20 @@ def verify_cells(
         )
     ]
     return CellsReport(cells=reports, granted=granted, budgets=budgets, totals=limits, breaches=breaches)
+
+
+def _cell_verify(conn: Conn, cell: Cell, grace: timedelta) -> Any:
+    """What ``issuance verify`` reports for the cell alone."""
+    from issuance.shared.db.ledger import reconcile
+    from issuance.shared.db.verify import verify, with_ledger
+    from issuance.shared.wire.ledger import LedgerAbsent
+
+    report = verify(conn, grace=grace)
+    try:
+        ledger = reconcile(conn, cell.amqp_url, grace=grace, keep=100)
+    except LedgerAbsent:
+        return report
+    return with_ledger(report, ledger.rows())
 
 
 def _key(value: Any) -> Any:
