@@ -304,3 +304,23 @@ def planted_breaches(operator: Settings, urls: list[str], slugs: dict[str, str])
     }, report["examples"]
     assert report["examples"]["code_in_two_cells"] == [[code, "a", "b"]]
     assert report["examples"]["slot_in_two_cells"] == [[str((slugs["first"], slot)), "a", "b"]]
+
+
+def test_cell_commands_refuse_in_one_line() -> None:
+    """A wrong cell name, a bad map, a cell that cannot be reached: one
+    line naming the cell, no traceback."""
+    from tests.e2e.test_cli_errors import CLOSED, one_error_line
+    from tests.e2e.test_cli_errors import issuance as run
+
+    closed = [
+        {"name": "a", "database_url": f"postgresql://{CLOSED}/x", "amqp_url": f"amqp://{CLOSED}/a"},
+        {"name": "b", "database_url": f"postgresql://{CLOSED}/y", "amqp_url": f"amqp://{CLOSED}/b"},
+    ]
+    env = {"ISSUANCE_CELLS": json.dumps(closed)}
+    line = one_error_line(run("cells", "move", "x", "--from", "a", "--to", "zz", "--slots", "1", env=env))
+    assert line == "error: no cell named 'zz'; cells: a, b"
+    line = one_error_line(run("verify", env=env), status=3)
+    assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
+    bad = {"ISSUANCE_CELLS": json.dumps([{**closed[0], "slots": "0-99"}, {**closed[1], "slots": "90-1023"}])}
+    line = one_error_line(run("cells", "show", env=bad))
+    assert line == "error: ISSUANCE_CELLS: slot 90 is served by a and b"

@@ -12,8 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 from issuance.shared.cellmap import cell_settings, configured, load_cell_map
-from issuance.shared.domain.cells import Cell, slot_ranges, split_evenly
-from issuance.shared.errors import BadInput, OperatorError
+from issuance.shared.domain.cells import Cell, CellMapError, slot_ranges, split_evenly
+from issuance.shared.errors import BadInput, OperatorError, ServiceUnavailable
 from issuance.shared.settings import Settings
 
 
@@ -42,7 +42,10 @@ def _conns(cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
     opened: dict[str, Any] = {}
     try:
         for cell in cells:
-            opened[cell.name] = psycopg.connect(cell.database_url)
+            try:
+                opened[cell.name] = psycopg.connect(cell.database_url)
+            except psycopg.OperationalError as exc:
+                raise ServiceUnavailable(f"cell {cell.name}: PostgreSQL cannot be reached: {exc}") from None
         yield opened
     finally:
         for conn in opened.values():
@@ -184,7 +187,10 @@ def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.db import cells as db
 
     cells = load_cell_map(settings)
-    donor, receiver = cells.by_name(args.source), cells.by_name(args.target)
+    try:
+        donor, receiver = cells.by_name(args.source), cells.by_name(args.target)
+    except CellMapError as exc:
+        raise BadInput(str(exc)) from None
     if donor.name == receiver.name:
         raise BadInput("--from and --to name the same cell")
     codes = _pairs(args.codes, "--codes")

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from issuance.shared import domain
 from issuance.shared.domain.cells import Cell, member_id_range
+from issuance.shared.errors import ServiceUnavailable
 
 Conn = psycopg.Connection[Any]
 
@@ -315,12 +316,15 @@ def _cell_verify(conn: Conn, cell: Cell, grace: timedelta) -> Any:
     from issuance.shared.db.ledger import reconcile
     from issuance.shared.db.verify import verify, with_ledger
     from issuance.shared.wire.ledger import LedgerAbsent
+    from issuance.shared.wire.publisher import CONNECTION_ERRORS
 
     report = verify(conn, grace=grace)
     try:
         ledger = reconcile(conn, cell.amqp_url, grace=grace, keep=100)
     except LedgerAbsent:
         return report
+    except CONNECTION_ERRORS as exc:
+        raise ServiceUnavailable(f"cell {cell.name}: its RabbitMQ vhost cannot be read ({exc!r})") from None
     return with_ledger(report, ledger.rows())
 
 
