@@ -199,6 +199,9 @@ def test_orders_and_registrations_route_by_member() -> None:
     status = OrderStatusChanged(order_id="SO-1", status="paid", changed_at=now)
     with pytest.raises(RoutingError, match="publish_for_member"):
         router.cell_of(status)
+    by_app_id = OrderPlaced(order_id="SO-2", app_member_id=77, amount_cents=1, placed_at=now)
+    with pytest.raises(RoutingError, match="order-placed message names no member"):
+        router.cell_of(by_app_id)
     recorders = {name: Recording() for name in cells.names}
     CellPublisher(router, recorders).publish_for_member(member, [status])
     assert recorders["c2"].sent == [status]

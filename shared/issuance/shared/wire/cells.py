@@ -11,9 +11,10 @@ same way, so it meets its first copy's idempotency key in the same database.
 A batch of claims is cut into one batch per cell, each with an ID derived
 from the original batch's, so a re-sent batch is cut the same way.
 
-An order's status change names only the order, and an opened share only the
-share: publish them with :meth:`CellPublisher.publish_for_member`, naming the
-buyer (the sharer), whose cell holds the order and the share.
+An order's status change names only the order, and an order naming the
+buyer by app member ID names nobody the router can place: publish them with
+:meth:`CellPublisher.publish_for_member`, naming the buyer, whose cell holds
+the order. An opened share routes by its share ID (see ``cell_of``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class CellRouter:
             # The page knows only the share's ID, not its sharer: opens are
             # counted in the cell the ID hashes to (the same for every open).
             return self.cells.cell_for_slot(route_slot(str(message.share_id))).name
-        if isinstance(message, OrderPlaced):
+        if isinstance(message, OrderPlaced) and message.member_id is not None:
             return self.member_cell(message.member_id)
         if isinstance(message, MemberRegistered):
             if message.member_id is not None:
