@@ -101,25 +101,24 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- Each row is looked up through its key's index and locked as a foreign key
+-- locks it (a correlated subquery: not turned into a join that could scan the
+-- referenced table).
 CREATE FUNCTION codes_owners_check(owners codes_owner[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF cardinality(owners) = 0 THEN
         RETURN;
     END IF;
-    PERFORM 1 FROM claims k JOIN unnest(owners) w ON (k.claim_id, k.member_id) = (w.claim_id, w.member_id)
-        FOR KEY SHARE OF k;
-    PERFORM 1 FROM rebates r JOIN unnest(owners) w
-        ON (r.rebate_id, r.referrer_member_id) = (w.rebate_id, w.member_id)
-        FOR KEY SHARE OF r;
-    PERFORM 1 FROM orders x JOIN unnest(owners) w ON x.order_id = w.order_id FOR KEY SHARE OF x;
     IF EXISTS (
         SELECT 1 FROM unnest(owners) w
-         WHERE (w.claim_id IS NOT NULL AND w.member_id IS NOT NULL AND NOT EXISTS (
-                    SELECT 1 FROM claims k WHERE k.claim_id = w.claim_id AND k.member_id = w.member_id))
-            OR (w.rebate_id IS NOT NULL AND w.member_id IS NOT NULL AND NOT EXISTS (
-                    SELECT 1 FROM rebates r
-                     WHERE r.rebate_id = w.rebate_id AND r.referrer_member_id = w.member_id))
-            OR (w.order_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM orders x WHERE x.order_id = w.order_id)))
+         WHERE (w.claim_id IS NOT NULL AND w.member_id IS NOT NULL AND (
+                    SELECT 1 FROM claims k WHERE k.claim_id = w.claim_id AND k.member_id = w.member_id
+                       FOR KEY SHARE) IS NULL)
+            OR (w.rebate_id IS NOT NULL AND w.member_id IS NOT NULL AND (
+                    SELECT 1 FROM rebates r WHERE r.rebate_id = w.rebate_id AND r.referrer_member_id = w.member_id
+                       FOR KEY SHARE) IS NULL)
+            OR (w.order_id IS NOT NULL AND (
+                    SELECT 1 FROM orders x WHERE x.order_id = w.order_id FOR KEY SHARE) IS NULL))
     THEN
         RAISE EXCEPTION 'a code names a claim, rebate or order that does not exist'
               USING ERRCODE = 'foreign_key_violation', TABLE = 'codes', CONSTRAINT = 'codes_owner_check';
@@ -143,14 +142,11 @@ END $$;
 
 CREATE FUNCTION wallet_binding_check() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM codes c JOIN new_entries n
-        ON (c.code, c.claim_id, c.member_id) = (n.code, n.claim_id, n.member_id)
-        FOR KEY SHARE OF c;
     IF EXISTS (
         SELECT 1 FROM new_entries n
-         WHERE NOT EXISTS (
-               SELECT 1 FROM codes c
-                WHERE c.code = n.code AND c.claim_id = n.claim_id AND c.member_id = n.member_id))
+         WHERE (SELECT 1 FROM codes c
+                 WHERE c.code = n.code AND c.claim_id = n.claim_id AND c.member_id = n.member_id
+                   FOR KEY SHARE) IS NULL)
     THEN
         RAISE EXCEPTION 'a wallet entry must be the binding of its code (code, claim, member)'
               USING ERRCODE = 'foreign_key_violation', TABLE = 'wallet_ledger',
