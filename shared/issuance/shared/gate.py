@@ -45,15 +45,19 @@ def group_key(group: str) -> str:
 
 def remember_grants(client: redis.Redis, grants: list[tuple[str, str, bytes]]) -> None:
     """Record that numbers hold these activities' packages (and so their
-    groups'): (activity slug, group, phone digest) each, in one round trip."""
+    groups'): (activity slug, group, phone digest) each, in one round trip
+    of one SADD and one EXPIRE per key (a batch's grants share a few keys)."""
     if not _available():
         return
+    members: dict[str, list[str]] = {}
+    for activity, group, digest in grants:
+        for key in (activity_key(activity), group_key(group)):
+            members.setdefault(key, []).append(digest.hex())
     try:
         pipe = client.pipeline(transaction=False)
-        for activity, group, digest in grants:
-            for key in (activity_key(activity), group_key(group)):
-                pipe.sadd(key, digest.hex())
-                pipe.expire(key, TTL_SECONDS)
+        for key, digests in members.items():
+            pipe.sadd(key, *digests)
+            pipe.expire(key, TTL_SECONDS)
         pipe.execute()
     except redis.RedisError as exc:
         _failed(exc)

@@ -67,9 +67,10 @@ def claims_requested(message: ClaimsRequested) -> str:
 
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
     uow, settings = unit_of_work(), resources().settings
+    prepared = handlers.prepare(settings, claims)
 
     def decide(conn: Conn) -> list[handlers.ClaimOutcome]:
-        outcomes = handlers.claims(conn, settings, claims)
+        outcomes = handlers.claims(conn, settings, claims, prepared=prepared)
         # Also for duplicates: the first delivery may have died between its
         # commit and this send. The credit step is idempotent.
         bound = [o.claim_id for o in outcomes if o.status is ClaimStatus.BOUND]

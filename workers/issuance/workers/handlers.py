@@ -92,6 +92,24 @@ def handle_claim(
     return outcome
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """What deciding a batch needs from its messages alone, worked out before
+    its transaction opens (and once across the transaction's retries): the
+    payload digests, and each claim's number in E.164 (None when invalid)."""
+
+    payload_digests: list[bytes]
+    e164: dict[uuid.UUID, str | None]
+
+
+def prepare(settings: Settings, messages: Sequence[ClaimRequested]) -> Prepared:
+    e164: dict[uuid.UUID, str | None] = {}
+    for message in messages:
+        if message.claim_id not in e164:  # a repeat is decided as its first delivery
+            e164[message.claim_id] = _e164(message.phone, settings)
+    return Prepared(payload_digests=[payload_digest(m) for m in messages], e164=e164)
+
+
 def handle_claims(
     pool: ConnectionPool,
     settings: Settings,
@@ -102,27 +120,37 @@ def handle_claims(
     """:func:`claims` in a transaction of its own, retried after a deadlock
     or a concurrent delivery of the same claim."""
     now = now or utcnow()
+    prepared = prepare(settings, messages)
     return UnitOfWork(pool).run(
-        lambda conn: claims(conn, settings, messages, now=now), retry_on=RETRYABLE, attempts=CLAIM_ATTEMPTS
+        lambda conn: claims(conn, settings, messages, now=now, prepared=prepared),
+        retry_on=RETRYABLE,
+        attempts=CLAIM_ATTEMPTS,
     )
 
 
 def claims(
-    conn: Conn, settings: Settings, messages: Sequence[ClaimRequested], *, now: datetime | None = None
+    conn: Conn,
+    settings: Settings,
+    messages: Sequence[ClaimRequested],
+    *,
+    now: datetime | None = None,
+    prepared: Prepared | None = None,
 ) -> list[ClaimOutcome]:
     """Decide a batch of claims: refuse each with a reason, or bind one code
     per template of its package. Idempotent on claim IDs; outcomes come back
     in the order of ``messages``. Raises one of RETRYABLE when the batch must
-    be decided again in a fresh transaction."""
+    be decided again in a fresh transaction. ``prepared``: :func:`prepare`'s
+    result for ``messages``, made before the transaction."""
     now = now or utcnow()
-    digests = [payload_digest(m) for m in messages]
+    prepared = prepared or prepare(settings, messages)
+    digests = prepared.payload_digests
     store.lock_claim_ids(conn, [m.claim_id for m in messages])
     recorded = store.claims_by_ids(conn, [m.claim_id for m in messages])
     first_of: dict[uuid.UUID, int] = {}
     for i, message in enumerate(messages):
         if message.claim_id not in recorded:
             first_of.setdefault(message.claim_id, i)
-    batch = _load(conn, settings, [messages[i] for i in first_of.values()], now)
+    batch = _load(conn, settings, [messages[i] for i in first_of.values()], now, prepared.e164)
     decisions = decide_claims(
         batch.requests,
         holdings=batch.holdings,
@@ -165,7 +193,13 @@ class _Batch:
     stock: Stock
 
 
-def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: datetime) -> _Batch:
+def _load(
+    conn: Conn,
+    settings: Settings,
+    messages: list[ClaimRequested],
+    now: datetime,
+    numbers_e164: dict[uuid.UUID, str | None],
+) -> _Batch:
     """Load what deciding ``messages`` needs, locking the rows it may
     change: members (created pending where new), free slots and codes. Only
     claims whose activity is open need their number read, and only those
@@ -179,7 +213,7 @@ def _load(conn: Conn, settings: Settings, messages: list[ClaimRequested], now: d
             activities[message.activity] = store.activity_by_slug(conn, message.activity)
         at = claimed_at(message.requested_at, now)
         if activity_refusal(activities[message.activity], at) is None:  # the number counts: read it
-            e164 = _e164(message.phone, settings)
+            e164 = numbers_e164[message.claim_id]
             if e164 is not None:
                 digests[e164] = phone_digests(e164, keys.secrets)
                 numbers[message.claim_id] = (digests[e164][0][1], e164)

@@ -77,20 +77,57 @@ def normalize_phone(raw: str, default_region: str) -> str:
     """Parse a mobile number as typed and return it in E.164 form.
 
     Raises :class:`InvalidPhone` for anything that is not a valid mobile (or
-    fixed-or-mobile) number.
+    fixed-or-mobile) number. A number already in E.164 form (the page sends
+    them so) is checked without a second parse when that gives the same
+    answer; anything else takes the full parse.
     """
     if not isinstance(raw, str) or not 3 <= len(raw) <= 32:
         raise InvalidPhone(Refusal.BAD_PHONE.text)
+    if raw.startswith("+") and (e164 := _valid_e164(raw)) is not None:
+        return e164
+    return _parse_phone(raw, default_region)
+
+
+_MOBILE_TYPES = (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+def _parse_phone(raw: str, default_region: str) -> str:
     try:
         parsed = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException:
         raise InvalidPhone(Refusal.BAD_PHONE.text) from None
     # A number of one of these types is valid (is_valid_number would ask
     # the same metadata the same question a second time).
-    kind = phonenumbers.number_type(parsed)
-    if kind not in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE):
+    if phonenumbers.number_type(parsed) not in _MOBILE_TYPES:
         raise InvalidPhone(Refusal.BAD_PHONE.text)
     return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+_E164 = re.compile(r"\+([1-9][0-9]{6,14})")
+
+
+def _valid_e164(raw: str) -> str | None:
+    """``raw`` when it is a valid mobile number in exact E.164 form and the
+    full parse would read it as the same number; None when only the full
+    parse can tell (also for every number it would refuse)."""
+    match = _E164.fullmatch(raw)
+    if match is None:
+        return None
+    digits = match.group(1)
+    # Country codes are prefix-free: the first 1-3 digits that are one.
+    size = next((n for n in (1, 2, 3) if int(digits[:n]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE), 0)
+    national = digits[size:]
+    region = phonenumbers.region_code_for_country_code(int(digits[:size])) if size else None
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
+    # The parse strips a national prefix or carrier code where the number
+    # starts like one, and keeps leading zeros apart: leave those to it.
+    if metadata is None or not national or national.startswith("0"):
+        return None
+    strip = metadata.national_prefix_for_parsing or metadata.national_prefix
+    if strip and re.match(strip, national):
+        return None
+    number = phonenumbers.PhoneNumber(country_code=int(digits[:size]), national_number=int(national))
+    return raw if phonenumbers.number_type(number) in _MOBILE_TYPES else None
 
 
 def phone_digest(e164: str, key: str) -> bytes:
