@@ -274,8 +274,17 @@ def publisher_rates(settings: Settings, slug: str, count: int, repeats: int = 3)
 
 
 def purge(settings: Settings, queue: str) -> None:
+    """Empty ``queue``. For ``claims``, forget the acceptance ledger too: its
+    entries are claims accepted and then thrown away on purpose here, which
+    the workers' sweeper would otherwise re-send in a later phase (a
+    publisher declares the stream again; the checkpoint starts over)."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    connection.channel().queue_purge(queue)
+    channel = connection.channel()
+    channel.queue_purge(queue)
+    if queue == "claims":
+        channel.queue_delete(codec.LEDGER_QUEUE)
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM ledger_checkpoints")
     connection.close()
 
 
