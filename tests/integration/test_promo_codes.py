@@ -286,3 +286,73 @@ def test_a_partner_writes_off_a_gift_coupon_through_the_api(settings, pool, clie
     )
     assert audit == [("partner", "cinema-7", "ticket 0042")]
     verify_clean(settings)
+
+
+# --- the per-code export and the report ---------------------------------------
+
+
+def test_the_per_code_export_has_the_report_totals(settings, pool, service_env, tmp_path):
+    import csv
+    import io
+
+    from issuance.shared.backoffice import reports
+
+    rate, _, gift, act = three_kinds(settings)
+    code = promo(settings, rate, "EXPORTME", max_uses=10)
+    first, codes, _ = member_with_package(pool, settings, act["slug"])
+    second, _, _ = member_with_package(pool, settings, act["slug"], channel="partner-app")
+    cart = Cart(amount_cents=10_000, items=1, at=utcnow())
+    used = next(c for c in codes if c.startswith(rate))
+    paid, promo_order = order_id(), order_id()
+    assert service.reserve(pool, paid, member_id=first, cart=cart, codes=[used]).outcome == "reserved"
+    assert service.redeem(pool, paid, at=utcnow()).outcome == "redeemed"
+    move(pool, paid, "paid")
+    assert service.reserve(pool, promo_order, member_id=second, cart=cart, codes=[code]).outcome == "reserved"
+    assert service.redeem(pool, promo_order, at=utcnow()).outcome == "redeemed"
+    gift_code = next(c for c in codes if c.startswith(gift))
+    wrote = issuance(service_env, "coupons", "write-off", gift_code, "--by", "alice", "--reason", "gift card")
+    assert wrote.returncode == 0, wrote.stderr
+
+    out = tmp_path / "usage.csv"
+    done = issuance(service_env, "codes", "usage", "--activity", act["slug"], "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    lines = list(csv.DictReader(io.StringIO(out.read_text())))
+    by_code = {(x["kind"], x["code"], x["order_id"]): x for x in lines}
+    line = by_code[("coupon", used, paid)]
+    assert (line["status"], line["member_id"], line["discount_cents"]) == ("used", str(first), "1000")
+    assert line["claimed_at"] and line["used_at"] and line["channel"] == "test"
+    promo_line = by_code[("promo", code, promo_order)]
+    assert (promo_line["member_id"], promo_line["discount_cents"]) == (str(second), "1000")
+    channels = {x["channel"] for x in lines if x["kind"] == "coupon" and x["member_id"] == str(second)}
+    assert channels == {"partner-app"}
+    written = by_code[("coupon", gift_code, "")]
+    assert (written["status"], written["written_off_by"]) == ("written_off", "operator:alice")
+
+    with psycopg.connect(settings.database_url) as conn:
+        report = reports.activity_report(conn, act["slug"])
+    coupons = [x for x in lines if x["kind"] == "coupon" and x["claimed_at"]]
+    assert report.coupons_claimed == len(coupons)
+    assert report.coupons_used == sum(x["status"] == "used" for x in coupons)
+    assert report.total_discount_cents == sum(
+        int(x["discount_cents"]) for x in coupons if x["status"] == "used"
+    )
+    assert report.coupons_written_off == sum(x["status"] == "written_off" for x in coupons) == 1
+    promo_lines = [x for x in lines if x["kind"] == "promo"]
+    assert (report.promo_uses, report.promo_discount_cents) == (
+        len(promo_lines),
+        sum(int(x["discount_cents"]) for x in promo_lines),
+    )
+    shown = issuance(service_env, "report", "--activity", act["slug"])
+    assert "written off / promo code uses (discount)" in shown.stdout and "1 / 1 (10.00)" in shown.stdout
+
+    # Never through a symbolic link, never over a file without --force.
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "elsewhere.csv")
+    refused = issuance(
+        service_env, "codes", "usage", "--activity", act["slug"], "--out", str(link), "--force"
+    )
+    assert refused.returncode != 0 and "symbolic link" in refused.stderr
+    assert not (tmp_path / "elsewhere.csv").exists()
+    again = issuance(service_env, "codes", "usage", "--activity", act["slug"], "--out", str(out))
+    assert again.returncode != 0 and "exists" in again.stderr

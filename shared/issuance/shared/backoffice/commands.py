@@ -192,6 +192,22 @@ def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_codes_usage(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import code_usage
+
+    out = sys.stdout.buffer if args.out == "-" else open_export(args.out, force=args.force)
+    try:
+        with _connect(settings) as conn:
+            for data in code_usage.export_usage(conn, args.activity):
+                out.write(data)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        else:
+            out.flush()
+    return 0
+
+
 def cmd_coupons_expire(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
@@ -332,6 +348,16 @@ def register(sub: Any) -> None:
     )
     export.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
     export.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
+
+    usage = _command(
+        codes,
+        cmd_codes_usage,
+        "usage",
+        help="per code: member, claim time, channel, use time, order, discount (CSV)",
+    )
+    usage.add_argument("--activity", required=True, help="the activity's slug")
+    usage.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
+    usage.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
 
     coupons = _group(sub, "coupons", "coupons after issuance")
     expire = _command(
