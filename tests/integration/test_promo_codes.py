@@ -183,6 +183,36 @@ def test_checkouts_racing_for_the_last_use_of_a_promo_code_never_pass_the_cap(se
         assert one(settings, live, code) == 3
 
 
+def test_checkouts_racing_through_the_http_api_for_the_last_use(settings, pool, client):
+    """The same race played by the order system: RACERS threads, each its
+    own member and order, reserve then pay over HTTP at once; one use left.
+    Exactly one redeems; the others get 409 promo_exhausted."""
+    rate, _, _, act = three_kinds(settings, codes=RACERS)
+    members = [member_with_package(pool, settings, act["slug"])[0] for _ in range(RACERS)]
+    code = promo(settings, rate, "HTTPLAST", max_uses=1)
+    answers: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+    start = threading.Barrier(RACERS)
+
+    def checkout(member: int) -> None:
+        order = order_id()
+        start.wait()
+        held = client.post(f"/api/orders/{order}/reserve", json=cart_body(member, [code]))
+        paid = client.post(f"/api/orders/{order}/redeem")
+        answers.append((held.status_code, held.json(), paid.json()))
+
+    threads = [threading.Thread(target=checkout, args=(m,)) for m in members]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(answers) == RACERS
+    won = [a for a in answers if a[2]["outcome"] == "redeemed"]
+    assert len(won) == 1, answers
+    lost = [(status, held["reason"]) for status, held, paid in answers if paid["outcome"] != "redeemed"]
+    assert set(lost) == {(409, "promo_exhausted")}
+    assert uses(settings, code) == 1
+
+
 def test_one_member_racing_for_a_per_member_limit_uses_it_once(settings, pool):
     rate, _, _, act = three_kinds(settings)
     member, _, _ = member_with_package(pool, settings, act["slug"])
