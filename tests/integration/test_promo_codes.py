@@ -386,3 +386,76 @@ def test_the_per_code_export_has_the_report_totals(settings, pool, service_env, 
     assert not (tmp_path / "elsewhere.csv").exists()
     again = issuance(service_env, "codes", "usage", "--activity", act["slug"], "--out", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_a_write_off_racing_a_checkout_for_one_gift_coupon_lets_one_win(settings, pool):
+    """A partner writes a gift coupon off while an order reserves and pays
+    it, started together; many rounds. The code is either written off or
+    used, never both, and the loser is refused with the reason."""
+    _, _, gift, act = three_kinds(settings, codes=ROUNDS * 2)
+    for _ in range(ROUNDS * 2):
+        member, codes, _ = member_with_package(pool, settings, act["slug"])
+        code = next(c for c in codes if c.startswith(gift))
+        order = order_id()
+        start = threading.Barrier(3)
+        results: dict[str, Any] = {}
+
+        def checkout(
+            code: str = code, member: int = member, order: str = order, start=start, results=results
+        ):
+            cart = Cart(amount_cents=10_000, items=1, at=utcnow())
+            start.wait()
+            results["held"] = service.reserve(pool, order, member_id=member, cart=cart, codes=[code])
+            results["paid"] = service.redeem(pool, order, at=utcnow())
+
+        def partner(name: str, code: str = code, start=start, results=results) -> None:
+            start.wait()
+            results[name] = service.write_off(pool, code, partner=name, reason="counter", at=utcnow())
+
+        threads = [
+            threading.Thread(target=checkout),
+            threading.Thread(target=partner, args=("p1",)),
+            threading.Thread(target=partner, args=("p2",)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        status = one(settings, "SELECT status FROM codes WHERE code = %s", code)
+        audits = rows(settings, "SELECT written_off_by FROM code_writeoffs WHERE code = %s", code)
+        offs = [results[p] for p in ("p1", "p2")]
+        if results["paid"].outcome == "redeemed":
+            assert status == "used" and audits == []
+            assert {o.refusal for o in offs} <= {
+                LifecycleRefusal.HELD_BY_ANOTHER_ORDER,
+                LifecycleRefusal.ALREADY_USED,
+            }
+        else:
+            assert status == "written_off" and len(audits) == 1
+            assert results["held"].reason is LifecycleRefusal.WRITTEN_OFF
+            # Both partners get the one record: the second as a repeat.
+            assert sorted(o.repeated for o in offs) == [False, True]
+            assert {o.record.written_off_by for o in offs if o.record} == {audits[0][0]}
+    verify_clean(settings)
+
+
+def test_the_order_events_refund_settles_promo_uses_like_coupons(settings, pool):
+    rate, _, _, act = three_kinds(settings)
+    code = promo(settings, rate, "EVENTS", max_uses=2)
+    member, _, _ = member_with_package(pool, settings, act["slug"])
+    cart = Cart(amount_cents=10_000, items=1, at=utcnow())
+    cancelled, refunded = order_id(), order_id()
+    service.reserve(pool, cancelled, member_id=member, cart=cart, codes=[code])
+    service.reserve(pool, refunded, member_id=member, cart=cart, codes=[code])
+    assert uses(settings, code) == 2
+    # order-status-changed: cancelled before payment gives the use back.
+    assert move(pool, cancelled, "cancelled").outcome == "ok"
+    assert uses(settings, code) == 1
+    service.redeem(pool, refunded, at=utcnow())
+    assert move(pool, refunded, "paid").outcome == "ok"
+    assert move(pool, refunded, "refunded").outcome == "ok"  # a buyer's refund after payment: voided
+    assert uses(settings, code) == 1
+    assert service.refund(pool, refunded, at=utcnow()).outcome == "voided"  # the API agrees
+    state = "SELECT state, release_reason, voided_at IS NOT NULL FROM promo_uses WHERE order_id = %s"
+    assert one(settings, state, cancelled) == ("released", "order_cancelled", False)
+    assert one(settings, state, refunded) == ("redeemed", None, True)

@@ -160,7 +160,11 @@ def validate(
 
 # Why a held code can no longer be used at payment, by the state it is in;
 # kept as the reservation's release reason, so asking again answers alike.
-LOST = {"cancelled": LifecycleRefusal.CANCELLED, "used": LifecycleRefusal.ALREADY_USED}
+LOST = {
+    "cancelled": LifecycleRefusal.CANCELLED,
+    "used": LifecycleRefusal.ALREADY_USED,
+    "written_off": LifecycleRefusal.WRITTEN_OFF,
+}
 ORDER_CANCELLED = RELEASED_CANCELLED
 TIMEOUT = "timeout"
 
@@ -224,7 +228,8 @@ def _reserve_in(
     chosen = choose(codes, coupons, cart, member_id=member_id, order_id=order_id)
     if not chosen.accepted:
         raise _Rollback(_refused(order_id, _first_reason(chosen), chosen.refused))
-    for code, off in chosen.lines:
+    # In code order, as the codes were locked: promo codes' counters too.
+    for code, off in sorted(chosen.lines):
         if code in promos:
             _take_promo(
                 conn, promos[code][0], code, order_id, member_id=member_id, cart=cart, off=off, hold=hold

@@ -185,7 +185,19 @@ SELECT use_id FROM promo_uses WHERE state = 'reserved' AND hold_until <= %(at)s
 """
 
 
+# The promo codes a release will count down, locked first in code order, the
+# order in which a reservation takes them: an order releasing two codes and
+# another taking the same two cannot deadlock.
+LOCK_CODES = """
+SELECT 1 FROM promo_codes WHERE promo_id IN (SELECT promo_id FROM promo_uses u WHERE {where})
+ ORDER BY code FOR UPDATE
+"""
+LOCK_OF_ORDER = LOCK_CODES.format(where="u.order_id = %(order_id)s AND u.state = ANY(%(states)s)")
+LOCK_DUE = LOCK_CODES.format(where="u.state = 'reserved' AND u.hold_until <= %(at)s")
+
+
 def _released(conn: Conn, which: str, params: dict[str, Any]) -> int:
+    conn.execute(LOCK_OF_ORDER if which == OF_ORDER else LOCK_DUE, params)
     row = conn.execute(RELEASE.format(which=which), params).fetchone()
     return int(row[0]) if row else 0
 
@@ -265,18 +277,23 @@ class WriteOffTarget:
     held: bool
 
 
-LOCK_TARGET = """
+# Locked first, then read in a statement of its own: under READ COMMITTED
+# the read then sees a reservation committed while the lock was awaited
+# (a subquery of the locking statement would not).
+LOCK_CODE = "SELECT 1 FROM codes WHERE code = %s FOR UPDATE"
+TARGET = """
 SELECT c.code, c.status, t.kind, c.member_id, c.expires_at,
        EXISTS (SELECT 1 FROM checkout_reservations r
                 WHERE r.code = c.code AND r.state IN ('reserved', 'redeemed')) AS held
   FROM codes c JOIN coupon_templates t USING (template_id)
  WHERE c.code = %s
-   FOR UPDATE OF c
 """
 
 
 def lock_writeoff_target(conn: Conn, code: str) -> WriteOffTarget | None:
-    return conn.cursor(row_factory=class_row(WriteOffTarget)).execute(LOCK_TARGET, (code,)).fetchone()
+    """The code and what a write-off depends on, the code locked."""
+    conn.execute(LOCK_CODE, (code,))
+    return conn.cursor(row_factory=class_row(WriteOffTarget)).execute(TARGET, (code,)).fetchone()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
