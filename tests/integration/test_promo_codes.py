@@ -304,6 +304,9 @@ def test_a_partner_writes_off_a_gift_coupon_through_the_api(settings, pool, clie
     cart = Cart(amount_cents=10_000, items=1, at=utcnow())
     refused = service.reserve(pool, order_id(), member_id=member, cart=cart, codes=[gift_code])
     assert refused.reason is LifecycleRefusal.WRITTEN_OFF
+    listed = client.get(f"/api/members/{member}/coupons", params={"amount_cents": 10_000, "items": 1})
+    shown = {c["code"]: c for c in conforms(listed.json(), "CouponList")["coupons"]}[gift_code]
+    assert (shown["status"], shown["applicable"], shown["reason"]) == ("written_off", False, "written_off")
     unknown = client.post("/api/codes/NOSUCHCODE/write-off", json=body)
     assert (unknown.status_code, conforms(unknown.json(), "WriteOffAnswer")["reason"]) == (
         404,

@@ -237,7 +237,10 @@ COUPON_OPTION: dict[str, Any] = {
             "description": "discount_rate: basis points off (1500 = 15% off); otherwise minor units",
         },
         "threshold_cents": MINOR_UNITS,
-        "status": {"type": "string", "enum": ["unused", "used", "expired", "cancelled", "voided"]},
+        "status": {
+            "type": "string",
+            "enum": ["unused", "used", "expired", "cancelled", "voided", "written_off"],
+        },
         "valid_from": {"type": ["string", "null"], "format": "date-time"},
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "applicable": {"type": "boolean"},
