@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from issuance.shared.domain.checkout import Cart, CouponRules, WalletCoupon, choose, evaluate
-from issuance.shared.domain.coupons import LifecycleRefusal, holder_refusal, writeoff_refusal
+from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal, holder_refusal, writeoff_refusal
 
 NOW = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 
@@ -33,6 +33,8 @@ def test_what_may_be_written_off(status, kind, expires, held, expected):
 def test_a_written_off_code_is_refused_at_checkout_with_its_reason():
     assert holder_refusal(status="written_off", owner=None, member_id=1) is LifecycleRefusal.WRITTEN_OFF
     assert holder_refusal(status="written_off", owner=1, member_id=1) is LifecycleRefusal.WRITTEN_OFF
+    # Nor may an operator cancel it: the write-off and its audit record stand.
+    assert cancel_refusal("written_off") is LifecycleRefusal.WRITTEN_OFF
 
 
 def promo(**fields) -> WalletCoupon:

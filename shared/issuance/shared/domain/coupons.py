@@ -280,6 +280,8 @@ def cancel_refusal(status: str) -> LifecycleRefusal | None:
         return LifecycleRefusal.EXPIRED
     if status == "voided":
         return LifecycleRefusal.VOIDED
+    if status == "written_off":
+        return LifecycleRefusal.WRITTEN_OFF
     return None
 
 
