@@ -22,11 +22,13 @@ from issuance.producers.checkout.openapi import (
     MAX_ITEMS,
     MAX_LEVEL,
     MAX_LINES,
+    MAX_WHY,
     NAME_PATTERN,
     ORDER_ID_PATTERN,
     SPEC,
 )
 from issuance.producers.checkout.service import CheckoutAnswer
+from issuance.shared.db.promo_store import WriteOffAnswer
 from issuance.shared.domain.checkout import Cart, CartLine, CouponOption, best
 from issuance.shared.domain.coupons import LifecycleRefusal
 from issuance.shared.settings import Settings, load_settings
@@ -196,6 +198,30 @@ def refund_request(body: dict[str, Any]) -> tuple[str, bool]:
     if not isinstance(fulfilled, bool):
         raise BadRequest("fulfilled must be true or false")
     return refunded_by, fulfilled
+
+
+def write_off_request(body: dict[str, Any]) -> tuple[str, str]:
+    """(partner, reason) from a WriteOffRequest body."""
+    if set(body) != {"partner", "reason"}:
+        raise BadRequest("the body is exactly {partner, reason}")
+    reason = body["reason"]
+    if not isinstance(reason, str) or not 1 <= len(reason) <= MAX_WHY or not reason.strip():
+        raise BadRequest(f"reason must be 1 to {MAX_WHY} characters")
+    return _name(body["partner"], "partner"), reason
+
+
+def write_off_response(code: str, answer: WriteOffAnswer) -> JSON:
+    refusal = answer.refusal
+    body = {
+        "code": code,
+        "outcome": "refused" if refusal else "written_off",
+        "repeated": answer.repeated,
+        "record": None if answer.record is None else answer.record.as_json(),
+        "reason": None if refusal is None else refusal.value,
+        "message": None if refusal is None else refusal.text,
+    }
+    status = 200 if refusal is None else 404 if refusal is LifecycleRefusal.UNKNOWN_CODE else 409
+    return JSON(body, status_code=status)
 
 
 def option_json(option: CouponOption) -> dict[str, Any]:
@@ -369,6 +395,16 @@ def create_app(
         )
         return answer_response(answer)
 
+    async def write_off(request: Request) -> Response:
+        code = str(request.path_params["code"])
+        if not CODE.match(code):
+            raise BadRequest(f"the code must match {CODE_PATTERN}")
+        partner, reason = write_off_request(await body_of(request, required=True))
+        answer = await run_in_threadpool(
+            lambda: service.write_off(state["pool"], code, partner=partner, reason=reason, at=utcnow())
+        )
+        return write_off_response(code, answer)
+
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI_BYTES, media_type="application/json")
 
@@ -391,6 +427,7 @@ def create_app(
             route("/api/orders/{order_id}/redeem", redeem, "POST"),
             route("/api/orders/{order_id}/release", release, "POST"),
             route("/api/orders/{order_id}/refund", refund, "POST"),
+            route("/api/codes/{code}/write-off", write_off, "POST"),
             Route("/api/openapi.json", openapi, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -117,6 +117,50 @@ RULES: dict[str, Any] = {
     },
 }
 
+MAX_PARTNER = 64
+MAX_WHY = 200
+WRITE_OFF_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["partner", "reason"],
+    "properties": {
+        "partner": {**NAME, "description": "the partner writing the code off (kept in the audit record)"},
+        "reason": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_WHY,
+            "description": "why, e.g. the partner's own voucher or receipt number (kept in the audit record)",
+        },
+    },
+}
+
+WRITE_OFF_ANSWER: dict[str, Any] = {
+    "type": "object",
+    "required": ["code", "outcome", "repeated", "record", "reason", "message"],
+    "properties": {
+        "code": {"type": "string"},
+        "outcome": {"type": "string", "enum": ["written_off", "refused"]},
+        "repeated": {"type": "boolean", "description": "written off before: the record is the first one"},
+        "record": {
+            "type": ["object", "null"],
+            "required": ["code", "channel", "written_off_by", "reason", "member_id", "written_off_at"],
+            "properties": {
+                "code": {"type": "string"},
+                "channel": {"type": "string", "enum": ["operator", "partner"]},
+                "written_off_by": {"type": "string"},
+                "reason": {"type": "string"},
+                "member_id": {
+                    "type": ["integer", "null"],
+                    "description": "whose it was (null: never issued)",
+                },
+                "written_off_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "reason": REASON,
+        "message": {"type": ["string", "null"]},
+    },
+}
+
 EMPTY_REQUEST: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {}}
 
 REFUND_REQUEST: dict[str, Any] = {
@@ -193,7 +237,10 @@ COUPON_OPTION: dict[str, Any] = {
             "description": "discount_rate: basis points off (1500 = 15% off); otherwise minor units",
         },
         "threshold_cents": MINOR_UNITS,
-        "status": {"type": "string", "enum": ["unused", "used", "expired", "cancelled", "voided"]},
+        "status": {
+            "type": "string",
+            "enum": ["unused", "used", "expired", "cancelled", "voided", "written_off"],
+        },
         "valid_from": {"type": ["string", "null"], "format": "date-time"},
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "applicable": {"type": "boolean"},
@@ -409,9 +456,46 @@ SPEC: dict[str, Any] = {
             "RefundRequest",
             "returned or voided",
         ),
+        "/api/codes/{code}/write-off": {
+            "post": {
+                "operationId": "writeOffCode",
+                "summary": "Redeem a gift coupon or a partner's or printed code without an order",
+                "description": (
+                    "A partner writes a code off: a never-issued code (exported for a partner or for"
+                    " printing), or a gift coupon in a member's wallet. The database keeps an audit"
+                    " record (partner, reason, time, code, owner). Again: the first record, repeated"
+                    " true. A code used, voided, cancelled, expired, held by an order or of a kind"
+                    " used in orders is refused (409) with the reason; an unknown code is 404."
+                ),
+                "parameters": [
+                    {
+                        "name": "code",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": CODE_PATTERN},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/WriteOffRequest"}}
+                    },
+                },
+                "responses": {
+                    "200": _json("WriteOffAnswer", "written off (now, or before: repeated)"),
+                    "404": _json("WriteOffAnswer", "no such code (reason unknown_code)"),
+                    "409": _json("WriteOffAnswer", "refused, with the reason"),
+                    "413": _json("Error", "the body is too large"),
+                    "415": _json("Error", "the body is not application/json"),
+                    "422": _json("Error", "the request does not match the schema"),
+                },
+            }
+        },
     },
     "components": {
         "schemas": {
+            "WriteOffRequest": WRITE_OFF_REQUEST,
+            "WriteOffAnswer": WRITE_OFF_ANSWER,
             "CartRequest": CART_REQUEST,
             "CartQuery": CART_QUERY,
             "CartLine": CART_LINE,

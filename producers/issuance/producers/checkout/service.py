@@ -32,9 +32,10 @@ from typing import Any
 from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
 from issuance.shared.db import members
+from issuance.shared.db import promo_store as ps
 from issuance.shared.db import refund_store as rs
 from issuance.shared.db.store import Conn
-from issuance.shared.domain.checkout import Cart, ChosenSet, CouponOption, choose, options_for
+from issuance.shared.domain.checkout import Cart, ChosenSet, CouponOption, WalletCoupon, choose, options_for
 from issuance.shared.domain.coupons import LifecycleRefusal
 from issuance.shared.domain.refunds import RELEASED_CANCELLED, RELEASED_REFUNDED, CouponFate, coupon_fate
 from psycopg_pool import ConnectionPool
@@ -104,6 +105,20 @@ def _from_choice(order_id: str, outcome: Outcome, chosen: ChosenSet) -> Checkout
     return CheckoutAnswer(order_id=order_id, outcome=outcome, lines=lines)
 
 
+def _promos(
+    conn: Conn, codes: Sequence[str], coupons: Sequence[WalletCoupon], *, member_id: int, order_id: str
+) -> dict[str, tuple[int, WalletCoupon]]:
+    """The named codes that are no coupon code but a shared promo code."""
+    others = sorted(set(codes) - {c.code for c in coupons})
+    return ps.promos_named(conn, others, member_id=member_id, order_id=order_id) if others else {}
+
+
+def _held(conn: Conn, order_id: str, *, lock: bool = False) -> list[ks.ReservationRow]:
+    """An order's reservations and promo code uses, in code order."""
+    rows = ks.reservations_of(conn, order_id, lock=lock) + ps.uses_of(conn, order_id, lock=lock)
+    return sorted(rows, key=lambda r: r.code)
+
+
 def _first_reason(chosen: ChosenSet) -> LifecycleRefusal:
     return chosen.refused[0][1] if chosen.refused else LifecycleRefusal.UNKNOWN_CODE
 
@@ -135,6 +150,8 @@ def validate(
         return _refused(order_id, LifecycleRefusal.UNKNOWN_CODE)
     with pool.connection() as conn:
         coupons = ks.coupons_named(conn, codes)
+        promos = _promos(conn, codes, coupons, member_id=member_id, order_id=order_id)
+    coupons += [coupon for _, coupon in promos.values()]
     chosen = choose(codes, coupons, cart, member_id=member_id, order_id=order_id)
     if not chosen.accepted:
         return _refused(order_id, _first_reason(chosen), chosen.refused)
@@ -143,7 +160,11 @@ def validate(
 
 # Why a held code can no longer be used at payment, by the state it is in;
 # kept as the reservation's release reason, so asking again answers alike.
-LOST = {"cancelled": LifecycleRefusal.CANCELLED, "used": LifecycleRefusal.ALREADY_USED}
+LOST = {
+    "cancelled": LifecycleRefusal.CANCELLED,
+    "used": LifecycleRefusal.ALREADY_USED,
+    "written_off": LifecycleRefusal.WRITTEN_OFF,
+}
 ORDER_CANCELLED = RELEASED_CANCELLED
 TIMEOUT = "timeout"
 
@@ -196,17 +217,24 @@ def _reserve_in(
         assert order is not None
         if (order.member_id, order.amount_cents) != (member_id, cart.amount_cents):
             raise _Rollback(_refused(order_id, LifecycleRefusal.ORDER_CONFLICT))
-        held = ks.reservations_of(conn, order_id)
+        held = _held(conn, order_id)
         if held:
             return _repeat(order_id, held, codes)
         if order.status != "placed":
             raise _Rollback(_refused(order_id, LifecycleRefusal.ORDER_CLOSED))
     coupons = ks.coupons_for_update(conn, codes)
+    promos = _promos(conn, codes, coupons, member_id=member_id, order_id=order_id)
+    coupons += [coupon for _, coupon in promos.values()]
     chosen = choose(codes, coupons, cart, member_id=member_id, order_id=order_id)
     if not chosen.accepted:
         raise _Rollback(_refused(order_id, _first_reason(chosen), chosen.refused))
-    for code, off in chosen.lines:
-        if not ks.insert_reservation(
+    # In code order, as the codes were locked: promo codes' counters too.
+    for code, off in sorted(chosen.lines):
+        if code in promos:
+            _take_promo(
+                conn, promos[code][0], code, order_id, member_id=member_id, cart=cart, off=off, hold=hold
+            )
+        elif not ks.insert_reservation(
             conn,
             order_id=order_id,
             code=code,
@@ -220,6 +248,34 @@ def _reserve_in(
             per_code = [(code, LifecycleRefusal.HELD_BY_ANOTHER_ORDER)]
             raise _Rollback(_refused(order_id, LifecycleRefusal.HELD_BY_ANOTHER_ORDER, per_code))
     return _from_choice(order_id, Outcome.RESERVED, chosen)
+
+
+def _take_promo(
+    conn: Conn,
+    promo_id: int,
+    code: str,
+    order_id: str,
+    *,
+    member_id: int,
+    cart: Cart,
+    off: int,
+    hold: timedelta,
+) -> None:
+    """Take a use of a shared promo code for the order, under the cap the
+    database holds; a refusal leaves the transaction without a trace."""
+    use = ps.UseRequest(
+        promo_id=promo_id,
+        order_id=order_id,
+        member_id=member_id,
+        amount_cents=cart.amount_cents,
+        items=cart.items,
+        discount_cents=off,
+        at=cart.at,
+        hold_until=cart.at + hold,
+    )
+    refusal = ps.take_use(conn, use)
+    if refusal is not None:
+        raise _Rollback(_refused(order_id, refusal, [(code, refusal)]))
 
 
 def _repeat(order_id: str, held: Sequence[ks.ReservationRow], codes: Sequence[str]) -> CheckoutAnswer:
@@ -253,7 +309,7 @@ def redeem(pool: ConnectionPool, order_id: str, *, at: datetime) -> CheckoutAnsw
 
 
 def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
-    rows = ks.reservations_of(conn, order_id, lock=True)
+    rows = _held(conn, order_id, lock=True)
     if not rows:
         return _refused(order_id, LifecycleRefusal.UNKNOWN_ORDER)
     if any(r.state != "reserved" for r in rows):
@@ -262,10 +318,10 @@ def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
             return _refused(order_id, LifecycleRefusal.ORDER_CLOSED)
         return answer
     if min(r.hold_until for r in rows) <= at:
-        ks.release_order(conn, order_id, at, TIMEOUT)
+        _release_all(conn, order_id, at, TIMEOUT)
         return _refused(order_id, LifecycleRefusal.RESERVATION_EXPIRED)
     to_use = []
-    for row in rows:
+    for row in (r for r in rows if not r.promo):
         coupon = cs.coupon_for_use(conn, row.code)
         assert coupon is not None, "a reserved code exists (foreign key)"
         if coupon.status == "used" and coupon.order_id == order_id:
@@ -275,27 +331,34 @@ def _redeem_in(conn: Conn, order_id: str, at: datetime) -> CheckoutAnswer:
             # sweep reached it, or an order-placed event used it elsewhere.
             # The order's hold ends here.
             reason = LOST.get(coupon.status, LifecycleRefusal.EXPIRED)
-            ks.release_order(conn, order_id, at, reason.value)
+            _release_all(conn, order_id, at, reason.value)
             return _refused(order_id, reason)
         to_use.append(row)
     for row in to_use:
         used = cs.use_coupon(conn, code=row.code, order_id=order_id, at=at, discount_cents=row.discount_cents)
         assert used, "a locked, unused code can be used"
     ks.mark_redeemed(conn, order_id, at)
+    ps.mark_redeemed(conn, order_id, at)
     cs.set_order_discount(conn, order_id, sum(r.discount_cents for r in rows))
     return _from_rows(order_id, Outcome.REDEEMED, rows)
+
+
+def _release_all(conn: Conn, order_id: str, at: datetime, reason: str) -> None:
+    """End an order's holds: its codes' reservations and its promo code uses."""
+    ks.release_order(conn, order_id, at, reason)
+    ps.release_order(conn, order_id, at, reason)
 
 
 def release(pool: ConnectionPool, order_id: str, *, at: datetime) -> CheckoutAnswer:
     """The order was cancelled before payment: its held codes are free again.
     A paid order's coupons are not released (a refund handles them)."""
     with pool.connection() as conn, conn.transaction():
-        rows = ks.reservations_of(conn, order_id, lock=True)
+        rows = _held(conn, order_id, lock=True)
         if not rows:
             return _refused(order_id, LifecycleRefusal.UNKNOWN_ORDER)
         if any(r.state == "redeemed" for r in rows):
             return _refused(order_id, LifecycleRefusal.ORDER_ALREADY_PAID)
-        ks.release_order(conn, order_id, at, ORDER_CANCELLED)
+        _release_all(conn, order_id, at, ORDER_CANCELLED)
     return _from_rows(order_id, Outcome.RELEASED, rows)
 
 
@@ -311,7 +374,7 @@ def refund(
     with pool.connection() as conn, conn.transaction():
         # The order row first, as the order-status-changed path locks it.
         order = cs.order_by_id(conn, order_id, lock=True)
-        rows = ks.reservations_of(conn, order_id, lock=True)
+        rows = _held(conn, order_id, lock=True)
         if order is None or not rows:
             return _refused(order_id, LifecycleRefusal.UNKNOWN_ORDER)
         if _given_back(rows):
@@ -323,7 +386,7 @@ def refund(
             order_status="fulfilled" if shipped else "paid", new_status="refunded", refunded_by=refunded_by
         )
         rs.settle_coupons(conn, order_id, fate or CouponFate.VOID, at=at, reason=RELEASED_REFUNDED)
-        after = ks.reservations_of(conn, order_id)
+        after = _held(conn, order_id)
     outcome = Outcome.RETURNED if _given_back(after) else Outcome.VOIDED
     return _from_rows(order_id, outcome, rows)
 
@@ -338,10 +401,20 @@ def release_timed_out(pool: ConnectionPool, *, now: datetime, batch: int = 1000)
     total = 0
     while True:
         with pool.connection() as conn, conn.transaction():
-            released = ks.release_timed_out(conn, now, batch)
+            released = ks.release_timed_out(conn, now, batch) + ps.release_timed_out(conn, now, batch)
         total += released
         if released < batch:
             break
     if total:
         log.info("released %d checkout reservations whose hold lapsed", total)
     return total
+
+
+def write_off(
+    pool: ConnectionPool, code: str, *, partner: str, reason: str, at: datetime
+) -> ps.WriteOffAnswer:
+    """A partner redeems a code without an order (a gift coupon, or a code
+    exported for a partner or for printing), with an audit record.
+    Idempotent: a code written off already answers with its first record."""
+    with pool.connection() as conn, conn.transaction():
+        return ps.write_off_code(conn, code, channel="partner", by=partner, reason=reason, at=at)

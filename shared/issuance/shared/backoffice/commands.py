@@ -192,6 +192,22 @@ def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_codes_usage(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import code_usage
+
+    out = sys.stdout.buffer if args.out == "-" else open_export(args.out, force=args.force)
+    try:
+        with _connect(settings) as conn:
+            for data in code_usage.export_usage(conn, args.activity):
+                out.write(data)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        else:
+            out.flush()
+    return 0
+
+
 def cmd_coupons_expire(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
@@ -215,6 +231,46 @@ def cmd_coupons_cancel(args: argparse.Namespace, settings: Settings) -> int:
         changed = catalog.cancel_coupon(conn, args.code, utcnow())
     print(f"{args.code}: {'cancelled' if changed else 'already cancelled'}")
     return 0
+
+
+def cmd_coupons_write_off(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import promos
+    from issuance.shared.wire.messages import utcnow
+
+    with _connect(settings) as conn:
+        answer = promos.write_off(conn, args.code, by=args.by, reason=args.reason, at=utcnow())
+    record = answer.record
+    assert record is not None
+    first = f" (already, by {record.written_off_by} at {record.written_off_at.isoformat()})"
+    print(f"{args.code}: written off{first if answer.repeated else ''}")
+    return 0
+
+
+def cmd_promo_create(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import promos
+    from issuance.shared.db.promo_store import PromoSpec
+
+    spec = PromoSpec(
+        code=args.code,
+        template=args.template,
+        max_uses=args.max_uses,
+        per_member_limit=args.per_member,
+        valid_from=args.valid_from,
+        valid_until=args.valid_until,
+    )
+    with _connect(settings) as conn:
+        promos.create_promo(conn, spec)
+    print(f"promo code {args.code}: {args.max_uses} uses on template {args.template}")
+    return 0
+
+
+def _instant(text: str) -> Any:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -293,6 +349,16 @@ def register(sub: Any) -> None:
     export.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
     export.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
 
+    usage = _command(
+        codes,
+        cmd_codes_usage,
+        "usage",
+        help="per code: member, claim time, channel, use time, order, discount (CSV)",
+    )
+    usage.add_argument("--activity", required=True, help="the activity's slug")
+    usage.add_argument("--out", default="-", help="new file (mode 0600), or - for standard output")
+    usage.add_argument("--force", action="store_true", help="replace --out if it exists (never a symlink)")
+
     coupons = _group(sub, "coupons", "coupons after issuance")
     expire = _command(
         coupons,
@@ -303,6 +369,22 @@ def register(sub: Any) -> None:
     expire.add_argument("--every", type=float, help="run forever, sweeping every this many seconds")
     cancel = _command(coupons, cmd_coupons_cancel, "cancel", help="cancel a coupon (unused or never issued)")
     cancel.add_argument("code", help="the coupon code")
+    write_off = _command(
+        coupons,
+        cmd_coupons_write_off,
+        "write-off",
+        help="redeem a gift coupon or a partner's or printed code without an order (audited)",
+    )
+    write_off.add_argument("code", help="the code")
+    write_off.add_argument("--by", required=True, help="who writes it off (kept in the audit record)")
+    write_off.add_argument("--reason", required=True, help="why (kept in the audit record)")
+    promo = _command(coupons, cmd_promo_create, "promo", help="create a shared promo code with a usage cap")
+    promo.add_argument("code", help="the promo code (1 to 16 letters or digits), e.g. SPRING50")
+    promo.add_argument("--template", required=True, help="the template's prefix: kind, value and rules")
+    promo.add_argument("--max-uses", type=int, required=True, help="uses in all, over every member")
+    promo.add_argument("--per-member", type=int, help="uses per member (default: no limit)")
+    promo.add_argument("--valid-from", type=_instant, help="ISO 8601 time with zone")
+    promo.add_argument("--valid-until", type=_instant, help="ISO 8601 time with zone")
 
     report = sub.add_parser("report", help="a campaign's report: packages, usage, cost, funnel, rebates")
     which = report.add_mutually_exclusive_group(required=True)

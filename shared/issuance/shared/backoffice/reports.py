@@ -62,6 +62,11 @@ class ActivityReport:
     claims_last_24h: int
     days_until_exhausted: float | None
     templates: tuple[TemplateStock, ...]
+    # Redeemed without an order, and shared promo codes (migration 0015):
+    # the same totals as the per-code export (issuance codes usage).
+    coupons_written_off: int = 0
+    promo_uses: int = 0
+    promo_discount_cents: int = 0
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -142,6 +147,16 @@ SELECT (SELECT count(*) FROM shares WHERE activity_id = %(activity_id)s) AS shar
 """
 
 
+# Paid promo code uses (a voided one stays spent), and codes written off.
+WITHOUT_ORDER = """
+SELECT (SELECT count(*) FROM codes c JOIN coupon_templates t USING (template_id)
+         WHERE t.activity_id = %(activity_id)s AND c.status = 'written_off') AS coupons_written_off,
+       count(u.use_id) AS promo_uses, coalesce(sum(u.discount_cents), 0)::bigint AS promo_discount_cents
+  FROM promo_uses u JOIN promo_codes p USING (promo_id) JOIN coupon_templates t USING (template_id)
+ WHERE t.activity_id = %(activity_id)s AND u.state = 'redeemed'
+"""
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return None if not denominator else round(numerator / denominator, 4)
 
@@ -157,6 +172,7 @@ def activity_report(conn: Conn, slug: str) -> ActivityReport:
         **(named.execute(CLAIMS, (slug,)).fetchone() or {}),
         **(named.execute(USAGE, params).fetchone() or {}),
         **(named.execute(FUNNEL, params).fetchone() or {}),
+        **(named.execute(WITHOUT_ORDER, params).fetchone() or {}),
     }
     templates = tuple(conn.cursor(row_factory=class_row(TemplateStock)).execute(TEMPLATES, params).fetchall())
     budget, claimed, last_day = activity["budget"], figures["packages_claimed"], figures["claims_last_24h"]
@@ -202,6 +218,10 @@ def render_table(report: ActivityReport) -> str:
         ("usage rate", _rate(r.usage_rate)),
         ("total discount", _money(r.total_discount_cents)),
         ("orders with a coupon", str(r.orders_with_coupon)),
+        (
+            "written off / promo code uses (discount)",
+            f"{r.coupons_written_off} / {r.promo_uses} ({_money(r.promo_discount_cents)})",
+        ),
         ("sales with a coupon", _money(r.sales_with_coupon_cents)),
         (
             "cost effectiveness (sales / discount)",
@@ -268,6 +288,9 @@ _SUMMED = (
     "rebates_clawed_back",
     "rebates_for_review",
     "claims_last_24h",
+    "coupons_written_off",
+    "promo_uses",
+    "promo_discount_cents",
 )
 
 

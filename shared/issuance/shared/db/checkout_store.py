@@ -122,6 +122,8 @@ class ReservationRow:
     redeemed_at: datetime | None
     released_at: datetime | None
     release_reason: str | None
+    # A use of a shared promo code (issuance.shared.db.promo_store), not a code's reservation.
+    promo: bool = False
 
 
 RESERVATIONS = """

@@ -288,7 +288,7 @@ class Code(Base):
     __tablename__ = "codes"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('available', 'unused', 'used', 'expired', 'cancelled', 'voided')",
+            "status IN ('available', 'unused', 'used', 'expired', 'cancelled', 'voided', 'written_off')",
             name="codes_status_check",
         ),
         # Voided (a refund after payment, a rebate taken back) is final; the
@@ -311,7 +311,9 @@ class Code(Base):
             name="codes_used_detail_check",
         ),
         CheckConstraint(
-            "(status = 'available') = (member_id IS NULL) OR status = 'cancelled'",
+            # written_off: redeemed without an order (migration 0015), a gift
+            # coupon or a partner's or printed code that was never bound.
+            "(status = 'available') = (member_id IS NULL) OR status IN ('cancelled', 'written_off')",
             name="codes_bound_status_check",
         ),
         # The keys of a code (its batch of its template; its claim or rebate

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
+from issuance.shared.db import promo_store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain.refunds import CouponFate, RebateReversal
 from psycopg.rows import class_row
@@ -50,10 +51,15 @@ def settle_coupons(conn: Conn, order_id: str, fate: CouponFate, *, at: datetime,
     if fate is CouponFate.RETURN:
         moved = conn.execute(RETURN_COUPONS, params).rowcount
         conn.execute(RELEASE_RESERVATIONS, {**params, "states": ["reserved", "redeemed"]})
+        # A shared promo code's use is given back under its cap.
+        moved += promo_store.release_order(conn, order_id, at, reason, states=("reserved", "redeemed"))
     else:
         moved = conn.execute(VOID_COUPONS, params).rowcount
         # A voided code stays redeemed by its order: it is spent for good.
         conn.execute(RELEASE_RESERVATIONS, {**params, "states": ["reserved"]})
+        # So does a promo code's use (still counted under its cap).
+        moved += promo_store.void_order(conn, order_id, at)
+        promo_store.release_order(conn, order_id, at, reason)
     return moved
 
 

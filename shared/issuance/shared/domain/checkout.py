@@ -109,6 +109,12 @@ class WalletCoupon:
     # How many other coupons of the same template the member has used or
     # holds for another order (for the per-person count).
     member_uses: int = 0
+    # A shared promo code (one string, many members): whether every use
+    # its cap allows is taken by other orders. Its ``member_uses`` counts
+    # the member's live uses of the code, its rules' ``per_person_limit``
+    # is the code's per-member limit.
+    promo: bool = False
+    exhausted: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +218,8 @@ def checkout_refusal(
         raise ValueError(f"unknown coupon kind {coupon.kind!r}")
     mine = order_id is not None and coupon.held_by == order_id
     refusal = _whose(coupon, member_id=member_id, mine=mine)
+    if refusal is None and coupon.exhausted and not mine:
+        refusal = LifecycleRefusal.PROMO_EXHAUSTED
     if refusal is None and coupon.status != "used":
         refusal = _when(coupon, cart)
     if refusal is None:
@@ -226,7 +234,7 @@ def _whose(coupon: WalletCoupon, *, member_id: int, mine: bool) -> LifecycleRefu
     refusal = holder_refusal(status=coupon.status, owner=coupon.member_id, member_id=member_id)
     if refusal is None and coupon.status == "used" and not mine:
         refusal = LifecycleRefusal.ALREADY_USED
-    if refusal is None and coupon.held_by is not None and not mine:
+    if refusal is None and coupon.held_by is not None and not mine and not coupon.promo:
         refusal = LifecycleRefusal.HELD_BY_ANOTHER_ORDER
     return refusal
 

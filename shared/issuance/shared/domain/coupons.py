@@ -51,6 +51,10 @@ class LifecycleRefusal(enum.StrEnum):
     EXCLUDED_BY_PROMOTION = "excluded_by_promotion"
     PER_PERSON_LIMIT = "per_person_limit"
     APP_MEMBER_CONFLICT = "app_member_conflict"
+    # Redemptions without an order (write-offs) and shared promo codes.
+    WRITTEN_OFF = "written_off"
+    NEEDS_AN_ORDER = "needs_an_order"
+    PROMO_EXHAUSTED = "promo_exhausted"
 
     @property
     def text(self) -> str:
@@ -88,6 +92,11 @@ REFUSAL_TEXT: dict[LifecycleRefusal, str] = {
     LifecycleRefusal.EXCLUDED_BY_PROMOTION: "the coupon cannot be combined with the order's other promotions",
     LifecycleRefusal.PER_PERSON_LIMIT: "the member has already used as many coupons of this kind as allowed",
     LifecycleRefusal.APP_MEMBER_CONFLICT: "the app's member ID is already linked to another member",
+    LifecycleRefusal.WRITTEN_OFF: "the code was already redeemed without an order (written off)",
+    LifecycleRefusal.NEEDS_AN_ORDER: (
+        "only gift coupons and partner or printed codes are written off; this coupon is used in an order"
+    ),
+    LifecycleRefusal.PROMO_EXHAUSTED: "the promo code has been used as many times as allowed",
 }
 
 
@@ -141,6 +150,8 @@ def use_refusal(
 def holder_refusal(*, status: str, owner: int | None, member_id: int) -> LifecycleRefusal | None:
     """Is the coupon issued, ``member_id``'s, and not cancelled? The rule
     both the order events and checkout apply."""
+    if status == "written_off":
+        return LifecycleRefusal.WRITTEN_OFF
     if status == "available" or owner is None:
         return LifecycleRefusal.NOT_ISSUED
     if owner != member_id:
@@ -149,6 +160,33 @@ def holder_refusal(*, status: str, owner: int | None, member_id: int) -> Lifecyc
         return LifecycleRefusal.CANCELLED
     if status == "voided":
         return LifecycleRefusal.VOIDED
+    return None
+
+
+def writeoff_refusal(
+    *, status: str, kind: str, expires_at: datetime | None, held: bool, at: datetime
+) -> LifecycleRefusal | None:
+    """May a code be redeemed without an order (written off) at ``at``? A
+    partner's or printed code never bound to a member (``available``) may,
+    and so may a gift coupon in a wallet; a coupon of any other kind is used
+    in an order. A code already used, voided, cancelled, expired or held by
+    an order is refused with the reason. (Written off already: the caller
+    answers with the first write-off, idempotently.)"""
+    refusals = {
+        "used": LifecycleRefusal.ALREADY_USED,
+        "voided": LifecycleRefusal.VOIDED,
+        "cancelled": LifecycleRefusal.CANCELLED,
+        "expired": LifecycleRefusal.EXPIRED,
+        "written_off": LifecycleRefusal.WRITTEN_OFF,
+    }
+    if status in refusals:
+        return refusals[status]
+    if expires_at is not None and expires_at <= at:
+        return LifecycleRefusal.EXPIRED
+    if status == "unused" and kind != "gift":
+        return LifecycleRefusal.NEEDS_AN_ORDER
+    if held:
+        return LifecycleRefusal.HELD_BY_ANOTHER_ORDER
     return None
 
 
@@ -242,6 +280,8 @@ def cancel_refusal(status: str) -> LifecycleRefusal | None:
         return LifecycleRefusal.EXPIRED
     if status == "voided":
         return LifecycleRefusal.VOIDED
+    if status == "written_off":
+        return LifecycleRefusal.WRITTEN_OFF
     return None
 
 
