@@ -462,3 +462,21 @@ def test_the_order_events_refund_settles_promo_uses_like_coupons(settings, pool)
     state = "SELECT state, release_reason, voided_at IS NOT NULL FROM promo_uses WHERE order_id = %s"
     assert one(settings, state, cancelled) == ("released", "order_cancelled", False)
     assert one(settings, state, refunded) == ("redeemed", None, True)
+
+
+def test_an_order_with_a_coupon_and_a_promo_code_reconciles(settings, pool, client):
+    """Verify adds the promo use's discount to the coupons' when it checks an
+    order's discount: a paid order using both is not a breach."""
+    rate, off, _, act = three_kinds(settings)
+    code = promo(settings, off, "DUO500", max_uses=3)
+    member, codes, _ = member_with_package(pool, settings, act["slug"])
+    coupon = next(c for c in codes if c.startswith(rate))
+
+    order = order_id()
+    reserved = client.post(f"/api/orders/{order}/reserve", json=cart_body(member, [coupon, code]))
+    assert (reserved.status_code, reserved.json()["outcome"]) == (200, "reserved"), reserved.json()
+    paid = client.post(f"/api/orders/{order}/redeem")
+    # 10% of 200.00 from the coupon and 5.00 off from the promo code.
+    assert (paid.status_code, paid.json()["discount_cents"]) == (200, 2000 + 500), paid.json()
+    assert one(settings, "SELECT discount_cents FROM orders WHERE order_id = %s", order) == 2500
+    verify_clean(settings)

@@ -28,10 +28,20 @@ BACKOFFICE_CHECKS: dict[str, str] = {
          WHERE c.status = 'used' AND (o.order_id IS NULL OR o.status = 'cancelled')""",
     "used_coupon_of_another_member": """
         SELECT c.code FROM codes c JOIN orders o USING (order_id) WHERE c.member_id <> o.member_id""",
+    # An order's discount is its coupons' plus its redeemed promo uses'.
     "order_discount_differs_from_coupons": """
-        SELECT o.order_id FROM orders o JOIN codes c USING (order_id)
+        WITH parts AS (
+            SELECT order_id, discount_cents FROM codes WHERE order_id IS NOT NULL
+            UNION ALL
+            SELECT order_id, discount_cents FROM promo_uses WHERE state = 'redeemed')
+        SELECT o.order_id FROM orders o JOIN parts p USING (order_id)
          WHERE o.status <> 'cancelled'
-         GROUP BY o.order_id HAVING sum(c.discount_cents) <> max(o.discount_cents)""",
+         GROUP BY o.order_id HAVING sum(p.discount_cents) <> max(o.discount_cents)""",
+    # A promo code's counters are its live uses (reserved or redeemed).
+    "promo_uses_differ_from_counter": """
+        SELECT p.code FROM promo_codes p
+          LEFT JOIN promo_uses u ON u.promo_id = p.promo_id AND u.state IN ('reserved', 'redeemed')
+         GROUP BY p.promo_id, p.code HAVING count(u.use_id) <> max(p.uses)""",
     "rebate_twice_per_referee": """
         SELECT referee_member_id FROM referrals GROUP BY referee_member_id HAVING count(*) > 1""",
     "self_referral": """
