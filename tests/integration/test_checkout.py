@@ -48,13 +48,15 @@ def client(pool) -> Iterator[httpx.Client]:
 
 
 @contextlib.contextmanager
-def serve(pool) -> Iterator[httpx.Client]:
+def serve(pool, clients: dict[str, str] | None = None) -> Iterator[httpx.Client]:
     """The checkout API under uvicorn in a thread, on a free local port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(pool=pool), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(pool=pool, clients=clients), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -417,7 +419,9 @@ def test_the_command_serves_the_api(service_env, settings):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "issuance.shared.cli", "checkout", "serve", "--port", str(port)]
-    proc = subprocess.Popen(command, env={**os.environ, **service_env}, stderr=subprocess.PIPE)
+    token = "orders-" + "t" * 32
+    env = {**os.environ, **service_env, "ISSUANCE_CHECKOUT_TOKENS": f"orders:{token}"}
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -429,8 +433,59 @@ def test_the_command_serves_the_api(service_env, settings):
                 assert time.monotonic() < deadline, "issuance checkout serve did not answer"
                 time.sleep(0.1)
         assert spec["info"]["title"] == SPEC["info"]["title"]
-        listed = httpx.get(f"http://127.0.0.1:{port}/api/members/1/coupons?amount_cents=100&items=1").json()
+        url = f"http://127.0.0.1:{port}/api/members/1/coupons?amount_cents=100&items=1"
+        assert httpx.get(url).status_code == 401
+        listed = httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()
         assert listed == {"member_id": 1, "amount_cents": 100, "items": 1, "best": None, "coupons": []}
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+ORDERS_TOKEN, PARTNER_TOKEN = "o" * 32, "p" * 32
+
+
+def test_with_tokens_set_every_operation_needs_a_bearer_token(pool):
+    with serve(pool, clients={ORDERS_TOKEN: "orders", PARTNER_TOKEN: "acme"}) as c:
+        url = "/api/members/1/coupons?amount_cents=100&items=1"
+        bare = c.get(url)
+        assert (bare.status_code, bare.headers["www-authenticate"]) == (401, "Bearer")
+        assert c.get(url, headers={"Authorization": "Bearer " + "x" * 32}).status_code == 401
+        assert c.get(url, headers={"Authorization": f"Basic {ORDERS_TOKEN}"}).status_code == 401
+        assert c.get(url, headers={"Authorization": f"Bearer {ORDERS_TOKEN}"}).status_code == 200
+        assert c.post(f"/api/orders/{order_id()}/redeem").status_code == 401
+        # The specification stays readable without a token.
+        assert c.get("/api/openapi.json").status_code == 200
+        # A partner writes off codes in its own name only.
+        body = {"partner": "acme", "reason": "printed voucher 7"}
+        other = c.post(
+            "/api/codes/ABCDEFGH/write-off", json=body, headers={"Authorization": f"Bearer {ORDERS_TOKEN}"}
+        )
+        assert (other.status_code, other.json()["error"]) == (
+            403,
+            "a write-off is made in the caller's own name (orders)",
+        )
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "says"),
+    [
+        ({}, [], "ISSUANCE_CHECKOUT_TOKENS is empty"),
+        ({}, ["--no-auth", "--host", "0.0.0.0"], "--no-auth serves a loopback address only"),  # nosec B104
+        ({"ISSUANCE_CHECKOUT_TOKENS": "orders:short"}, [], "entry 1 (orders): the token is shorter"),
+        ({"ISSUANCE_CHECKOUT_TOKENS": "secretwithoutname" * 3}, [], "entry 1 is not name:token"),
+    ],
+)
+def test_the_command_refuses_to_serve_without_a_usable_token(service_env, env, args, says):
+    command = [sys.executable, "-m", "issuance.shared.cli", "checkout", "serve", "--port", "1", *args]
+    done = subprocess.run(
+        command,
+        check=False,
+        env={**os.environ, **service_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert "secretwithoutname" not in done.stderr

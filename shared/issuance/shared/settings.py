@@ -46,6 +46,10 @@ class Settings:
     # fraud floor, not a campaign term: 1-cent orders paid and refunded
     # farmed rebates (issuance.shared.domain.refunds).
     referral_min_order_cents: int = 1_000
+    # Who may call the checkout API: "name:token,name:token" (the order
+    # system, each partner). Empty: `issuance checkout serve` refuses to start
+    # unless told --no-auth on a loopback address.
+    checkout_tokens: str = ""
     # Credit a package in the transaction that binds it (one transaction per
     # batch, no credit message). False: every credit goes through the credit
     # step (credit_claim), as credits held until registration always do.
@@ -188,6 +192,29 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
     if settings.max_backoff_ms * settings.max_retries >= settings.credit_promise_seconds * 1000:
         raise SettingsError("retry backoff budget must stay inside the credit promise")
     return settings
+
+
+MIN_CHECKOUT_TOKEN_BYTES = 24
+
+
+def checkout_clients(settings: Settings) -> dict[str, str]:
+    """``ISSUANCE_CHECKOUT_TOKENS`` as {token: client name}. A malformed
+    entry is named by its position, never echoed: it may hold a secret."""
+    clients: dict[str, str] = {}
+    entries = [e.strip() for e in settings.checkout_tokens.split(",") if e.strip()]
+    for number, entry in enumerate(entries, 1):
+        name, _, token = entry.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not token:
+            raise SettingsError(f"{PREFIX}CHECKOUT_TOKENS entry {number} is not name:token")
+        if len(token.encode()) < MIN_CHECKOUT_TOKEN_BYTES:
+            raise SettingsError(
+                f"{PREFIX}CHECKOUT_TOKENS entry {number} ({name}): the token is shorter than "
+                f"{MIN_CHECKOUT_TOKEN_BYTES} bytes"
+            )
+        if token in clients:
+            raise SettingsError(f"{PREFIX}CHECKOUT_TOKENS entry {number} ({name}) repeats a token")
+        clients[token] = name
+    return clients
 
 
 MIN_PHONE_KEY_BYTES = 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -31,7 +32,7 @@ from issuance.producers.checkout.service import CheckoutAnswer
 from issuance.shared.db.promo_store import WriteOffAnswer
 from issuance.shared.domain.checkout import Cart, CartLine, CouponOption, best
 from issuance.shared.domain.coupons import LifecycleRefusal
-from issuance.shared.settings import Settings, load_settings
+from issuance.shared.settings import Settings, checkout_clients, load_settings
 from issuance.shared.wire.messages import utcnow
 from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
@@ -288,10 +289,17 @@ def create_app(
     *,
     pool: ConnectionPool | None = None,
     hold: timedelta = service.DEFAULT_HOLD,
+    clients: Mapping[str, str] | None = None,
 ) -> Starlette:
     """The checkout app. With ``pool`` given, the caller owns it; otherwise
-    the app opens one from the settings for its lifetime."""
+    the app opens one from the settings for its lifetime. ``clients``
+    ({token: name}, by default ``ISSUANCE_CHECKOUT_TOKENS``): when any, every
+    operation needs ``Authorization: Bearer <token>``, and a partner writes
+    off codes only under its own name."""
     state: dict[str, ConnectionPool] = {}
+    if clients is None:
+        clients = checkout_clients(settings) if settings is not None else {}
+    tokens = dict(clients)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -400,6 +408,9 @@ def create_app(
         if not CODE.match(code):
             raise BadRequest(f"the code must match {CODE_PATTERN}")
         partner, reason = write_off_request(await body_of(request, required=True))
+        caller = request.scope.get("checkout_client")
+        if caller is not None and caller != partner:
+            raise BadRequest(f"a write-off is made in the caller's own name ({caller})", 403)
         answer = await run_in_threadpool(
             lambda: service.write_off(state["pool"], code, partner=partner, reason=reason, at=utcnow())
         )
@@ -408,8 +419,28 @@ def create_app(
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI_BYTES, media_type="application/json")
 
+    def caller_of(request: Request) -> str | None:
+        """The client a bearer token names; None when it names none."""
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return None
+        found = None
+        for token, name in tokens.items():  # every token compared, in constant time each
+            if hmac.compare_digest(token.encode(), presented.strip().encode()):
+                found = name
+        return found
+
     def route(path: str, operation: Endpoint, method: str) -> Route:
         async def endpoint(request: Request) -> Response:
+            if tokens:
+                caller = caller_of(request)
+                if caller is None:
+                    return JSON(
+                        {"error": "a bearer token of ISSUANCE_CHECKOUT_TOKENS is required"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                request.scope["checkout_client"] = caller
             try:
                 return await operation(request)
             except BadRequest as exc:

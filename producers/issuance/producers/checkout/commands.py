@@ -10,7 +10,10 @@ import argparse
 from datetime import timedelta
 
 from issuance.shared.cli import Subparsers
-from issuance.shared.settings import Settings
+from issuance.shared.errors import OperatorError
+from issuance.shared.settings import Settings, checkout_clients
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -18,6 +21,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
     from issuance.producers.checkout.app import create_app
 
+    if not checkout_clients(settings):
+        if not args.no_auth:
+            raise OperatorError(
+                "ISSUANCE_CHECKOUT_TOKENS is empty: give the order system and each partner a "
+                "name:token, or pass --no-auth to serve a trusted loopback address only"
+            )
+        if args.host not in LOOPBACK:
+            raise OperatorError(f"--no-auth serves a loopback address only, not {args.host}")
     app = create_app(settings, hold=timedelta(minutes=args.hold_minutes))
     uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log)
     return 0
@@ -49,6 +60,11 @@ def register(sub: Subparsers) -> None:
         "--hold-minutes", type=float, default=30.0, help="how long a reservation waits for payment (30)"
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without ISSUANCE_CHECKOUT_TOKENS (a loopback address only: tests, a laptop)",
+    )
     serve.set_defaults(func=cmd_serve)
     sweep = commands.add_parser("sweep", help="release reservations whose hold lapsed unpaid")
     sweep.set_defaults(func=cmd_sweep)

@@ -492,7 +492,18 @@ SPEC: dict[str, Any] = {
             }
         },
     },
+    # With ISSUANCE_CHECKOUT_TOKENS set (the default outside a loopback
+    # --no-auth), every operation needs a bearer token (401 without one).
+    "security": [{"bearer": []}],
     "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a token of ISSUANCE_CHECKOUT_TOKENS (name:token); a partner's write-offs"
+                " are made in its own name (403 otherwise)",
+            }
+        },
         "schemas": {
             "WriteOffRequest": WRITE_OFF_REQUEST,
             "WriteOffAnswer": WRITE_OFF_ANSWER,
@@ -506,6 +517,6 @@ SPEC: dict[str, Any] = {
             "CouponOption": COUPON_OPTION,
             "CouponList": COUPON_LIST,
             "Error": ERROR,
-        }
+        },
     },
 }
