@@ -76,6 +76,13 @@ def claims_in(url: str) -> int:
     return int(row[0])
 
 
+def dead_letters(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def phones_by_cell(settings: Settings, count: int) -> dict[int, list[str]]:
     cells = load_cell_map(settings)
     found: dict[int, list[str]] = {0: [], 1: []}
@@ -105,8 +112,10 @@ def test_page_sells_every_cell_and_reads_status_in_the_claims_cell(
     log = tmp_path / "workers.log"
     workers = []
     try:
-        for env in envs:
-            worker_env = {**os.environ, **env, "ISSUANCE_TEST_LOG": str(log)}
+        for name, env in zip("ab", envs, strict=True):
+            # Each cell's workers know their cell: a misrouted claim would be dead-lettered.
+            cell = {f"{PREFIX}CELLS": cell_map(envs), f"{PREFIX}CELL": name}
+            worker_env = {**os.environ, **env, **cell, "ISSUANCE_TEST_LOG": str(log)}
             worker_env.pop("PYTEST_CURRENT_TEST", None)
             workers.append(Workers(worker_env, 1, 2, None))
         for env in envs:
@@ -134,6 +143,7 @@ def run_the_page(client: Any, slug: str, phones: dict[int, list[str]], envs: lis
     # Before: cell b's claims were never found, their status stayed "accepted".
     assert [a["status"] for a in answers] == ["credited"] * 4, answers
     assert [claims_in(env[f"{PREFIX}DATABASE_URL"]) for env in envs] == [2, 2]
+    assert [dead_letters(env[f"{PREFIX}DATABASE_URL"]) for env in envs] == [0, 0]
     # Every cell's packages are gone: now the page says so.
     assert 'data-state="sold_out"' in client.get(f"/a/{slug}").text
     refused = post_claim(client, slug, phones[1][2]).json()
