@@ -127,6 +127,29 @@ def test_page_sells_every_cell_and_reads_status_in_the_claims_cell(
     finally:
         for worker in workers:
             worker.stop()
+    report_over_cells(operator, slug)
+
+
+def report_over_cells(operator: Settings, slug: str) -> None:
+    """``issuance report`` sums the cells; ``--by-cell`` shows each one's share."""
+    total = json.loads(issuance(operator, "report", "--activity", slug, "--json"))
+    # Before: cell a's database alone, two packages offered.
+    assert (total["packages_offered"], total["packages_claimed"], total["packages_remaining"]) == (4, 4, 0)
+    assert total["claims_credited"] == 4 and total["collect_rate"] == 1.0
+    # One row per template, its counts summed over the cells.
+    assert [(t["prefix"], t["generated"], t["issued"]) for t in total["templates"]] == [("WCA", 4, 4)]
+    by_cell = json.loads(issuance(operator, "report", "--activity", slug, "--json", "--by-cell"))
+    shares = {name: (r["packages_offered"], r["packages_claimed"]) for name, r in by_cell["cells"].items()}
+    assert shares == {"a": (2, 2), "b": (2, 2)} and by_cell["missing_in_cells"] == []
+    text = issuance(operator, "report", "--activity", slug, "--by-cell").splitlines()
+    assert [line.split()[-5:] for line in text if line.startswith("packages offered")] == [
+        ["4", "/", "4", "/", "0"]
+    ]
+    rows = [line.split() for line in text if line.split()[:1] in (["a"], ["b"])]
+    assert rows == [
+        ["a", "2", "2", "0", "2", "0", "2", "2", "0"],
+        ["b", "2", "2", "0", "2", "0", "2", "2", "0"],
+    ]
 
 
 def run_the_page(client: Any, slug: str, phones: dict[int, list[str]], envs: list[dict[str, str]]) -> None:
