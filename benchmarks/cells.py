@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(results: dict[str, Any]) -> list[str]:
-    one = results["per_cell_rate_1"]
+    one = round(results["per_cell_rate_1"])
     lines = [
         "| cells | claims | drain claims/s (all cells) | per-cell claims/s |",
         "|---|---|---|---|",
