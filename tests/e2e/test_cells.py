@@ -154,8 +154,10 @@ def test_three_cells_keep_every_invariant_per_cell_and_over_all(
     log = tmp_path / "workers.log"
     workers = []
     try:
-        for env in envs:
-            worker_env = {**os.environ, **env, "ISSUANCE_TEST_LOG": str(log)}
+        for name, env in zip("abc", envs, strict=True):
+            # Each cell's workers know their cell: a claim routed elsewhere would be dead-lettered.
+            cell = {f"{PREFIX}CELLS": cell_map(envs), f"{PREFIX}CELL": name}
+            worker_env = {**os.environ, **env, **cell, "ISSUANCE_TEST_LOG": str(log)}
             worker_env.pop("PYTEST_CURRENT_TEST", None)
             workers.append(Workers(worker_env, 1, 4, None))
         for env in envs:
@@ -246,6 +248,9 @@ def flood(
     decided = [counts(url, "SELECT count(*), count(DISTINCT claim_id) FROM claims")[0] for url in urls]
     assert sum(n for n, _ in decided) == wanted and all(n == d for n, d in decided), decided
     assert all(n > 0 for n, _ in decided), "the flood reached every cell"
+    # The routing publisher and the workers agree: nothing refused as wrong_cell.
+    wrong = "SELECT count(*) FROM dead_letters WHERE reason = 'wrong_cell'"
+    assert [counts(url, wrong)[0][0] for url in urls] == [0, 0, 0]
     # The credits finish: nothing stays bound.
     wait_for(
         lambda: all(
@@ -321,6 +326,10 @@ def test_cell_commands_refuse_in_one_line() -> None:
     assert line == "error: no cell named 'zz'; cells: a, b"
     line = one_error_line(run("verify", env=env), status=3)
     assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
+    line = one_error_line(run("report", "--activity", "x", "--by-cell", env=env), status=3)
+    assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
+    line = one_error_line(run("report", "--activity", "x", "--by-cell", env={"ISSUANCE_CELLS": ""}))
+    assert line == "error: --by-cell needs a cell map (ISSUANCE_CELLS)"
     bad = {"ISSUANCE_CELLS": json.dumps([{**closed[0], "slots": "0-99"}, {**closed[1], "slots": "90-1023"}])}
     line = one_error_line(run("cells", "show", env=bad))
     assert line == "error: ISSUANCE_CELLS: slot 90 is served by a and b"

@@ -37,6 +37,22 @@ def use_code(conn: psycopg.Connection[object], code: str, order: str, status: st
     conn.execute(use + " WHERE code = %s", (order, code))
 
 
+def test_an_exporter_of_a_cell_labels_every_sample_with_it(settings, two_step, pool):
+    import dataclasses
+
+    slug = make_activity(settings, budget=10, codes=20)["slug"]
+    handle_claim(pool, two_step, claim(slug))
+    plain, of_cell = Exporter(settings), Exporter(dataclasses.replace(settings, cell="b"))
+    for exporter in (plain, of_cell):
+        exporter.refresh()
+    labelled = [s for family in registry_for(of_cell).collect() for s in family.samples]
+    unlabelled = [s for family in registry_for(plain).collect() for s in family.samples]
+    # Before: no cell label, the cells' series of one activity were told apart by instance only.
+    assert labelled and all(s.labels.get("cell") == "b" for s in labelled)
+    assert all("cell" not in s.labels for s in unlabelled)
+    assert [s.value for s in labelled if s.name == "issuance_activity_packages_budget"] == [10]
+
+
 def test_campaign_and_promise_figures(settings, two_step, pool):
     act = make_activity(settings, budget=10, codes=20)
     slug, prefix = act["slug"], act["prefixes"][0]

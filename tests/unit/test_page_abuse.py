@@ -19,7 +19,7 @@ from issuance.producers.web.challenge import (
     VerifierUnavailable,
 )
 from issuance.producers.web.limits import Limit, LocalLimiter, network_of
-from issuance.producers.web.security import status_key, status_token, token_matches
+from issuance.producers.web.security import status_key, status_token, token_cell, token_matches
 from issuance.shared.settings import Settings
 from starlette.requests import Request
 
@@ -122,6 +122,20 @@ def test_status_tokens_belong_to_one_claim_under_one_key() -> None:
     assert not token_matches(key, claim, "é" * 64)
     # Domain separation: the status key is not the phone key, nor a digest under it.
     assert key != KEY.encode() and len(key) == 32
+
+
+def test_a_status_token_names_its_cell_under_the_signature() -> None:
+    key = status_key(KEY)
+    claim = uuid.uuid4()
+    token = status_token(key, claim, 2)
+    assert token.startswith("2.") and token_cell(token) == 2
+    assert token_matches(key, claim, token)
+    # Another cell number with the same signature is another token.
+    assert not token_matches(key, claim, "1" + token[1:])
+    # A token made before the cell map still reads the claim (every cell is asked).
+    assert token_matches(key, claim, status_token(key, claim))
+    assert token_cell(status_token(key, claim)) is None
+    assert token_cell("²." + token[2:]) is None and token_cell(None) is None
 
 
 def test_a_client_gone_mid_body_is_one_debug_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -54,6 +54,20 @@ def load_cell_map(settings: Settings) -> CellMap:
         raise ConfigurationError(f"{name}: {exc}") from None
 
 
+def home_cell(settings: Settings) -> Cell | None:
+    """The cell this process serves (``ISSUANCE_CELL``), or None when unset;
+    a one-line ConfigurationError if the map does not name it."""
+    name = settings.cell.strip()
+    if not name:
+        return None
+    if not configured(settings):
+        raise ConfigurationError(f"{PREFIX}CELL={name} needs {PREFIX}CELLS, the cell map that names it")
+    try:
+        return load_cell_map(settings).by_name(name)
+    except CellMapError as exc:
+        raise ConfigurationError(f"{PREFIX}CELL: {exc}") from None
+
+
 def cell_settings(settings: Settings, cell: Cell) -> Settings:
     """The settings of one cell: its database, broker and Redis; no cell map,
     so that a process given them is a plain single-cell deployment."""
@@ -63,4 +77,5 @@ def cell_settings(settings: Settings, cell: Cell) -> Settings:
         amqp_url=cell.amqp_url,
         redis_url=cell.redis_url or settings.redis_url,
         cells="",
+        cell="",
     )

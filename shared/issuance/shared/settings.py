@@ -138,6 +138,10 @@ class Settings:
     # "amqp_url", "redis_url" (optional), "slots" (optional, "0-511")}.
     # Empty: one cell, this deployment (database_url, amqp_url, redis_url).
     cells: str = ""
+    # The name of this deployment's cell in the cell map (its workers): a
+    # claim whose number routes to another cell is dead-lettered as
+    # wrong_cell instead of decided here. Empty: no check.
+    cell: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:

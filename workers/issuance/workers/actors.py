@@ -34,7 +34,7 @@ from issuance.workers.instruments import (
     DUPLICATES,
     PROMISE_BREACHES,
 )
-from issuance.workers.runtime import dead_letter, pipeline_actor, resources, unit_of_work
+from issuance.workers.runtime import dead_letter, pipeline_actor, resources, routed_elsewhere, unit_of_work
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))
 
@@ -44,6 +44,8 @@ def claim_requested(message: ClaimRequested) -> str:
     """Decide one claim: refuse it, or bind its codes and credit them (or hand
     it to the credit step). Concurrent deliveries in this process share one
     transaction."""
+    if not _in_this_cell([message], "claim_requested", batch=None):
+        return "dead_letter"
     outcome = _claims.submit(message)
     return "duplicate" if outcome.duplicate else "ok"
 
@@ -61,8 +63,36 @@ def claims_requested(message: ClaimsRequested) -> str:
             rejected.payload,
             key=f"{message.batch_id}:{rejected.index}",
         )
-    outcomes = _claims.submit_many(message.valid)
+    claims = _in_this_cell(message.valid, "claims_requested", batch=message.batch_id)
+    if message.valid and not claims:
+        return "dead_letter"
+    outcomes = _claims.submit_many(claims)
     return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
+
+
+def _in_this_cell(
+    claims: Sequence[ClaimRequested], actor: str, *, batch: object | None
+) -> list[ClaimRequested]:
+    """The claims whose number routes to this worker's cell. The others are
+    dead-lettered (wrong_cell), never decided: a producer with another cell
+    map must not split a member's packages over two cells, and forwarding
+    on this worker's word is no safer when the two maps disagree."""
+    kept = []
+    for claim in claims:
+        cell = routed_elsewhere(claim.phone)
+        if cell is None:
+            kept.append(claim)
+            continue
+        here = resources().settings.cell
+        dead_letter(
+            "claims",
+            actor,
+            "wrong_cell",
+            f"claim {claim.claim_id}: its number routes to cell {cell}, this is cell {here}",
+            claim.to_payload(),
+            key=None if batch is None else f"{batch}:{claim.claim_id}",
+        )
+    return kept
 
 
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:

@@ -9,6 +9,10 @@ whose cost grows with the claims of the running activities (never with the
 size of the code pools), every ``campaign_interval``. Claim and binding rates
 come from the difference between successive campaign readings: right after a
 start they are unknown (NaN), and so are the forecasts that divide by them.
+
+With cells, run one exporter per cell with that cell's settings and
+``ISSUANCE_CELL=<name>``: every sample then carries a ``cell`` label, and a
+platform figure is ``sum without (cell) (...)``.
 """
 
 from __future__ import annotations
@@ -226,6 +230,8 @@ class Exporter(Collector):
         horizon: timedelta = REPORT_HORIZON,
     ) -> None:
         self.settings = settings
+        # The cell label of every sample (ISSUANCE_CELL); none without cells.
+        self.cell = settings.cell.strip()
         self.rate_window = rate_window
         # The promise is read on every refresh (a few milliseconds); campaign
         # figures, whose cost grows with the claims of running activities, at
@@ -322,7 +328,10 @@ class Exporter(Collector):
             families["issuance_exporter_refresh_errors"].add_metric([source], errors.get(source, 0))
         if latest is not None and history:
             self._add_reading(families, latest, history)
-        yield from families.values()
+        for family in families.values():
+            if self.cell:
+                family.samples = [s._replace(labels={**s.labels, "cell": self.cell}) for s in family.samples]
+            yield family
 
     def _add_reading(self, families: Mapping[str, Any], latest: Reading, history: list[Reading]) -> None:
         window = self.rate_window

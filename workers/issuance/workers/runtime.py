@@ -21,12 +21,14 @@ import dramatiq
 import orjson
 import redis
 from dramatiq.middleware import CurrentMessage
+from issuance.shared.cellmap import home_cell, load_cell_map
 from issuance.shared.db import database, fingerprints, store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import redact_payload as redact
 from issuance.shared.errors import InvalidMessage, PermanentError, TransientError
 from issuance.shared.faults import crash_point
 from issuance.shared.settings import Settings, load_settings, require_phone_key
+from issuance.shared.wire.cells import CellRouter
 from issuance.shared.wire.codec import ROUTES
 from issuance.shared.wire.messages import Message
 from issuance.workers.instruments import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
@@ -44,6 +46,9 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         require_phone_key(settings)
         self.settings = settings
+        # The cell this worker serves (ISSUANCE_CELL) and the map's routing.
+        self.cell = home_cell(settings)
+        self.router = CellRouter(load_cell_map(settings), settings.default_region) if self.cell else None
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._redis: redis.Redis | None = None
@@ -168,6 +173,16 @@ def dead_letter(
     if stored:
         DEAD_LETTERS.labels(queue, reason).inc()
     log.warning("dead-lettered a %s message %s: %s (%s)", actor, key, reason, detail)
+
+
+def routed_elsewhere(phone: str) -> str | None:
+    """The cell a claim's number routes to when that is not this worker's
+    cell (``ISSUANCE_CELL``); None when it is, or when no cell is set."""
+    res = resources()
+    if res.router is None or res.cell is None:
+        return None
+    cell = res.router.phone_cell(phone)
+    return None if cell == res.cell.name else cell
 
 
 def pipeline_actor(message_type: type[M]) -> Callable[[Callable[[M], str]], dramatiq.Actor[Any, Any]]:

@@ -15,6 +15,7 @@ import sys
 import dramatiq
 import psycopg
 import psycopg_pool
+from issuance.shared.errors import ConfigurationError
 from issuance.shared.settings import PhoneKeyError
 from issuance.workers import runtime
 
@@ -27,7 +28,7 @@ class PhoneKeyCheck(dramatiq.Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         try:
             runtime.resources().pool  # noqa: B018 - opening the pool checks the key
-        except PhoneKeyError as exc:
+        except (PhoneKeyError, ConfigurationError) as exc:
             # Straight to the process's stderr: Dramatiq's main process stops
             # reading its workers' log pipes as soon as one exits, and a line
             # logged just before the exit is often lost.

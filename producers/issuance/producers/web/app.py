@@ -34,7 +34,7 @@ from issuance.producers.web.openapi import (
     TOKEN_HEADER,
 )
 from issuance.producers.web.page import render_error, render_not_found, render_page
-from issuance.producers.web.queries import ActivityPage, Queries
+from issuance.producers.web.queries import ActivityPage, CellQueries, Queries
 from issuance.producers.web.security import (
     BodyTooLarge,
     SecurityMiddleware,
@@ -43,8 +43,10 @@ from issuance.producers.web.security import (
     same_site,
     status_key,
     status_token,
+    token_cell,
     token_matches,
 )
+from issuance.shared.cellmap import configured, load_cell_map
 from issuance.shared.db.fingerprints import check_phone_key_async
 from issuance.shared.domain import (
     InvalidPhone,
@@ -55,6 +57,7 @@ from issuance.shared.domain import (
     phone_digests,
     window_refusal,
 )
+from issuance.shared.domain.cells import CellMap
 from issuance.shared.domain.regions import outside
 from issuance.shared.errors import PublishError
 from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
@@ -186,6 +189,9 @@ class ActivityPageApp:
         # configured key's: a rotation does not lock claimants out of claims in flight.
         self.status_keys = [status_key(secret) for _, secret in self.phone_keys.secrets]
         self.trusted = parse_origins(settings.web_trusted_origins)
+        # With cells, the page reads each cell's database and tells each
+        # claimant which cell their claim went to (in the status token).
+        self.cells: CellMap | None = load_cell_map(settings) if configured(settings) else None
         self.own_hosts = own_hosts(settings.activity_base_url, self.trusted)
         hours = settings.credit_promise_seconds // 3600
         self.accepted_text = f"accepted: your coupons arrive within {hours} hours"
@@ -200,17 +206,27 @@ class ActivityPageApp:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         settings = self.settings
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            settings.database_url,
-            min_size=1,
-            max_size=settings.db_pool_size,
-            kwargs={"autocommit": True},
-            open=False,
-            name="activity-page",
-        )
-        await pool.open()
-        await _check_phone_key(pool, settings)
-        self.queries = Queries(pool, cache_seconds=settings.web_cache_seconds)
+        urls = {0: settings.database_url}
+        if self.cells is not None:
+            urls = {cell.number: cell.database_url for cell in self.cells.cells}
+        pools: dict[int, AsyncConnectionPool[Any]] = {
+            number: AsyncConnectionPool(
+                url,
+                min_size=1,
+                max_size=settings.db_pool_size,
+                kwargs={"autocommit": True},
+                open=False,
+                name=f"activity-page-{number}",
+            )
+            for number, url in urls.items()
+        }
+        for pool in pools.values():
+            await pool.open()
+            await _check_phone_key(pool, settings)
+        if self.cells is None:
+            self.queries = Queries(pools[0], cache_seconds=settings.web_cache_seconds)
+        else:
+            self.queries = CellQueries(pools, cache_seconds=settings.web_cache_seconds)
         self.gate = FastGate(
             settings.redis_url,
             limits=Limits(
@@ -228,7 +244,8 @@ class ActivityPageApp:
         finally:
             self.publisher.stop()
             await self.gate.close()
-            await pool.close()
+            for pool in pools.values():
+                await pool.close()
 
     def _remember_confirmed(self, messages: list[Message]) -> None:
         key = self.phone_keys.current
@@ -376,8 +393,9 @@ class ActivityPageApp:
             return _refused(VERDICT_REFUSALS[verdict])
         if verdict is Verdict.CONFLICT:
             return _invalid("this claim ID was already used for another number", 409)
+        cell = self.cells.cell_for_phone(e164).number if self.cells is not None else None
         if verdict is Verdict.DUPLICATE:  # a re-send of an accepted claim: not published twice
-            return self._accepted(claim_id)
+            return self._accepted(claim_id, cell)
         message = ClaimRequested(
             claim_id=claim_id,
             activity=activity.slug,
@@ -394,13 +412,13 @@ class ActivityPageApp:
                 await self.gate.give_back(activity.slug)
             return JSON({"status": "busy", "message": BUSY}, 503, headers={"retry-after": "2"})
         log.debug("claim %s accepted for %s in %s", claim_id, mask_phone(e164), activity.slug)
-        return self._accepted(claim_id)
+        return self._accepted(claim_id, cell)
 
-    def _accepted(self, claim_id: uuid.UUID) -> JSON:
+    def _accepted(self, claim_id: uuid.UUID, cell: int | None) -> JSON:
         body = {
             "status": "accepted",
             "claim_id": str(claim_id),
-            "status_token": status_token(self.status_keys[0], claim_id),
+            "status_token": status_token(self.status_keys[0], claim_id, cell),
             "message": self.accepted_text,
         }
         return JSON(body, 202)
@@ -421,7 +439,7 @@ class ActivityPageApp:
             # not even that the claim exists.
             return JSON({"status": "unknown", "message": NO_SUCH_CLAIM}, 404)
         try:
-            found = await self.queries.claim_status(claim_id)
+            found = await self.queries.claim_status(claim_id, token_cell(token))
         except Exception as exc:
             log.warning("claim status cannot be read: %s", exc)
             return JSON({"status": "unknown", "message": BUSY}, 503, headers={"retry-after": "2"})

@@ -1,5 +1,10 @@
 """What the page reads from PostgreSQL: activities (cached briefly in the
-process) and claim status. Read-only: the page never writes the database."""
+process) and claim status. Read-only: the page never writes the database.
+
+With cells (``ISSUANCE_CELLS``), :class:`CellQueries` reads an activity from
+every cell at once, at most once per cache period, and sums the cells'
+budgets and remaining packages; a claim's status is read in the one cell its
+status token names."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -127,39 +133,99 @@ class Queries:
             return page
 
     async def _read_activity(self, slug: str) -> ActivityPage | None:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            await cursor.execute(ACTIVITY_PAGE, (slug,))
-            row = await cursor.fetchone()
-        if row is None:
+        return await read_activity(self.pool, slug)
+
+    async def claim_status(self, claim_id: uuid.UUID, cell: int | None = None) -> ClaimState | None:
+        """The claim's state (``cell``: the cell its token names; one pool here)."""
+        return await read_claim_status(self.pool, claim_id)
+
+
+class CellQueries(Queries):
+    """The page's reads over cells: one pool per cell, by cell number.
+
+    An activity is read from every cell concurrently (once per slug and cache
+    period, however many requests ask), its texts from the first cell that
+    has it, its budget and remaining packages summed: a member is told
+    "sold out" only when every cell is. A cell that cannot be read counts
+    with its last answer, or with nothing if it never answered; the page
+    fails only when no cell answers."""
+
+    def __init__(self, pools: Mapping[int, AsyncConnectionPool[Any]], *, cache_seconds: float) -> None:
+        super().__init__(next(iter(pools.values())), cache_seconds=cache_seconds)
+        self.pools = dict(pools)
+        self._last: dict[tuple[str, int], ActivityPage | None] = {}
+
+    async def _read_activity(self, slug: str) -> ActivityPage | None:
+        numbers = list(self.pools)
+        answers = await asyncio.gather(
+            *(read_activity(self.pools[n], slug) for n in numbers), return_exceptions=True
+        )
+        if len(self._last) >= MAX_CACHED * len(numbers):
+            self._last.clear()
+        errors = [a for a in answers if isinstance(a, BaseException)]
+        if len(errors) == len(numbers):
+            raise errors[0]
+        pages: list[ActivityPage] = []
+        for number, answer in zip(numbers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                page = self._last.get((slug, number))
+            else:
+                page = self._last[slug, number] = answer
+            if page is not None:
+                pages.append(page)
+        if not pages:
             return None
-        return ActivityPage(
-            slug=row["slug"],
-            title=row["title"],
-            banner_url=row["banner_url"],
-            copy=row["copy"],
-            rules_text=row["rules"],
-            brand=row["brand"],
-            rules=ActivityRules(online=row["online"], starts_at=row["starts_at"], ends_at=row["ends_at"]),
-            timezone=row["timezone"],
-            exclusivity_group=row["exclusivity_group"],
-            budget=row["budget"],
-            remaining=int(row["remaining"]),
-            templates=tuple(CouponFace.from_json(t) for t in row["templates"]),
-            validity_days=row["validity_days"],
-            valid_until=row["valid_until"],
-            hold_until_registered=row["hold_until_registered"],
-            regions=tuple(row["regions"]),
+        return dataclasses.replace(
+            pages[0], budget=sum(p.budget for p in pages), remaining=sum(p.remaining for p in pages)
         )
 
-    async def claim_status(self, claim_id: uuid.UUID) -> ClaimState | None:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            await cursor.execute(CLAIM_STATUS, (claim_id,))
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        return ClaimState(
-            status=ClaimStatus(row["status"]),
-            reason=None if row["reason"] is None else Refusal(row["reason"]),
-            coupons=tuple(row["coupons"]),
-            held=row["held"],
-        )
+    async def claim_status(self, claim_id: uuid.UUID, cell: int | None = None) -> ClaimState | None:
+        """In the cell ``cell`` when the token names one of the map's cells;
+        otherwise (a token made before the cell map) in each cell in turn."""
+        if cell in self.pools:
+            return await read_claim_status(self.pools[cell], claim_id)
+        for pool in self.pools.values():
+            found = await read_claim_status(pool, claim_id)
+            if found is not None:
+                return found
+        return None
+
+
+async def read_activity(pool: AsyncConnectionPool[Any], slug: str) -> ActivityPage | None:
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(ACTIVITY_PAGE, (slug,))
+        row = await cursor.fetchone()
+    if row is None:
+        return None
+    return ActivityPage(
+        slug=row["slug"],
+        title=row["title"],
+        banner_url=row["banner_url"],
+        copy=row["copy"],
+        rules_text=row["rules"],
+        brand=row["brand"],
+        rules=ActivityRules(online=row["online"], starts_at=row["starts_at"], ends_at=row["ends_at"]),
+        timezone=row["timezone"],
+        exclusivity_group=row["exclusivity_group"],
+        budget=row["budget"],
+        remaining=int(row["remaining"]),
+        templates=tuple(CouponFace.from_json(t) for t in row["templates"]),
+        validity_days=row["validity_days"],
+        valid_until=row["valid_until"],
+        hold_until_registered=row["hold_until_registered"],
+        regions=tuple(row["regions"]),
+    )
+
+
+async def read_claim_status(pool: AsyncConnectionPool[Any], claim_id: uuid.UUID) -> ClaimState | None:
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(CLAIM_STATUS, (claim_id,))
+        row = await cursor.fetchone()
+    if row is None:
+        return None
+    return ClaimState(
+        status=ClaimStatus(row["status"]),
+        reason=None if row["reason"] is None else Refusal(row["reason"]),
+        coupons=tuple(row["coupons"]),
+        held=row["held"],
+    )

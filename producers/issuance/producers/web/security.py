@@ -37,17 +37,36 @@ def status_key(phone_key: str) -> bytes:
     return hmac.new(phone_key.encode(), STATUS_KEY_CONTEXT, hashlib.sha256).digest()
 
 
-def status_token(key: bytes, claim_id: uuid.UUID) -> str:
+def status_token(key: bytes, claim_id: uuid.UUID, cell: int | None = None) -> str:
     """The token that lets the claimant, and only the claimant, read a
-    claim's status: returned with the claim, required by the status read."""
-    return hmac.new(key, claim_id.bytes, hashlib.sha256).hexdigest()
+    claim's status: returned with the claim, required by the status read.
+
+    With cells, it also names the cell the claim was sent to (``N.<mac>``,
+    the number signed with the claim ID), so the status read goes to that
+    cell's database alone. The cell number, not the ring slot: a claim stays
+    in the database it was decided in even if its slot is later handed on."""
+    if cell is None:
+        return hmac.new(key, claim_id.bytes, hashlib.sha256).hexdigest()
+    mac = hmac.new(key, claim_id.bytes + b"/cell/" + str(cell).encode(), hashlib.sha256).hexdigest()
+    return f"{cell}.{mac}"
+
+
+def token_cell(token: str | None) -> int | None:
+    """The cell number a status token names (unchecked; None: no cell)."""
+    if token is None:
+        return None
+    number, sep, _ = token.partition(".")
+    if sep and 0 < len(number) <= 4 and number.isascii() and number.isdigit():
+        return int(number)
+    return None
 
 
 def token_matches(key: bytes, claim_id: uuid.UUID, token: str | None) -> bool:
     """Whether ``token`` is the claim's status token (in constant time)."""
     if token is None:
         return False
-    return hmac.compare_digest(status_token(key, claim_id).encode(), token.encode(errors="replace"))
+    expected = status_token(key, claim_id, token_cell(token))
+    return hmac.compare_digest(expected.encode(), token.encode(errors="replace"))
 
 
 class BodyTooLarge(Exception):

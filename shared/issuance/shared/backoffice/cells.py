@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from issuance.shared.cellmap import cell_settings, configured, load_cell_map
 from issuance.shared.domain.cells import Cell, CellMapError, slot_ranges, split_evenly
 from issuance.shared.errors import BadInput, OperatorError, ServiceUnavailable
 from issuance.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from issuance.shared.backoffice.reports import ActivityReport
 
 
 class CellCommandError(OperatorError):
@@ -257,6 +261,76 @@ def verify_all(args: argparse.Namespace, settings: Settings) -> int:
             print(f"BREACH {check}: {len(rows)} e.g. {rows[:3]}")
     print("verify across cells: clean" if report.clean else "verify across cells: BREACHES FOUND")
     return 0 if report.clean else 1
+
+
+BREAKDOWN = (
+    ("offered", "packages_offered"),
+    ("claimed", "packages_claimed"),
+    ("remaining", "packages_remaining"),
+    ("requested", "claims_requested"),
+    ("refused", "claims_refused"),
+    ("credited", "claims_credited"),
+    ("coupons", "coupons_claimed"),
+    ("used", "coupons_used"),
+)
+
+
+def report_all(args: argparse.Namespace, settings: Settings) -> int:
+    """``issuance report`` with a cell map: the figures summed over every
+    cell (templates by prefix), and with ``--by-cell`` each cell's share."""
+    from issuance.shared.backoffice import reports
+
+    cells = load_cell_map(settings)
+    per_cell: dict[str, ActivityReport] = {}
+    with _conns(cells.cells) as conns:
+        for name, conn in conns.items():
+            try:
+                if args.channel:
+                    per_cell[name] = reports.channel_report(conn, args.channel)
+                else:
+                    per_cell[name] = reports.activity_report(conn, args.activity)
+            except reports.UnknownActivity:
+                continue  # named below: not created in this cell
+    if not per_cell:
+        what = f"activity on channel {args.channel!r}" if args.channel else f"activity {args.activity!r}"
+        raise reports.UnknownActivity(f"no {what} in any cell")
+    total = over_cells(list(per_cell.values()))
+    missing = [name for name in cells.names if name not in per_cell]
+    if args.json:
+        data = {**total.as_json(), "missing_in_cells": missing}
+        if args.by_cell:
+            data["cells"] = {name: r.as_json() for name, r in per_cell.items()}
+        print(json.dumps(data, indent=2))
+        return 0
+    print(reports.render_table(total))
+    if missing:
+        print(f"\nnot in cells: {', '.join(missing)}")
+    if args.by_cell:
+        width = max(len(name) for name in per_cell)
+        print("\n" + "  ".join(["cell".ljust(width), *(f"{h:>9}" for h, _ in BREAKDOWN)]))
+        for name, r in per_cell.items():
+            print("  ".join([name.ljust(width), *(f"{getattr(r, f):>9}" for _, f in BREAKDOWN)]))
+    return 0
+
+
+def over_cells(parts: Sequence[ActivityReport]) -> ActivityReport:
+    """One activity's (or channel's) reports of several cells as one: the
+    same template in every cell is one row, its counts summed."""
+    from issuance.shared.backoffice import reports
+
+    counts = ("generated", "available", "issued", "used", "expired", "cancelled")
+    merged: dict[str, reports.TemplateStock] = {}
+    for stock in (t for r in parts for t in r.templates):
+        seen = merged.get(stock.prefix)
+        merged[stock.prefix] = (
+            stock
+            if seen is None
+            else dataclasses.replace(seen, **{f: getattr(seen, f) + getattr(stock, f) for f in counts})
+        )
+    first = parts[0]
+    return reports.summed(
+        parts, slug=first.slug, title=first.title, channel=first.channel, templates=tuple(merged.values())
+    )
 
 
 def _by_cell(values: dict[str, int]) -> str:

@@ -275,7 +275,14 @@ def _instant(text: str) -> Any:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.backoffice import reports
+    from issuance.shared.cellmap import configured
 
+    if configured(settings):
+        from issuance.shared.backoffice.cells import report_all
+
+        return report_all(args, settings)
+    if args.by_cell:
+        raise BadInput("--by-cell needs a cell map (ISSUANCE_CELLS)")
     with _connect(settings) as conn:
         if args.channel:
             report = reports.channel_report(conn, args.channel)
@@ -391,4 +398,7 @@ def register(sub: Any) -> None:
     which.add_argument("--activity", help="the activity's slug")
     which.add_argument("--channel", help="a channel's name: every activity on it")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument(
+        "--by-cell", action="store_true", help="with a cell map: each cell's figures under the sum"
+    )
     report.set_defaults(func=cmd_report)

@@ -5,6 +5,7 @@ in the domain description)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from issuance.shared.db.store import Conn
@@ -301,11 +302,30 @@ def channel_report(conn: Conn, channel: str) -> ActivityReport:
     ]
     if not reports:
         raise UnknownActivity(f"no activity on channel {channel!r}")
-    totals = {name: sum(getattr(r, name) for r in reports) for name in _SUMMED}
-    stock = min([totals["packages_remaining"], *(t.available for r in reports for t in r.templates)])
-    return ActivityReport(
+    return summed(
+        reports,
         slug=f"channel:{channel}",
         title=f"{len(reports)} activities",
+        channel=channel,
+        templates=tuple(t for r in reports for t in r.templates),
+    )
+
+
+def summed(
+    reports: Sequence[ActivityReport],
+    *,
+    slug: str,
+    title: str,
+    channel: str,
+    templates: tuple[TemplateStock, ...],
+) -> ActivityReport:
+    """Several reports as one: counts summed, rates of the sums (a channel's
+    activities; an activity's cells)."""
+    totals = {name: sum(getattr(r, name) for r in reports) for name in _SUMMED}
+    stock = min([totals["packages_remaining"], *(t.available for t in templates)])
+    return ActivityReport(
+        slug=slug,
+        title=title,
         channel=channel,
         collect_rate=_ratio(totals["packages_claimed"], totals["packages_offered"]),
         usage_rate=_ratio(totals["coupons_used"], totals["coupons_claimed"]),
@@ -316,6 +336,6 @@ def channel_report(conn: Conn, channel: str) -> ActivityReport:
         days_until_exhausted=None
         if not totals["claims_last_24h"]
         else round(stock / totals["claims_last_24h"], 2),
-        templates=tuple(t for r in reports for t in r.templates),
+        templates=templates,
         **totals,
     )
