@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -176,13 +177,13 @@ def open_export(path: str, *, force: bool) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
-    from issuance.shared.backoffice import catalog
-
+def _export(args: argparse.Namespace, settings: Settings, chunks: Callable[[Any], Iterable[bytes]]) -> int:
+    """Write what ``chunks(conn)`` yields to ``args.out`` (``-``: standard
+    output), through ``open_export``'s safe file."""
     out = sys.stdout.buffer if args.out == "-" else open_export(args.out, force=args.force)
     try:
         with _connect(settings) as conn:
-            for data in catalog.export_batch(conn, args.batch):
+            for data in chunks(conn):
                 out.write(data)
     finally:
         if out is not sys.stdout.buffer:
@@ -190,22 +191,18 @@ def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
         else:
             out.flush()
     return 0
+
+
+def cmd_codes_export(args: argparse.Namespace, settings: Settings) -> int:
+    from issuance.shared.backoffice import catalog
+
+    return _export(args, settings, lambda conn: catalog.export_batch(conn, args.batch))
 
 
 def cmd_codes_usage(args: argparse.Namespace, settings: Settings) -> int:
     from issuance.shared.backoffice import code_usage
 
-    out = sys.stdout.buffer if args.out == "-" else open_export(args.out, force=args.force)
-    try:
-        with _connect(settings) as conn:
-            for data in code_usage.export_usage(conn, args.activity):
-                out.write(data)
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
-        else:
-            out.flush()
-    return 0
+    return _export(args, settings, lambda conn: code_usage.export_usage(conn, args.activity))
 
 
 def cmd_coupons_expire(args: argparse.Namespace, settings: Settings) -> int:
