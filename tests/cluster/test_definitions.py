@@ -32,14 +32,26 @@ def test_compose_definitions_load_and_clients_declare_the_same_queues(cluster: R
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
-    compose_url = compose["services"]["worker"]["environment"]["ISSUANCE_AMQP_URL"]
-    user = amqp.connection_parameters(compose_url)[0].credentials
-    urls = ";".join(
-        f"amqp://{user.username}:{user.password}@127.0.0.1:{node.port}/issuance" for node in cluster.nodes
-    )
-    # Declaring with the codec's arguments succeeds only if they match the loaded queues.
-    with RabbitPublisher(urls, queue_type="quorum") as publisher:
+
+    def urls_of(service: str) -> str:
+        """The service's own AMQP user, on this test's nodes."""
+        user = amqp.connection_parameters(compose["services"][service]["environment"]["ISSUANCE_AMQP_URL"])
+        credentials = user[0].credentials
+        return ";".join(
+            f"amqp://{credentials.username}:{credentials.password}@127.0.0.1:{node.port}/issuance"
+            for node in cluster.nodes
+        )
+
+    urls = urls_of("worker")
+    # The workers' side (the sweeper's re-drive): declaring with the codec's
+    # arguments succeeds only if they match the loaded queues.
+    with RabbitPublisher(urls, queue_type="quorum", ledger=False) as publisher:
         publisher.publish(claim("definitions-check"))
+    # The page, through the producers' exchange it may only write to: the
+    # claim reaches `claims` and the acceptance ledger in one confirm.
+    exchange = compose["services"]["web"]["environment"]["ISSUANCE_PRODUCER_EXCHANGE"]
+    with RabbitPublisher(urls_of("web"), queue_type="quorum", exchange=exchange) as publisher:
+        publisher.publish(claim("definitions-check-page"))
     connection = amqp.connect(urls)
     try:
         channel = connection.channel()
@@ -48,7 +60,7 @@ def test_compose_definitions_load_and_clients_declare_the_same_queues(cluster: R
             channel.queue_declare(
                 codec.dq_name(queue), durable=True, arguments=codec.queue_arguments(queue, "quorum")
             )
-        assert channel.queue_declare("claims", passive=True).method.message_count == 1
+        assert channel.queue_declare("claims", passive=True).method.message_count == 2
     finally:
         connection.close()
     listed = cluster.nodes[0].ctl("list_queues", "-q", "--no-table-headers", "-p", "issuance", "name", "type")
