@@ -2,17 +2,17 @@
 (deploy/compose/README.md, "Migrating a classic deployment to quorum
 queues"), on the private cluster.
 
-The old deployment uses classic queues in vhost ``issuance``: a backlog of
+The old deployment uses classic queues in vhost ``issuance-classic``: a backlog of
 claims waits there, two retries wait in ``claims.DQ`` for their delay, and
 one message that ran out of retries sits in ``claims.XQ``; one more retry
 arises when the backlog is gone. Then:
 
-1. a new vhost ``issuance-q`` is created;
+1. a new vhost ``issuance-quorum`` is created;
 2. workers with ``ISSUANCE_QUEUE_TYPE=quorum`` start on it (every node's URL);
 3. the producers (the real publisher) switch to it and keep sending;
 4. the old workers drain the old vhost; its dead letters are drained into
    the store and replayed there (their originals are parked in that vhost);
-5. ``rabbitmqctl -q -p issuance list_queues name type messages`` until
+5. ``rabbitmqctl -q -p issuance-classic list_queues name type messages`` until
    every queue but the ``claims.accepted`` stream (the acceptance ledger,
    which keeps what it was given) shows 0 (messages a worker holds, like a
    retry waiting for its delay, count);
@@ -46,7 +46,9 @@ from tests.cluster.nodes import RabbitCluster
 from tests.conftest import claim, make_activity
 from tests.e2e.conftest import Workers, wait_for
 
-OLD, NEW = "issuance", "issuance-q"
+# Not "issuance": the definitions test loads the compose vhost of that name
+# into the same package-scoped cluster.
+OLD, NEW = "issuance-classic", "issuance-quorum"
 BACKLOG = 1500  # waiting in the old vhost when the migration starts
 AFTER_SWITCH = 1500  # published to the new vhost while the old one drains
 RETRY_DELAY_MS = 8000  # the retries' remaining delay in the old claims.DQ
@@ -149,7 +151,7 @@ def test_classic_to_quorum_through_a_new_vhost_credits_every_claim_once(
     base = {**os.environ, **service_env, "ISSUANCE_TEST_LOG": str(tmp_path / "workers.log")}
     base.pop("PYTEST_CURRENT_TEST", None)
 
-    # The old deployment: classic queues in vhost "issuance", a backlog waiting.
+    # The old deployment: classic queues in vhost OLD, a backlog waiting.
     add_vhost(cluster, OLD)
     old_urls = vhost_urls(cluster, OLD)
     old_env = {**base, "ISSUANCE_AMQP_URL": old_urls, "ISSUANCE_QUEUE_TYPE": "classic"}
