@@ -38,7 +38,7 @@ STEPS = {
         "bind_codes",
         "write_wallet",
     ],
-    handlers: ["payload_digest", "normalize_phone", "phone_digest"],
+    handlers: ["payload_digest", "normalize_phone", "phone_digests"],
 }
 
 

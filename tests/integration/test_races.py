@@ -15,7 +15,7 @@ from issuance.shared.db import database
 from issuance.shared.domain import Refusal
 from issuance.shared.settings import Settings
 from issuance.shared.wire.messages import CreditRequested
-from issuance.workers.handlers import ClaimOutcome, handle_claim, handle_credit
+from issuance.workers.handlers import ClaimOutcome, handle_claim, handle_claims, handle_credit
 
 from tests.conftest import claim, make_activity, verify_clean
 
@@ -84,3 +84,43 @@ def test_one_number_from_many_processes_gets_one_package(settings: Settings, ser
         members = conn.execute("SELECT count(*) FROM members").fetchone()
     assert members == (1,), "one number is one member"
     verify_clean(settings)
+
+
+def test_a_claim_another_transaction_is_deciding_is_set_aside_not_waited_for(settings, pool):
+    """Two processes' batches holding one re-sent claim: the second batch
+    decides everything else at once and leaves that claim (None) for a
+    transaction after it, where it comes back a duplicate. Waiting for it
+    instead made the two processes' flushers take turns."""
+    from issuance.shared.db import store
+    from issuance.workers import handlers
+
+    act = make_activity(settings)
+    # Allocation marks left by earlier tests' pools would send the second
+    # batch to the pass that waits for locked codes (meant for a pool's end).
+    store._marks.clear()
+    shared, others = claim(act["slug"]), [claim(act["slug"]) for _ in range(3)]
+    with pool.connection() as first, first.transaction():
+        (decided,) = handlers.claims(first, settings, [shared])
+        with psycopg.connect(settings.database_url) as second:
+            second.execute("SET statement_timeout = '5s'")  # it would wait forever otherwise
+            with second.transaction():
+                outcomes = handlers.claims_unless_busy(second, settings, [*others, shared])
+    assert outcomes[-1] is None
+    assert [o.status for o in outcomes[:-1] if o is not None] == ["credited"] * 3
+    (again,) = handle_claims(pool, settings, [shared])
+    assert (again.duplicate, again.status, decided.duplicate) == (True, "credited", False)
+    assert verify_clean(settings)["counts"]["claims"] == 4
+
+
+def test_batches_racing_over_the_same_claims_decide_each_once(settings, pool):
+    """Many batches sharing re-sent claims, decided at once: every claim is
+    decided exactly once, the rest of each batch never waits behind it."""
+    act = make_activity(settings, budget=400, codes=400)
+    claims = [claim(act["slug"]) for _ in range(200)]
+    batches = [claims[i : i + 20] + claims[(i + 37) % 200 : (i + 37) % 200 + 10] for i in range(0, 200, 10)]
+    with ThreadPoolExecutor(8) as executor:
+        outcomes = [o for batch in executor.map(lambda b: handle_claims(pool, settings, b), batches) for o in batch]
+    firsts = Counter(o.claim_id for o in outcomes if not o.duplicate)
+    assert set(firsts.values()) == {1} and len(firsts) == 200
+    assert {o.status for o in outcomes} == {"credited"}
+    assert verify_clean(settings)["counts"]["claims"] == 200

@@ -6,7 +6,7 @@ is RabbitMQ unless ``ISSUANCE_BROKER=stub`` (the embedded demo)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from issuance.shared import gate
@@ -27,6 +27,7 @@ from issuance.workers import handlers, lifecycle
 from issuance.workers.batching import GroupCommit
 from issuance.workers.broker import build_broker
 from issuance.workers.instruments import (
+    BUSY_CLAIMS,
     CLAIM_TO_CREDIT,
     CLAIMS,
     CODES_BOUND,
@@ -34,7 +35,14 @@ from issuance.workers.instruments import (
     DUPLICATES,
     PROMISE_BREACHES,
 )
-from issuance.workers.runtime import dead_letter, pipeline_actor, resources, routed_elsewhere, unit_of_work
+from issuance.workers.runtime import (
+    UnitOfWork,
+    dead_letter,
+    pipeline_actor,
+    resources,
+    routed_elsewhere,
+    unit_of_work,
+)
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))
 
@@ -96,24 +104,40 @@ def _in_this_cell(
 
 
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
+    """Decide a flush of claims (:func:`handlers.claims_in_turn`); each
+    transaction asks for the credit of what it bound, and its outcomes are
+    counted and remembered by the gate as soon as it commits."""
     uow, settings = unit_of_work(), resources().settings
-    prepared = handlers.prepare(settings, claims)
 
-    def decide(conn: Conn) -> list[handlers.ClaimOutcome]:
-        outcomes = handlers.claims(conn, settings, claims, prepared=prepared)
-        # Also for duplicates: the first delivery may have died between its
-        # commit and this send. The credit step is idempotent.
-        bound = [o.claim_id for o in outcomes if o.status is ClaimStatus.BOUND]
-        if bound:
-            uow.send_after_commit(credit_claim, CreditRequested(claim_ids=tuple(bound)))
+    def transact(work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
+        outcomes = uow.run(
+            lambda conn: _credit_later(uow, work(conn)),
+            retry_on=handlers.RETRYABLE,
+            attempts=handlers.CLAIM_ATTEMPTS,
+        )
+        BUSY_CLAIMS.inc(sum(o is None for o in outcomes))
         return outcomes
 
-    outcomes = uow.run(decide, retry_on=handlers.RETRYABLE, attempts=handlers.CLAIM_ATTEMPTS)
+    return handlers.claims_in_turn(
+        transact, settings, claims, prepared=handlers.prepare(settings, claims), settle=_settle
+    )
+
+
+def _credit_later(uow: UnitOfWork, outcomes: handlers.Outcomes) -> handlers.Outcomes:
+    """Ask for the credit of the claims bound, once the transaction commits.
+    Also for duplicates: the first delivery may have died between its commit
+    and this send. The credit step is idempotent."""
+    bound = [o.claim_id for o in outcomes if o is not None and o.status is ClaimStatus.BOUND]
+    if bound:
+        uow.send_after_commit(credit_claim, CreditRequested(claim_ids=tuple(bound)))
+    return outcomes
+
+
+def _settle(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.ClaimOutcome]) -> None:
     _count_claims(claims, outcomes)
     granted = [(o.activity, o.group, o.digest) for o in outcomes if o.activity and o.group and o.digest]
     if granted:
         gate.remember_grants(resources().redis, granted)
-    return outcomes
 
 
 def _count_claims(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.ClaimOutcome]) -> None:

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -101,6 +101,10 @@ class Prepared:
     payload_digests: list[bytes]
     e164: dict[uuid.UUID, str | None]
 
+    def pick(self, indices: Sequence[int]) -> Prepared:
+        """What the messages at ``indices`` (of those prepared) need."""
+        return Prepared(payload_digests=[self.payload_digests[i] for i in indices], e164=self.e164)
+
 
 def prepare(settings: Settings, messages: Sequence[ClaimRequested]) -> Prepared:
     e164: dict[uuid.UUID, str | None] = {}
@@ -117,15 +121,52 @@ def handle_claims(
     *,
     now: datetime | None = None,
 ) -> list[ClaimOutcome]:
-    """:func:`claims` in a transaction of its own, retried after a deadlock
-    or a concurrent delivery of the same claim."""
-    now = now or utcnow()
-    prepared = prepare(settings, messages)
-    return UnitOfWork(pool).run(
-        lambda conn: claims(conn, settings, messages, now=now, prepared=prepared),
-        retry_on=RETRYABLE,
-        attempts=CLAIM_ATTEMPTS,
+    """:func:`claims_in_turn` in transactions of their own, each retried
+    after a deadlock or a concurrent delivery of the same claim."""
+    uow = UnitOfWork(pool)
+    return claims_in_turn(
+        lambda work: uow.run(work, retry_on=RETRYABLE, attempts=CLAIM_ATTEMPTS), settings, messages, now=now
     )
+
+
+Outcomes = list[ClaimOutcome | None]
+Transact = Callable[[Callable[[Conn], Outcomes]], Outcomes]
+
+
+def claims_in_turn(
+    transact: Transact,
+    settings: Settings,
+    messages: Sequence[ClaimRequested],
+    *,
+    now: datetime | None = None,
+    prepared: Prepared | None = None,
+    settle: Callable[[Sequence[ClaimRequested], Sequence[ClaimOutcome]], None] | None = None,
+) -> list[ClaimOutcome]:
+    """Decide a batch without waiting for another transaction
+    (:func:`claims_unless_busy`); then, in a transaction of its own, the few
+    claims another one was deciding (by then mostly committed: they come
+    back duplicates). ``transact`` runs its argument in a transaction (and
+    commits it); ``settle`` is told each transaction's claims and outcomes
+    once it has committed."""
+    now = now or utcnow()
+    prepared = prepared or prepare(settings, messages)
+    first = transact(lambda conn: claims_unless_busy(conn, settings, messages, now=now, prepared=prepared))
+    done = [i for i, o in enumerate(first) if o is not None]
+    busy = [i for i, o in enumerate(first) if o is None]
+    if settle is not None:
+        settle([messages[i] for i in done], [o for o in first if o is not None])
+    if not busy:
+        return [o for o in first if o is not None]
+    waiting, ready = [messages[i] for i in busy], prepared.pick(busy)
+
+    def decide_waiting(conn: Conn) -> Outcomes:
+        return [*claims(conn, settings, waiting, now=now, prepared=ready)]
+
+    later = [o for o in transact(decide_waiting) if o is not None]
+    if settle is not None:
+        settle(waiting, later)
+    rest = iter(later)
+    return [o if o is not None else next(rest) for o in first]
 
 
 def claims(
@@ -138,17 +179,51 @@ def claims(
 ) -> list[ClaimOutcome]:
     """Decide a batch of claims: refuse each with a reason, or bind one code
     per template of its package. Idempotent on claim IDs; outcomes come back
-    in the order of ``messages``. Raises one of RETRYABLE when the batch must
+    in the order of ``messages``. A claim being decided by a concurrent
+    transaction is waited for. Raises one of RETRYABLE when the batch must
     be decided again in a fresh transaction. ``prepared``: :func:`prepare`'s
     result for ``messages``, made before the transaction."""
+    store.lock_claim_ids(conn, [m.claim_id for m in messages])
+    outcomes = _decide(conn, settings, messages, now, prepared, busy=frozenset())
+    return [o for o in outcomes if o is not None]
+
+
+def claims_unless_busy(
+    conn: Conn,
+    settings: Settings,
+    messages: Sequence[ClaimRequested],
+    *,
+    now: datetime | None = None,
+    prepared: Prepared | None = None,
+) -> Outcomes:
+    """:func:`claims`, except that a claim being decided by a concurrent
+    transaction is not waited for: its outcome is None, and the caller
+    decides it again after this transaction (with :func:`claims`). Two
+    deliveries of one claim in two processes' batches then cost the second
+    batch nothing but that claim, instead of its whole turn behind the first."""
+    ids = [m.claim_id for m in messages]
+    locked = store.try_lock_claim_ids(conn, ids)
+    return _decide(conn, settings, messages, now, prepared, busy=frozenset(ids) - locked)
+
+
+def _decide(
+    conn: Conn,
+    settings: Settings,
+    messages: Sequence[ClaimRequested],
+    now: datetime | None,
+    prepared: Prepared | None,
+    *,
+    busy: frozenset[uuid.UUID],
+) -> Outcomes:
+    """Decide the claims of ``messages`` this transaction has locked (all
+    but ``busy``, whose outcomes are None)."""
     now = now or utcnow()
     prepared = prepared or prepare(settings, messages)
     digests = prepared.payload_digests
-    store.lock_claim_ids(conn, [m.claim_id for m in messages])
-    recorded = store.claims_by_ids(conn, [m.claim_id for m in messages])
+    recorded = store.claims_by_ids(conn, [m.claim_id for m in messages if m.claim_id not in busy])
     first_of: dict[uuid.UUID, int] = {}
     for i, message in enumerate(messages):
-        if message.claim_id not in recorded:
+        if message.claim_id not in recorded and message.claim_id not in busy:
             first_of.setdefault(message.claim_id, i)
     batch = _load(conn, settings, [messages[i] for i in first_of.values()], now, prepared.e164)
     decisions = decide_claims(
@@ -160,8 +235,11 @@ def claims(
     )
     decided = _write(conn, settings, batch, decisions, {c: digests[i] for c, i in first_of.items()})
     claim_channels.record(conn, [(m.claim_id, m.channel) for m in batch.messages])
-    outcomes = []
+    outcomes: list[ClaimOutcome | None] = []
     for i, (message, digest) in enumerate(zip(messages, digests, strict=True)):
+        if message.claim_id in busy:
+            outcomes.append(None)
+            continue
         if message.claim_id in recorded:
             outcomes.append(_recorded(recorded[message.claim_id], digest))
             continue

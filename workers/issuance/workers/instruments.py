@@ -60,6 +60,11 @@ DUPLICATES = Counter(
     "Deliveries that changed nothing because their effect was already recorded.",
     ["queue"],
 )
+BUSY_CLAIMS = Counter(
+    "issuance_claims_deferred_total",
+    "Claims of a flush that a concurrent transaction was deciding,"
+    " decided after it in a transaction of their own.",
+)
 CLAIM_TO_CREDIT = Histogram(
     "issuance_claim_to_credit_seconds",
     "From the claim's request to its wallet credit.",

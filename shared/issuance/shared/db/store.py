@@ -118,11 +118,29 @@ def claims_by_ids(
     return {row.claim_id: row for row in cursor.execute(sql, (list(claim_ids),), prepare=False)}
 
 
+def _claim_lock_key(claim_id: uuid.UUID) -> int:
+    return (claim_id.int >> 64) - (1 << 63)
+
+
 def lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> None:
     """Serialise concurrent deliveries of the same claims (transaction-level
     advisory locks, taken in one global order so batches cannot deadlock)."""
-    keys = sorted({(c.int >> 64) - (1 << 63) for c in claim_ids})
+    keys = sorted({_claim_lock_key(c) for c in claim_ids})
     conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (keys,))
+
+
+def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Take the locks of :func:`lock_claim_ids` that are free now, without
+    waiting for any; returns the claims locked. A claim left out is being
+    decided by a concurrent transaction. (Nothing waits, so no order is
+    needed against deadlocks.)"""
+    keys: dict[int, list[uuid.UUID]] = {}
+    for claim_id in claim_ids:
+        keys.setdefault(_claim_lock_key(claim_id), []).append(claim_id)
+    rows = conn.execute(
+        "SELECT k FROM unnest(%s::bigint[]) AS k WHERE pg_try_advisory_xact_lock(k)", (list(keys),)
+    )
+    return {claim_id for (k,) in rows for claim_id in keys[k]}
 
 
 # DO UPDATE ... WHERE false updates nothing but locks every conflicting row,
