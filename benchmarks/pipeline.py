@@ -692,7 +692,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=16, help="threads per worker process")
     parser.add_argument("--batch", type=int, default=200, help="claims per claims-requested message")
     parser.add_argument("--pool", type=int, default=1_000_000, help="codes in the live activity's pool")
     parser.add_argument("--backlog", type=int, default=100_000)

@@ -119,7 +119,8 @@ def test_batches_racing_over_the_same_claims_decide_each_once(settings, pool):
     claims = [claim(act["slug"]) for _ in range(200)]
     batches = [claims[i : i + 20] + claims[(i + 37) % 200 : (i + 37) % 200 + 10] for i in range(0, 200, 10)]
     with ThreadPoolExecutor(8) as executor:
-        outcomes = [o for batch in executor.map(lambda b: handle_claims(pool, settings, b), batches) for o in batch]
+        decided = executor.map(lambda b: handle_claims(pool, settings, b), batches)
+        outcomes = [o for batch in decided for o in batch]
     firsts = Counter(o.claim_id for o in outcomes if not o.duplicate)
     assert set(firsts.values()) == {1} and len(firsts) == 200
     assert {o.status for o in outcomes} == {"credited"}

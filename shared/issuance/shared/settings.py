@@ -62,6 +62,9 @@ class Settings:
     max_backoff_ms: int = 60_000
     worker_threads: int = 8
     db_pool_size: int = 8
+    # Group-commit flushers per worker process: transactions of claims in
+    # flight at once. One leaves PostgreSQL idle while it prepares the next.
+    claim_flushers: int = 2
     # Fault injection for crash tests: "", "after_commit_before_ack",
     # "after_commit_before_publish". Never set in production.
     fault: str = ""

@@ -158,7 +158,9 @@ def _count_claims(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.
                 _credited(now, claim.requested_at)
 
 
-_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(_decide_claims)
+_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(
+    _decide_claims, flushers=lambda: resources().settings.claim_flushers
+)
 
 
 @pipeline_actor(CreditRequested)

@@ -7,6 +7,10 @@ one flusher thread per process takes whatever has gathered (up to
 and wakes the submitters, which then return and let Dramatiq acknowledge their
 deliveries. Nothing is acknowledged before its claims have committed, so a
 crash anywhere re-delivers. Many small messages cost few transactions.
+
+With more than one flusher, batches are decided in parallel transactions
+(the claim handler never waits for another transaction over a claim both
+hold: issuance.workers.handlers.claims_in_turn).
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ R = TypeVar("R")
 
 class GroupCommit(Generic[T, R]):
     def __init__(
-        self, run: Callable[[Sequence[T]], Sequence[R]], *, max_batch: int = 500, linger: float = 0.002
+        self,
+        run: Callable[[Sequence[T]], Sequence[R]],
+        *,
+        max_batch: int = 500,
+        linger: float = 0.002,
+        flushers: int | Callable[[], int] = 1,
     ) -> None:
         self.run = run
         self.max_batch = max_batch
         self.linger = linger
+        self.flushers = flushers
         self.queue: queue.SimpleQueue[tuple[T, Future[R]]] = queue.SimpleQueue()
         self._started = False
         self._lock = threading.Lock()
@@ -52,7 +62,10 @@ class GroupCommit(Generic[T, R]):
     def _start(self) -> None:
         with self._lock:
             if not self._started:
-                threading.Thread(target=self._flush_forever, name="group-commit", daemon=True).start()
+                count = self.flushers() if callable(self.flushers) else self.flushers
+                for n in range(max(1, count)):
+                    name = f"group-commit-{n}"
+                    threading.Thread(target=self._flush_forever, name=name, daemon=True).start()
                 self._started = True
 
     def _flush_forever(self) -> None:

@@ -152,7 +152,13 @@ def register(sub: Subparsers) -> None:
     """Add the workers' commands to the ``issuance`` subparsers."""
     worker = sub.add_parser("worker", help="run the Dramatiq workers")
     worker.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
-    worker.add_argument("--threads", type=int, default=8, help="threads per process (default 8)")
+    worker.add_argument(
+        "--threads",
+        type=int,
+        default=16,
+        help="threads per process (default 16; a claim message's thread waits for its group commit,"
+        " so the threads bound how many claims are decided together)",
+    )
     worker.add_argument(
         "--queues", nargs="*", metavar="QUEUE", help="consume only these queues (default: every queue)"
     )

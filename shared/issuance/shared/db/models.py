@@ -243,7 +243,6 @@ class Claim(Base):
             name="claims_slot_fkey",
         ),
         UniqueConstraint("activity_id", "slot_no", name="claims_slot_key"),
-        UniqueConstraint("claim_id", "member_id", name="claims_id_member_key"),
         # Member first: it also finds the packages a member holds (the claim
         # rules, referrals), so claims need no other index on member_id.
         Index(
