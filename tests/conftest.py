@@ -29,7 +29,8 @@ TABLES = (
     "wallet_ledger, codes, claims, package_slots, code_batches, coupon_templates, activities, channels,"
     " members, shares, share_opens, dead_letters,"
     " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints,"
-    " claim_channels, code_writeoffs, promo_codes, promo_member_uses, promo_uses"
+    " claim_channels, code_writeoffs, promo_codes, promo_member_uses, promo_uses, ring_handovers,"
+    " member_holdings"
 )
 
 

@@ -35,6 +35,15 @@ def load_cell_map(settings: Settings) -> CellMap:
             slots=tuple(range(RING_SLOTS)),
         )
         return CellMap((implicit,), (0,) * RING_SLOTS)
+    try:
+        return build_map(map_entries(settings))
+    except CellMapError as exc:
+        raise ConfigurationError(f"{PREFIX}CELLS: {exc}") from None
+
+
+def map_entries(settings: Settings) -> list[dict[str, object]]:
+    """The cells of ``ISSUANCE_CELLS`` as written (JSON, or a file of it)."""
+    text = settings.cells.strip()
     name = f"{PREFIX}CELLS"
     if not text.startswith(("[", "{")):
         try:
@@ -48,10 +57,7 @@ def load_cell_map(settings: Settings) -> CellMap:
     entries = data.get("cells") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigurationError(f"{name} must be a list of cells (objects)")
-    try:
-        return build_map(entries)
-    except CellMapError as exc:
-        raise ConfigurationError(f"{name}: {exc}") from None
+    return entries
 
 
 def home_cell(settings: Settings) -> Cell | None:

@@ -6,13 +6,18 @@ is RabbitMQ unless ``ISSUANCE_BROKER=stub`` (the embedded demo)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from issuance.shared import gate
+from issuance.shared.db import cells as cells_db
 from issuance.shared.db.store import Conn
+from issuance.shared.domain import phone_digests
+from issuance.shared.domain.cells import route_slot
 from issuance.shared.domain.claims import ClaimStatus
-from issuance.shared.settings import load_settings
+from issuance.shared.errors import InvalidMessage, TransientError
+from issuance.shared.settings import Settings, load_settings, require_phone_keys
 from issuance.shared.wire.messages import (
     ClaimRequested,
     ClaimsRequested,
@@ -54,8 +59,10 @@ def claim_requested(message: ClaimRequested) -> str:
     transaction."""
     if not _in_this_cell([message], "claim_requested", batch=None):
         return "dead_letter"
-    outcome = _claims.submit(message)
-    return "duplicate" if outcome.duplicate else "ok"
+    outcomes = _submit([message], "claim_requested", batch=None)
+    if not outcomes:
+        return "dead_letter"
+    return "duplicate" if outcomes[0].duplicate else "ok"
 
 
 @pipeline_actor(ClaimsRequested)
@@ -74,8 +81,30 @@ def claims_requested(message: ClaimsRequested) -> str:
     claims = _in_this_cell(message.valid, "claims_requested", batch=message.batch_id)
     if message.valid and not claims:
         return "dead_letter"
-    outcomes = _claims.submit_many(claims)
+    outcomes = _submit(claims, "claims_requested", batch=message.batch_id)
+    if claims and not outcomes:
+        return "dead_letter"
     return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
+
+
+def _submit(
+    claims: Sequence[ClaimRequested], actor: str, *, batch: object | None
+) -> list[handlers.ClaimOutcome]:
+    """Decide the claims; those whose ring slot this cell handed over are
+    dead-lettered (wrong_cell), and those whose slot is in a handover make
+    the message retry (the others are decided, and duplicates next time)."""
+    results = _claims.submit_each(claims)
+    outcomes, pending = [], None
+    for claim, result in zip(claims, results, strict=True):
+        if isinstance(result, HandedOver):
+            _wrong_cell(claim, actor, batch, result.to_cell)
+        elif isinstance(result, BaseException):
+            pending = pending or result
+        else:
+            outcomes.append(result)
+    if pending is not None:
+        raise pending
+    return outcomes
 
 
 def _in_this_cell(
@@ -88,39 +117,136 @@ def _in_this_cell(
     kept = []
     for claim in claims:
         cell = routed_elsewhere(claim.phone)
-        if cell is None:
+        if cell is None or _handed_here(claim):
             kept.append(claim)
             continue
-        here = resources().settings.cell
-        dead_letter(
-            "claims",
-            actor,
-            "wrong_cell",
-            f"claim {claim.claim_id}: its number routes to cell {cell}, this is cell {here}",
-            claim.to_payload(),
-            key=None if batch is None else f"{batch}:{claim.claim_id}",
-        )
+        _wrong_cell(claim, actor, batch, cell)
     return kept
 
 
-def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
+def _handed_here(claim: ClaimRequested) -> bool:
+    """Whether this cell's handover state keeps a claim the cell map sends
+    elsewhere (slots this cell receives, or still gives): read afresh, as it
+    is about to be dead-lettered otherwise."""
+    res = resources()
+    assert res.router is not None and res.cell is not None
+    slot = res.router.phone_slot(claim.phone)
+    with res.pool.connection() as conn:
+        found = cells_db.handovers(conn, [slot]).get(slot)
+    return found is not None and found.verdict(res.cell.name) is not cells_db.Verdict.GONE
+
+
+def _wrong_cell(claim: ClaimRequested, actor: str, batch: object | None, cell: str) -> None:
+    here = resources().settings.cell
+    dead_letter(
+        "claims",
+        actor,
+        "wrong_cell",
+        f"claim {claim.claim_id}: its number routes to cell {cell}, this is cell {here}",
+        claim.to_payload(),
+        key=None if batch is None else f"{batch}:{claim.claim_id}",
+    )
+
+
+class HandoverPending(TransientError):
+    """The claim's ring slot is being handed between cells: retried until
+    the cell that decides it has the member's history."""
+
+
+class HandedOver(InvalidMessage):
+    """The claim's ring slot was handed to another cell."""
+
+    def __init__(self, claim: ClaimRequested, to_cell: str) -> None:
+        super().__init__("wrong_cell", f"claim {claim.claim_id}: its ring slot was handed to cell {to_cell}")
+        self.to_cell = to_cell
+
+
+class _SlotsTurned(Exception):
+    """Some claims of a transaction must not be decided in this cell now: the
+    transaction (which has done nothing else yet) is given up, and the rest
+    decided without them."""
+
+    def __init__(self, turned: dict[uuid.UUID, BaseException]) -> None:
+        super().__init__(f"{len(turned)} claims turned away by a ring handover")
+        self.turned = turned
+
+
+def _ring_slots(claims: Sequence[ClaimRequested], e164: Mapping[uuid.UUID, str | None]) -> list[int]:
+    """Each claim's ring slot, as the routing publisher computes it."""
+    return [route_slot(e164.get(c.claim_id) or c.phone) for c in claims]
+
+
+def _guard(conn: Conn, claims: Sequence[ClaimRequested], slots: Sequence[int]) -> None:
+    """First thing in a deciding transaction: raise _SlotsTurned for the
+    claims whose ring slot is in a handover (retried) or was handed away
+    (wrong_cell). The state is read under a lock that its change waits for,
+    so it holds until this transaction commits."""
+    here = resources().cell
+    if here is None:
+        return
+    verdicts = cells_db.slot_verdicts(conn, here.name, slots)
+    if not verdicts:
+        return
+    found = cells_db.handovers(conn, verdicts)
+    turned: dict[uuid.UUID, BaseException] = {}
+    for claim, slot in zip(claims, slots, strict=True):
+        verdict = verdicts.get(slot)
+        if verdict is cells_db.Verdict.GONE:
+            turned[claim.claim_id] = HandedOver(claim, found[slot].to_cell)
+        elif verdict is cells_db.Verdict.HOLD:
+            turned[claim.claim_id] = HandoverPending(
+                f"claim {claim.claim_id}: ring slot {slot} is being handed from cell"
+                f" {found[slot].from_cell} to {found[slot].to_cell}; retried until it is"
+            )
+    raise _SlotsTurned(turned)
+
+
+def _ring(settings: Settings, e164: Mapping[uuid.UUID, str | None]) -> dict[bytes, int]:
+    """Phone digest -> ring slot of the claims' valid numbers, recorded on
+    their members for a later handover of ring slots."""
+    keys = require_phone_keys(settings)
+    numbers = {e for e in e164.values() if e is not None}
+    return {phone_digests(e, keys.secrets)[0][1]: route_slot(e) for e in numbers}
+
+
+def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome | BaseException]:
     """Decide a flush of claims (:func:`handlers.claims_in_turn`); each
     transaction asks for the credit of what it bound, and its outcomes are
-    counted and remembered by the gate as soon as it commits."""
+    counted and remembered by the gate as soon as it commits. A claim a
+    ring handover turns away gets its error in its place instead."""
+    turned: dict[uuid.UUID, BaseException] = {}
+    while True:
+        todo = [c for c in claims if c.claim_id not in turned]
+        try:
+            decided = iter(_decide_in_cell(todo) if todo else [])
+        except _SlotsTurned as exc:
+            turned.update(exc.turned)
+            continue
+        return [turned.get(c.claim_id) or next(decided) for c in claims]
+
+
+def _decide_in_cell(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
     uow, settings = unit_of_work(), resources().settings
+    prepared = handlers.prepare(settings, claims)
+    slots = _ring_slots(claims, prepared.e164)
+    ring = _ring(settings, prepared.e164)
+
+    def in_cell(conn: Conn, work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
+        _guard(conn, claims, slots)
+        outcomes = work(conn)
+        cells_db.record_ring_slots(conn, ring)
+        return _credit_later(uow, outcomes)
 
     def transact(work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
         outcomes = uow.run(
-            lambda conn: _credit_later(uow, work(conn)),
+            lambda conn: in_cell(conn, work),
             retry_on=handlers.RETRYABLE,
             attempts=handlers.CLAIM_ATTEMPTS,
         )
         BUSY_CLAIMS.inc(sum(o is None for o in outcomes))
         return outcomes
 
-    return handlers.claims_in_turn(
-        transact, settings, claims, prepared=handlers.prepare(settings, claims), settle=_settle
-    )
+    return handlers.claims_in_turn(transact, settings, claims, prepared=prepared, settle=_settle)
 
 
 def _credit_later(uow: UnitOfWork, outcomes: handlers.Outcomes) -> handlers.Outcomes:

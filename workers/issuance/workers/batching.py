@@ -30,7 +30,7 @@ R = TypeVar("R")
 class GroupCommit(Generic[T, R]):
     def __init__(
         self,
-        run: Callable[[Sequence[T]], Sequence[R]],
+        run: Callable[[Sequence[T]], Sequence[R | BaseException]],
         *,
         max_batch: int = 500,
         linger: float = 0.002,
@@ -51,13 +51,24 @@ class GroupCommit(Generic[T, R]):
     def submit_many(self, items: Sequence[T]) -> list[R]:
         """Decide ``items`` with whatever else is waiting (possibly over more
         than one transaction); block until all are committed."""
+        results = self.submit_each(items)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def submit_each(self, items: Sequence[T]) -> list[R | BaseException]:
+        """:meth:`submit_many`, with the error of each item that ``run``
+        turned down alone in its place instead of raised."""
         self._start()
         futures: list[Future[R]] = []
         for item in items:
             future: Future[R] = Future()
             self.queue.put((item, future))
             futures.append(future)
-        return [future.result() for future in futures]
+        for future in futures:
+            future.exception()  # wait for all, whatever the first one's fate
+        return [future.exception() or future.result() for future in futures]
 
     def _start(self) -> None:
         with self._lock:
@@ -83,4 +94,7 @@ class GroupCommit(Generic[T, R]):
                     future.set_exception(exc)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
-                future.set_result(result)
+                if isinstance(result, BaseException):
+                    future.set_exception(result)  # this item alone (run decided the others)
+                else:
+                    future.set_result(result)

@@ -19,12 +19,14 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
+from issuance.shared.db import cells as cells_db
 from issuance.shared.db import checkout_store as ks
 from issuance.shared.db import coupon_store as cs
 from issuance.shared.db import members, store
 from issuance.shared.db import refund_store as rs
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import InvalidPhone, coupon_expiry, mask_phone, normalize_phone, phone_digests
+from issuance.shared.domain.cells import route_slot
 from issuance.shared.domain.checkout import Cart, choose
 from issuance.shared.domain.coupons import (
     LifecycleRefusal,
@@ -396,6 +398,8 @@ def register_member(
         member_id=message.member_id,
         digest_masked=digest_masked,
     )
+    if digest_masked is not None:
+        cells_db.record_ring_slots(conn, {digest_masked[0]: route_slot(e164)})
     if member is None:
         cs.record_refusal(
             conn,

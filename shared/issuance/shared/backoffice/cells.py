@@ -8,12 +8,22 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from issuance.shared.cellmap import cell_settings, configured, load_cell_map
-from issuance.shared.domain.cells import Cell, CellMapError, slot_ranges, split_evenly
+from issuance.shared.domain.cells import (
+    Cell,
+    CellMapError,
+    format_slots,
+    handed_over,
+    parse_slots,
+    slot_ranges,
+    split_evenly,
+)
 from issuance.shared.errors import BadInput, OperatorError, ServiceUnavailable
 from issuance.shared.settings import Settings
 
@@ -26,28 +36,18 @@ class CellCommandError(OperatorError):
     committed half, which the message names) was changed."""
 
 
-def _ranges(slots: Sequence[int]) -> str:
-    parts: list[str] = []
-    start = prev = None
-    for slot in [*sorted(slots), None]:
-        if start is not None and (slot is None or slot != prev + 1):  # type: ignore[operator]
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = None
-        if slot is not None and start is None:
-            start = slot
-        prev = slot
-    return ",".join(parts)
-
-
 @contextlib.contextmanager
-def _conns(cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+def _conns(cells: Sequence[Cell], *, autocommit: bool = False) -> Iterator[dict[str, Any]]:
+    """A connection to each cell's database; with ``autocommit``, each
+    ``conn.transaction()`` block is a transaction of its own, committed at
+    its end."""
     import psycopg
 
     opened: dict[str, Any] = {}
     try:
         for cell in cells:
             try:
-                opened[cell.name] = psycopg.connect(cell.database_url)
+                opened[cell.name] = psycopg.connect(cell.database_url, autocommit=autocommit)
             except psycopg.OperationalError as exc:
                 raise ServiceUnavailable(f"cell {cell.name}: PostgreSQL cannot be reached: {exc}") from None
         yield opened
@@ -80,7 +80,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print("no cell map (ISSUANCE_CELLS): one implicit cell")
     for cell in cells.cells:
         print(
-            f"{cell.name}: number {cell.number}, ring slots {_ranges(cell.slots)} ({len(cell.slots)}),"
+            f"{cell.name}: number {cell.number}, ring slots {format_slots(cell.slots)} ({len(cell.slots)}),"
             f" database {redact(cell.database_url)}, broker {redact(cell.amqp_url)}"
         )
     return 0
@@ -221,16 +221,158 @@ def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
             codes_lost = sum(map(len, taken.values()))
             restore = f"cells move {args.slug} --from {donor.name} --to {receiver.name}"
             raise CellCommandError(
-                f"{donor.name} gave up slots {_ranges(moved) or 'none'} and {codes_lost} codes"
+                f"{donor.name} gave up slots {format_slots(moved) or 'none'} and {codes_lost} codes"
                 f" but {receiver.name} could not take them ({exc}); put the slots back with"
                 f" {restore} --restore {','.join(map(str, moved))}"
             ) from None
     print(
-        f"moved {len(moved)} slots of {args.slug} ({_ranges(moved) or 'none'})"
+        f"moved {len(moved)} slots of {args.slug} ({format_slots(moved) or 'none'})"
         + "".join(f", {len(pool)} {prefix} codes" for prefix, pool in taken.items())
         + f" from {donor.name} to {receiver.name}"
         + (f"; {receiver.name} budget now {budget}" if budget is not None else "")
     )
+    return 0
+
+
+def _handover_cells(args: argparse.Namespace, settings: Settings) -> tuple[Cell, Cell, tuple[int, ...]]:
+    cells = load_cell_map(settings)
+    try:
+        donor, receiver = cells.by_name(args.source), cells.by_name(args.target)
+        slots = parse_slots(args.slots)
+    except CellMapError as exc:
+        raise BadInput(str(exc)) from None
+    if donor.name == receiver.name:
+        raise BadInput("--from and --to name the same cell")
+    if not slots:
+        raise BadInput("--slots names no ring slot")
+    return donor, receiver, slots
+
+
+def _all_slotted(conn: Any, donor: Cell) -> None:
+    from issuance.shared.db import cells as db
+
+    unknown = db.unslotted_members(conn)
+    if unknown:
+        raise CellCommandError(
+            f"{unknown} members of cell {donor.name} have no ring slot recorded (not seen since"
+            " migration 0017): record them with `issuance cells ring-slots --numbers FILE`"
+            " (their numbers, one a line) before handing ring slots over"
+        )
+
+
+def _in_cell(conn: Any, cell: Cell, work: Callable[[], Any]) -> Any:
+    """``work`` in one transaction of ``cell``'s; its refusal named after the cell."""
+    from issuance.shared.db import cells as db
+
+    try:
+        with conn.transaction():
+            return work()
+    except db.CellError as exc:
+        raise CellCommandError(f"cell {cell.name}: {exc}") from None
+
+
+def cmd_handover_begin(args: argparse.Namespace, settings: Settings) -> int:
+    """First step of handing ring slots to another cell: the receiver keeps
+    their claims undecided (retried) and the donor still decides them, so
+    the new cell map can be rolled out in any order. Prints the new map."""
+    from issuance.shared.cellmap import map_entries
+    from issuance.shared.db import cells as db
+
+    donor, receiver, slots = _handover_cells(args, settings)
+    try:
+        entries = handed_over(map_entries(settings), slots, donor.name, receiver.name)
+    except CellMapError as exc:
+        raise BadInput(str(exc)) from None
+    with _conns([donor, receiver], autocommit=True) as conns:
+        _all_slotted(conns[donor.name], donor)
+        for cell in (receiver, donor):  # the receiver first: it holds before anything can reach it
+            conn = conns[cell.name]
+            with conn.transaction():
+                try:
+                    db.begin_handover(conn, slots, donor=donor.name, receiver=receiver.name, here=cell.name)
+                except db.CellError as exc:
+                    raise CellCommandError(f"cell {cell.name}: {exc}") from None
+    text = json.dumps(entries, indent=2)
+    if args.map_out:
+        Path(args.map_out).write_text(text + "\n")
+    else:
+        print(text)
+    print(
+        f"handover of ring slots {format_slots(slots)} from {donor.name} to {receiver.name} begun:"
+        f" {receiver.name} holds their claims, {donor.name} still decides them. Roll the new cell map"
+        + (f" ({args.map_out})" if args.map_out else " (above)")
+        + " out to the producers and workers, then run cells handover finish",
+        file=sys.stderr if not args.map_out else sys.stdout,
+    )
+    return 0
+
+
+def cmd_handover_finish(args: argparse.Namespace, settings: Settings) -> int:
+    """Second step: the donor stops deciding the slots (after its decisions
+    in flight), their members move to the receiver with what they hold, and
+    the receiver decides them from then on; the donor dead-letters any claim
+    of theirs that still reaches it (wrong_cell). Safe to run again."""
+    from issuance.shared.db import cells as db
+
+    donor, receiver, slots = _handover_cells(args, settings)
+    names = {"donor": donor.name, "receiver": receiver.name}
+    with _conns([donor, receiver], autocommit=True) as conns:
+        give, take = conns[donor.name], conns[receiver.name]
+        _all_slotted(give, donor)
+        _in_cell(give, donor, lambda: db.set_handover_state(give, slots, "holding", **names))
+        members = _in_cell(give, donor, lambda: db.leaving_members(give, slots))
+        done = _in_cell(take, receiver, lambda: db.handovers(take, slots))
+        if not all(h.state == "done" for h in done.values()) or len(done) < len(slots):
+
+            def take_in() -> None:
+                # The state first: its lock keeps the slots' claims waiting
+                # until the members they need are in (one commit).
+                db.set_handover_state(take, slots, "done", **names)
+                db.take_in(take, members, donor=donor.name)
+
+            _in_cell(take, receiver, take_in)
+
+        def let_go() -> None:
+            db.set_handover_state(give, slots, "done", **names)
+            db.let_go(give, [m.member_id for m in members], receiver=receiver.name)
+
+        _in_cell(give, donor, let_go)
+    print(
+        f"handed ring slots {format_slots(slots)} from {donor.name} to {receiver.name}:"
+        f" {len(members)} members with {sum(len(m.holdings) for m in members)} packages held;"
+        f" {receiver.name} decides them, {donor.name} dead-letters them (wrong_cell)"
+    )
+    return 0
+
+
+def cmd_ring_slots(args: argparse.Namespace, settings: Settings) -> int:
+    """Record the ring slot of members created before migration 0017, from
+    their numbers (one a line; the database keeps only keyed digests)."""
+    from issuance.shared.db import cells as db
+    from issuance.shared.domain import normalize_phone, phone_digests
+    from issuance.shared.domain.cells import route_slot
+    from issuance.shared.settings import require_phone_keys
+
+    keys = require_phone_keys(settings)
+    ring: dict[bytes, int] = {}
+    bad = 0
+    for line in Path(args.numbers).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            e164 = normalize_phone(line.strip(), settings.default_region)
+        except ValueError:
+            bad += 1
+            continue
+        for _, digest in phone_digests(e164, keys.secrets):
+            ring[digest] = route_slot(e164)
+    with _conns(load_cell_map(settings).cells, autocommit=True) as conns:
+        for name, conn in conns.items():
+            with conn.transaction():
+                db.record_ring_slots(conn, ring)
+            print(f"{name}: {db.unslotted_members(conn)} members without a ring slot left")
+    if bad:
+        print(f"{bad} lines were not phone numbers")
     return 0
 
 
@@ -372,6 +514,22 @@ def register(sub: Any, *, build_parser: Callable[[], Any], redact: Callable[[str
     move.add_argument("--codes", action="append", metavar="PREFIX=COUNT", help="unbound codes to move")
     move.add_argument("--restore", help="slot numbers a failed move left in neither cell")
     move.set_defaults(func=cmd_move)
+    handover = cells.add_parser("handover", help="hand ring slots (their members) from one cell to another")
+    steps = handover.add_subparsers(dest="handover_step", required=True)
+    for step, func, text in (
+        ("begin", cmd_handover_begin, "the receiver holds the slots' claims; prints the new cell map"),
+        ("finish", cmd_handover_finish, "move the slots' members and what they hold; the receiver decides"),
+    ):
+        parser = steps.add_parser(step, help=text)
+        parser.add_argument("--slots", required=True, help="ring slots, e.g. 768-1023")
+        parser.add_argument("--from", dest="source", required=True, help="the donor cell")
+        parser.add_argument("--to", dest="target", required=True, help="the receiving cell")
+        if step == "begin":
+            parser.add_argument("--map-out", help="write the new cell map here instead of printing it")
+        parser.set_defaults(func=func)
+    ring = cells.add_parser("ring-slots", help="record members' ring slots from their numbers")
+    ring.add_argument("--numbers", required=True, help="a file of phone numbers, one a line")
+    ring.set_defaults(func=cmd_ring_slots)
     verify = cells.add_parser("verify", help="verify every cell and the whole; non-zero exit on a breach")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     add_budget_option(verify)

@@ -20,13 +20,14 @@ the checkout already know (a cell mark would be wrong after a move anyway).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 from issuance.shared import domain
-from issuance.shared.domain.cells import Cell, member_id_range
+from issuance.shared.domain.cells import Cell, format_slots, member_id_range
 from issuance.shared.errors import ServiceUnavailable
 
 Conn = psycopg.Connection[Any]
@@ -43,12 +44,15 @@ def init_member_ids(conn: Conn, number: int) -> tuple[int, int]:
     """Bound the cell's member identity to its range (members of another cell
     can then never get the same ID). Refuses if members outside it exist."""
     lo, hi = member_id_range(number)
+    # Members moved in by a handover keep the ID their first cell gave them.
     row = conn.execute(
-        "SELECT count(*) FROM members WHERE member_id NOT BETWEEN %s AND %s", (lo, hi)
+        "SELECT count(*) FROM members WHERE member_id NOT BETWEEN %s AND %s AND moved_from IS NULL", (lo, hi)
     ).fetchone()
     if row and row[0]:
         raise CellError(f"{row[0]} members have IDs outside cell number {number}'s range {lo}-{hi}")
-    top = conn.execute("SELECT coalesce(max(member_id), 0) FROM members").fetchone()
+    top = conn.execute(
+        "SELECT coalesce(max(member_id), 0) FROM members WHERE member_id BETWEEN %s AND %s", (lo, hi)
+    ).fetchone()
     nxt = max(lo, int(top[0]) + 1 if top else lo)
     conn.execute(
         f"ALTER TABLE members ALTER COLUMN member_id SET MINVALUE {lo} SET MAXVALUE {hi}"
@@ -252,12 +256,33 @@ SELECT a.slug, a.budget,
        (SELECT count(*) FROM claims k WHERE k.activity_id = a.activity_id AND k.status <> 'refused')
   FROM activities a"""
 CELL_SLOTS = "SELECT a.slug, s.slot_no FROM package_slots s JOIN activities a USING (activity_id)"
-# What must never be in two cells: (check, query of the values).
+# What must never be in two cells: (check, query of the values). A member
+# handed over to another cell stays in its old cell as history (moved_to):
+# it is active, decided, in one cell only.
 UNIQUE_ACROSS_CELLS = {
-    "phone_digest_in_two_cells": "SELECT phone_digest FROM members WHERE phone_digest IS NOT NULL",
-    "member_id_in_two_cells": "SELECT member_id FROM members",
+    "phone_digest_in_two_cells": (
+        "SELECT phone_digest FROM members WHERE phone_digest IS NOT NULL AND moved_to IS NULL"
+    ),
+    "member_id_in_two_cells": "SELECT member_id FROM members WHERE moved_to IS NULL",
     "code_in_two_cells": "SELECT code FROM codes",
 }
+# What a handover must never leave in a cell: (check, query of examples).
+HANDOVER_CHECKS = {
+    # Decided in the cell it had left: the cell it went to decides without it.
+    "decided_after_moving_out": """
+SELECT k.claim_id::text, k.member_id::text FROM claims k JOIN members m USING (member_id)
+ WHERE m.moved_to IS NOT NULL AND k.decided_at > m.moved_at LIMIT 100""",
+    # A second package of an activity or exclusivity group the member held
+    # in the cell it came from.
+    "package_over_moved_holding": """
+SELECT k.claim_id::text, k.member_id::text FROM claims k JOIN member_holdings h USING (member_id)
+ WHERE k.status <> 'refused'
+   AND (k.activity_slug = h.activity_slug OR k.exclusivity_group = h.exclusivity_group) LIMIT 100""",
+    # A slot whose handover began and did not finish.
+    "handover_unfinished": """
+SELECT slot::text, from_cell, to_cell, state FROM ring_handovers WHERE state <> 'done' LIMIT 100""",
+}
+MOVED_OUT = "SELECT member_id, moved_to FROM members WHERE moved_to IS NOT NULL"
 
 
 def _over(figures: Mapping[str, Mapping[str, int]], limits: Mapping[str, int]) -> list[list[str]]:
@@ -304,11 +329,32 @@ def verify_cells(
         [cell.name, str(member_id)]
         for cell in cells
         for (member_id,) in conns[cell.name].execute(
-            "SELECT member_id FROM members WHERE member_id NOT BETWEEN %s AND %s LIMIT 100",
+            "SELECT member_id FROM members WHERE member_id NOT BETWEEN %s AND %s"
+            " AND moved_from IS NULL LIMIT 100",
             member_id_range(cell.number),
         )
     ]
+    for check, sql in HANDOVER_CHECKS.items():
+        breaches[check] = [
+            [name, *map(str, row)] for name, conn in conns.items() for row in conn.execute(sql)
+        ]
+    breaches["moved_member_missing"] = _moved_missing(conns)
     return CellsReport(cells=reports, granted=granted, budgets=budgets, totals=limits, breaches=breaches)
+
+
+def _moved_missing(conns: Mapping[str, Conn]) -> list[list[str]]:
+    """Members a cell handed over that the cell they went to does not have
+    (their holdings would be missing there)."""
+    members = {
+        name: {int(r[0]) for r in conn.execute("SELECT member_id FROM members")}
+        for name, conn in conns.items()
+    }
+    return [
+        [name, str(member_id), str(moved_to)]
+        for name, conn in conns.items()
+        for member_id, moved_to in conn.execute(MOVED_OUT)
+        if int(member_id) not in members.get(str(moved_to), set())
+    ][:100]
 
 
 def _cell_verify(conn: Conn, cell: Cell, grace: timedelta) -> Any:
@@ -330,3 +376,218 @@ def _cell_verify(conn: Conn, cell: Cell, grace: timedelta) -> Any:
 
 def _key(value: Any) -> Any:
     return bytes(value) if isinstance(value, memoryview) else value
+
+
+# -- ring handovers ----------------------------------------------------------
+#
+# Ring slots go from a donor cell to a receiver in two steps, each cell
+# keeping the state of its side in its own ring_handovers table (which
+# overrides the cell map of a process for the slots it names, so workers
+# with the old map and workers with the new one act alike):
+#
+#   begin:  receiver 'holding' (its workers keep the slots' claims, retried,
+#           undecided); donor 'leaving' (it still decides them).
+#   finish: donor 'holding' (waits for its decisions in flight), the
+#           members of the slots copied to the receiver with what they hold,
+#           receiver 'done' (decides them), donor 'done' (dead-letters them
+#           as wrong_cell).
+#
+# A claim is decided only where the state says so, read in the deciding
+# transaction under a SHARE lock that a state change waits for: no member is
+# decided in two cells, and none in the receiver before its history is.
+
+
+class Verdict(enum.StrEnum):
+    DECIDE = "decide"
+    # Not yet: retried until the handover moves on.
+    HOLD = "hold"
+    # Handed over: this cell decides these slots no more.
+    GONE = "gone"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handover:
+    slot: int
+    from_cell: str
+    to_cell: str
+    state: str
+
+    def verdict(self, here: str) -> Verdict:
+        if self.to_cell == here:
+            return Verdict.DECIDE if self.state == "done" else Verdict.HOLD
+        if self.state == "leaving":
+            return Verdict.DECIDE
+        return Verdict.GONE if self.state == "done" else Verdict.HOLD
+
+
+HANDOVERS = "SELECT slot, from_cell, to_cell, state FROM ring_handovers WHERE slot = ANY(%s)"
+# Decisions share the lock; a change of state (SHARE ROW EXCLUSIVE) waits
+# for the decisions in flight and blocks new ones until it commits.
+GUARD = "LOCK TABLE ring_handovers IN SHARE MODE"
+CHANGE = "LOCK TABLE ring_handovers IN SHARE ROW EXCLUSIVE MODE"
+
+
+def handovers(conn: Conn, slots: Iterable[int]) -> dict[int, Handover]:
+    """This cell's handover state of ``slots`` (those it has one for)."""
+    rows = conn.execute(HANDOVERS, (sorted(set(slots)),), prepare=False)
+    return {int(r[0]): Handover(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows}
+
+
+def slot_verdicts(conn: Conn, here: str, slots: Iterable[int]) -> dict[int, Verdict]:
+    """Inside a deciding transaction: the slots among ``slots`` this cell
+    must not decide now (the others: as the cell map says)."""
+    conn.execute(GUARD)
+    found = handovers(conn, slots)
+    return {slot: v for slot, h in found.items() if (v := h.verdict(here)) is not Verdict.DECIDE}
+
+
+RECORD_RING_SLOTS = """
+UPDATE members m SET ring_slot = u.slot
+  FROM unnest(%s::bytea[], %s::smallint[]) AS u(digest, slot)
+ WHERE m.phone_digest = u.digest AND m.ring_slot IS NULL
+"""
+
+
+def record_ring_slots(conn: Conn, slots: Mapping[bytes, int]) -> None:
+    """Record the ring slot of the members behind these phone digests (once)."""
+    if slots:
+        digests = sorted(slots)
+        conn.execute(RECORD_RING_SLOTS, (digests, [slots[d] for d in digests]), prepare=False)
+
+
+def begin_handover(conn: Conn, slots: Sequence[int], *, donor: str, receiver: str, here: str) -> None:
+    """Write this cell's side of a handover's first step (see above)."""
+    conn.execute(CHANGE)
+    busy = [h for h in handovers(conn, slots).values() if h.state != "done"]
+    if busy and any((h.from_cell, h.to_cell) != (donor, receiver) for h in busy):
+        h = busy[0]
+        raise CellError(f"slot {h.slot} is in a handover from {h.from_cell} to {h.to_cell} ({h.state})")
+    state = "holding" if here == receiver else "leaving"
+    conn.execute(
+        """INSERT INTO ring_handovers (slot, from_cell, to_cell, state)
+           SELECT unnest(%s::smallint[]), %s, %s, %s
+           ON CONFLICT (slot) DO UPDATE SET from_cell = EXCLUDED.from_cell, to_cell = EXCLUDED.to_cell,
+               state = EXCLUDED.state, updated_at = now()
+           WHERE ring_handovers.state = 'done'""",
+        (list(slots), donor, receiver, state),
+    )
+
+
+def set_handover_state(conn: Conn, slots: Sequence[int], state: str, *, donor: str, receiver: str) -> None:
+    """Move this cell's side of the handover on; refuses if it did not begin."""
+    conn.execute(CHANGE)
+    found = handovers(conn, slots)
+    missing = [
+        s for s in slots if s not in found or (found[s].from_cell, found[s].to_cell) != (donor, receiver)
+    ]
+    if missing:
+        raise CellError(
+            f"slots {format_slots(missing)} have no handover from {donor} to {receiver}:"
+            " run handover begin first"
+        )
+    conn.execute(
+        "UPDATE ring_handovers SET state = %s, updated_at = now() WHERE slot = ANY(%s)", (state, list(slots))
+    )
+
+
+def unslotted_members(conn: Conn) -> int:
+    """Members whose ring slot is not recorded (not seen since migration 0017)."""
+    row = conn.execute("SELECT count(*) FROM members WHERE ring_slot IS NULL AND moved_to IS NULL").fetchone()
+    return int(row[0]) if row else 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MovingMember:
+    """A member as a handover carries it: its identity and what it holds."""
+
+    member_id: int
+    phone_digest: bytes | None
+    phone_key_id: str
+    phone_masked: str
+    status: str
+    created_at: Any
+    registered_at: Any
+    app_member_id: int | None
+    ring_slot: int
+    holdings: tuple[tuple[str, str], ...]  # (activity slug, exclusivity group)
+
+
+LEAVERS = """
+SELECT m.member_id, m.phone_digest, m.phone_key_id, m.phone_masked, m.status, m.created_at,
+       m.registered_at, m.app_member_id, m.ring_slot,
+       coalesce((SELECT array_agg(ARRAY[h.slug, h.grp] ORDER BY h.slug) FROM (
+           SELECT k.activity_slug AS slug, k.exclusivity_group AS grp FROM claims k
+            WHERE k.member_id = m.member_id AND k.status <> 'refused'
+           UNION
+           SELECT c.activity_slug, c.exclusivity_group FROM member_holdings c
+            WHERE c.member_id = m.member_id) h), '{}')
+  FROM members m
+ WHERE m.ring_slot = ANY(%s) AND m.moved_to IS NULL
+ ORDER BY m.member_id
+"""
+
+
+def leaving_members(conn: Conn, slots: Sequence[int]) -> list[MovingMember]:
+    """The donor's members of ``slots`` with every package they hold here."""
+    return [
+        MovingMember(
+            member_id=int(r[0]),
+            phone_digest=None if r[1] is None else bytes(r[1]),
+            phone_key_id=str(r[2]),
+            phone_masked=str(r[3]),
+            status=str(r[4]),
+            created_at=r[5],
+            registered_at=r[6],
+            app_member_id=r[7],
+            ring_slot=int(r[8]),
+            holdings=tuple((str(slug), str(group)) for slug, group in r[9]),
+        )
+        for r in conn.execute(LEAVERS, (list(slots),), prepare=False)
+    ]
+
+
+TAKE_IN_MEMBER = """
+INSERT INTO members (member_id, phone_digest, phone_key_id, phone_masked, status, created_at,
+                     registered_at, app_member_id, ring_slot, moved_from, moved_at)
+OVERRIDING SYSTEM VALUE
+VALUES (%(member_id)s, %(phone_digest)s, %(phone_key_id)s, %(phone_masked)s, %(status)s, %(created_at)s,
+        %(registered_at)s, %(app_member_id)s, %(ring_slot)s, %(donor)s, now())
+ON CONFLICT (member_id) DO UPDATE
+   SET moved_to = NULL, moved_from = EXCLUDED.moved_from, moved_at = now(),
+       status = EXCLUDED.status, registered_at = EXCLUDED.registered_at, ring_slot = EXCLUDED.ring_slot
+"""
+TAKE_IN_HOLDING = """
+INSERT INTO member_holdings (member_id, activity_slug, exclusivity_group, from_cell)
+VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING
+"""
+
+
+def take_in(conn: Conn, members: Sequence[MovingMember], *, donor: str) -> int:
+    """The receiver's half: the members under their own IDs, marked as moved
+    in, and what they hold. Refuses a number this cell already has under
+    another member ID (it was decided here without its history)."""
+    digests = [m.phone_digest for m in members if m.phone_digest is not None]
+    clash = conn.execute(
+        "SELECT member_id FROM members WHERE phone_digest = ANY(%s) AND NOT member_id = ANY(%s) LIMIT 5",
+        (digests, [m.member_id for m in members]),
+    ).fetchall()
+    if clash:
+        raise CellError(
+            f"members {', '.join(str(r[0]) for r in clash)} of this cell have the number of a member"
+            f" coming from {donor}: they were decided here before the handover"
+        )
+    with conn.cursor() as cur:
+        cur.executemany(TAKE_IN_MEMBER, [{**dataclasses.asdict(m), "donor": donor} for m in members])
+        cur.executemany(
+            TAKE_IN_HOLDING,
+            [(m.member_id, slug, group, donor) for m in members for slug, group in m.holdings],
+        )
+    return len(members)
+
+
+def let_go(conn: Conn, member_ids: Sequence[int], *, receiver: str) -> None:
+    """The donor's half: its rows of the moved members become history."""
+    conn.execute(
+        "UPDATE members SET moved_to = %s, moved_at = now() WHERE member_id = ANY(%s)",
+        (receiver, list(member_ids)),
+    )

@@ -158,7 +158,10 @@ class CodeBatch(Base):
 
 class Member(Base):
     __tablename__ = "members"
-    __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),
+        CheckConstraint("ring_slot BETWEEN 0 AND 1023", name="members_ring_slot_check"),
+    )
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # HMAC-SHA256 of the E.164 number under the phone key phone_key_id: numbers are
@@ -172,6 +175,46 @@ class Member(Base):
     registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The app's member ID, linked by member-registered (migration 0014).
     app_member_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    # The member's ring slot (issuance.shared.domain.cells.route_slot), recorded
+    # by the claim and registration paths: the number itself is not stored,
+    # and a handover of ring slots between cells finds its members by it.
+    ring_slot: Mapped[int | None] = mapped_column(SmallInteger)
+    # A handover moved the member: from which cell it came (its ID then lies
+    # outside this cell's range), or to which cell it went (this row is then
+    # history only; the member is decided in moved_to). Migration 0017.
+    moved_from: Mapped[str | None] = mapped_column(String(63))
+    moved_to: Mapped[str | None] = mapped_column(String(63))
+    moved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RingHandover(Base):
+    """A ring slot this cell gives (``from_cell``) or receives (``to_cell``)
+    in a handover, and how far it went (issuance.shared.db.cells)."""
+
+    __tablename__ = "ring_handovers"
+    __table_args__ = (
+        CheckConstraint("state IN ('leaving', 'holding', 'done')", name="ring_handovers_state_check"),
+        CheckConstraint("slot BETWEEN 0 AND 1023", name="ring_handovers_slot_check"),
+    )
+
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    from_cell: Mapped[str] = mapped_column(String(63))
+    to_cell: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(8))
+    updated_at: Mapped[datetime] = _now()
+
+
+class MemberHolding(Base):
+    """A package a moved member held in the cell it came from: its activity
+    (by slug: activity IDs differ between cells) and exclusivity group. The
+    claim path counts it as held (issuance.shared.db.store.member_grants)."""
+
+    __tablename__ = "member_holdings"
+
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.member_id"), primary_key=True)
+    activity_slug: Mapped[str] = mapped_column(String(63), primary_key=True)
+    exclusivity_group: Mapped[str] = mapped_column(String(100))
+    from_cell: Mapped[str] = mapped_column(String(63))
 
 
 class ClaimChannel(Base):

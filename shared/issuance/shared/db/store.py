@@ -217,16 +217,23 @@ def rekey_members(
     return [(int(member), bytes(digest)) for member, digest in rows]
 
 
+# A member moved in from another cell also holds what it held there
+# (member_holdings, by slug; 0 when the activity is not in this cell, which
+# then still counts for its exclusivity group).
 MEMBER_GRANTS = """
 SELECT member_id, activity_id, exclusivity_group FROM claims
- WHERE member_id = ANY(%s) AND status <> 'refused'
+ WHERE member_id = ANY(%(m)s) AND status <> 'refused'
+UNION ALL
+SELECT h.member_id, coalesce(a.activity_id, 0), h.exclusivity_group
+  FROM member_holdings h LEFT JOIN activities a ON a.slug = h.activity_slug
+ WHERE h.member_id = ANY(%(m)s)
 """
 
 
 def member_grants(conn: Conn, member_ids: Sequence[int]) -> dict[int, list[Holding]]:
     """The packages each member already holds."""
     grants: dict[int, list[Holding]] = {m: [] for m in member_ids}
-    for member_id, activity_id, group in conn.execute(MEMBER_GRANTS, (list(member_ids),), prepare=False):
+    for member_id, activity_id, group in conn.execute(MEMBER_GRANTS, {"m": list(member_ids)}, prepare=False):
         grants[member_id].append(Holding(activity_id, group))
     return grants
 

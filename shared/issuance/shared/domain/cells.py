@@ -96,8 +96,11 @@ def member_id_range(number: int) -> tuple[int, int]:
 
 
 def parse_slots(text: str) -> tuple[int, ...]:
-    """``"0-511,768-1023"`` -> the slot numbers."""
+    """``"0-511,768-1023"`` -> the slot numbers; ``""``: none (a cell added
+    to the map before a handover gives it slots)."""
     slots: list[int] = []
+    if not text.strip():
+        return ()
     for part in text.split(","):
         first, sep, last = part.strip().partition("-")
         try:
@@ -108,6 +111,37 @@ def parse_slots(text: str) -> tuple[int, ...]:
             raise CellMapError(f"slot range {part.strip()!r} is outside 0-{RING_SLOTS - 1}")
         slots.extend(range(lo, hi + 1))
     return tuple(slots)
+
+
+def format_slots(slots: Sequence[int]) -> str:
+    """The slot numbers as ranges, ``parse_slots``' inverse: ``"0-511,768"``."""
+    parts: list[str] = []
+    ordered = sorted(set(slots))
+    start = 0
+    for i, slot in enumerate(ordered):
+        if i + 1 == len(ordered) or ordered[i + 1] != slot + 1:
+            first = ordered[start]
+            parts.append(str(first) if first == slot else f"{first}-{slot}")
+            start = i + 1
+    return ",".join(parts)
+
+
+def handed_over(
+    entries: Sequence[Mapping[str, object]], slots: Sequence[int], donor: str, receiver: str
+) -> list[dict[str, object]]:
+    """The cell map ``entries`` (as in ISSUANCE_CELLS) after ``slots`` went
+    from ``donor`` to ``receiver``: every cell's slots written out."""
+    current = build_map(entries)
+    moving = set(slots)
+    mine = {cell.name: set(cell.slots) for cell in current.cells}
+    if not moving <= mine[current.by_name(donor).name]:
+        raise CellMapError(f"cell {donor} does not serve slots {format_slots(sorted(moving - mine[donor]))}")
+    mine[donor] -= moving
+    mine[current.by_name(receiver).name] |= moving
+    return [
+        {**entry, "slots": format_slots(sorted(mine[cell.name]))}
+        for entry, cell in zip(entries, current.cells, strict=True)
+    ]
 
 
 def even_slots(count: int) -> list[tuple[int, ...]]:

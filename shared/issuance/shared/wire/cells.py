@@ -56,18 +56,22 @@ class CellRouter:
         self.default_region = default_region
 
     def phone_cell(self, phone: str) -> str:
+        return self.cells.cell_for_slot(self.phone_slot(phone)).name
+
+    def phone_slot(self, phone: str) -> int:
+        """The ring slot of a number as typed (normalised first)."""
         # A number already in E.164 form (the page publishes that form) is
         # its own normal form: parsing it (about 100 us) would return it as
         # is, as it does for every region's example mobile number.
         if E164.match(phone):
-            return self.cells.cell_for_slot(route_slot(phone)).name
+            return route_slot(phone)
         try:
             e164 = normalize_phone(phone, self.default_region)
         except ValueError:
             # The worker refuses it (bad_phone); any fixed cell records the
             # refusal, and a re-send lands on the same one.
             e164 = phone
-        return self.cells.cell_for_slot(route_slot(e164)).name
+        return route_slot(e164)
 
     def member_cell(self, member_id: int) -> str:
         return self.cells.cell_for_member(member_id).name
