@@ -15,7 +15,10 @@ from issuance.shared.domain.cells import (
     RING_SLOTS,
     CellMapError,
     build_map,
+    format_slots,
+    handed_over,
     member_id_range,
+    parse_slots,
     route_slot,
     slot_ranges,
     split_evenly,
@@ -103,6 +106,40 @@ def test_adding_a_cell_moves_only_the_slots_it_is_given() -> None:
     assert len(moved) < len(PHONES) * 0.15
     mod_n_moved = [p for p in PHONES if route_slot(p) % 3 != route_slot(p) % 4]
     assert len(mod_n_moved) > len(PHONES) * 0.5
+
+
+def test_a_handover_writes_the_new_map_with_every_cells_slots() -> None:
+    """A new cell enters the map with no slot; the handover's map gives it
+    the donor's slots and leaves the rest as it was."""
+    cells = entries(3, c0="0-511", c1="512-1023", c2="")
+    assert build_map(cells).by_name("c2").slots == ()
+    after = handed_over(cells, parse_slots("768-1023"), "c1", "c2")
+    assert [e["slots"] for e in after] == ["0-511", "512-767", "768-1023"]
+    assert [e["database_url"] for e in after] == [e["database_url"] for e in cells]
+    assert build_map(after).cell_for_slot(800).name == "c2"
+    with pytest.raises(CellMapError, match="cell c0 does not serve slots 600-601"):
+        handed_over(cells, [600, 601], "c0", "c2")
+    assert format_slots([5, 1, 2, 3, 9, 10]) == "1-3,5,9-10"
+    assert parse_slots(format_slots([5, 1, 2, 3, 9, 10])) == (1, 2, 3, 5, 9, 10)
+
+
+@pytest.mark.parametrize(
+    ("state", "here", "verdict"),
+    [
+        # The receiver waits for the members, then decides.
+        ("holding", "c", "hold"),
+        ("done", "c", "decide"),
+        # The donor decides until finish, waits while the members move, then
+        # refuses (wrong_cell).
+        ("leaving", "b", "decide"),
+        ("holding", "b", "hold"),
+        ("done", "b", "gone"),
+    ],
+)
+def test_each_side_of_a_handover_decides_only_in_its_turn(state: str, here: str, verdict: str) -> None:
+    from issuance.shared.db.cells import Handover
+
+    assert Handover(800, "b", "c", state).verdict(here) == verdict
 
 
 def test_routing_ignores_the_phone_key_and_spreads_evenly() -> None:
