@@ -105,3 +105,91 @@ def test_a_cell_name_the_map_does_not_know_stops_the_worker(settings: Settings) 
         runtime.Resources(dataclasses.replace(settings, cells=two_cell_map(settings), cell="c"))
     with pytest.raises(ConfigurationError, match="ISSUANCE_CELL=a needs ISSUANCE_CELLS"):
         runtime.Resources(dataclasses.replace(settings, cell="a"))
+
+
+def handover(settings: Settings, slot: int, from_cell: str, to_cell: str, state: str) -> None:
+    from issuance.shared.db import cells as db
+
+    with psycopg.connect(settings.database_url, autocommit=True) as conn, conn.transaction():
+        here = "a"
+        if not db.handovers(conn, [slot]):
+            db.begin_handover(conn, [slot], donor=from_cell, receiver=to_cell, here=here)
+        db.set_handover_state(conn, [slot], state, donor=from_cell, receiver=to_cell)
+
+
+def test_a_handed_slot_is_decided_by_one_cell_at_a_time(cell_a: Settings) -> None:
+    """Cell a gives one number's ring slot to b: it decides it while
+    leaving, holds it (retried) while the members move, then dead-letters it;
+    as a receiver it holds a number of b's, then decides it although its
+    map still names b."""
+    from issuance.shared.domain.cells import route_slot
+    from issuance.workers import actors
+
+    slug = make_activity(cell_a, budget=10, codes=10)["slug"]
+    own, theirs = phone_in(cell_a, "a", 0), phone_in(cell_a, "b", 0)
+    handover(cell_a, route_slot(own), "a", "b", "leaving")
+    first = claim(slug, own)
+    actors.claim_requested.fn(wire(first))
+    handover(cell_a, route_slot(own), "a", "b", "holding")
+    again = claim(slug, own)
+    with pytest.raises(actors.HandoverPending, match=f"ring slot {route_slot(own)} is being handed"):
+        actors.claim_requested.fn(wire(again))
+    handover(cell_a, route_slot(own), "a", "b", "done")
+    actors.claims_requested.fn(wire(ClaimsRequested(batch_id=uuid.uuid4(), claims=(again,))))
+
+    handover(cell_a, route_slot(theirs), "b", "a", "holding")
+    incoming = claim(slug, theirs)
+    with pytest.raises(actors.HandoverPending):
+        actors.claim_requested.fn(wire(incoming))
+    handover(cell_a, route_slot(theirs), "b", "a", "done")
+    actors.claim_requested.fn(wire(incoming))
+
+    decided = {r[0] for r in rows(cell_a, "SELECT claim_id FROM claims")}
+    assert decided == {first.claim_id, incoming.claim_id}
+    letters = rows(cell_a, "SELECT reason, detail FROM dead_letters")
+    assert letters == [("wrong_cell", f"claim {again.claim_id}: its number routes to cell b, this is cell a")]
+    # Each member's ring slot is recorded as it claims.
+    slots = {r[0] for r in rows(cell_a, "SELECT ring_slot FROM members")}
+    assert slots == {route_slot(own), route_slot(theirs)}
+
+
+def test_a_change_of_handover_state_waits_for_the_decisions_in_flight(cell_a: Settings) -> None:
+    """The donor stops deciding a slot only once every transaction that
+    read the slot's state as "decide" has committed."""
+    import threading
+
+    from issuance.shared.db import cells as db
+
+    handover(cell_a, 7, "a", "b", "leaving")
+    with psycopg.connect(cell_a.database_url) as deciding:
+        assert db.slot_verdicts(deciding, "a", [7]) == {}  # decide: the SHARE lock is held
+        changed = threading.Event()
+        change = threading.Thread(target=lambda: (handover(cell_a, 7, "a", "b", "holding"), changed.set()))
+        change.start()
+        assert not changed.wait(1.0), "the state changed under a decision in flight"
+        deciding.commit()
+        assert changed.wait(10.0)
+        change.join()
+        assert db.slot_verdicts(deciding, "a", [7]) == {7: db.Verdict.HOLD}
+
+
+def test_a_moved_members_holdings_refuse_a_second_package(cell_a: Settings) -> None:
+    """A member moved in from cell b holds here what it held there: by
+    exclusivity group, and by activity (slug: activity IDs differ by cell)."""
+    from issuance.workers import actors
+
+    start = make_activity(cell_a, budget=10, codes=10)["slug"]
+    twin = make_activity(cell_a, budget=10, codes=10, group="twins")["slug"]
+    held = make_activity(cell_a, budget=10, codes=10)["slug"]
+    phone = phone_in(cell_a, "a", 0)
+    actors.claim_requested.fn(wire(claim(start, phone)))
+    ((member_id,),) = rows(cell_a, "SELECT member_id FROM members")
+    with psycopg.connect(cell_a.database_url) as conn:
+        conn.execute(
+            "INSERT INTO member_holdings VALUES (%s, 'elsewhere', 'twins', 'b'), (%s, %s, 'g', 'b')",
+            (member_id, member_id, held),
+        )
+    actors.claim_requested.fn(wire(claim(twin, phone)))
+    actors.claim_requested.fn(wire(claim(held, phone)))
+    statuses = rows(cell_a, "SELECT activity_slug, status FROM claims")
+    assert sorted(statuses) == sorted([(start, "credited"), (twin, "refused"), (held, "refused")])
