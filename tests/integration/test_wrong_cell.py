@@ -148,6 +148,14 @@ def test_a_handed_slot_is_decided_by_one_cell_at_a_time(cell_a: Settings) -> Non
     assert decided == {first.claim_id, incoming.claim_id}
     letters = rows(cell_a, "SELECT reason, detail FROM dead_letters")
     assert letters == [("wrong_cell", f"claim {again.claim_id}: its number routes to cell b, this is cell a")]
+    # A handover done cannot begin again (the donor would decide again).
+    from issuance.shared.db import cells as db
+
+    with (
+        psycopg.connect(cell_a.database_url) as conn,
+        pytest.raises(db.CellError, match="handed from a to b already"),
+    ):
+        db.begin_handover(conn, [route_slot(own)], donor="a", receiver="b", here="a")
     # Each member's ring slot is recorded as it claims.
     slots = {r[0] for r in rows(cell_a, "SELECT ring_slot FROM members")}
     assert slots == {route_slot(own), route_slot(theirs)}

@@ -458,10 +458,17 @@ def record_ring_slots(conn: Conn, slots: Mapping[bytes, int]) -> None:
 def begin_handover(conn: Conn, slots: Sequence[int], *, donor: str, receiver: str, here: str) -> None:
     """Write this cell's side of a handover's first step (see above)."""
     conn.execute(CHANGE)
-    busy = [h for h in handovers(conn, slots).values() if h.state != "done"]
+    found = handovers(conn, slots).values()
+    busy = [h for h in found if h.state != "done"]
     if busy and any((h.from_cell, h.to_cell) != (donor, receiver) for h in busy):
         h = busy[0]
         raise CellError(f"slot {h.slot} is in a handover from {h.from_cell} to {h.to_cell} ({h.state})")
+    # Handed already: the donor would decide again members it no longer has.
+    done = [h for h in found if h.state == "done" and (h.from_cell, h.to_cell) == (donor, receiver)]
+    if done:
+        raise CellError(
+            f"slots {format_slots([h.slot for h in done])} were handed from {donor} to {receiver} already"
+        )
     state = "holding" if here == receiver else "leaving"
     conn.execute(
         """INSERT INTO ring_handovers (slot, from_cell, to_cell, state)
