@@ -205,6 +205,12 @@ def run_handover(
     moved_in = counts(c, "SELECT member_id FROM members WHERE moved_from = 'b'")
     moved_out = counts(b, "SELECT member_id FROM members WHERE moved_to = 'c'")
     assert sorted(moved_in) == sorted(moved_out) and len(moved_in) == len(moved) + len(stale_only)
+    # c's fast gate knows what they hold: its page answers at once.
+    from issuance.shared import gate
+
+    gate_c = redis.Redis.from_url(envs[2][f"{PREFIX}REDIS_URL"])
+    holders = {bytes(d) for (d,) in counts(c, "SELECT phone_digest FROM members WHERE moved_from = 'b'")}
+    assert {bytes.fromhex(d.decode()) for d in gate_c.smembers(gate.group_key("cells-twins"))} >= holders
     lo_b, lo_c = 2**40, 2 * 2**40
     assert all(lo_b <= m < lo_c for (m,) in moved_in)
     assert all(lo_c <= m for (m,) in counts(c, "SELECT member_id FROM members WHERE moved_from IS NULL")), (

@@ -337,12 +337,28 @@ def cmd_handover_finish(args: argparse.Namespace, settings: Settings) -> int:
             db.let_go(give, [m.member_id for m in members], receiver=receiver.name)
 
         _in_cell(give, donor, let_go)
+    _remember_moved_grants(receiver, settings, members)
     print(
         f"handed ring slots {format_slots(slots)} from {donor.name} to {receiver.name}:"
         f" {len(members)} members with {sum(len(m.holdings) for m in members)} packages held;"
         f" {receiver.name} decides them, {donor.name} dead-letters them (wrong_cell)"
     )
     return 0
+
+
+def _remember_moved_grants(receiver: Cell, settings: Settings, members: Sequence[Any]) -> None:
+    """Tell the receiver's fast gate what the moved members hold, so its page
+    answers "already claimed" at once (best effort: its workers refuse anyway)."""
+    import redis
+    from issuance.shared import gate
+
+    grants = [(slug, group, m.phone_digest) for m in members if m.phone_digest for slug, group in m.holdings]
+    if grants:
+        client = redis.Redis.from_url(receiver.redis_url or settings.redis_url, socket_timeout=2.0)
+        try:
+            gate.remember_grants(client, grants)
+        finally:
+            client.close()
 
 
 def cmd_ring_slots(args: argparse.Namespace, settings: Settings) -> int:
