@@ -13,11 +13,10 @@ from datetime import datetime
 from issuance.shared import gate
 from issuance.shared.db import cells as cells_db
 from issuance.shared.db.store import Conn
-from issuance.shared.domain import phone_digests
 from issuance.shared.domain.cells import route_slot
 from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.errors import InvalidMessage, TransientError
-from issuance.shared.settings import Settings, load_settings, require_phone_keys
+from issuance.shared.settings import load_settings
 from issuance.shared.wire.messages import (
     ClaimRequested,
     ClaimsRequested,
@@ -201,14 +200,6 @@ def _guard(conn: Conn, claims: Sequence[ClaimRequested], slots: Sequence[int]) -
     raise _SlotsTurned(turned)
 
 
-def _ring(settings: Settings, e164: Mapping[uuid.UUID, str | None]) -> dict[bytes, int]:
-    """Phone digest -> ring slot of the claims' valid numbers, recorded on
-    their members for a later handover of ring slots."""
-    keys = require_phone_keys(settings)
-    numbers = {e for e in e164.values() if e is not None}
-    return {phone_digests(e, keys.secrets)[0][1]: route_slot(e) for e in numbers}
-
-
 def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome | BaseException]:
     """Decide a flush of claims (:func:`handlers.claims_in_turn`); each
     transaction asks for the credit of what it bound, and its outcomes are
@@ -229,13 +220,10 @@ def _decide_in_cell(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutc
     uow, settings = unit_of_work(), resources().settings
     prepared = handlers.prepare(settings, claims)
     slots = _ring_slots(claims, prepared.e164)
-    ring = _ring(settings, prepared.e164)
 
     def in_cell(conn: Conn, work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
         _guard(conn, claims, slots)
-        outcomes = work(conn)
-        cells_db.record_ring_slots(conn, ring)
-        return _credit_later(uow, outcomes)
+        return _credit_later(uow, work(conn))
 
     def transact(work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
         outcomes = uow.run(

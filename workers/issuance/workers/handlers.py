@@ -35,6 +35,7 @@ from issuance.shared.domain import (
     phone_digests,
     share_id_for,
 )
+from issuance.shared.domain.cells import route_slot
 from issuance.shared.domain.claims import (
     ActivityTerms,
     ClaimRequest,
@@ -296,9 +297,10 @@ def _load(
                 digests[e164] = phone_digests(e164, keys.secrets)
                 numbers[message.claim_id] = (digests[e164][0][1], e164)
     masked = {digest: mask_phone(e164) for digest, e164 in numbers.values()}
+    ring = {digest: route_slot(e164) for digest, e164 in numbers.values()}
     if masked:
         store.rekey_members(conn, keys.current_id, list(digests.values()))
-    members = store.lock_members(conn, masked, key_id=keys.current_id) if masked else {}
+    members = store.lock_members(conn, masked, key_id=keys.current_id, ring_slots=ring) if masked else {}
     registered = member_identity.registered_at(conn, sorted(set(members.values()))) if members else {}
     requests = []
     for message in messages:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -143,13 +143,15 @@ def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.U
     return {claim_id for (k,) in rows for claim_id in keys[k]}
 
 
-# DO UPDATE ... WHERE false updates nothing but locks every conflicting row,
+# DO UPDATE ... WHERE <false> updates nothing but locks every conflicting row,
 # in the order of the (sorted) input: concurrent batches wait for each other
-# in one global order instead of deadlocking.
+# in one global order instead of deadlocking. It writes only the ring slot of
+# a member from before migration 0017 (once): a handover of ring slots
+# between cells finds its members by it (issuance.shared.db.cells).
 UPSERT_MEMBERS = """
-INSERT INTO members (phone_digest, phone_masked, status, phone_key_id)
-SELECT d, m, 'pending', %s FROM unnest(%s::bytea[], %s::text[]) AS u(d, m) ORDER BY d
-ON CONFLICT (phone_digest) DO UPDATE SET phone_masked = EXCLUDED.phone_masked WHERE false
+INSERT INTO members (phone_digest, phone_masked, status, phone_key_id, ring_slot)
+SELECT d, m, 'pending', %s, s FROM unnest(%s::bytea[], %s::text[], %s::smallint[]) AS u(d, m, s) ORDER BY d
+ON CONFLICT (phone_digest) DO UPDATE SET ring_slot = EXCLUDED.ring_slot WHERE members.ring_slot IS NULL
 RETURNING phone_digest, member_id
 """
 LOCK_MEMBERS = """
@@ -157,15 +159,20 @@ SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s)
 """
 
 
-def lock_members(conn: Conn, numbers: dict[bytes, str], *, key_id: str) -> dict[bytes, int]:
+def lock_members(
+    conn: Conn, numbers: dict[bytes, str], *, key_id: str, ring_slots: Mapping[bytes, int]
+) -> dict[bytes, int]:
     """Resolve the members behind phone digests (made with the phone key
     ``key_id``), creating pending ones where needed, and lock their rows: the
     claims of one member are decided one at a time (no global lock: other
     members go on in parallel). Members still stored under an older key are
-    re-keyed first (:func:`rekey_members`)."""
+    re-keyed first (:func:`rekey_members`). ``ring_slots``: each digest's
+    ring slot (issuance.shared.domain.cells.route_slot of its number)."""
     digests = sorted(numbers)
-    rows = conn.execute(UPSERT_MEMBERS, (key_id, digests, [numbers[d] for d in digests]))
-    members = {bytes(d): int(m) for d, m in rows}  # the new ones
+    rows = conn.execute(
+        UPSERT_MEMBERS, (key_id, digests, [numbers[d] for d in digests], [ring_slots[d] for d in digests])
+    )
+    members = {bytes(d): int(m) for d, m in rows}  # the new ones (and those given their ring slot now)
     known = [d for d in digests if d not in members]
     if known:
         members.update((bytes(d), int(m)) for d, m in conn.execute(LOCK_MEMBERS, (known,), prepare=False))
