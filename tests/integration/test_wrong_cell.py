@@ -148,6 +148,20 @@ def test_a_handed_slot_is_decided_by_one_cell_at_a_time(cell_a: Settings) -> Non
     assert decided == {first.claim_id, incoming.claim_id}
     letters = rows(cell_a, "SELECT reason, detail FROM dead_letters")
     assert letters == [("wrong_cell", f"claim {again.claim_id}: its number routes to cell b, this is cell a")]
+    # A donor whose workers run the new map already (b's slot, by the map)
+    # still decides the slot while leaving, then refuses it.
+    newer = phone_in(cell_a, "b", 10**6)
+    handover(cell_a, route_slot(newer), "a", "b", "leaving")
+    kept = claim(slug, newer)
+    actors.claim_requested.fn(wire(kept))
+    handover(cell_a, route_slot(newer), "a", "b", "done")
+    late = claim(slug, newer)
+    actors.claim_requested.fn(wire(late))
+    decided.add(kept.claim_id)
+    assert {r[0] for r in rows(cell_a, "SELECT claim_id FROM claims")} == decided
+    assert rows(cell_a, f"SELECT reason FROM dead_letters WHERE detail LIKE '%{late.claim_id}%'") == [
+        ("wrong_cell",)
+    ]
     # A handover done cannot begin again (the donor would decide again).
     from issuance.shared.db import cells as db
 
@@ -158,7 +172,7 @@ def test_a_handed_slot_is_decided_by_one_cell_at_a_time(cell_a: Settings) -> Non
         db.begin_handover(conn, [route_slot(own)], donor="a", receiver="b", here="a")
     # Each member's ring slot is recorded as it claims.
     slots = {r[0] for r in rows(cell_a, "SELECT ring_slot FROM members")}
-    assert slots == {route_slot(own), route_slot(theirs)}
+    assert slots == {route_slot(own), route_slot(theirs), route_slot(newer)}
 
 
 def test_a_change_of_handover_state_waits_for_the_decisions_in_flight(cell_a: Settings) -> None:
