@@ -125,6 +125,48 @@ def test_a_new_cell_takes_ring_slots_while_claims_run(three: list[dict[str, str]
     for check in ("decided_after_moving_out", "package_over_moved_holding", "moved_member_missing"):
         assert report["breaches"][check] == 0
     assert all(cell["breaches"]["accepted_unrecorded"] == 0 for cell in report["cells"].values())
+    planted_handover_breaches(operator, urls)
+
+
+def planted_handover_breaches(operator: Settings, urls: list[str]) -> None:
+    """What the handover checks catch: a package over a moved member's
+    holding, a member marked moved that its new cell lacks (and decided
+    after it left), a handover left half done."""
+    import psycopg
+
+    a, b, c = urls
+    ((late, slug, group),) = counts(
+        c,
+        "SELECT k.member_id, k.activity_slug, k.exclusivity_group FROM claims k"
+        " JOIN members m USING (member_id) WHERE m.moved_from IS NULL AND k.status <> 'refused' LIMIT 1",
+    )
+    ((stayed,),) = counts(
+        b,
+        "SELECT k.member_id FROM claims k JOIN members m USING (member_id)"
+        " WHERE k.status <> 'refused' AND m.moved_to IS NULL LIMIT 1",
+    )
+    with psycopg.connect(c) as conn:
+        conn.execute("INSERT INTO member_holdings VALUES (%s, %s, %s, 'b')", (late, slug, group))
+    with psycopg.connect(b) as conn:
+        conn.execute(
+            "UPDATE members SET moved_to = 'c', moved_at = now() - interval '1 day' WHERE member_id = %s",
+            (stayed,),
+        )
+    with psycopg.connect(a) as conn:
+        conn.execute(
+            "INSERT INTO ring_handovers (slot, from_cell, to_cell, state) VALUES (5, 'a', 'b', 'leaving')"
+        )
+    status, out = issuance(operator, "verify", "--cells", "--json")
+    report = json.loads(out)
+    assert status == 1
+    found = {name for name, n in report["breaches"].items() if n}
+    assert found == {
+        "package_over_moved_holding",
+        "decided_after_moving_out",
+        "moved_member_missing",
+        "handover_unfinished",
+    }, report["examples"]
+    assert report["examples"]["moved_member_missing"] == [["b", str(stayed), "c"]]
 
 
 def run_handover(
