@@ -324,6 +324,9 @@ def test_cell_commands_refuse_in_one_line() -> None:
     env = {"ISSUANCE_CELLS": json.dumps(closed)}
     line = one_error_line(run("cells", "move", "x", "--from", "a", "--to", "zz", "--slots", "1", env=env))
     assert line == "error: no cell named 'zz'; cells: a, b"
+    handover = ("cells", "handover", "begin", "--slots", "0-9", "--from", "b", "--to", "a")
+    line = one_error_line(run(*handover, env=env))
+    assert line == "error: cell b does not serve slots 0-9"
     line = one_error_line(run("verify", env=env), status=3)
     assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
     line = one_error_line(run("report", "--activity", "x", "--by-cell", env=env), status=3)
