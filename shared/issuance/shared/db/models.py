@@ -24,7 +24,6 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
-    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -231,17 +230,8 @@ class Claim(Base):
             name="claims_granted_check",
         ),
         CheckConstraint("(status = 'credited') = (credited_at IS NOT NULL)", name="claims_credited_check"),
-        ForeignKeyConstraint(
-            ["activity_id", "exclusivity_group"],
-            ["activities.activity_id", "activities.exclusivity_group"],
-            onupdate="CASCADE",
-            name="claims_activity_group_fkey",
-        ),
-        ForeignKeyConstraint(
-            ["activity_id", "slot_no"],
-            ["package_slots.activity_id", "package_slots.slot_no"],
-            name="claims_slot_fkey",
-        ),
+        # Its activity and group, slot and member are checked once per
+        # statement (triggers of migration 0019), not by foreign keys.
         UniqueConstraint("activity_id", "slot_no", name="claims_slot_key"),
         # Member first: it also finds the packages a member holds (the claim
         # rules, referrals), so claims need no other index on member_id.
@@ -268,7 +258,7 @@ class Claim(Base):
     activity_slug: Mapped[str] = mapped_column(String(63))
     activity_id: Mapped[int | None] = mapped_column(Integer)
     exclusivity_group: Mapped[str | None] = mapped_column(String(100))
-    member_id: Mapped[int | None] = mapped_column(ForeignKey("members.member_id"))
+    member_id: Mapped[int | None] = mapped_column(BigInteger)
     share_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     slot_no: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(12))
