@@ -14,6 +14,7 @@ a. Every cell's verify and the verify across cells stay clean.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -116,16 +117,38 @@ def test_referrals_and_rebates_reach_the_referrers_cell(
         for env in envs:
             wait_for(lambda env=env: consumers(settings_from(env), "orders") >= 1, 90, "workers to consume")
         try:
-            refer_across_cells(operator, a, b, slug)
+            members = refer_across_cells(operator, a, b, slug)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log.read_text()[-4000:]}") from None
     finally:
         for worker in workers:
             worker.stop()
 
-    status, out = issuance(operator, "verify")
+    # Settled at once: nothing is in flight any more.
+    settled = dataclasses.replace(operator, reconcile_grace_seconds=0)
+    status, out = issuance(settled, "verify")
     assert status == 0, out
     assert "verify across cells: clean" in out
+    lost_in_transit(settled, a, members)
+
+
+def lost_in_transit(operator: Settings, a: str, members: list[int]) -> None:
+    """What the verify across cells sees that neither cell can: a referral
+    that never reached its referrer's cell, and one that was never counted."""
+    with psycopg.connect(a) as conn:
+        conn.execute("DELETE FROM cell_referrals WHERE referee_member_id = %s", (members[0],))
+        conn.execute(
+            "UPDATE cell_referrals SET referee_member_id = %s WHERE referee_member_id = %s",
+            (members[1] + 1000, members[1]),
+        )
+    status, out = issuance(operator, "verify", "--json")
+    report = json.loads(out)
+    assert status == 1
+    examples = report["examples"]
+    assert sorted(examples["referral_not_in_referrers_cell"]) == sorted(
+        [[str(members[0]), "b", "a"], [str(members[1]), "b", "a"]]
+    )
+    assert examples["crossed_referral_without_referral"] == [[str(members[1] + 1000), "a", "b"]]
 
 
 def phones_of(operator: Settings) -> dict[str, list[str]]:
@@ -148,7 +171,7 @@ def order_routed_to(operator: Settings, cell: str) -> str:
             return order_id
 
 
-def refer_across_cells(operator: Settings, a: str, b: str, slug: str) -> None:
+def refer_across_cells(operator: Settings, a: str, b: str, slug: str) -> list[int]:
     from issuance.shared.wire.cells import CellPublisher, publisher_for
 
     phones = phones_of(operator)
@@ -254,6 +277,7 @@ def refer_across_cells(operator: Settings, a: str, b: str, slug: str) -> None:
         )
     # Nothing dead-lettered in either cell.
     assert [one(url, "SELECT count(*) FROM dead_letters") for url in (a, b)] == [0, 0]
+    return members
 
 
 def paid(order_id: str) -> OrderStatusChanged:
