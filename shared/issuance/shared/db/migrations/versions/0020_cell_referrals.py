@@ -1,8 +1,8 @@
 """cells: referrals counted in the referee's cell for a referrer of this one,
 what the referrer's rebates are counted from alongside its own referrals
 
-Revision ID: 0016_cell_referrals
-Revises: 0015
+Revision ID: cell_referrals
+Revises: 0019
 Create Date: 2026-11-30 11:30:00
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016_cell_referrals"
-down_revision = "0015"
+revision = "cell_referrals"
+down_revision = "0019"
 branch_labels = None
 depends_on = None
 
