@@ -490,6 +490,37 @@ class Referral(Base):
     reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class CellReferral(Base):
+    """A referral counted in another cell, the referee's, for a referrer of
+    this cell through a share of this cell (cells: issuance.workers.cell_referrals).
+    The referee's cell keeps the referral itself (``referrals``, with its claim
+    and order); this row is what the referrer's rebates are counted from
+    alongside this cell's own referrals. Reversed when the referee's order is
+    refunded or cancelled there; never counted twice for one referee."""
+
+    __tablename__ = "cell_referrals"
+    __table_args__ = (
+        CheckConstraint("referrer_member_id <> referee_member_id", name="cell_referrals_not_self_check"),
+        Index(
+            "cell_referrals_standing_idx",
+            "referrer_member_id",
+            "activity_id",
+            postgresql_where=text("reversed_at IS NULL"),
+        ),
+    )
+
+    referee_member_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    share_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shares.share_id"))
+    # The referee's claim through the share and first paid order, in the referee's cell.
+    claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    counted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = _now()
+
+
 class Rebate(Base):
     """The rebate ledger: the n-th rebate of a referrer in an activity is
     written once among the standing ones (an amount, or a coupon code bound
