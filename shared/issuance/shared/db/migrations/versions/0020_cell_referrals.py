@@ -1,7 +1,7 @@
 """cells: referrals counted in the referee's cell for a referrer of this one,
 what the referrer's rebates are counted from alongside its own referrals
 
-Revision ID: cell_referrals
+Revision ID: 0020
 Revises: 0019
 Create Date: 2026-11-30 11:30:00
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "cell_referrals"
+revision = "0020"
 down_revision = "0019"
 branch_labels = None
 depends_on = None
