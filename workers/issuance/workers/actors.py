@@ -34,7 +34,14 @@ from issuance.workers.instruments import (
     DUPLICATES,
     PROMISE_BREACHES,
 )
-from issuance.workers.runtime import dead_letter, pipeline_actor, resources, routed_elsewhere, unit_of_work
+from issuance.workers.runtime import (
+    dead_letter,
+    in_this_cell,
+    pipeline_actor,
+    resources,
+    routed_elsewhere,
+    unit_of_work,
+)
 
 broker = build_broker(load_settings(), kind=os.environ.get("ISSUANCE_BROKER", "rabbitmq"))
 
@@ -175,12 +182,16 @@ def _ok_or_duplicate(applied: bool, kind: str) -> str:
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
     """Open the order's share (red envelope) and redeem the coupons it used."""
+    if not in_this_cell(message):
+        return "dead_letter"
     return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.order_placed(conn, message)), "orders")
 
 
 @pipeline_actor(ShareOpened)
 def share_opened(message: ShareOpened) -> str:
     """Record a share being opened."""
+    if not in_this_cell(message):
+        return "dead_letter"
     return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.share_opened(conn, message)), "shares")
 
 
@@ -199,6 +210,8 @@ def order_status_changed(message: OrderStatusChanged) -> str:
 @pipeline_actor(MemberRegistered)
 def member_registered(message: MemberRegistered) -> str:
     """Mark a member registered and send its held credits on."""
+    if not in_this_cell(message):
+        return "dead_letter"
     uow, settings = unit_of_work(), resources().settings
 
     def register(conn: Conn) -> None:
