@@ -241,3 +241,25 @@ def test_a_cell_changed_while_a_change_runs_keeps_the_change_out(
     assert [len(rows(u, "SELECT 1 FROM activities WHERE slug = 'v-race'")) for u in urls] == [1, 0]
     with pytest.raises(OperatorError, match="the cells' catalogs differ"):
         issuance(operator, "cells", "apply", "--", "activity", "create", "--file", path)
+
+
+def test_a_command_writing_twice_makes_one_version(cells: tuple[Settings, list[str]]) -> None:
+    _, urls = cells
+    from issuance.shared.db import database
+
+    engine = database.engine(alone(urls[0]))
+    try:
+        with Session(engine) as session:
+            read = catalog.catalog_state(session)
+        with Session(engine) as session, session.begin(), catalog.expecting(read, "two-writes"):
+            catalog.create_channel(session, "v-twice-1")
+            catalog.create_channel(session, "v-twice-2")
+        with Session(engine) as session:
+            after = catalog.catalog_state(session)
+    finally:
+        engine.dispose()
+    assert (after.version, after.change, after.previous_digest) == (
+        read.version + 1,
+        "two-writes",
+        read.digest,
+    )
