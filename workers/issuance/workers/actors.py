@@ -40,6 +40,7 @@ from issuance.workers.instruments import (
 from issuance.workers.runtime import (
     UnitOfWork,
     dead_letter,
+    in_this_cell,
     pipeline_actor,
     resources,
     routed_elsewhere,
@@ -203,6 +204,8 @@ def _ok_or_duplicate(applied: bool, kind: str) -> str:
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
     """Open the order's share (red envelope) and redeem the coupons it used."""
+    if not in_this_cell(message):
+        return "dead_letter"
     applied = unit_of_work().run(lambda conn: handlers.order_placed(conn, message))
     cell_referrals.announce_share(message)  # with cells: to the other cells, also after a duplicate
     return _ok_or_duplicate(applied, "orders")
@@ -210,9 +213,14 @@ def order_placed(message: OrderPlaced) -> str:
 
 @pipeline_actor(ShareOpened)
 def share_opened(message: ShareOpened) -> str:
-    """Record a share being opened (with cells: in its referrer's cell)."""
-    if cell_referrals.forward_share_open(message):
+    """Record a share being opened (with cells: in its referrer's cell). An
+    open of a share this cell does not know must route here by its share ID;
+    one this cell knows is forwarded to its referrer's cell, or kept."""
+    placed = cell_referrals.forward_share_open(message)
+    if placed == "forwarded":
         return "forwarded"
+    if placed == "unknown" and not in_this_cell(message):
+        return "dead_letter"
     return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.share_opened(conn, message)), "shares")
 
 
@@ -232,6 +240,8 @@ def order_status_changed(message: OrderStatusChanged) -> str:
 @pipeline_actor(MemberRegistered)
 def member_registered(message: MemberRegistered) -> str:
     """Mark a member registered and send its held credits on."""
+    if not in_this_cell(message):
+        return "dead_letter"
     uow, settings = unit_of_work(), resources().settings
 
     def register(conn: Conn) -> None:

@@ -40,6 +40,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import Literal
 
 from issuance.shared.db import store
 from issuance.shared.db.store import Conn
@@ -141,16 +142,19 @@ def keep_share(conn: Conn, message: ShareKnown) -> bool:
     )
 
 
-def forward_share_open(message: ShareOpened) -> bool:
-    """Forward an open of another cell's referrer's share to that cell;
-    False when it is counted here (the share is of this cell, or unknown)."""
+def forward_share_open(message: ShareOpened) -> Literal["forwarded", "ours", "unknown"]:
+    """Forward an open of another cell's referrer's share to that cell
+    ("forwarded"); "ours" when the share is of this cell (or there are no
+    cells), "unknown" when this cell does not know the share."""
     if resources().cell is None:
-        return False
+        return "ours"
     known = unit_of_work().run(lambda conn: _share(conn, message.share_id))
-    if known is None or not _elsewhere(known.referrer_member_id):
-        return False
+    if known is None:
+        return "unknown"
+    if not _elsewhere(known.referrer_member_id):
+        return "ours"
     _sender.send(lambda publisher: publisher.publish_for_member(known.referrer_member_id, [message]))
-    return True
+    return "forwarded"
 
 
 # --- referrals --------------------------------------------------------------------------

@@ -274,13 +274,15 @@ def verify_cells(
     *,
     grace: timedelta,
     totals: Mapping[str, int] | None = None,
+    catalogs: Mapping[str, tuple[int, str]] | None = None,
 ) -> CellsReport:
     """Each cell's own verify (with its broker's acceptance ledger, where it
     has one), then what only the whole can show: grants over all cells within
     the platform budget (``totals``, or the sum of the cells' budgets), no
     package slot, phone digest, member ID or code in two cells, each cell's
-    members inside its member-ID range, and every referral for a referrer of
-    another cell held by that cell."""
+    members inside its member-ID range, every referral for a referrer of
+    another cell held by that cell; with ``catalogs`` (cell -> catalog
+    version and digest), every cell with the same catalog digest."""
     totals = totals or {}
     reports = {cell.name: _cell_verify(conns[cell.name], cell, grace) for cell in cells}
     granted, budgets, slots = _activity_figures(conns)
@@ -310,6 +312,12 @@ def verify_cells(
             member_id_range(cell.number),
         )
     ]
+    catalogs = catalogs or {}
+    breaches["catalog_differs_between_cells"] = (
+        [[name, str(version), digest[:12]] for name, (version, digest) in catalogs.items()]
+        if len({digest for _, digest in catalogs.values()}) > 1
+        else []
+    )
     return CellsReport(cells=reports, granted=granted, budgets=budgets, totals=limits, breaches=breaches)
 
 
