@@ -123,11 +123,16 @@ def share_id_in(settings: Settings, cell: str) -> uuid.UUID:
             return share
 
 
-def test_a_worker_dead_letters_member_messages_of_another_cell(cell_a: Settings) -> None:
+def test_a_worker_dead_letters_member_messages_of_another_cell(cell_a: Settings, monkeypatch) -> None:
     """Orders, registrations and share opens route by their member (its ID
     carries its cell), a registration by number, an open by its share ID:
     a worker applies those of its own cell only."""
-    from issuance.workers import actors
+    from issuance.workers import actors, cell_referrals
+
+    # The other cells of this map are not running: an order applied here
+    # would announce its share to them (tests/e2e/test_cells_referrals.py).
+    announced: list[str] = []
+    monkeypatch.setattr(cell_referrals, "announce_share", lambda message: announced.append(message.order_id))
 
     now = utcnow()
     of_b, of_c = MEMBER_ID_SPAN + 7, 5 * MEMBER_ID_SPAN + 7
@@ -154,6 +159,7 @@ def test_a_worker_dead_letters_member_messages_of_another_cell(cell_a: Settings)
 
     # Before: every one was applied here (orders, shares and opens of cell b's members).
     assert rows(cell_a, "SELECT order_id FROM orders") == [("SO-A-1",)]
+    assert announced == ["SO-A-1"]
     assert rows(cell_a, "SELECT count(*) FROM share_opens") == [(0,)]
     letters = rows(cell_a, "SELECT reason, actor, detail FROM dead_letters ORDER BY dead_letter_id")
     assert [(reason, actor) for reason, actor, _ in letters] == [
