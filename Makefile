@@ -113,7 +113,7 @@ unit: install
 integration: install services
 	$(BIN)/pytest tests/integration
 
-e2e: install services
+e2e: install services testhosts
 	$(BIN)/pytest tests/e2e
 
 clean:

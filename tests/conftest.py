@@ -27,8 +27,8 @@ ADMIN_DSN = os.environ.get("ISSUANCE_TEST_ADMIN_DSN", "postgresql://postgres@127
 RABBIT_HOST = "127.0.0.1:5672"
 TABLES = (
     "wallet_ledger, codes, claims, package_slots, code_batches, coupon_templates, activities, channels,"
-    " members, shares, share_opens, dead_letters,"
-    " orders, referrals, rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints,"
+    " members, shares, share_opens, dead_letters, orders, referrals, cell_referrals, catalog_version,"
+    " rebates, held_credits, lifecycle_refusals, key_fingerprints, ledger_checkpoints,"
     " claim_channels, code_writeoffs, promo_codes, promo_member_uses, promo_uses, ring_handovers,"
     " member_holdings"
 )

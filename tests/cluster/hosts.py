@@ -95,6 +95,11 @@ class NetHost:
         """Take the link down: nothing passes either way, no RST, no FIN."""
         _ip("link", "set", self.link, "down")
 
+    def restore(self) -> None:
+        """Bring the link up again, as a cable plugged back in: the addresses
+        stay, connections still alive carry on, broken ones are opened again."""
+        _ip("link", "set", self.link, "up")
+
     def close(self) -> None:
         for proc in self.processes:
             with contextlib.suppress(ProcessLookupError):

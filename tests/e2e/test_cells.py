@@ -331,6 +331,10 @@ def test_cell_commands_refuse_in_one_line() -> None:
     assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
     line = one_error_line(run("report", "--activity", "x", "--by-cell", env=env), status=3)
     assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
+    line = one_error_line(run("cells", "apply", "--", "channel", "create", "x", env=env), status=3)
+    assert line.startswith("error: cell a: PostgreSQL cannot be reached"), line
+    line = one_error_line(run("cells", "apply", "--", "codes", "generate", env=env))
+    assert line.startswith("error: cells apply takes a change of the catalog (channel create,"), line
     line = one_error_line(run("report", "--activity", "x", "--by-cell", env={"ISSUANCE_CELLS": ""}))
     assert line == "error: --by-cell needs a cell map (ISSUANCE_CELLS)"
     bad = {"ISSUANCE_CELLS": json.dumps([{**closed[0], "slots": "0-99"}, {**closed[1], "slots": "90-1023"}])}

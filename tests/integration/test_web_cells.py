@@ -17,13 +17,17 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from issuance.producers.web.security import status_key, status_token
+from issuance.shared import gate
 from issuance.shared.cellmap import load_cell_map
 from issuance.shared.cli import build_parser
+from issuance.shared.domain import phone_digest
 from issuance.shared.settings import PREFIX, Settings, settings_from
 
 from tests.conftest import private_services
 from tests.e2e.conftest import Workers, consumers, wait_for
+from tests.integration.test_fastgate_cells import other_db
 from tests.integration.web_pipeline import page_client, post_claim, read_status, settle
 
 PHONE_KEY = "test-phone-key-0123456789abcdef"
@@ -42,7 +46,9 @@ templates:
 
 @pytest.fixture(scope="module")
 def two_cells() -> Iterator[list[dict[str, str]]]:
-    with private_services() as a, private_services() as b:
+    with private_services() as a, private_services() as b_env:
+        # Two Redis databases: each cell's workers write their grants to their own.
+        b = {**b_env, f"{PREFIX}REDIS_URL": other_db(a[f"{PREFIX}REDIS_URL"])}
         yield [a, b]
 
 
@@ -167,6 +173,15 @@ def run_the_page(client: Any, slug: str, phones: dict[int, list[str]], envs: lis
     assert [a["status"] for a in answers] == ["credited"] * 4, answers
     assert [claims_in(env[f"{PREFIX}DATABASE_URL"]) for env in envs] == [2, 2]
     assert [dead_letters(env[f"{PREFIX}DATABASE_URL"]) for env in envs] == [0, 0]
+    # Cell b's number claims again: the page finds its grant in cell b's Redis
+    # (the page's own is cell a's) and answers at once, publishing nothing.
+    # Before: accepted, queued, and refused by cell b's workers later.
+    b_redis = redis.Redis.from_url(envs[1][f"{PREFIX}REDIS_URL"])
+    member = phone_digest(phones[1][0], PHONE_KEY).hex()
+    wait_for(lambda: b_redis.sismember(gate.activity_key(slug), member), 10, "cell b's grant in its Redis")
+    again = post_claim(client, slug, phones[1][0])
+    assert again.json().get("reason") == "already_received", again.text
+    assert claims_in(envs[1][f"{PREFIX}DATABASE_URL"]) == 2
     # Every cell's packages are gone: now the page says so.
     assert 'data-state="sold_out"' in client.get(f"/a/{slug}").text
     refused = post_claim(client, slug, phones[1][2]).json()

@@ -15,10 +15,18 @@ import orjson
 import psycopg
 import pytest
 from issuance.shared.cellmap import load_cell_map
+from issuance.shared.domain.cells import MEMBER_ID_SPAN, route_slot
 from issuance.shared.errors import ConfigurationError
 from issuance.shared.settings import Settings
 from issuance.shared.wire.codec import envelope
-from issuance.shared.wire.messages import ClaimsRequested, Message
+from issuance.shared.wire.messages import (
+    ClaimsRequested,
+    MemberRegistered,
+    Message,
+    OrderPlaced,
+    ShareOpened,
+    utcnow,
+)
 
 from tests.conftest import claim, make_activity
 
@@ -215,3 +223,68 @@ def test_a_moved_members_holdings_refuse_a_second_package(cell_a: Settings) -> N
     actors.claim_requested.fn(wire(claim(held, phone)))
     statuses = rows(cell_a, "SELECT activity_slug, status FROM claims")
     assert sorted(statuses) == sorted([(start, "credited"), (twin, "refused"), (held, "refused")])
+
+
+def share_id_in(settings: Settings, cell: str) -> uuid.UUID:
+    cells = load_cell_map(settings)
+    while True:
+        share = uuid.uuid4()
+        if cells.cell_for_slot(route_slot(str(share))).name == cell:
+            return share
+
+
+def test_a_worker_dead_letters_member_messages_of_another_cell(cell_a: Settings, monkeypatch) -> None:
+    """Orders, registrations and share opens route by their member (its ID
+    carries its cell), a registration by number, an open by its share ID:
+    a worker applies those of its own cell only."""
+    from issuance.workers import actors, cell_referrals
+
+    # The other cells of this map are not running: an order applied here
+    # would announce its share to them (tests/e2e/test_cells_referrals.py).
+    announced: list[str] = []
+    monkeypatch.setattr(cell_referrals, "announce_share", lambda message: announced.append(message.order_id))
+
+    now = utcnow()
+    of_b, of_c = MEMBER_ID_SPAN + 7, 5 * MEMBER_ID_SPAN + 7
+    strays: list[tuple[Any, Message]] = [
+        (
+            actors.order_placed,
+            OrderPlaced(order_id="SO-B-1", member_id=of_b, amount_cents=900, placed_at=now),
+        ),
+        (
+            actors.order_placed,
+            OrderPlaced(order_id="SO-C-1", member_id=of_c, amount_cents=900, placed_at=now),
+        ),
+        (actors.member_registered, MemberRegistered(member_id=of_b, registered_at=now)),
+        (actors.member_registered, MemberRegistered(phone=phone_in(cell_a, "b", 0), registered_at=now)),
+        (
+            actors.share_opened,
+            ShareOpened(event_id=uuid.uuid4(), share_id=share_id_in(cell_a, "b"), opened_at=now),
+        ),
+    ]
+    for actor, message in strays:
+        actor.fn(wire(message))
+    # Its own cell's order, by a member ID of cell a (number 0), is applied.
+    actors.order_placed.fn(wire(OrderPlaced(order_id="SO-A-1", member_id=7, amount_cents=900, placed_at=now)))
+
+    # Before: every one was applied here (orders, shares and opens of cell b's members).
+    assert rows(cell_a, "SELECT order_id FROM orders") == [("SO-A-1",)]
+    assert announced == ["SO-A-1"]
+    assert rows(cell_a, "SELECT count(*) FROM share_opens") == [(0,)]
+    letters = rows(cell_a, "SELECT reason, actor, detail FROM dead_letters ORDER BY dead_letter_id")
+    assert [(reason, actor) for reason, actor, _ in letters] == [
+        ("wrong_cell", "order_placed"),
+        ("wrong_cell", "order_placed"),
+        ("wrong_cell", "member_registered"),
+        ("wrong_cell", "member_registered"),
+        ("wrong_cell", "share_opened"),
+    ]
+    assert letters[0][2] == "order-placed SO-B-1: it routes to cell b, this is cell a"
+    assert letters[1][2] == (
+        f"order-placed SO-C-1: member {of_c} belongs to cell number 5, which is not in the cell map,"
+        " this is cell a"
+    )
+    # The registration by number: neither its text nor its kept body shows the number.
+    phone = phone_in(cell_a, "b", 0)
+    assert phone not in letters[3][2]
+    assert rows(cell_a, f"SELECT count(*) FROM dead_letters WHERE body LIKE '%{phone[4:]}%'") == [(0,)]

@@ -103,3 +103,31 @@ def test_exported_names_follow_the_conventions():
     counters = [n for n in exported() if n.endswith("_total")]
     assert "issuance_promise_breaches_total" in counters
     assert "issuance_claim_to_credit_seconds_bucket" in exported()
+
+
+def test_every_panel_parses_and_reads_the_chosen_cells(tmp_path):
+    """Each panel expression is valid PromQL (promtool parses it as a rule,
+    the dashboard's variables given values), and selects ``cell=~"$cell"``:
+    summed over the chosen cells, or broken down by them."""
+    exprs = [
+        t["expr"]
+        for p in json.loads((DEPLOY / "grafana" / "issuance.json").read_text())["panels"]
+        for t in p.get("targets", [])
+    ]
+    assert all('cell=~"$cell"' in e for e in exprs), [e for e in exprs if 'cell=~"$cell"' not in e]
+    rules = [
+        {"record": f"panel:expr_{n}", "expr": e.replace("$cell", ".*").replace("$activity", ".*")}
+        for n, e in enumerate(exprs)
+    ]
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    dashboard = json.loads((DEPLOY / "grafana" / "issuance.json").read_text())
+    cell = next(v for v in dashboard["templating"]["list"] if v["name"] == "cell")
+    # "All" must match series without a cell label (no cell map) too.
+    assert cell["allValue"] == ".*" and cell["includeAll"]
+    by_cell = {
+        p["title"] for p in dashboard["panels"] if any("by (cell" in t["expr"] for t in p.get("targets", []))
+    }
+    assert {"Claims decided per second, by cell", "Dead letters per second, by cell"} <= by_cell

@@ -125,3 +125,17 @@ def test_the_page_exports_only_its_own_metrics():
     families = {f.name for f in text_string_to_metric_families(out.stdout) if f.name.startswith("issuance_")}
     assert families, "the page's own metrics are there"
     assert all(name.startswith("issuance_web_") for name in families), families
+
+
+def test_a_cell_worker_group_labels_its_target_with_its_cell(tmp_path):
+    import json
+
+    from issuance.workers.metrics import announce
+
+    plain = announce(tmp_path, "claims", 9191, "127.0.0.1")
+    a = announce(tmp_path, "claims", 9193, "127.0.0.1", cell="a")
+    b = announce(tmp_path, "claims", 9194, "127.0.0.1", cell="b")
+    assert json.loads(plain.read_text()) == [{"targets": ["127.0.0.1:9191"], "labels": {"group": "claims"}}]
+    # Two cells' groups of one name on one host: a file each, each with its cell.
+    assert len({plain, a, b}) == 3
+    assert json.loads(b.read_text())[0]["labels"] == {"group": "claims", "cell": "b"}

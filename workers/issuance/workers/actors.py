@@ -24,10 +24,12 @@ from issuance.shared.wire.messages import (
     MemberRegistered,
     OrderPlaced,
     OrderStatusChanged,
+    ReferralCrossed,
+    ShareKnown,
     ShareOpened,
     utcnow,
 )
-from issuance.workers import handlers, lifecycle
+from issuance.workers import cell_referrals, handlers, lifecycle
 from issuance.workers.batching import GroupCommit
 from issuance.workers.broker import build_broker
 from issuance.workers.instruments import (
@@ -42,6 +44,7 @@ from issuance.workers.instruments import (
 from issuance.workers.runtime import (
     UnitOfWork,
     dead_letter,
+    in_this_cell,
     pipeline_actor,
     resources,
     routed_elsewhere,
@@ -315,12 +318,23 @@ def _ok_or_duplicate(applied: bool, kind: str) -> str:
 @pipeline_actor(OrderPlaced)
 def order_placed(message: OrderPlaced) -> str:
     """Open the order's share (red envelope) and redeem the coupons it used."""
-    return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.order_placed(conn, message)), "orders")
+    if not in_this_cell(message):
+        return "dead_letter"
+    applied = unit_of_work().run(lambda conn: handlers.order_placed(conn, message))
+    cell_referrals.announce_share(message)  # with cells: to the other cells, also after a duplicate
+    return _ok_or_duplicate(applied, "orders")
 
 
 @pipeline_actor(ShareOpened)
 def share_opened(message: ShareOpened) -> str:
-    """Record a share being opened."""
+    """Record a share being opened (with cells: in its referrer's cell). An
+    open of a share this cell does not know must route here by its share ID;
+    one this cell knows is forwarded to its referrer's cell, or kept."""
+    placed = cell_referrals.forward_share_open(message)
+    if placed == "forwarded":
+        return "forwarded"
+    if placed == "unknown" and not in_this_cell(message):
+        return "dead_letter"
     return _ok_or_duplicate(unit_of_work().run(lambda conn: handlers.share_opened(conn, message)), "shares")
 
 
@@ -333,12 +347,15 @@ def order_status_changed(message: OrderStatusChanged) -> str:
     outcome = unit_of_work().run(lambda conn: lifecycle.move_order(conn, message, min_referral_cents=least))
     if outcome.outcome == "duplicate":
         DUPLICATES.labels("orders").inc()
+    cell_referrals.send_referral(message)  # with cells: to the referrer's, also after a duplicate
     return outcome.outcome
 
 
 @pipeline_actor(MemberRegistered)
 def member_registered(message: MemberRegistered) -> str:
     """Mark a member registered and send its held credits on."""
+    if not in_this_cell(message):
+        return "dead_letter"
     uow, settings = unit_of_work(), resources().settings
 
     def register(conn: Conn) -> None:
@@ -348,3 +365,18 @@ def member_registered(message: MemberRegistered) -> str:
 
     uow.run(register)
     return "ok"
+
+
+@pipeline_actor(ShareKnown)
+def share_known(message: ShareKnown) -> str:
+    """Keep another cell's share, so that claims through it here know their referrer."""
+    kept = unit_of_work().run(lambda conn: cell_referrals.keep_share(conn, message))
+    return _ok_or_duplicate(kept, "shares")
+
+
+@pipeline_actor(ReferralCrossed)
+def referral_crossed(message: ReferralCrossed) -> str:
+    """Keep a referral counted (or reversed) in the referee's cell for a
+    referrer of this one, and settle the referrer's rebates."""
+    outcome = unit_of_work().run(lambda conn: cell_referrals.record_crossed(conn, message))
+    return _ok_or_duplicate(outcome.recorded, "orders")

@@ -127,13 +127,18 @@ def bind(port: int, address: str = "127.0.0.1") -> ThreadingHTTPServer:
 WILDCARDS = frozenset(("0.0.0.0", "::", ""))  # noqa: S104  # nosec B104
 
 
-def announce(directory: Path, group: str, port: int, address: str) -> Path:
+def announce(directory: Path, group: str, port: int, address: str, cell: str = "") -> Path:
     """Write this group's endpoint as a Prometheus file_sd target file: the
-    address it is bound to, or the host's name when bound to every address."""
+    address it is bound to, or the host's name when bound to every address.
+    A worker of a cell (``ISSUANCE_CELL``) labels its target with the cell,
+    as the exporter labels its samples: dashboards break down by ``cell``.
+    Its file is named after the cell too: two cells' groups of one name may
+    share a host."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{group}.json"
+    path = directory / (f"{cell}-{group}.json" if cell else f"{group}.json")
     host = socket.gethostname() if address in WILDCARDS else address
-    target = [{"targets": [f"{host}:{port}"], "labels": {"group": group}}]
+    labels = {"group": group, **({"cell": cell} if cell else {})}
+    target = [{"targets": [f"{host}:{port}"], "labels": labels}]
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(target) + "\n")
     partial.replace(path)  # Prometheus never reads half a file
@@ -160,7 +165,7 @@ def serve_metrics() -> int:
         return 1
     group = group_name(settings)
     port = server.server_port
-    target = announce(targets_dir(settings), group, port, settings.metrics_bind)
+    target = announce(targets_dir(settings), group, port, settings.metrics_bind, settings.cell.strip())
     set_title(f"metrics :{port}", settings)
     log.info("serving worker metrics on %s:%d/metrics (announced in %s)", settings.metrics_bind, port, target)
     try:

@@ -25,10 +25,11 @@ from issuance.shared.cellmap import home_cell, load_cell_map
 from issuance.shared.db import database, fingerprints, store
 from issuance.shared.db.store import Conn
 from issuance.shared.domain import redact_payload as redact
+from issuance.shared.domain.cells import CellMapError
 from issuance.shared.errors import InvalidMessage, PermanentError, TransientError
 from issuance.shared.faults import crash_point
 from issuance.shared.settings import Settings, load_settings, require_phone_key
-from issuance.shared.wire.cells import CellRouter
+from issuance.shared.wire.cells import CellRouter, RoutingError
 from issuance.shared.wire.codec import ROUTES
 from issuance.shared.wire.messages import Message
 from issuance.workers.instruments import DEAD_LETTERS, MESSAGES, QUEUE_WAIT
@@ -183,6 +184,42 @@ def routed_elsewhere(phone: str) -> str | None:
         return None
     cell = res.router.phone_cell(phone)
     return None if cell == res.cell.name else cell
+
+
+def _member_elsewhere(message: Message) -> str | None:
+    """Where a message of a member routes, when not to this worker's cell."""
+    res = resources()
+    if res.router is None or res.cell is None:
+        return None
+    try:
+        cell = res.router.cell_of(message)
+    except RoutingError:
+        # It names no member (an order's status change, an order naming an
+        # app member ID): publish_for_member placed it; nothing to check.
+        return None
+    except CellMapError as exc:
+        return str(exc)
+    return None if cell == res.cell.name else f"it routes to cell {cell}"
+
+
+def in_this_cell(message: Message) -> bool:
+    """Whether a message routed by its member (member ID, a registration's
+    number, a share open's ID) belongs to this worker's cell
+    (``ISSUANCE_CELL``). One that does not is dead-lettered (``wrong_cell``),
+    not applied: as for claims (see ``routed_elsewhere``), a producer with
+    another map must not split a member's records over two cells."""
+    where = _member_elsewhere(message)
+    if where is None:
+        return True
+    route = ROUTES[message.TYPE]
+    dead_letter(
+        route.queue,
+        route.actor,
+        "wrong_cell",
+        f"{message.TYPE} {message.business_key()}: {where}, this is cell {resources().settings.cell}",
+        message.to_payload(),
+    )
+    return False
 
 
 def pipeline_actor(message_type: type[M]) -> Callable[[Callable[[M], str]], dramatiq.Actor[Any, Any]]:

@@ -236,6 +236,8 @@ class ActivityPageApp:
                 per_share=settings.web_rate_per_share,
                 window_seconds=settings.web_rate_window_seconds,
             ),
+            # Each cell's workers write their grants to their cell's Redis.
+            cell_urls={c.number: c.redis_url for c in self.cells.cells} if self.cells is not None else None,
         )
         self.publisher = PublisherThread(self._publisher_factory, on_confirmed=self._remember_confirmed)
         self.publisher.start()
@@ -376,6 +378,7 @@ class ActivityPageApp:
     ) -> Response:
         (_, digest), *older = phone_digests(e164, self.phone_keys.secrets)
         claim_id = form.claim_id or uuid.uuid4()
+        cell = self.cells.cell_for_phone(e164).number if self.cells is not None else None
         verdict = await self.gate.check_claim(
             client_ip=_client_ip(request),
             activity=activity.slug,
@@ -385,6 +388,7 @@ class ActivityPageApp:
             claim_id=claim_id,
             remaining=activity.remaining,
             share_id=form.share_id,
+            cell=cell,
         )
         if verdict in RATE_VERDICTS:
             log.info("claim attempts limited (%s) for %s", verdict.value, mask_phone(e164))
@@ -393,7 +397,6 @@ class ActivityPageApp:
             return _refused(VERDICT_REFUSALS[verdict])
         if verdict is Verdict.CONFLICT:
             return _invalid("this claim ID was already used for another number", 409)
-        cell = self.cells.cell_for_phone(e164).number if self.cells is not None else None
         if verdict is Verdict.DUPLICATE:  # a re-send of an accepted claim: not published twice
             return self._accepted(claim_id, cell)
         message = ClaimRequested(

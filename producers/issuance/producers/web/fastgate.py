@@ -10,6 +10,12 @@ count of granted packages and re-seeded every ``BUDGET_SYNC_SECONDS``: between
 seeds it also counts claims still in the queue, so a flood past the budget is
 answered "all packages are gone" at once instead of queueing.
 
+With cells (``ISSUANCE_CELLS``) each cell's workers write their grants to
+their cell's Redis. The page keeps its rate counters, budget counters and
+accepted markers in its own Redis, but looks a number up in the grant sets
+of the Redis of the cell the number routes to: one pipeline per cell and
+round trip, before the script, whose answer it is given.
+
 Redis is an optimisation, not the truth: when it is unreachable the rules
 are left to the workers (they enforce every one again), the rate limits to
 an in-process limiter (``limits.LocalLimiter``), and Redis is left alone for
@@ -25,7 +31,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import redis
@@ -59,11 +65,12 @@ class Verdict(enum.StrEnum):
 # activity's and the group's "received" sets, the budget, the accepted marker,
 # then the number's rate counters under its older phone keys.
 # ARGV: the number's digest, the four limits, the window, the budget seed and
-# its lifetime, the accepted fingerprint; then, while a phone key rotation
-# is rolled out (deploy/SECURITY.md), the count n of older keys, the digests
-# under them and the fingerprints with them: a number counts and is found
-# under every key the page knows. A limit of 0 is not counted (a claim
-# without a share).
+# its lifetime, the accepted fingerprint; what the grant sets of the number's
+# cell said when they are in another Redis ('' none: look them up here, '-'
+# not received, else the verdict); then, while a phone key rotation is rolled
+# out (deploy/SECURITY.md), the count n of older keys, the digests under them
+# and the fingerprints with them: a number counts and is found under every
+# key the page knows. A limit of 0 is not counted (a claim without a share).
 CHECK_CLAIM = """
 local function hit(key, limit, window)
   if tonumber(limit) == 0 then return false end
@@ -71,11 +78,11 @@ local function hit(key, limit, window)
   if n == 1 then redis.call('EXPIRE', key, window) end
   return n > tonumber(limit)
 end
-local older = tonumber(ARGV[10] or '0')
+local older = tonumber(ARGV[11] or '0')
 local function received(key)
   if redis.call('SISMEMBER', key, ARGV[1]) == 1 then return true end
   for i = 1, older do
-    if redis.call('SISMEMBER', key, ARGV[10 + i]) == 1 then return true end
+    if redis.call('SISMEMBER', key, ARGV[11 + i]) == 1 then return true end
   end
   return false
 end
@@ -92,12 +99,17 @@ local seen = redis.call('GET', KEYS[8])
 if seen then
   if seen == ARGV[9] then return 'duplicate' end
   for i = 1, older do
-    if seen == ARGV[10 + older + i] then return 'duplicate' end
+    if seen == ARGV[11 + older + i] then return 'duplicate' end
   end
   return 'conflict'
 end
-if received(KEYS[5]) then return 'already_received' end
-if received(KEYS[6]) then return 'similar_activity' end
+local elsewhere = ARGV[10] or ''
+if elsewhere == '' then
+  if received(KEYS[5]) then return 'already_received' end
+  if received(KEYS[6]) then return 'similar_activity' end
+elseif elsewhere ~= '-' then
+  return elsewhere
+end
 redis.call('SET', KEYS[7], ARGV[7], 'NX', 'EX', ARGV[8])
 if redis.call('DECR', KEYS[7]) < 0 then return 'sold_out' end
 return 'ok'
@@ -159,6 +171,14 @@ class _Check(NamedTuple):
     args: list[str | int]
     local: list[tuple[Limit, str]]
     future: asyncio.Future[Verdict]
+    # The cell whose Redis holds this number's grants, when it is not the page's.
+    cell: int | None = None
+
+
+# Where a number is found in its cell's grant sets: the activity's set
+# first, as the script looks (received before similar).
+GRANT_VERDICTS = ("already_received", "similar_activity")
+NOT_RECEIVED = "-"
 
 
 class FastGate:
@@ -173,7 +193,10 @@ class FastGate:
         timeout: float = 0.5,
         max_connections: int = 64,
         local: LocalLimiter | None = None,
+        cell_urls: Mapping[int, str] | None = None,
     ) -> None:
+        """``cell_urls``: the Redis of each cell (by cell number) whose
+        workers write their grants elsewhere than ``url``."""
         # At most ``max_connections`` calls at once: a burst of requests waits
         # its turn here instead of opening hundreds of connections, whose
         # connect timeouts would trip the fail-open backoff and switch the
@@ -191,6 +214,14 @@ class FastGate:
         self._give_back = self.client.register_script(GIVE_BACK)
         self._hit = self.client.register_script(HIT)
         self._down_until = 0.0
+        self.cells = {
+            number: aioredis.Redis.from_url(
+                cell_url, max_connections=8, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            for number, cell_url in (cell_urls or {}).items()
+            if cell_url and cell_url != url
+        }
+        self._cell_down_until = dict.fromkeys(self.cells, 0.0)
 
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -210,10 +241,13 @@ class FastGate:
         remaining: int,
         share_id: uuid.UUID | None = None,
         older_digests: Sequence[bytes] = (),
+        cell: int | None = None,
     ) -> Verdict:
         """Count the attempt and answer what Redis already knows.
         ``older_digests``: the number under the older phone keys still
-        configured (a rotation in progress), counted and looked up too."""
+        configured (a rotation in progress), counted and looked up too.
+        ``cell``: the number of the cell the number routes to (its grants
+        are looked up in that cell's Redis)."""
         member = digest.hex()
         limits = self.limits
         window = limits.window_seconds
@@ -253,12 +287,14 @@ class FastGate:
             max(remaining, 0),
             BUDGET_SYNC_SECONDS,
             fingerprint(activity, digest),
+            "",  # the grants are looked up here, unless the cell's Redis is another (_drain)
         ]
         if older_digests:
             args += [len(older_digests), *(d.hex() for d in older_digests)]
             args += [fingerprint(activity, d) for d in older_digests]
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Check(keys, args, local, future))
+        elsewhere = cell if cell in self.cells else None
+        self._queued.append(_Check(keys, args, local, future, elsewhere))
         if self._drainer is None:
             # Started on the next loop turn: the requests that arrived with
             # this one join its batch, and more gather while it is in flight.
@@ -270,6 +306,7 @@ class FastGate:
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
+                await self._look_up_grants(batch)
                 verdicts = await self._check_batch([(check.keys, check.args) for check in batch])
                 for check, answer in zip(batch, verdicts, strict=True):
                     verdict = self._limit_locally(check.local) if answer is Verdict.UNCHECKED else answer
@@ -281,6 +318,47 @@ class FastGate:
                 if not check.future.done():
                     check.future.set_result(self._limit_locally(check.local))
             self._queued = []
+
+    async def _look_up_grants(self, batch: list[_Check]) -> None:
+        """Fill in, for the checks whose number's cell keeps its grants in
+        another Redis, what that cell's grant sets say: one pipeline per
+        cell, all cells at once. A cell whose Redis fails is left to its
+        workers (not received), and left alone for a second."""
+        by_cell: dict[int, list[_Check]] = {}
+        for check in batch:
+            if check.cell is not None:
+                by_cell.setdefault(check.cell, []).append(check)
+        if by_cell:
+            await asyncio.gather(*(self._cell_grants(cell, checks) for cell, checks in by_cell.items()))
+
+    async def _cell_grants(self, cell: int, checks: list[_Check]) -> None:
+        found: list[str] = [NOT_RECEIVED] * len(checks)
+        if time.monotonic() >= self._cell_down_until[cell]:
+            try:
+                found = await self._grant_verdicts(self.cells[cell], checks)
+            except RedisError as exc:
+                self._cell_down_until[cell] = time.monotonic() + BACKOFF_SECONDS
+                log.warning("grants of cell %s not looked up, its Redis is unavailable: %s", cell, exc)
+        for check, verdict in zip(checks, found, strict=True):
+            check.args[GRANTS_ARG] = verdict
+
+    async def _grant_verdicts(self, client: aioredis.Redis, checks: list[_Check]) -> list[str]:
+        pipe = client.pipeline(transaction=False)
+        sizes = []
+        for check in checks:
+            digests = [str(check.args[0]), *_older_digests(check.args)]
+            sizes.append(len(digests))
+            for key in (check.keys[4], check.keys[5]):  # the activity's set, then the group's
+                for digest in digests:
+                    pipe.sismember(key, digest)
+        answers = iter(await pipe.execute())
+        verdicts = []
+        for size in sizes:
+            # Every answer is read (no short cut): the next check's follow.
+            found = [any([bool(next(answers)) for _ in range(size)]) for _ in GRANT_VERDICTS]
+            hits = [verdict for verdict, hit in zip(GRANT_VERDICTS, found, strict=True) if hit]
+            verdicts.append(hits[0] if hits else NOT_RECEIVED)
+        return verdicts
 
     def _limit_locally(self, checks: list[tuple[Limit, str]]) -> Verdict:
         """The rate limits without Redis: this process's token buckets."""
@@ -367,4 +445,16 @@ class FastGate:
 
     async def close(self) -> None:
         await self.client.aclose(close_connection_pool=True)
+        for client in self.cells.values():
+            await client.aclose(close_connection_pool=True)
         self.sync_client.close()
+
+
+# Where the script's arguments hold the cell's grant verdict, and the older
+# digests (after their count).
+GRANTS_ARG = 9
+
+
+def _older_digests(args: list[str | int]) -> list[str]:
+    older = int(args[GRANTS_ARG + 1]) if len(args) > GRANTS_ARG + 1 else 0
+    return [str(a) for a in args[GRANTS_ARG + 2 : GRANTS_ARG + 2 + older]]

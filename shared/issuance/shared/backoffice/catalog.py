@@ -5,7 +5,9 @@ batches go through COPY, the fastest way into PostgreSQL."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import json
 import queue
 import re
@@ -13,7 +15,7 @@ import threading
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -23,6 +25,7 @@ import yaml
 from issuance.shared import domain
 from issuance.shared.db import coupon_store
 from issuance.shared.db.models import Activity, Channel, Claim, Code, CodeBatch, CouponTemplate
+from issuance.shared.db.office_models import CatalogVersion
 from issuance.shared.domain.checkout import CouponRules, rules_problem
 from issuance.shared.domain.claims import ClaimStatus
 from issuance.shared.domain.coupons import LifecycleRefusal, cancel_refusal
@@ -308,7 +311,7 @@ def create_channel(session: Session, name: str) -> Channel:
         raise BackOfficeError(f"channel {name!r} already exists")
     channel = Channel(name=name)
     session.add(channel)
-    session.flush()
+    record_change(session)
     return channel
 
 
@@ -337,7 +340,7 @@ def create_activity(session: Session, spec: ActivitySpec) -> Activity:
     for position, template in enumerate(spec.templates, start=1):
         session.add(CouponTemplate(activity_id=activity.activity_id, position=position, **template.columns()))
     add_slots(session, activity.activity_id, 0, spec.budget)
-    session.flush()
+    record_change(session)
     return activity
 
 
@@ -478,6 +481,7 @@ def update_activity(session: Session, slug: str, changes: Mapping[str, Any]) -> 
     if changed:
         _refuse_frozen_changes(session, activity, changed)
         _write_changes(session, activity, current, merged, changed)
+    record_change(session)
     return changed
 
 
@@ -546,6 +550,122 @@ def _channel_id(session: Session, name: str) -> int:
     if channel_id is None:
         raise BackOfficeError(f"no channel {name!r}; create it first")
     return channel_id
+
+
+# -- the catalog's version ----------------------------------------------------
+
+
+class CatalogMoved(BackOfficeError):
+    """The catalog changed since a cross-cell change read its version."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogState:
+    """A database's catalog: its version, the digest of its definition as it
+    is now, and the cross-cell change that made the version with the digest
+    it was made from (None: a change made in this database alone, or none
+    yet)."""
+
+    version: int
+    digest: str
+    change: str | None
+    previous_digest: str | None
+
+    def shown(self) -> str:
+        return f"version {self.version}, digest {self.digest[:12]}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Expected:
+    version: int
+    digest: str
+    change: str
+
+
+_EXPECTED: contextvars.ContextVar[_Expected | None] = contextvars.ContextVar("catalog_expected", default=None)
+
+
+@contextlib.contextmanager
+def expecting(state: CatalogState, change: str) -> Iterator[None]:
+    """Within this block a catalog write commits only if the catalog is still
+    at the version of ``state`` (compare-and-set under the version row's
+    lock), and the version it makes is marked as the cross-cell change
+    ``change``, made from the digest of ``state``."""
+    token = _EXPECTED.set(_Expected(state.version, state.digest, change))
+    try:
+        yield
+    finally:
+        _EXPECTED.reset(token)
+
+
+def _definition(spec: ActivitySpec) -> dict[str, Any]:
+    """What the cells must agree on about an activity: its file form but the
+    budget, which each cell holds its share of."""
+    values = dataclasses.asdict(spec)
+    values.pop("budget")
+    for name, value in values.items():
+        if isinstance(value, datetime):
+            values[name] = value.astimezone(UTC).isoformat()
+    return values
+
+
+def catalog_digest(session: Session) -> str:
+    """SHA-256 of the catalog's definition: the channels, and each activity
+    with its templates as its file would write them (no budget, no code or
+    package counts, no database IDs), so that two databases with the same
+    catalog have the same digest."""
+    definition = {
+        "channels": sorted(session.scalars(select(Channel.name)).all()),
+        "activities": [
+            _definition(describe_activity(session, activity))
+            for activity in session.scalars(select(Activity).order_by(Activity.slug)).all()
+        ],
+    }
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
+def _version_row(session: Session) -> CatalogVersion:
+    # The row is made by the migration; a wiped table gets it back here.
+    session.execute(text("INSERT INTO catalog_version DEFAULT VALUES ON CONFLICT DO NOTHING"))
+    return session.scalars(select(CatalogVersion).with_for_update()).one()
+
+
+def record_change(session: Session) -> None:
+    """Called by every catalog write, in its transaction: lock the version
+    row; inside :func:`expecting`, refuse (CatalogMoved, so the transaction
+    rolls back) unless the version is still the expected one; and when the
+    definition's digest changed, bump the version and store the digest."""
+    session.flush()
+    row = _version_row(session)
+    expected = _EXPECTED.get()
+    # A command that writes twice makes one version: its second write finds
+    # the version its first one made.
+    again = expected is not None and (row.version, row.change) == (expected.version + 1, expected.change)
+    if expected is not None and row.version != expected.version and not again:
+        raise CatalogMoved(
+            f"the catalog moved to version {row.version} since it was read at version"
+            f" {expected.version}; nothing changed here"
+        )
+    digest = catalog_digest(session)
+    if digest != row.digest:
+        row.version += 0 if again else 1
+        row.digest = digest
+        row.change = expected.change if expected is not None else None
+        row.previous_digest = expected.digest if expected is not None else None
+        row.changed_at = func.now()
+        session.flush()
+
+
+def catalog_state(session: Session) -> CatalogState:
+    """The catalog's version and the digest of its definition as it is now
+    (not as stored: a change made in SQL shows too)."""
+    row = session.scalars(select(CatalogVersion)).one_or_none()
+    return CatalogState(
+        version=row.version if row else 0,
+        digest=catalog_digest(session),
+        change=row.change if row else None,
+        previous_digest=row.previous_digest if row else None,
+    )
 
 
 def apply_activity(session: Session, spec: ActivitySpec) -> tuple[Activity, list[str]]:

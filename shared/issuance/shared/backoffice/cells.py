@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from issuance.shared.errors import BadInput, OperatorError, ServiceUnavailable
 from issuance.shared.settings import Settings
 
 if TYPE_CHECKING:
+    from issuance.shared.backoffice.catalog import CatalogState
     from issuance.shared.backoffice.reports import ActivityReport
 
 
@@ -86,19 +88,138 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_each(args: argparse.Namespace, settings: Settings) -> int:
-    """Run an ``issuance`` command once per cell, with that cell's settings."""
+def _per_cell_argv(args: argparse.Namespace) -> list[str]:
     if not args.argv:
-        raise BadInput("cells each needs a command, e.g. cells each -- db upgrade")
-    argv = args.argv[1:] if args.argv[0] == "--" else args.argv
+        raise BadInput(f"cells {args.cells_command} needs a command, e.g. cells each -- db upgrade")
+    argv: list[str] = args.argv[1:] if args.argv[0] == "--" else args.argv
     if argv and argv[0] == "cells":
-        raise BadInput("cells each runs per-cell commands, not cells commands")
+        raise BadInput(f"cells {args.cells_command} runs per-cell commands, not cells commands")
+    return argv
+
+
+# The commands that change the catalog (channels, activities, templates):
+# ``cells each`` runs them as ``cells apply`` does.
+CATALOG_COMMANDS = (
+    ("channel", "create"),
+    ("activity", "create"),
+    ("activity", "apply"),
+    ("activity", "edit"),
+)
+
+
+def _changes_catalog(argv: Sequence[str]) -> bool:
+    return tuple(argv[:2]) in CATALOG_COMMANDS
+
+
+def cmd_each(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an ``issuance`` command once per cell, with that cell's settings;
+    a change of the catalog goes through :func:`cmd_apply`."""
+    argv = _per_cell_argv(args)
+    if _changes_catalog(argv):
+        return cmd_apply(args, settings)
     status = 0
     for cell in load_cell_map(settings).cells:
         print(f"[{cell.name}]", flush=True)
         sub = args.build_parser().parse_args(argv)
         status = max(status, int(sub.func(sub, cell_settings(settings, cell))))
     return status
+
+
+def change_key(argv: Sequence[str]) -> str:
+    """The name of a cross-cell change: its command line and the content of
+    the files it names (an activity file edited since is another change)."""
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for arg in argv:
+        digest.update(arg.encode() + b"\0")
+        path = Path(arg)
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def catalog_states(settings: Settings, cells: Sequence[Cell]) -> dict[str, CatalogState]:
+    """Each cell's catalog version and digest."""
+    from issuance.shared.backoffice import catalog
+    from issuance.shared.db import database
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    states: dict[str, CatalogState] = {}
+    for cell in cells:
+        engine = database.engine(cell_settings(settings, cell))
+        try:
+            with Session(engine) as session:
+                states[cell.name] = catalog.catalog_state(session)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"cell {cell.name}: PostgreSQL cannot be reached: {exc.orig}") from None
+        finally:
+            engine.dispose()
+    return states
+
+
+def _one_catalog(states: Mapping[str, CatalogState], names: Sequence[str], done: Sequence[str]) -> None:
+    """Refuse unless the cells are at one catalog version and digest, or, for
+    a change that reached only some of them (``done``), unless those are all
+    at one version made by it from where all the others still are."""
+    pending = [n for n in names if n not in done]
+    same = (
+        len({(states[n].version, states[n].digest) for n in pending}) <= 1
+        and len({(states[n].version, states[n].digest) for n in done}) <= 1
+    )
+    if same and done and pending:
+        made, base = states[done[0]], states[pending[0]]
+        same = made.version == base.version + 1 and made.previous_digest == base.digest
+    if not same:
+        shown = "; ".join(f"{n} {states[n].shown()}" for n in names)
+        raise CellCommandError(
+            f"the cells' catalogs differ ({shown}): a cell was changed alone; bring it back to the"
+            " others' definition (issuance verify --cells shows the cells), then apply again"
+        )
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    """Apply one change of the catalog to every cell. Refuses unless every
+    cell is at the same catalog version and digest; then changes each cell
+    in its own transaction, which commits only if the cell is still at that
+    version (compare-and-set). A cell that fails stops the run, and the
+    message names the cells that have the change and those that do not;
+    running the same command again skips the cells that have it."""
+    from issuance.shared.backoffice import catalog
+
+    argv = _per_cell_argv(args)
+    if not _changes_catalog(argv):
+        known = ", ".join(" ".join(c) for c in CATALOG_COMMANDS)
+        raise BadInput(f"cells apply takes a change of the catalog ({known}); for other commands: cells each")
+    key = change_key(argv)
+    cells = load_cell_map(settings).cells
+    states = catalog_states(settings, cells)
+    done = [c.name for c in cells if states[c.name].change == key]
+    pending = [c for c in cells if c.name not in done]
+    _one_catalog(states, [*done, *(c.name for c in pending)], done)
+    for name in done:
+        print(f"[{name}] already applied: catalog {states[name].shown()}")
+    for cell in pending:
+        before = states[cell.name]
+        print(f"[{cell.name}]", flush=True)
+        sub = args.build_parser().parse_args(argv)
+        try:
+            with catalog.expecting(before, key):
+                sub.func(sub, cell_settings(settings, cell))
+        except Exception as exc:
+            if not done:
+                raise CellCommandError(f"cell {cell.name}: {exc}; no cell changed") from exc
+            without = [c.name for c in pending if c.name not in done]
+            raise CellCommandError(
+                f"cell {cell.name}: {exc}; applied in: {', '.join(done)};"
+                f" not in: {', '.join(without)}; run the same command again to complete it"
+            ) from exc
+        after = catalog_states(settings, [cell])[cell.name]
+        print(f"[{cell.name}] catalog version {before.version} -> {after.version}")
+        done.append(cell.name)
+    return 0
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -398,9 +519,14 @@ def verify_all(args: argparse.Namespace, settings: Settings) -> int:
 
     cells = load_cell_map(settings)
     totals = _pairs(getattr(args, "budget", None), "--budget")
+    catalogs = {name: (s.version, s.digest) for name, s in catalog_states(settings, cells.cells).items()}
     with _conns(cells.cells) as conns:
         report = db.verify_cells(
-            conns, cells.cells, grace=timedelta(seconds=settings.reconcile_grace_seconds), totals=totals
+            conns,
+            cells.cells,
+            grace=timedelta(seconds=settings.reconcile_grace_seconds),
+            totals=totals,
+            catalogs=catalogs,
         )
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
@@ -514,6 +640,13 @@ def register(sub: Any, *, build_parser: Callable[[], Any], redact: Callable[[str
     each = cells.add_parser("each", help="run an issuance command in every cell (cells each -- db upgrade)")
     each.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its options")
     each.set_defaults(func=cmd_each, build_parser=build_parser)
+    apply = cells.add_parser(
+        "apply",
+        help="apply a change of the catalog to every cell, checking first that the cells agree"
+        " (cells apply -- activity create --file x.yaml)",
+    )
+    apply.add_argument("argv", nargs=argparse.REMAINDER, help="the command and its options")
+    apply.set_defaults(func=cmd_apply, build_parser=build_parser)
     cells.add_parser("init", help="bound each cell's member IDs to its range").set_defaults(func=cmd_init)
     split = cells.add_parser("split", help="split an activity's budget and code pools over the cells")
     split.add_argument("slug", help="the activity, created in every cell (cells each -- activity create)")

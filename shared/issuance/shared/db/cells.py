@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 from issuance.shared import domain
-from issuance.shared.domain.cells import Cell, format_slots, member_id_range
+from issuance.shared.domain.cells import Cell, format_slots, member_cell_number, member_id_range
 from issuance.shared.errors import ServiceUnavailable
 
 Conn = psycopg.Connection[Any]
@@ -299,12 +299,15 @@ def verify_cells(
     *,
     grace: timedelta,
     totals: Mapping[str, int] | None = None,
+    catalogs: Mapping[str, tuple[int, str]] | None = None,
 ) -> CellsReport:
     """Each cell's own verify (with its broker's acceptance ledger, where it
     has one), then what only the whole can show: grants over all cells within
     the platform budget (``totals``, or the sum of the cells' budgets), no
-    package slot, phone digest, member ID or code in two cells, and each
-    cell's members inside its member-ID range."""
+    package slot, phone digest, member ID or code in two cells, each cell's
+    members inside its member-ID range, every referral for a referrer of
+    another cell held by that cell; with ``catalogs`` (cell -> catalog
+    version and digest), every cell with the same catalog digest."""
     totals = totals or {}
     reports = {cell.name: _cell_verify(conns[cell.name], cell, grace) for cell in cells}
     granted, budgets, slots = _activity_figures(conns)
@@ -325,6 +328,7 @@ def verify_cells(
     for check, sql in UNIQUE_ACROSS_CELLS.items():
         values = {name: {_key(r[0]) for r in conn.execute(sql)} for name, conn in conns.items()}
         breaches[check] = _in_two(values)[:100]
+    breaches.update(_crossed_referrals(conns, cells, grace))
     breaches["member_outside_cell_range"] = [
         [cell.name, str(member_id)]
         for cell in cells
@@ -339,6 +343,12 @@ def verify_cells(
             [name, *map(str, row)] for name, conn in conns.items() for row in conn.execute(sql)
         ]
     breaches["moved_member_missing"] = _moved_missing(conns)
+    catalogs = catalogs or {}
+    breaches["catalog_differs_between_cells"] = (
+        [[name, str(version), digest[:12]] for name, (version, digest) in catalogs.items()]
+        if len({digest for _, digest in catalogs.values()}) > 1
+        else []
+    )
     return CellsReport(cells=reports, granted=granted, budgets=budgets, totals=limits, breaches=breaches)
 
 
@@ -355,6 +365,53 @@ def _moved_missing(conns: Mapping[str, Conn]) -> list[list[str]]:
         for member_id, moved_to in conn.execute(MOVED_OUT)
         if int(member_id) not in members.get(str(moved_to), set())
     ][:100]
+
+
+# A cell's referrals whose referrer is of another cell, settled longer than
+# the grace period ago (counted, and reversed if they are): the referrer's
+# cell must hold each, in the same state, in cell_referrals.
+CROSSED_OUT = """
+SELECT referee_member_id, referrer_member_id, reversed_at IS NOT NULL FROM referrals
+ WHERE referrer_member_id NOT BETWEEN %(lo)s AND %(hi)s AND counted_at < now() - %(grace)s
+   AND (reversed_at IS NULL OR reversed_at < now() - %(grace)s)
+"""
+CROSSED_IN = "SELECT referee_member_id, referrer_member_id, reversed_at IS NOT NULL FROM cell_referrals"
+CROSSED_SOURCES = "SELECT referee_member_id, referrer_member_id FROM referrals"
+
+
+def _crossed_referrals(
+    conns: Mapping[str, Conn], cells: Sequence[Cell], grace: timedelta
+) -> dict[str, list[list[str]]]:
+    """Referrals counted in the referee's cell for a referrer of another cell
+    (issuance.workers.cell_referrals): each in the referrer's cell, in the same
+    state (``referral_not_in_referrers_cell``), and nothing there that the
+    referee's cell did not count (``crossed_referral_without_referral``)."""
+    by_number = {cell.number: cell.name for cell in cells}
+
+    def home(member_id: int) -> str | None:
+        return by_number.get(member_cell_number(member_id))
+
+    received = {cell.name: set(conns[cell.name].execute(CROSSED_IN).fetchall()) for cell in cells}
+    missing: list[list[str]] = []
+    sources: dict[str, set[tuple[int, int]]] = {}
+    for cell in cells:
+        lo, hi = member_id_range(cell.number)
+        params = {"lo": lo, "hi": hi, "grace": grace}
+        for referee, referrer, reversed_ in conns[cell.name].execute(CROSSED_OUT, params).fetchall():
+            there = home(referrer)
+            if there is not None and (referee, referrer, reversed_) not in received[there]:
+                missing.append([str(referee), cell.name, there])
+        sources[cell.name] = set(conns[cell.name].execute(CROSSED_SOURCES).fetchall())
+    unknown = [
+        [str(referee), cell, str(home(referee))]
+        for cell, rows in received.items()
+        for referee, referrer, _ in rows
+        if home(referee) is None or (referee, referrer) not in sources[home(referee) or cell]
+    ]
+    return {
+        "referral_not_in_referrers_cell": missing[:100],
+        "crossed_referral_without_referral": unknown[:100],
+    }
 
 
 def _cell_verify(conn: Conn, cell: Cell, grace: timedelta) -> Any:

@@ -24,7 +24,6 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
-    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -274,17 +273,8 @@ class Claim(Base):
             name="claims_granted_check",
         ),
         CheckConstraint("(status = 'credited') = (credited_at IS NOT NULL)", name="claims_credited_check"),
-        ForeignKeyConstraint(
-            ["activity_id", "exclusivity_group"],
-            ["activities.activity_id", "activities.exclusivity_group"],
-            onupdate="CASCADE",
-            name="claims_activity_group_fkey",
-        ),
-        ForeignKeyConstraint(
-            ["activity_id", "slot_no"],
-            ["package_slots.activity_id", "package_slots.slot_no"],
-            name="claims_slot_fkey",
-        ),
+        # Its activity and group, slot and member are checked once per
+        # statement (triggers of migration 0019), not by foreign keys.
         UniqueConstraint("activity_id", "slot_no", name="claims_slot_key"),
         # Member first: it also finds the packages a member holds (the claim
         # rules, referrals), so claims need no other index on member_id.
@@ -311,7 +301,7 @@ class Claim(Base):
     activity_slug: Mapped[str] = mapped_column(String(63))
     activity_id: Mapped[int | None] = mapped_column(Integer)
     exclusivity_group: Mapped[str | None] = mapped_column(String(100))
-    member_id: Mapped[int | None] = mapped_column(ForeignKey("members.member_id"))
+    member_id: Mapped[int | None] = mapped_column(BigInteger)
     share_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     slot_no: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(12))
@@ -541,6 +531,37 @@ class Referral(Base):
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.order_id"), unique=True)
     counted_at: Mapped[datetime] = _now()
     reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CellReferral(Base):
+    """A referral counted in another cell, the referee's, for a referrer of
+    this cell through a share of this cell (cells: issuance.workers.cell_referrals).
+    The referee's cell keeps the referral itself (``referrals``, with its claim
+    and order); this row is what the referrer's rebates are counted from
+    alongside this cell's own referrals. Reversed when the referee's order is
+    refunded or cancelled there; never counted twice for one referee."""
+
+    __tablename__ = "cell_referrals"
+    __table_args__ = (
+        CheckConstraint("referrer_member_id <> referee_member_id", name="cell_referrals_not_self_check"),
+        Index(
+            "cell_referrals_standing_idx",
+            "referrer_member_id",
+            "activity_id",
+            postgresql_where=text("reversed_at IS NULL"),
+        ),
+    )
+
+    referee_member_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    referrer_member_id: Mapped[int] = mapped_column(BigInteger)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.activity_id"))
+    share_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shares.share_id"))
+    # The referee's claim through the share and first paid order, in the referee's cell.
+    claim_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    counted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reversed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = _now()
 
 
 class Rebate(Base):

@@ -134,3 +134,24 @@ class SessionKey(Base):
     key_id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
     secret: Mapped[bytes] = mapped_column(LargeBinary(64))
     created_at: Mapped[datetime] = _now()
+
+
+class CatalogVersion(Base):
+    """The version of this database's catalog (channels, activities and their
+    templates), one row. Every back-office write to the catalog that changes
+    its definition bumps ``version`` and stores the definition's ``digest``
+    in the same transaction, so that ``issuance cells apply`` can see that
+    the cells agree before it changes them all, and change each one only if
+    it is still at the version it read (compare-and-set). ``change`` names
+    the cross-cell change that made this version and ``previous_digest`` the
+    digest it was made from (None: a change made in this database alone)."""
+
+    __tablename__ = "catalog_version"
+    __table_args__ = (CheckConstraint("one_row", name="catalog_version_one_row_check"),)
+
+    one_row: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    version: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    change: Mapped[str | None] = mapped_column(String(64))
+    previous_digest: Mapped[str | None] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = _now()

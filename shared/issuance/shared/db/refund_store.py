@@ -101,7 +101,8 @@ def reverse_referral(conn: Conn, order_id: str, at: datetime) -> ReferralKey | N
 SHARE_OF_ORDER = """
 SELECT s.referrer_member_id, s.activity_id FROM shares s
  WHERE s.order_id = %s AND s.activity_id IS NOT NULL
-   AND EXISTS (SELECT 1 FROM referrals r WHERE r.share_id = s.share_id)
+   AND (EXISTS (SELECT 1 FROM referrals r WHERE r.share_id = s.share_id)
+        OR EXISTS (SELECT 1 FROM cell_referrals r WHERE r.share_id = s.share_id))
 """
 
 
@@ -112,19 +113,27 @@ def referrals_through_order(conn: Conn, order_id: str) -> ReferralKey | None:
 
 
 # Referrals that earn rebates: not reversed, the referee's order paid and
-# not refunded, through a share whose own order (the referrer's) is too.
+# not refunded, through a share whose own order (the referrer's) is too. With
+# cells, the referrals counted in other cells (the referees') too: those are
+# reversed there when the referee's order is refunded or cancelled.
 EARNING_REFERRALS = """
-SELECT count(*) FROM referrals r
-  JOIN orders e ON e.order_id = r.order_id
-  JOIN shares s ON s.share_id = r.share_id
-  JOIN orders o ON o.order_id = s.order_id
- WHERE r.referrer_member_id = %s AND r.activity_id = %s AND r.reversed_at IS NULL
-   AND e.status IN ('paid', 'fulfilled') AND o.status IN ('paid', 'fulfilled')
+SELECT (SELECT count(*) FROM referrals r
+          JOIN orders e ON e.order_id = r.order_id
+          JOIN shares s ON s.share_id = r.share_id
+          JOIN orders o ON o.order_id = s.order_id
+         WHERE r.referrer_member_id = %(referrer)s AND r.activity_id = %(activity_id)s
+           AND r.reversed_at IS NULL
+           AND e.status IN ('paid', 'fulfilled') AND o.status IN ('paid', 'fulfilled'))
+     + (SELECT count(*) FROM cell_referrals r
+          JOIN shares s ON s.share_id = r.share_id
+          JOIN orders o ON o.order_id = s.order_id
+         WHERE r.referrer_member_id = %(referrer)s AND r.activity_id = %(activity_id)s
+           AND r.reversed_at IS NULL AND o.status IN ('paid', 'fulfilled'))
 """
 
 
 def earning_referrals(conn: Conn, referrer: int, activity_id: int) -> int:
-    row = conn.execute(EARNING_REFERRALS, (referrer, activity_id)).fetchone()
+    row = conn.execute(EARNING_REFERRALS, {"referrer": referrer, "activity_id": activity_id}).fetchone()
     return int(row[0]) if row else 0
 
 

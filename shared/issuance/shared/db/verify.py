@@ -55,9 +55,12 @@ BACKOFFICE_CHECKS: dict[str, str] = {
         SELECT b.referrer_member_id, b.activity_id FROM rebates b
           JOIN activities a USING (activity_id)
          GROUP BY b.referrer_member_id, b.activity_id, a.rebate_every
-        HAVING max(b.rebate_no) > (SELECT count(*) FROM referrals r
-                                    WHERE r.referrer_member_id = b.referrer_member_id
-                                      AND r.activity_id = b.activity_id) / a.rebate_every""",
+        HAVING max(b.rebate_no) > ((SELECT count(*) FROM referrals r
+                                     WHERE r.referrer_member_id = b.referrer_member_id
+                                       AND r.activity_id = b.activity_id)
+                                 + (SELECT count(*) FROM cell_referrals r
+                                     WHERE r.referrer_member_id = b.referrer_member_id
+                                       AND r.activity_id = b.activity_id)) / a.rebate_every""",
     "rebate_not_credited": """
         SELECT rebate_id FROM rebates WHERE credited_at IS NULL AND reversed_at IS NULL""",
 }
@@ -76,14 +79,20 @@ REFUND_CHECKS: dict[str, str] = {
           JOIN activities a USING (activity_id)
          WHERE b.reversed_at IS NULL
          GROUP BY b.referrer_member_id, b.activity_id, a.rebate_every
-        HAVING count(*) > (SELECT count(*) FROM referrals r
+        HAVING count(*) > ((SELECT count(*) FROM referrals r
                              JOIN orders e ON e.order_id = r.order_id
                              JOIN shares s ON s.share_id = r.share_id
                              JOIN orders o ON o.order_id = s.order_id
                             WHERE r.referrer_member_id = b.referrer_member_id
                               AND r.activity_id = b.activity_id AND r.reversed_at IS NULL
                               AND e.status IN ('paid', 'fulfilled')
-                              AND o.status IN ('paid', 'fulfilled')) / a.rebate_every""",
+                              AND o.status IN ('paid', 'fulfilled'))
+                         + (SELECT count(*) FROM cell_referrals r
+                             JOIN shares s ON s.share_id = r.share_id
+                             JOIN orders o ON o.order_id = s.order_id
+                            WHERE r.referrer_member_id = b.referrer_member_id
+                              AND r.activity_id = b.activity_id AND r.reversed_at IS NULL
+                              AND o.status IN ('paid', 'fulfilled'))) / a.rebate_every""",
     "clawed_back_rebate_coupon_still_usable": """
         SELECT b.rebate_id FROM rebates b JOIN codes c USING (rebate_id)
          WHERE b.reversal = 'clawed_back' AND c.status = 'unused'""",

@@ -35,6 +35,7 @@ from issuance.shared.wire.messages import (
     MemberRegistered,
     Message,
     OrderPlaced,
+    ReferralCrossed,
     RejectedClaim,
     ShareOpened,
 )
@@ -80,9 +81,13 @@ class CellRouter:
         if isinstance(message, ClaimRequested):
             return self.phone_cell(message.phone)
         if isinstance(message, ShareOpened):
-            # The page knows only the share's ID, not its sharer: opens are
-            # counted in the cell the ID hashes to (the same for every open).
+            # The page knows only the share's ID, not its sharer: opens go to
+            # the cell the ID hashes to (the same for every open), which knows
+            # every cell's shares and forwards the open to the sharer's cell
+            # (issuance.workers.cell_referrals).
             return self.cells.cell_for_slot(route_slot(str(message.share_id))).name
+        if isinstance(message, ReferralCrossed):
+            return self.member_cell(message.referrer_member_id)
         if isinstance(message, OrderPlaced) and message.member_id is not None:
             return self.member_cell(message.member_id)
         if isinstance(message, MemberRegistered):

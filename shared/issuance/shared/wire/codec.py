@@ -56,6 +56,9 @@ ROUTES: dict[str, Route] = {
     "credit-requested": Route("credits", "credit_claim"),
     "order-status-changed": Route("orders", "order_status_changed"),
     "member-registered": Route("members", "member_registered"),
+    # Between cells (issuance.workers.cell_referrals), on the queues of their kind.
+    "share-known": Route("shares", "share_known"),
+    "referral-crossed": Route("orders", "referral_crossed"),
 }
 TYPE_BY_ACTOR = {route.actor: type_ for type_, route in ROUTES.items()}
 QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))

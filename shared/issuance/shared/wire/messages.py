@@ -469,6 +469,79 @@ class MemberRegistered(Message):
         return hashlib.sha256(who.encode()).hexdigest()
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ShareKnown(Message):
+    """Internal, between cells: a share was opened in its referrer's cell.
+
+    The other cells keep it (without its activity, so their reports do not
+    count it), so that a claim through it decided there knows the referrer,
+    and a referral it leads to reaches the referrer's cell."""
+
+    TYPE: ClassVar[str] = "share-known"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "share_id": uuid_field("the share"),
+        "order_id": text(ORDER_ID, "the referrer's order the share was opened for"),
+        "referrer_member_id": integer(1, MAX_MEMBER_ID, "the referrer (the order's buyer)"),
+        "placed_at": timestamp("when the referrer's order was placed"),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "share_id": "3f0c0e7e-2b2a-5c3e-8f6d-0a9b8c7d6e5f",
+        "order_id": "SO-20261111-000042",
+        "referrer_member_id": 1001,
+        "placed_at": "2026-11-11T00:00:05+08:00",
+    }
+
+    share_id: uuid.UUID
+    order_id: str
+    referrer_member_id: int
+    placed_at: datetime
+
+    def business_key(self) -> str:
+        return str(self.share_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReferralCrossed(Message):
+    """Internal, between cells: a referral counted (or reversed) in the
+    referee's cell, for a referrer of another cell, whose rebates follow."""
+
+    TYPE: ClassVar[str] = "referral-crossed"
+    FIELDS: ClassVar[Mapping[str, FieldSpec]] = {
+        "referee_member_id": integer(1, MAX_MEMBER_ID, "the referee (a new member of the sending cell)"),
+        "referrer_member_id": integer(1, MAX_MEMBER_ID, "the referrer (a member of the receiving cell)"),
+        "activity": text(SLUG, "slug of the activity the referee claimed"),
+        "share_id": uuid_field("the share the referee claimed through"),
+        "claim_id": uuid_field("the referee's claim"),
+        "order_id": text(ORDER_ID, "the referee's first paid order"),
+        "counted_at": timestamp("when the referral was counted"),
+        "reversed_at": optional(timestamp("when the referee's order was refunded or cancelled")),
+    }
+    EXAMPLE: ClassVar[Mapping[str, Any]] = {
+        "v": 1,
+        "referee_member_id": 1099511627777,
+        "referrer_member_id": 1001,
+        "activity": "double-eleven",
+        "share_id": "3f0c0e7e-2b2a-5c3e-8f6d-0a9b8c7d6e5f",
+        "claim_id": "9a7b1d2e-3c4f-4a5b-8c6d-7e8f9a0b1c2d",
+        "order_id": "SO-20261111-000777",
+        "counted_at": "2026-11-11T00:20:00Z",
+    }
+
+    referee_member_id: int
+    referrer_member_id: int
+    activity: str
+    share_id: uuid.UUID
+    claim_id: uuid.UUID
+    order_id: str
+    counted_at: datetime
+    reversed_at: datetime | None = None
+
+    def business_key(self) -> str:
+        # A referral is counted once and reversed at most once.
+        return f"{self.referee_member_id}:{'reversed' if self.reversed_at else 'counted'}"
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (
@@ -479,6 +552,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CreditRequested,
         OrderStatusChanged,
         MemberRegistered,
+        ShareKnown,
+        ReferralCrossed,
     )
 }
 PUBLIC_TYPES = (
