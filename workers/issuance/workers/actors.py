@@ -57,7 +57,7 @@ def claim_requested(message: ClaimRequested) -> str:
     transaction."""
     if not _in_this_cell([message], "claim_requested", batch=None):
         return "dead_letter"
-    outcome = _claims.submit(message)
+    outcome = _claims.submit(_prepared([message])[0])
     return "duplicate" if outcome.duplicate else "ok"
 
 
@@ -77,7 +77,7 @@ def claims_requested(message: ClaimsRequested) -> str:
     claims = _in_this_cell(message.valid, "claims_requested", batch=message.batch_id)
     if message.valid and not claims:
         return "dead_letter"
-    outcomes = _claims.submit_many(claims)
+    outcomes = _claims.submit_many(_prepared(claims))
     return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
 
 
@@ -106,11 +106,19 @@ def _in_this_cell(
     return kept
 
 
-def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
+def _prepared(claims: Sequence[ClaimRequested]) -> list[handlers.PreparedClaim]:
+    """What deciding the claims needs from them alone (parsed numbers,
+    payload digests), worked out in the delivery's thread while the flusher
+    waits on PostgreSQL, not on the flusher's own time."""
+    return handlers.prepare(resources().settings, claims).items(claims)
+
+
+def _decide_claims(items: Sequence[handlers.PreparedClaim]) -> list[handlers.ClaimOutcome]:
     """Decide a flush of claims (:func:`handlers.claims_in_turn`); each
     transaction asks for the credit of what it bound, and its outcomes are
     counted and remembered by the gate as soon as it commits."""
     uow, settings = unit_of_work(), resources().settings
+    claims = [claim for claim, _, _ in items]
 
     def transact(work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
         outcomes = uow.run(
@@ -122,7 +130,7 @@ def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutco
         return outcomes
 
     return handlers.claims_in_turn(
-        transact, settings, claims, prepared=handlers.prepare(settings, claims), settle=_settle
+        transact, settings, claims, prepared=handlers.Prepared.join(items), settle=_settle
     )
 
 
@@ -161,7 +169,7 @@ def _count_claims(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.
                 _credited(now, claim.requested_at)
 
 
-_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(
+_claims: GroupCommit[handlers.PreparedClaim, handlers.ClaimOutcome] = GroupCommit(
     _decide_claims, flushers=lambda: resources().settings.claim_flushers
 )
 
