@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from issuance.shared import gate
@@ -61,7 +61,7 @@ def claim_requested(message: ClaimRequested) -> str:
     transaction."""
     if not _in_this_cell([message], "claim_requested", batch=None):
         return "dead_letter"
-    outcomes = _submit([message], "claim_requested", batch=None)
+    outcomes = _submit(_prepared([message]), "claim_requested", batch=None)
     if not outcomes:
         return "dead_letter"
     return "duplicate" if outcomes[0].duplicate else "ok"
@@ -83,21 +83,21 @@ def claims_requested(message: ClaimsRequested) -> str:
     claims = _in_this_cell(message.valid, "claims_requested", batch=message.batch_id)
     if message.valid and not claims:
         return "dead_letter"
-    outcomes = _submit(claims, "claims_requested", batch=message.batch_id)
+    outcomes = _submit(_prepared(claims), "claims_requested", batch=message.batch_id)
     if claims and not outcomes:
         return "dead_letter"
     return "duplicate" if outcomes and all(o.duplicate for o in outcomes) else "ok"
 
 
 def _submit(
-    claims: Sequence[ClaimRequested], actor: str, *, batch: object | None
+    items: Sequence[handlers.PreparedClaim], actor: str, *, batch: object | None
 ) -> list[handlers.ClaimOutcome]:
     """Decide the claims; those whose ring slot this cell handed over are
     dead-lettered (wrong_cell), and those whose slot is in a handover make
     the message retry (the others are decided, and duplicates next time)."""
-    results = _claims.submit_each(claims)
+    results = _claims.submit_each(items)
     outcomes, pending = [], None
-    for claim, result in zip(claims, results, strict=True):
+    for (claim, _, _), result in zip(items, results, strict=True):
         if isinstance(result, HandedOver):
             _wrong_cell(claim, actor, batch, result.to_cell)
         elif isinstance(result, BaseException):
@@ -173,11 +173,6 @@ class _SlotsTurned(Exception):
         self.turned = turned
 
 
-def _ring_slots(claims: Sequence[ClaimRequested], e164: Mapping[uuid.UUID, str | None]) -> list[int]:
-    """Each claim's ring slot, as the routing publisher computes it."""
-    return [route_slot(e164.get(c.claim_id) or c.phone) for c in claims]
-
-
 def _guard(conn: Conn, claims: Sequence[ClaimRequested], slots: Sequence[int]) -> None:
     """First thing in a deciding transaction: raise _SlotsTurned for the
     claims whose ring slot is in a handover (retried) or was handed away
@@ -203,26 +198,34 @@ def _guard(conn: Conn, claims: Sequence[ClaimRequested], slots: Sequence[int]) -
     raise _SlotsTurned(turned)
 
 
-def _decide_claims(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome | BaseException]:
+def _prepared(claims: Sequence[ClaimRequested]) -> list[handlers.PreparedClaim]:
+    """What deciding the claims needs from them alone (parsed numbers,
+    payload digests), worked out in the delivery's thread while the flusher
+    waits on PostgreSQL, not on the flusher's own time."""
+    return handlers.prepare(resources().settings, claims).items(claims)
+
+
+def _decide_claims(items: Sequence[handlers.PreparedClaim]) -> list[handlers.ClaimOutcome | BaseException]:
     """Decide a flush of claims (:func:`handlers.claims_in_turn`); each
     transaction asks for the credit of what it bound, and its outcomes are
     counted and remembered by the gate as soon as it commits. A claim a
     ring handover turns away gets its error in its place instead."""
     turned: dict[uuid.UUID, BaseException] = {}
     while True:
-        todo = [c for c in claims if c.claim_id not in turned]
+        todo = [item for item in items if item[0].claim_id not in turned]
         try:
             decided = iter(_decide_in_cell(todo) if todo else [])
         except _SlotsTurned as exc:
             turned.update(exc.turned)
             continue
-        return [turned.get(c.claim_id) or next(decided) for c in claims]
+        return [turned.get(claim.claim_id) or next(decided) for claim, _, _ in items]
 
 
-def _decide_in_cell(claims: Sequence[ClaimRequested]) -> list[handlers.ClaimOutcome]:
+def _decide_in_cell(items: Sequence[handlers.PreparedClaim]) -> list[handlers.ClaimOutcome]:
     uow, settings = unit_of_work(), resources().settings
-    prepared = handlers.prepare(settings, claims)
-    slots = _ring_slots(claims, prepared.e164)
+    claims = [claim for claim, _, _ in items]
+    prepared = handlers.Prepared.join(items)
+    slots = [route_slot(number or claim.phone) for claim, _, number in items]
 
     def in_cell(conn: Conn, work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
         _guard(conn, claims, slots)
@@ -275,7 +278,7 @@ def _count_claims(claims: Sequence[ClaimRequested], outcomes: Sequence[handlers.
                 _credited(now, claim.requested_at)
 
 
-_claims: GroupCommit[ClaimRequested, handlers.ClaimOutcome] = GroupCommit(
+_claims: GroupCommit[handlers.PreparedClaim, handlers.ClaimOutcome] = GroupCommit(
     _decide_claims, flushers=lambda: resources().settings.claim_flushers
 )
 

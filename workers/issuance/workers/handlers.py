@@ -106,6 +106,25 @@ class Prepared:
         """What the messages at ``indices`` (of those prepared) need."""
         return Prepared(payload_digests=[self.payload_digests[i] for i in indices], e164=self.e164)
 
+    def items(self, messages: Sequence[ClaimRequested]) -> list[PreparedClaim]:
+        """Each of ``messages`` (those prepared) with what it needs, to be
+        joined again with other messages' (:meth:`join`)."""
+        return [
+            (m, digest, self.e164[m.claim_id])
+            for m, digest in zip(messages, self.payload_digests, strict=True)
+        ]
+
+    @classmethod
+    def join(cls, items: Sequence[PreparedClaim]) -> Prepared:
+        e164: dict[uuid.UUID, str | None] = {}
+        for message, _, number in items:
+            e164.setdefault(message.claim_id, number)  # a repeat is decided as its first delivery
+        return cls(payload_digests=[digest for _, digest, _ in items], e164=e164)
+
+
+# A claim with its payload digest and its number in E.164 (None: invalid).
+PreparedClaim = tuple[ClaimRequested, bytes, "str | None"]
+
 
 def prepare(settings: Settings, messages: Sequence[ClaimRequested]) -> Prepared:
     e164: dict[uuid.UUID, str | None] = {}
