@@ -157,7 +157,16 @@ class CodeBatch(Base):
 
 class Member(Base):
     __tablename__ = "members"
-    __table_args__ = (CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),)
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),
+        # Over linked members only: a member created by a claim writes no entry.
+        Index(
+            "members_app_member_id_key",
+            "app_member_id",
+            unique=True,
+            postgresql_where=text("app_member_id IS NOT NULL"),
+        ),
+    )
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # HMAC-SHA256 of the E.164 number under the phone key phone_key_id: numbers are
@@ -170,7 +179,7 @@ class Member(Base):
     created_at: Mapped[datetime] = _now()
     registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The app's member ID, linked by member-registered (migration 0014).
-    app_member_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    app_member_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ClaimChannel(Base):
