@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -276,6 +277,12 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         connection.close()
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children: during the load, wrk alone."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(p) for p in out.stdout.split()]
@@ -318,6 +325,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **env,
                 f"{PREFIX}WEB_RATE_PER_IP": str(10**9),
                 f"{PREFIX}WEB_RATE_PER_PHONE": str(10**9),
+                # Every request comes from 127.0.0.1: the per-network limit
+                # would answer 429 to nearly all of them.
+                f"{PREFIX}WEB_RATE_PER_NETWORK": str(10**9),
             }
             argv = [sys.executable, "-m", "issuance.shared.cli", "web", "--port", str(port)]
             argv += ["--workers", str(args.web_workers), "--no-access-log"]
@@ -346,11 +356,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meter = ResourceMeter(None)
                 meter.start()
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids)
+                client_cpu = _children_cpu()
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids) - page_cpu
+                client_cpu = _children_cpu() - client_cpu
                 usage = meter.stop()
                 usage["page_cpu_cores"] = round(page_cpu / load["duration_s"], 2)
                 usage["page_cpu_ms_per_request"] = round(page_cpu * 1000 / max(load["requests"], 1), 3)
+                usage["page_processes"] = len(page_pids)
+                usage["load_generator_cpu_cores"] = round(client_cpu / load["duration_s"], 2)
                 usage["load_average"] = os.getloadavg()[0]
                 load["cpu"] = usage
                 for killer in killers:
@@ -425,8 +439,11 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| max latency | {load['max_ms']} ms |",
         f"| CPU during the load (cores) | page {load['cpu']['page_cpu_cores']},"
         f" RabbitMQ {load['cpu']['rabbitmq_cpu_cores']}, Redis {load['cpu']['redis_cpu_cores']},"
-        f" PostgreSQL {load['cpu']['postgresql_cpu_cores']};"
+        f" PostgreSQL {load['cpu']['postgresql_cpu_cores']},"
+        f" load generator (wrk, 2 threads) {load['cpu']['load_generator_cpu_cores']};"
         f" load average {load['cpu']['load_average']:.1f} |",
+        f"| page server processes | {load['cpu']['page_processes']}"
+        f" (uvicorn's supervisor and {load['cpu']['page_processes'] - 1} workers) |",
         f"| page CPU per request | {load['cpu']['page_cpu_ms_per_request']} ms |",
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
@@ -476,6 +493,10 @@ def main() -> int:
     if args.write:
         write_markdown(results, "python -m benchmarks.web_load " + " ".join(sys.argv[1:]))
     ok = results["drain"]["every_accepted_claim_credited"] and results["drain"]["verify_clean"]
+    if results["load"]["other"]:
+        # Neither accepted, refused nor busy (a 429, a 4xx): the run did not measure claims.
+        print(f"{results['load']['other']} answers were neither 202, 200 nor 503", file=sys.stderr)
+        ok = False
     return 0 if ok else 1
 
 

@@ -184,6 +184,16 @@ class FastGate:
         )
         self.sync_client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.limits = limits
+        # The in-process limits (ip, network, phone, share), made once; None: not limited.
+        self._local_limits = [
+            Limit(kind=kind, count=count, window_seconds=limits.window_seconds) if count > 0 else None
+            for kind, count in (
+                ("ip", limits.per_ip),
+                ("network", limits.per_network),
+                ("phone", limits.per_phone),
+                ("share", limits.per_share),
+            )
+        ]
         self.local = local or LocalLimiter()
         self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324  # nosec B324 - Redis names scripts by SHA-1
         self._queued: list[_Check] = []
@@ -224,12 +234,14 @@ class FastGate:
         share = str(share_id) if share_id is not None else ""
         per_share = limits.per_share if share_id is not None else 0
         local = [
-            (Limit(kind="ip", count=limits.per_ip, window_seconds=window), client_ip),
-            (Limit(kind="network", count=limits.per_network, window_seconds=window), network),
-            (Limit(kind="phone", count=limits.per_phone, window_seconds=window), phone),
-            (Limit(kind="share", count=per_share, window_seconds=window), share),
+            (limit, value)
+            for limit, value in zip(
+                self._local_limits,
+                (client_ip, network, phone, share if share_id is not None else None),
+                strict=True,
+            )
+            if limit is not None and value is not None
         ]
-        local = [(limit, value) for limit, value in local if limit.count > 0]
         if not self._available():
             return self._limit_locally(local)
         keys = [
