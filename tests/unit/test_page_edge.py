@@ -14,6 +14,7 @@ import uvicorn
 from issuance.producers.web.app import JSON, not_found, server_error
 from issuance.producers.web.edge import CLAIMS_PATH, PageEdge
 from issuance.producers.web.security import SECURITY_HEADERS, BodyTooLarge
+from issuance.producers.web.server import PageHttpProtocol
 from issuance.shared.metrics import WEB_REQUESTS
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,7 +46,8 @@ def client() -> Iterator[httpx.Client]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", http=PageHttpProtocol)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -54,6 +56,7 @@ def client() -> Iterator[httpx.Client]:
         time.sleep(0.01)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            http.port = port  # type: ignore[attr-defined]
             yield http
     finally:
         server.should_exit = True
@@ -105,3 +108,42 @@ def test_a_crash_on_the_direct_path_is_the_busy_answer_and_counted(client: httpx
     assert crashed.status_code == 500
     assert crashed.json()["status"] == "busy"
     assert WEB_REQUESTS.labels(CLAIMS_PATH, "500")._value.get() == before + 1
+
+
+def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` HTTP answers (each with a content-length) read off ``sock``."""
+    data, answers = b"", []
+    while len(answers) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(answers)} answers"
+        data += chunk
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(
+                next(
+                    line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+                ).split(b":")[1]
+            )
+            if len(rest) < length:
+                break
+            answers.append(head + b"\r\n\r\n" + rest[:length])
+            data = rest[length:]
+    return answers
+
+
+def test_pipelined_and_closing_requests_get_whole_answers(client: httpx.Client) -> None:
+    """Each answer goes out as one write: several on one connection come
+    whole and in order, and a request that asks to close still gets its
+    answer before the connection ends."""
+    post = (
+        f"POST {CLAIMS_PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "content-length: 3\r\n\r\nabc"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", client.port), timeout=10) as sock:  # type: ignore[attr-defined]
+        sock.sendall(post * 5)
+        answers = read_answers(sock, 5)
+        assert all(a.startswith(b"HTTP/1.1 202") and a.endswith(b'"size":3}') for a in answers)
+        sock.sendall(b"GET /a/page HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        (last,) = read_answers(sock, 1)
+        assert last.startswith(b"HTTP/1.1 200") and last.endswith(b"<p>page</p>")
+        assert sock.recv(1) == b""  # then closed
