@@ -283,6 +283,27 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def start_profiler(pid: int, seconds: int, work: Path) -> subprocess.Popen[bytes]:
+    """py-spy (a dev dependency) sampling the page's processes during the load."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100"]
+    argv += ["--duration", str(seconds), "--format", "raw", "--output", str(work / "page.profile")]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
+    """The frames the page's samples were in (self time), as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frame = re.sub(r":\d+\)$", ")", stack.rsplit(";", 1)[-1])
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return {"samples": total, "self": {frame: round(100 * n / max(total, 1), 1) for frame, n in ranked}}
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(p) for p in out.stdout.split()]
@@ -357,9 +378,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meter.start()
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids)
                 client_cpu = _children_cpu()
+                profiler = start_profiler(page.pid, args.seconds, work) if args.profile else None
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids) - page_cpu
-                client_cpu = _children_cpu() - client_cpu
+                client_cpu = _children_cpu() - client_cpu  # before the profiler is reaped
+                if profiler is not None:
+                    profiler.wait(60)
+                    results["profile"] = profile_summary(work / "page.profile")
                 usage = meter.stop()
                 usage["page_cpu_cores"] = round(page_cpu / load["duration_s"], 2)
                 usage["page_cpu_ms_per_request"] = round(page_cpu * 1000 / max(load["requests"], 1), 3)
@@ -455,6 +480,7 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f" {drain['accepted_by_page']} |",
         f"| issuance verify clean | {drain['verify_clean']} |",
         "",
+        *_profile_lines(results.get("profile")),
         "| order publisher, one process | confirmed messages/s |",
         "| --- | --- |",
         f"| publish_many (batched confirms) | {pub['batched_confirms_msgs_per_s']} |",
@@ -464,6 +490,19 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
     header = "# Activity page and publisher: measured figures\n\nEach run appends a section.\n\n"
     previous = RESULTS.read_text() if RESULTS.exists() else header
     RESULTS.write_text(previous + "\n".join(lines) + "\n")
+
+
+def _profile_lines(profile: dict[str, Any] | None) -> list[str]:
+    if profile is None:
+        return []
+    lines = [
+        f"Where the page's processes were (py-spy, {profile['samples']} samples, self time):",
+        "",
+        "| frame | share of samples |",
+        "| --- | --- |",
+    ]
+    lines += [f"| `{frame}` | {share} % |" for frame, share in profile["self"].items()]
+    return [*lines, ""]
 
 
 def main() -> int:
@@ -487,6 +526,7 @@ def main() -> int:
     parser.add_argument(
         "--write", action="store_true", help="append the figures to benchmarks/WEB_RESULTS.md"
     )
+    parser.add_argument("--profile", action="store_true", help="sample the page with py-spy during the load")
     args = parser.parse_args()
     results = run(args)
     print(json.dumps(results, indent=2))
