@@ -467,8 +467,8 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f" PostgreSQL {load['cpu']['postgresql_cpu_cores']},"
         f" load generator (wrk, 2 threads) {load['cpu']['load_generator_cpu_cores']};"
         f" load average {load['cpu']['load_average']:.1f} |",
-        f"| page server processes | {load['cpu']['page_processes']}"
-        f" (uvicorn's supervisor and {load['cpu']['page_processes'] - 1} workers) |",
+        f"| page server processes | {load['cpu']['page_processes']} ({results['settings']['web_workers']}"
+        " uvicorn workers, their supervisor and multiprocessing's resource tracker) |",
         f"| page CPU per request | {load['cpu']['page_cpu_ms_per_request']} ms |",
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
