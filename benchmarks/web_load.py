@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -276,6 +277,33 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         connection.close()
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children: during the load, wrk alone."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_profiler(pid: int, seconds: int, work: Path) -> subprocess.Popen[bytes]:
+    """py-spy (a dev dependency) sampling the page's processes during the load."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100"]
+    argv += ["--duration", str(seconds), "--format", "raw", "--output", str(work / "page.profile")]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
+    """The frames the page's samples were in (self time), as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frame = re.sub(r":\d+\)$", ")", stack.rsplit(";", 1)[-1])
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return {"samples": total, "self": {frame: round(100 * n / max(total, 1), 1) for frame, n in ranked}}
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(p) for p in out.stdout.split()]
@@ -318,6 +346,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **env,
                 f"{PREFIX}WEB_RATE_PER_IP": str(10**9),
                 f"{PREFIX}WEB_RATE_PER_PHONE": str(10**9),
+                # Every request comes from 127.0.0.1: the per-network limit
+                # would answer 429 to nearly all of them.
+                f"{PREFIX}WEB_RATE_PER_NETWORK": str(10**9),
             }
             argv = [sys.executable, "-m", "issuance.shared.cli", "web", "--port", str(port)]
             argv += ["--workers", str(args.web_workers), "--no-access-log"]
@@ -346,11 +377,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meter = ResourceMeter(None)
                 meter.start()
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids)
+                client_cpu = _children_cpu()
+                profiler = start_profiler(page.pid, args.seconds, work) if args.profile else None
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids) - page_cpu
+                client_cpu = _children_cpu() - client_cpu  # before the profiler is reaped
+                if profiler is not None:
+                    profiler.wait(60)
+                    results["profile"] = profile_summary(work / "page.profile")
                 usage = meter.stop()
                 usage["page_cpu_cores"] = round(page_cpu / load["duration_s"], 2)
                 usage["page_cpu_ms_per_request"] = round(page_cpu * 1000 / max(load["requests"], 1), 3)
+                usage["page_processes"] = len(page_pids)
+                usage["load_generator_cpu_cores"] = round(client_cpu / load["duration_s"], 2)
                 usage["load_average"] = os.getloadavg()[0]
                 load["cpu"] = usage
                 for killer in killers:
@@ -425,8 +464,11 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f"| max latency | {load['max_ms']} ms |",
         f"| CPU during the load (cores) | page {load['cpu']['page_cpu_cores']},"
         f" RabbitMQ {load['cpu']['rabbitmq_cpu_cores']}, Redis {load['cpu']['redis_cpu_cores']},"
-        f" PostgreSQL {load['cpu']['postgresql_cpu_cores']};"
+        f" PostgreSQL {load['cpu']['postgresql_cpu_cores']},"
+        f" load generator (wrk, 2 threads) {load['cpu']['load_generator_cpu_cores']};"
         f" load average {load['cpu']['load_average']:.1f} |",
+        f"| page server processes | {load['cpu']['page_processes']} ({results['settings']['web_workers']}"
+        " uvicorn workers, their supervisor and multiprocessing's resource tracker) |",
         f"| page CPU per request | {load['cpu']['page_cpu_ms_per_request']} ms |",
         f"| accepted / refused / busy / other / socket errors | {load['accepted']} / {load['refused']} /"
         f" {load['busy']} / {load['other']} / {load['socket_errors']} |",
@@ -438,6 +480,7 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
         f" {drain['accepted_by_page']} |",
         f"| issuance verify clean | {drain['verify_clean']} |",
         "",
+        *_profile_lines(results.get("profile")),
         "| order publisher, one process | confirmed messages/s |",
         "| --- | --- |",
         f"| publish_many (batched confirms) | {pub['batched_confirms_msgs_per_s']} |",
@@ -447,6 +490,19 @@ def write_markdown(results: dict[str, Any], command: str) -> None:
     header = "# Activity page and publisher: measured figures\n\nEach run appends a section.\n\n"
     previous = RESULTS.read_text() if RESULTS.exists() else header
     RESULTS.write_text(previous + "\n".join(lines) + "\n")
+
+
+def _profile_lines(profile: dict[str, Any] | None) -> list[str]:
+    if profile is None:
+        return []
+    lines = [
+        f"Where the page's processes were (py-spy, {profile['samples']} samples, self time):",
+        "",
+        "| frame | share of samples |",
+        "| --- | --- |",
+    ]
+    lines += [f"| `{frame}` | {share} % |" for frame, share in profile["self"].items()]
+    return [*lines, ""]
 
 
 def main() -> int:
@@ -470,12 +526,17 @@ def main() -> int:
     parser.add_argument(
         "--write", action="store_true", help="append the figures to benchmarks/WEB_RESULTS.md"
     )
+    parser.add_argument("--profile", action="store_true", help="sample the page with py-spy during the load")
     args = parser.parse_args()
     results = run(args)
     print(json.dumps(results, indent=2))
     if args.write:
         write_markdown(results, "python -m benchmarks.web_load " + " ".join(sys.argv[1:]))
     ok = results["drain"]["every_accepted_claim_credited"] and results["drain"]["verify_clean"]
+    if results["load"]["other"]:
+        # Neither accepted, refused nor busy (a 429, a 4xx): the run did not measure claims.
+        print(f"{results['load']['other']} answers were neither 202, 200 nor 503", file=sys.stderr)
+        ok = False
     return 0 if ok else 1
 
 

@@ -70,6 +70,11 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        # Named, not "auto": without them the page would quietly fall back to
+        # asyncio's loop and h11, at a fraction of the requests per core.
+        # httptools, with each response sent in one write (web/server.py).
+        loop="uvloop",
+        http="issuance.producers.web.server:PageHttpProtocol",
         access_log=not args.no_access_log,
         log_config=logs.dict_config(settings, verbose=args.verbose, loggers=access),
         proxy_headers=True,

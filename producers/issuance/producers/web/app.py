@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -24,6 +23,7 @@ import phonenumbers
 import psycopg
 from issuance.producers.background import PublisherThread
 from issuance.producers.web.challenge import Challenge, ChallengePolicy, Verifier, VerifierUnavailable
+from issuance.producers.web.edge import CLAIMS_PATH, PageEdge
 from issuance.producers.web.fastgate import FastGate, Limits, Verdict
 from issuance.producers.web.i18n import Texts, choose_language
 from issuance.producers.web.openapi import (
@@ -37,7 +37,6 @@ from issuance.producers.web.page import render_error, render_not_found, render_p
 from issuance.producers.web.queries import ActivityPage, CellQueries, Queries
 from issuance.producers.web.security import (
     BodyTooLarge,
-    SecurityMiddleware,
     own_hosts,
     parse_origins,
     same_site,
@@ -60,7 +59,7 @@ from issuance.shared.domain import (
 from issuance.shared.domain.cells import CellMap
 from issuance.shared.domain.regions import outside
 from issuance.shared.errors import PublishError
-from issuance.shared.metrics import WEB_REQUEST_SECONDS, WEB_REQUESTS, metrics_response
+from issuance.shared.metrics import metrics_response
 from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_keys
 from issuance.shared.wire.cells import publisher_for
 from issuance.shared.wire.messages import CHANNEL, SLUG, ClaimRequested, Message, ShareOpened, utcnow
@@ -534,7 +533,7 @@ def create_app(
     page = ActivityPageApp(settings, publisher_factory, challenge)
     routes = [
         Route("/a/{slug}", page.page, methods=["GET"]),
-        Route("/api/claims", page.request_claim, methods=["POST"]),
+        Route(CLAIMS_PATH, page.request_claim, methods=["POST"]),
         Route("/api/claims/{claim_id}", page.claim_status, methods=["GET"]),
         Route("/openapi.json", page.openapi, methods=["GET"]),
         Route("/healthz", page.health, methods=["GET"]),
@@ -546,8 +545,8 @@ def create_app(
     )
     # A path that does not match is a 404, never a redirect to a guessed one.
     app.router.redirect_slashes = False
-    app.add_middleware(SecurityMiddleware)
-    app.add_middleware(RequestMetrics)
+    claims = next(r for r in routes if isinstance(r, Route) and r.path == CLAIMS_PATH)
+    app.add_middleware(PageEdge, claims=(page.request_claim, claims))
     return app
 
 
@@ -555,31 +554,3 @@ async def metrics(_: Request) -> Response:
     """Prometheus metrics of every process of this server."""
     body, content_type = metrics_response()
     return Response(body, media_type=content_type)
-
-
-class RequestMetrics:
-    """Requests by route template and status, and their duration (the RED
-    view of the page). Route templates keep the labels bounded."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = [500]
-
-        async def record(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "other")
-            WEB_REQUESTS.labels(template, str(status[0])).inc()
-            WEB_REQUEST_SECONDS.labels(template).observe(time.perf_counter() - started)

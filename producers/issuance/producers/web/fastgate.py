@@ -138,6 +138,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCR', KEYS[1]) en
 return false
 """
 
+# The accepted markers of one confirmed batch, in one call: KEYS the markers,
+# ARGV their fingerprints, then their lifetime. One reply for the batch
+# instead of one per claim, read by the publishing thread.
+REMEMBER = """
+local ttl = ARGV[#KEYS + 1]
+for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i], 'EX', ttl) end
+return #KEYS
+"""
+
 
 def rate_key(kind: str, value: str) -> str:
     return f"{gate.KEY_PREFIX}:rate:{kind}:{value}"
@@ -207,12 +216,23 @@ class FastGate:
         )
         self.sync_client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.limits = limits
+        # The in-process limits (ip, network, phone, share), made once; None: not limited.
+        self._local_limits = [
+            Limit(kind=kind, count=count, window_seconds=limits.window_seconds) if count > 0 else None
+            for kind, count in (
+                ("ip", limits.per_ip),
+                ("network", limits.per_network),
+                ("phone", limits.per_phone),
+                ("share", limits.per_share),
+            )
+        ]
         self.local = local or LocalLimiter()
         self._sha = hashlib.sha1(CHECK_CLAIM.encode()).hexdigest()  # noqa: S324  # nosec B324 - Redis names scripts by SHA-1
         self._queued: list[_Check] = []
         self._drainer: asyncio.Task[None] | None = None
         self._give_back = self.client.register_script(GIVE_BACK)
         self._hit = self.client.register_script(HIT)
+        self._remember = self.sync_client.register_script(REMEMBER)
         self._down_until = 0.0
         self.cells = {
             number: aioredis.Redis.from_url(
@@ -258,12 +278,14 @@ class FastGate:
         share = str(share_id) if share_id is not None else ""
         per_share = limits.per_share if share_id is not None else 0
         local = [
-            (Limit(kind="ip", count=limits.per_ip, window_seconds=window), client_ip),
-            (Limit(kind="network", count=limits.per_network, window_seconds=window), network),
-            (Limit(kind="phone", count=limits.per_phone, window_seconds=window), phone),
-            (Limit(kind="share", count=per_share, window_seconds=window), share),
+            (limit, value)
+            for limit, value in zip(
+                self._local_limits,
+                (client_ip, network, phone, share if share_id is not None else None),
+                strict=True,
+            )
+            if limit is not None and value is not None
         ]
-        local = [(limit, value) for limit, value in local if limit.count > 0]
         if not self._available():
             return self._limit_locally(local)
         keys = [
@@ -424,11 +446,10 @@ class FastGate:
         each confirmed batch (one round trip per batch, not per request)."""
         if not claims or not self._available():
             return
+        keys = [accepted_key(claim_id) for claim_id, _, _ in claims]
+        args: list[str | int] = [fingerprint(activity, digest) for _, activity, digest in claims]
         try:
-            pipe = self.sync_client.pipeline(transaction=False)
-            for claim_id, activity, digest in claims:
-                pipe.set(accepted_key(claim_id), fingerprint(activity, digest), ex=ACCEPTED_TTL_SECONDS)
-            pipe.execute()
+            self._remember(keys=keys, args=[*args, ACCEPTED_TTL_SECONDS])
         except RedisError as exc:
             self._failed("accepted markers", exc)
 

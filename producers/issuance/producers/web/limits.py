@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import ipaddress
 import threading
 import time
 from collections.abc import Callable
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(address: str) -> str:
     """The client's network: the /24 of an IPv4 address, the /64 of an IPv6
     one (an IPv4-mapped IPv6 address counts as IPv4); an unparsable address
-    (a test client, a unix socket) stands for itself."""
+    (a test client, a unix socket) stands for itself. Remembered for the
+    last few thousand addresses: a client's address repeats, its parse need not."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

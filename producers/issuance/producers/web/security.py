@@ -1,8 +1,6 @@
 """Security headers, the request body limit, the cross-site check and the
-claim status token.
-
-Written as plain ASGI middleware (no per-request task or copy of the body),
-because it runs on every request of the hot path.
+claim status token. The page's ASGI layer (:mod:`.edge`) applies the
+headers and the limit to every request.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from urllib.parse import urlsplit
 
 from issuance.shared.asgi import security_headers
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Send
 
 # Room for the claim and a challenge answer (a CAPTCHA token).
 MAX_BODY_BYTES = 4096
@@ -73,49 +71,7 @@ class BodyTooLarge(Exception):
     """The request body is larger than the page accepts."""
 
 
-class SecurityMiddleware:
-    """Adds the security headers to every response, ``no-store`` to API
-    answers, and refuses bodies above ``max_body`` bytes (by their declared
-    length at once, by counting when they are streamed)."""
-
-    def __init__(self, app: ASGIApp, *, max_body: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        api = scope["path"].startswith("/api/")
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.extend(SECURITY_HEADERS)
-                if api:
-                    headers.append(NO_STORE)
-                message["headers"] = headers
-            await send(message)
-
-        declared = _content_length(scope["headers"])
-        if declared is not None and declared > self.max_body:
-            await _too_large(send_with_headers)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge
-            return message
-
-        await self.app(scope, limited_receive, send_with_headers)
-
-
-def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -125,7 +81,7 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def _too_large(send: Send) -> None:
+async def too_large(send: Send) -> None:
     body = b'{"status":"invalid","message":"the request is too large"}'
     await send(
         {

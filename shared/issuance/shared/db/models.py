@@ -160,6 +160,13 @@ class Member(Base):
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'registered')", name="members_status_check"),
         CheckConstraint("ring_slot BETWEEN 0 AND 1023", name="members_ring_slot_check"),
+        # Over linked members only: a member created by a claim writes no entry.
+        Index(
+            "members_app_member_id_key",
+            "app_member_id",
+            unique=True,
+            postgresql_where=text("app_member_id IS NOT NULL"),
+        ),
     )
 
     member_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -173,7 +180,7 @@ class Member(Base):
     created_at: Mapped[datetime] = _now()
     registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The app's member ID, linked by member-registered (migration 0014).
-    app_member_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    app_member_id: Mapped[int | None] = mapped_column(BigInteger)
     # The member's ring slot (issuance.shared.domain.cells.route_slot), recorded
     # by the claim and registration paths: the number itself is not stored,
     # and a handover of ring slots between cells finds its members by it.

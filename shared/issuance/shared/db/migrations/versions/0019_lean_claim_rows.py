@@ -1,6 +1,7 @@
 """a claim row costs fewer writes: no unique (claim_id, member_id) key, and
 its activity, slot and member are checked once per statement instead of by
-three foreign-key triggers per row
+three foreign-key triggers per row; a new member writes no entry in the
+unique index of app member IDs
 
 Revision ID: 0019
 Revises: 0015
@@ -24,6 +25,9 @@ held as in 0011:
   (checked after the change, so a claim written meanwhile by a transaction
   holding the KEY SHARE lock is seen), and an activity's new exclusivity
   group is carried to its claims (the ON UPDATE CASCADE of the old key).
+
+The app member ID is unique over the members that have one: a member made
+by a claim (most of them, none linked yet) no longer writes a NULL entry.
 """
 
 from __future__ import annotations
@@ -162,9 +166,19 @@ def upgrade() -> None:
     op.drop_constraint("claims_member_id_fkey", "claims", type_="foreignkey")
     op.execute(sa.text(FUNCTIONS))
     op.execute(sa.text(TRIGGERS))
+    op.drop_constraint("members_app_member_id_key", "members", type_="unique")
+    op.create_index(
+        "members_app_member_id_key",
+        "members",
+        ["app_member_id"],
+        unique=True,
+        postgresql_where=sa.text("app_member_id IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("members_app_member_id_key", "members")
+    op.create_unique_constraint("members_app_member_id_key", "members", ["app_member_id"])
     op.execute(sa.text(DROP))
     op.create_foreign_key("claims_member_id_fkey", "claims", "members", ["member_id"], ["member_id"])
     op.create_foreign_key(
