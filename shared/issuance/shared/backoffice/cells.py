@@ -376,7 +376,7 @@ def _all_slotted(conn: Any, donor: Cell) -> None:
     if unknown:
         raise CellCommandError(
             f"{unknown} members of cell {donor.name} have no ring slot recorded (not seen since"
-            " migration 0017): record them with `issuance cells ring-slots --numbers FILE`"
+            " migration 0022): record them with `issuance cells ring-slots --numbers FILE`"
             " (their numbers, one a line) before handing ring slots over"
         )
 
@@ -483,7 +483,7 @@ def _remember_moved_grants(receiver: Cell, settings: Settings, members: Sequence
 
 
 def cmd_ring_slots(args: argparse.Namespace, settings: Settings) -> int:
-    """Record the ring slot of members created before migration 0017, from
+    """Record the ring slot of members created before migration 0022, from
     their numbers (one a line; the database keeps only keyed digests)."""
     from issuance.shared.db import cells as db
     from issuance.shared.domain import normalize_phone, phone_digests

@@ -555,7 +555,7 @@ def set_handover_state(conn: Conn, slots: Sequence[int], state: str, *, donor: s
 
 
 def unslotted_members(conn: Conn) -> int:
-    """Members whose ring slot is not recorded (not seen since migration 0017)."""
+    """Members whose ring slot is not recorded (not seen since migration 0022)."""
     row = conn.execute("SELECT count(*) FROM members WHERE ring_slot IS NULL AND moved_to IS NULL").fetchone()
     return int(row[0]) if row else 0
 

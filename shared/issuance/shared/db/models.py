@@ -187,7 +187,7 @@ class Member(Base):
     ring_slot: Mapped[int | None] = mapped_column(SmallInteger)
     # A handover moved the member: from which cell it came (its ID then lies
     # outside this cell's range), or to which cell it went (this row is then
-    # history only; the member is decided in moved_to). Migration 0017.
+    # history only; the member is decided in moved_to). Migration 0022.
     moved_from: Mapped[str | None] = mapped_column(String(63))
     moved_to: Mapped[str | None] = mapped_column(String(63))
     moved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

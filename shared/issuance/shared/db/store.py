@@ -146,7 +146,7 @@ def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.U
 # DO UPDATE ... WHERE <false> updates nothing but locks every conflicting row,
 # in the order of the (sorted) input: concurrent batches wait for each other
 # in one global order instead of deadlocking. It writes only the ring slot of
-# a member from before migration 0017 (once): a handover of ring slots
+# a member from before migration 0022 (once): a handover of ring slots
 # between cells finds its members by it (issuance.shared.db.cells).
 UPSERT_MEMBERS = """
 INSERT INTO members (phone_digest, phone_masked, status, phone_key_id, ring_slot)

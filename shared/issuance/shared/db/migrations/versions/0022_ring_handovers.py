@@ -2,8 +2,8 @@
 handover state of each slot a cell gives or receives, and the packages a
 moved member already held in the cell it came from
 
-Revision ID: 0017
-Revises: 0015
+Revision ID: 0022
+Revises: 0021
 Create Date: 2026-11-30 11:40:00
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0017"
-down_revision = "0015"
+revision = "0022"
+down_revision = "0021"
 branch_labels = None
 depends_on = None
 
