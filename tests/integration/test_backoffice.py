@@ -272,19 +272,28 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
     existing = [
         r[0] for r in psycopg.connect(settings.database_url).execute("SELECT code FROM codes").fetchall()
     ]
-    real = domain.new_codes
-    calls = []
+    real_block, real_codes = domain.sorted_code_block, domain.new_codes
+    blocks: list[int] = []
+    redrawn: list[int] = []
 
-    def colliding(prefix_: str, count: int, bits: int = 64) -> list[str]:
-        calls.append(count)
-        fresh = real(prefix_, count, bits)
-        return existing[: min(3, count)] + fresh[3:] if len(calls) == 1 else fresh
+    def colliding_block(prefix_: str, count: int, bits: int = 64):
+        blocks.append(count)
+        block = real_block(prefix_, count, bits)
+        if len(blocks) == 1:
+            block[:3] = [list(c.encode()) for c in existing[:3]]
+        return block
 
-    monkeypatch.setattr(domain, "new_codes", colliding)
+    def redraw(prefix_: str, count: int, bits: int = 64) -> list[str]:
+        redrawn.append(count)
+        return real_codes(prefix_, count, bits)
+
+    monkeypatch.setattr(domain, "sorted_code_block", colliding_block)
+    monkeypatch.setattr(domain, "new_codes", redraw)
     with session(settings) as s, s.begin():
         batch = catalog.generate_codes(s, p, 50, chunk=20)
     assert one(settings, "SELECT count(*) FROM codes WHERE batch_id = %s", batch.batch_id) == 50
-    assert calls[-1] == 3, "the three losers are drawn again"
+    assert blocks == [20, 20, 10]
+    assert redrawn == [3], "the three losers are drawn again"
     verify_clean(settings)
 
 
