@@ -20,7 +20,7 @@ import pytest
 import yaml
 from issuance.shared import domain
 from issuance.shared.backoffice import catalog
-from issuance.shared.db import database
+from issuance.shared.db import database, store
 from issuance.shared.wire.messages import utcnow
 from issuance.workers.handlers import handle_claim
 from sqlalchemy.orm import Session
@@ -431,3 +431,35 @@ def test_the_coupon_commands_sweep_and_cancel(settings, pool, service_env):
     assert refused.returncode == 2 and "the coupon has expired" in refused.stderr
     assert one(settings, "SELECT status FROM codes WHERE code = %s", fresh) == "cancelled"
     verify_clean(settings)
+
+
+def test_a_bulk_batch_refreshes_the_pools_statistics_and_allocation_stays_on_the_pool_index(settings):
+    first, second = prefix(), prefix()
+    activity_with(
+        settings,
+        codes=0,
+        templates=[{"prefix": p, "kind": "gift", "value": 1} for p in (first, second)],
+    )
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, first, 30_000)
+    # The second template's codes arrive after statistics that knew only the
+    # first's: the refresh (a small sample of the pool's two columns) must
+    # show them to the planner, and leave the session's sample size as it was.
+    with session(settings) as s, s.begin():
+        batch = catalog.generate_codes(s, second, 40_000)
+        target = s.connection().exec_driver_sql("SHOW default_statistics_target").scalar()
+    assert target == "100", "the sample size is set back within the transaction"
+    template = one(settings, "SELECT template_id FROM code_batches WHERE batch_id = %s", batch.batch_id)
+    with psycopg.connect(settings.database_url) as conn:
+        common = conn.execute(
+            "SELECT most_common_vals::text::int[] FROM pg_stats"
+            " WHERE tablename = 'codes' AND attname = 'template_id'"
+        ).fetchone()
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN " + store.FREE_CODES.format(skip="SKIP LOCKED"), (template, 0, [], 50)
+            ).fetchall()
+        )
+    assert "codes_available_idx" in plan and "Sort" not in plan, plan
+    assert common is not None and template in common[0]
