@@ -445,10 +445,12 @@ def test_a_bulk_batch_refreshes_the_pools_statistics_and_allocation_stays_on_the
     # The second template's codes arrive after statistics that knew only the
     # first's: the refresh (a small sample of the pool's two columns) must
     # show them to the planner, and leave the session's sample size as it was.
+    shown = "SELECT current_setting('default_statistics_target'), current_setting('work_mem')"
     with session(settings) as s, s.begin():
+        before = s.connection().exec_driver_sql(shown).one()
         batch = catalog.generate_codes(s, second, 40_000)
-        target = s.connection().exec_driver_sql("SHOW default_statistics_target").scalar()
-    assert target == "100", "the sample size is set back within the transaction"
+        after = s.connection().exec_driver_sql(shown).one()
+    assert after == before, "the sample size and work_mem are set back within the transaction"
     template = one(settings, "SELECT template_id FROM code_batches WHERE batch_id = %s", batch.batch_id)
     with psycopg.connect(settings.database_url) as conn:
         common = conn.execute(

@@ -885,7 +885,10 @@ def generate_codes(
     suffix = f"\t{template.template_id}\t{batch.batch_id}\n".encode()
     chunks = _Chunks(prefix, count, chunk, bits, suffix)
     missing = 0
-    try:
+    # The rows of each COPY are checked once at its end (migration 0011's
+    # statement trigger) from their copy in a tuplestore: in memory rather
+    # than spilled to a temporary file past the default work_mem.
+    with contextlib.closing(chunks), _local_setting(raw, "work_mem", CHECKED_ROWS_MEMORY):
         for block, rows in chunks:
             try:
                 with raw.transaction(), raw.cursor().copy(COPY_CODES) as copy:
@@ -896,8 +899,6 @@ def generate_codes(
                 missing += len(block) - inserted
             if progress is not None:
                 progress(inserted)
-    finally:
-        chunks.close()
     while missing:
         inserted = _stage(raw, domain.new_codes(prefix, missing, bits), template.template_id, batch.batch_id)
         missing -= inserted
@@ -909,7 +910,21 @@ def generate_codes(
 
 
 # Rows sampled per statistics target unit are 300: 3,000 rows at 10.
-POOL_STATISTICS_TARGET = 10
+POOL_STATISTICS_TARGET = "10"
+# A million checked rows take about 100 MB of tuplestore (one COPY chunk).
+CHECKED_ROWS_MEMORY = "160MB"
+
+
+@contextlib.contextmanager
+def _local_setting(raw: psycopg.Connection[Any], name: str, value: str) -> Iterator[None]:
+    """``name`` set to ``value`` in the caller's transaction for a while,
+    then back to what it was."""
+    previous = raw.execute("SELECT current_setting(%s)", (name,)).fetchone()
+    assert previous is not None
+    raw.execute("SELECT set_config(%s, %s, true)", (name, value))
+    # On an error the setting stays until the transaction ends (it is local).
+    yield
+    raw.execute("SELECT set_config(%s, %s, true)", (name, previous[0]))
 
 
 def _refresh_pool_statistics(raw: psycopg.Connection[Any]) -> None:
@@ -918,11 +933,8 @@ def _refresh_pool_statistics(raw: psycopg.Connection[Any]) -> None:
     template_id and status, from a 3,000-row sample: what that choice needs,
     in about a twentieth of the time of every column from 30,000 rows (which
     read most of the table's pages)."""
-    previous = raw.execute("SELECT current_setting('default_statistics_target')").fetchone()
-    assert previous is not None
-    raw.execute("SELECT set_config('default_statistics_target', %s, true)", (str(POOL_STATISTICS_TARGET),))
-    raw.execute("ANALYZE codes (template_id, status)")
-    raw.execute("SELECT set_config('default_statistics_target', %s, true)", (previous[0],))
+    with _local_setting(raw, "default_statistics_target", POOL_STATISTICS_TARGET):
+        raw.execute("ANALYZE codes (template_id, status)")
 
 
 def _stage(raw: psycopg.Connection[Any], codes: list[str], template_id: int, batch_id: int) -> int:
