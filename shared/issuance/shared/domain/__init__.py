@@ -339,9 +339,9 @@ def sorted_code_block(prefix: str, count: int, bits: int = DEFAULT_CODE_RANDOM_B
     keys = np.sort(keys)
     block = np.empty((count, len(prefix) + length), dtype=np.uint8)
     block[:, : len(prefix)] = np.frombuffer(prefix.encode(), dtype=np.uint8)
-    shifts = np.arange(5 * (head - 1), -1, -5, dtype=np.uint64)
-    digits = ((keys[:, None] >> shifts) & np.uint64(31)).astype(np.uint8)
-    block[:, len(prefix) : len(prefix) + head] = alphabet[digits]
+    for digit in range(head):  # one column at a time: no count x head matrix of 64-bit words
+        shift = np.uint64(5 * (head - 1 - digit))
+        block[:, len(prefix) + digit] = alphabet[((keys >> shift) & np.uint64(31)).astype(np.uint8)]
     if length > head:
         tail = np.frombuffer(secrets.token_bytes(count * (length - head)), dtype=np.uint8) & np.uint8(31)
         block[:, len(prefix) + head :] = alphabet[tail.reshape(count, length - head)]
