@@ -297,6 +297,29 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
     verify_clean(settings)
 
 
+def test_the_capacity_check_counts_the_templates_codes_from_its_batches(settings, monkeypatch):
+    p, other = prefix(), prefix()
+    activity_with(
+        settings, codes=0, templates=[{"prefix": q, "kind": "gift", "value": 1} for q in (p, other)]
+    )
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, p, 5000)
+        catalog.generate_codes(s, p, 3000)
+        catalog.generate_codes(s, other, 700)
+    seen: list[int] = []
+    real = domain.check_capacity
+
+    def recording(prefix_: str, existing: int, requested: int, bits: int = 64) -> None:
+        seen.append(existing)
+        real(prefix_, existing, requested, bits)
+
+    monkeypatch.setattr(domain, "check_capacity", recording)
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, p, 10)
+        catalog.generate_codes(s, other, 10)
+    assert seen == [8000, 700]
+
+
 def test_a_batch_that_cannot_be_unique_is_refused_before_generating(settings, service_env):
     p = prefix()
     activity_with(settings, codes=0, templates=[{"prefix": p, "kind": "gift", "value": 1}])
