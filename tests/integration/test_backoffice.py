@@ -289,11 +289,15 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
 
     monkeypatch.setattr(domain, "sorted_code_block", colliding_block)
     monkeypatch.setattr(domain, "new_codes", redraw)
+    monkeypatch.setattr(catalog, "PROGRESS_CODES", 8)
+    reported: list[int] = []
     with session(settings) as s, s.begin():
-        batch = catalog.generate_codes(s, p, 50, chunk=20)
+        batch = catalog.generate_codes(s, p, 50, chunk=20, progress=reported.append)
     assert one(settings, "SELECT count(*) FROM codes WHERE batch_id = %s", batch.batch_id) == 50
     assert blocks == [20, 20, 10]
     assert redrawn == [3], "the three losers are drawn again"
+    # Each chunk's COPY is sent, and reported, in pieces; the losers once.
+    assert reported == [8, 8, 4, 8, 8, 4, 8, 2]
     verify_clean(settings)
 
 

@@ -862,7 +862,9 @@ def generate_codes(
     them unique platform-wide: a chunk that collides (about one chance in
     10^7 per million codes at 64 bits) is rolled back to its savepoint and
     loaded again through a staging table with ``ON CONFLICT DO NOTHING``, its
-    losers drawn again (issuance.shared.domain.new_codes)."""
+    losers drawn again (issuance.shared.domain.new_codes). ``progress`` is
+    told of each piece of codes sent, ``PROGRESS_CODES`` at a time, ``count``
+    in all."""
     template = session.scalar(select(CouponTemplate).where(CouponTemplate.prefix == prefix))
     if template is None:
         raise BackOfficeError(f"no coupon template with prefix {prefix!r}")
@@ -892,21 +894,31 @@ def generate_codes(
         for block, rows in chunks:
             try:
                 with raw.transaction(), raw.cursor().copy(COPY_CODES) as copy:
-                    copy.write(rows)
-                inserted = len(block)
+                    _send(copy, rows, len(block), progress)
             except psycopg.errors.UniqueViolation:
                 inserted = _stage(raw, _codes_of(block), template.template_id, batch.batch_id)
                 missing += len(block) - inserted
-            if progress is not None:
-                progress(inserted)
+    # The losers were counted with their chunk; drawn again without a word.
     while missing:
-        inserted = _stage(raw, domain.new_codes(prefix, missing, bits), template.template_id, batch.batch_id)
-        missing -= inserted
-        if progress is not None:
-            progress(inserted)
+        missing -= _stage(raw, domain.new_codes(prefix, missing, bits), template.template_id, batch.batch_id)
     if count >= BULK_ROWS:
         _refresh_pool_statistics(raw)
     return batch
+
+
+# A chunk is sent in pieces of this many codes, each one reported to
+# ``progress``: a progress bar moves while one large COPY runs.
+PROGRESS_CODES = 100_000
+
+
+def _send(copy: psycopg.Copy, rows: bytes, count: int, progress: Callable[[int], None] | None) -> None:
+    width = len(rows) // count
+    view = memoryview(rows)
+    for first in range(0, count, PROGRESS_CODES):
+        piece = view[first * width : (first + PROGRESS_CODES) * width]
+        copy.write(piece)
+        if progress is not None:
+            progress(len(piece) // width)
 
 
 # Rows sampled per statistics target unit are 300: 3,000 rows at 10.
