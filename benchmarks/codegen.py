@@ -48,9 +48,27 @@ def _prefixes(n: int) -> list[str]:
     return ["".join(secrets.choice(domain.CODE_ALPHABET) for _ in range(3)) for _ in range(n)]
 
 
-def plain_copy(url: str, batch_id: int) -> float:
+def backend_cpu(pid: int) -> float | None:
+    """CPU seconds (user and system) a PostgreSQL backend on this machine has
+    used, or None where its process cannot be read. On a shared machine the
+    wall clock moves with the load; the CPU a statement costs much less."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spent(pid: int, before: float | None) -> float | None:
+    after = backend_cpu(pid)
+    return None if before is None or after is None else after - before
+
+
+def plain_copy(url: str, batch_id: int) -> tuple[float, float | None]:
     """Seconds for COPY (and commit) alone of the rows of ``batch_id``, in
-    generation order, into the plain two-index table."""
+    generation order, into the plain two-index table, and the backend's CPU
+    seconds for it."""
     with psycopg.connect(url) as conn:
         out = bytearray()
         sql = (
@@ -61,11 +79,13 @@ def plain_copy(url: str, batch_id: int) -> float:
             for data in copy:
                 out += data
         conn.commit()
+        pid = conn.info.backend_pid
+        cpu = backend_cpu(pid)
         started = time.perf_counter()
         with conn.cursor().copy("COPY plain_codes (code, template_id, batch_id) FROM STDIN") as copy:
             copy.write(bytes(out))
         conn.commit()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, _spent(pid, cpu)
 
 
 # What each part of the ``codes`` table costs a COPY: dropped one after the
@@ -82,6 +102,7 @@ ABLATION = [
             "codes_one_owner_check",
             "codes_used_order_check",
             "codes_used_detail_check",
+            "codes_voided_check",
         ],
     ),
     ("- pool index codes_available_idx (template_id, seq)", ["INDEX codes_available_idx"]),
@@ -130,15 +151,26 @@ def ablation(url: str, prefix: str, count: int) -> list[tuple[str, float]]:
     return results
 
 
-def generate(settings, prefix: str, count: int) -> tuple[float, int]:
-    """Seconds for generate_codes end to end (and commit), and the batch."""
+def generate(settings, prefix: str, count: int) -> tuple[float, int, float | None, float]:
+    """Seconds for generate_codes end to end (and commit), the batch, and
+    the CPU seconds of the backend and of this process (numpy included)."""
     engine = database.engine(settings)
+    with engine.connect() as conn:
+        pid = conn.connection.driver_connection.info.backend_pid  # the pool hands this one out again
+    cpu, client = backend_cpu(pid), time.process_time()
     started = time.perf_counter()
     with Session(engine) as session, session.begin():
+        assert session.connection().connection.driver_connection.info.backend_pid == pid
         batch_id = catalog.generate_codes(session, prefix, count).batch_id
     elapsed = time.perf_counter() - started
+    server = _spent(pid, cpu)
+    client = time.process_time() - client
     engine.dispose()
-    return elapsed, batch_id
+    return elapsed, batch_id, server, client
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def main() -> None:
@@ -173,15 +205,31 @@ def main() -> None:
             conn.execute(PLAIN_TABLE)
         results = []
         for r in range(args.rounds):
-            gen_s, batch_id = generate(settings, prefixes[r], args.count)
-            plain_s = plain_copy(settings.database_url, batch_id)
-            results.append({"generate_s": round(gen_s, 3), "plain_copy_s": round(plain_s, 3)})
+            load = os.getloadavg()[0]
+            gen_s, batch_id, gen_cpu, client_cpu = generate(settings, prefixes[r], args.count)
+            plain_s, plain_cpu = plain_copy(settings.database_url, batch_id)
+            result = {
+                "generate_s": round(gen_s, 3),
+                "plain_copy_s": round(plain_s, 3),
+                "load_1min": round(load, 1),
+                "generate_backend_cpu_s": _rounded(gen_cpu),
+                "generate_client_cpu_s": round(client_cpu, 3),
+                "plain_copy_backend_cpu_s": _rounded(plain_cpu),
+            }
+            results.append(result)
             print(
-                f"round {r + 1}: generate {args.count / gen_s:,.0f} codes/s ({gen_s:.2f} s);"
+                f"round {r + 1} (load {load:.1f}): generate {args.count / gen_s:,.0f} codes/s"
+                f" ({gen_s:.2f} s);"
                 f" plain COPY of the same rows into a two-index table {args.count / plain_s:,.0f} rows/s"
                 f" ({plain_s:.2f} s); ratio {plain_s / gen_s:.2f}",
                 flush=True,
             )
+            if gen_cpu is not None and plain_cpu is not None:
+                print(
+                    f"  CPU: generate's backend {gen_cpu:.2f} s + this process {client_cpu:.2f} s;"
+                    f" plain COPY's backend {plain_cpu:.2f} s; backend ratio {plain_cpu / gen_cpu:.2f}",
+                    flush=True,
+                )
         with psycopg.connect(settings.database_url) as conn:
             total = conn.execute("SELECT count(*), count(DISTINCT code) FROM codes").fetchone()
         assert total == (args.rounds * args.count,) * 2, total

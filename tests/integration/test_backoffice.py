@@ -20,7 +20,7 @@ import pytest
 import yaml
 from issuance.shared import domain
 from issuance.shared.backoffice import catalog
-from issuance.shared.db import database
+from issuance.shared.db import database, store
 from issuance.shared.wire.messages import utcnow
 from issuance.workers.handlers import handle_claim
 from sqlalchemy.orm import Session
@@ -272,20 +272,56 @@ def test_a_colliding_chunk_is_drawn_again_until_the_batch_is_complete(settings, 
     existing = [
         r[0] for r in psycopg.connect(settings.database_url).execute("SELECT code FROM codes").fetchall()
     ]
-    real = domain.new_codes
-    calls = []
+    real_block, real_codes = domain.sorted_code_block, domain.new_codes
+    blocks: list[int] = []
+    redrawn: list[int] = []
 
-    def colliding(prefix_: str, count: int, bits: int = 64) -> list[str]:
-        calls.append(count)
-        fresh = real(prefix_, count, bits)
-        return existing[: min(3, count)] + fresh[3:] if len(calls) == 1 else fresh
+    def colliding_block(prefix_: str, count: int, bits: int = 64):
+        blocks.append(count)
+        block = real_block(prefix_, count, bits)
+        if len(blocks) == 1:
+            block[:3] = [list(c.encode()) for c in existing[:3]]
+        return block
 
-    monkeypatch.setattr(domain, "new_codes", colliding)
+    def redraw(prefix_: str, count: int, bits: int = 64) -> list[str]:
+        redrawn.append(count)
+        return real_codes(prefix_, count, bits)
+
+    monkeypatch.setattr(domain, "sorted_code_block", colliding_block)
+    monkeypatch.setattr(domain, "new_codes", redraw)
+    monkeypatch.setattr(catalog, "PROGRESS_CODES", 8)
+    reported: list[int] = []
     with session(settings) as s, s.begin():
-        batch = catalog.generate_codes(s, p, 50, chunk=20)
+        batch = catalog.generate_codes(s, p, 50, chunk=20, progress=reported.append)
     assert one(settings, "SELECT count(*) FROM codes WHERE batch_id = %s", batch.batch_id) == 50
-    assert calls[-1] == 3, "the three losers are drawn again"
+    assert blocks == [20, 20, 10]
+    assert redrawn == [3], "the three losers are drawn again"
+    # Each chunk's COPY is sent, and reported, in pieces; the losers once.
+    assert reported == [8, 8, 4, 8, 8, 4, 8, 2]
     verify_clean(settings)
+
+
+def test_the_capacity_check_counts_the_templates_codes_from_its_batches(settings, monkeypatch):
+    p, other = prefix(), prefix()
+    activity_with(
+        settings, codes=0, templates=[{"prefix": q, "kind": "gift", "value": 1} for q in (p, other)]
+    )
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, p, 5000)
+        catalog.generate_codes(s, p, 3000)
+        catalog.generate_codes(s, other, 700)
+    seen: list[int] = []
+    real = domain.check_capacity
+
+    def recording(prefix_: str, existing: int, requested: int, bits: int = 64) -> None:
+        seen.append(existing)
+        real(prefix_, existing, requested, bits)
+
+    monkeypatch.setattr(domain, "check_capacity", recording)
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, p, 10)
+        catalog.generate_codes(s, other, 10)
+    assert seen == [8000, 700]
 
 
 def test_a_batch_that_cannot_be_unique_is_refused_before_generating(settings, service_env):
@@ -422,3 +458,37 @@ def test_the_coupon_commands_sweep_and_cancel(settings, pool, service_env):
     assert refused.returncode == 2 and "the coupon has expired" in refused.stderr
     assert one(settings, "SELECT status FROM codes WHERE code = %s", fresh) == "cancelled"
     verify_clean(settings)
+
+
+def test_a_bulk_batch_refreshes_the_pools_statistics_and_allocation_stays_on_the_pool_index(settings):
+    first, second = prefix(), prefix()
+    activity_with(
+        settings,
+        codes=0,
+        templates=[{"prefix": p, "kind": "gift", "value": 1} for p in (first, second)],
+    )
+    with session(settings) as s, s.begin():
+        catalog.generate_codes(s, first, 30_000)
+    # The second template's codes arrive after statistics that knew only the
+    # first's: the refresh (a small sample of the pool's two columns) must
+    # show them to the planner, and leave the session's sample size as it was.
+    shown = "SELECT current_setting('default_statistics_target'), current_setting('work_mem')"
+    with session(settings) as s, s.begin():
+        before = s.connection().exec_driver_sql(shown).one()
+        batch = catalog.generate_codes(s, second, 40_000)
+        after = s.connection().exec_driver_sql(shown).one()
+    assert after == before, "the sample size and work_mem are set back within the transaction"
+    template = one(settings, "SELECT template_id FROM code_batches WHERE batch_id = %s", batch.batch_id)
+    with psycopg.connect(settings.database_url) as conn:
+        common = conn.execute(
+            "SELECT most_common_vals::text::int[] FROM pg_stats"
+            " WHERE tablename = 'codes' AND attname = 'template_id'"
+        ).fetchone()
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN " + store.FREE_CODES.format(skip="SKIP LOCKED"), (template, 0, [], 50)
+            ).fetchall()
+        )
+    assert "codes_available_idx" in plan and "Sort" not in plan, plan
+    assert common is not None and template in common[0]

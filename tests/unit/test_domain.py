@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +90,22 @@ def test_codes_are_prefixed_random_and_from_the_alphabet():
     assert set("".join(c[2:] for c in codes)) == set(domain.CODE_ALPHABET)
     assert not set("01IO") & set(domain.CODE_ALPHABET)
     assert domain.random_length(64) * 5 >= 64
+
+
+@pytest.mark.parametrize(("bits", "length"), [(35, 7), (64, 13), (80, 16)])
+def test_a_code_block_is_sorted_prefixed_and_uniform_in_every_position(bits, length):
+    block = domain.sorted_code_block("RX", 40_000, bits)
+    codes = [bytes(row).decode() for row in block]
+    assert block.shape == (40_000, 2 + length)
+    assert codes == sorted(codes), "rows come in ascending order"
+    assert len(set(codes)) == 40_000
+    assert all(c.startswith("RX") for c in codes)
+    # Each position, the sort key's first and last digits and the extra
+    # symbols past it, uses all 32 symbols evenly (about 1,250 each).
+    for position in range(2, 2 + length):
+        counts = collections.Counter(c[position] for c in codes)
+        assert set(counts) == set(domain.CODE_ALPHABET), position
+        assert max(counts.values()) / min(counts.values()) < 1.4, (position, counts)
 
 
 def test_capacity_and_prefix_checks():

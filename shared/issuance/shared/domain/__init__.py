@@ -17,10 +17,14 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import phonenumbers
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 # Codes use an alphabet without look-alikes (no 0/O, 1/I): 32 symbols,
 # exactly 5 bits each.
@@ -307,6 +311,44 @@ def new_codes(prefix: str, count: int, bits: int = DEFAULT_CODE_RANDOM_BITS) -> 
         raise ValueError(f"at most {chunk * 5} random bits per code")
     symbols = base64.b32encode(secrets.token_bytes(10 * count)).translate(_B32_TO_CODE).decode()
     return [prefix + symbols[i : i + length] for i in range(0, chunk * count, chunk)]
+
+
+# How many leading symbols of a code a 64-bit sort key holds.
+_KEY_SYMBOLS = 12
+
+
+def sorted_code_block(prefix: str, count: int, bits: int = DEFAULT_CODE_RANDOM_BITS) -> npt.NDArray[np.uint8]:
+    """``count`` codes as the rows of a byte matrix (one ASCII code a row),
+    in ascending order: the prefix, then symbols from the OS CSPRNG.
+
+    The first twelve symbols (60 bits) come from one random 64-bit integer
+    per code, sorted as numbers: a code's symbols are its key's base-32
+    digits, most significant first, in an alphabet whose order is that of
+    its ASCII bytes, so sorting the keys sorts the codes and costs no
+    comparison of text. Each further symbol is five more random bits.
+    Every symbol stays uniformly random; no per-code Python object is made.
+    (numpy is imported here: only the back office's batches need it.)"""
+    import numpy as np
+
+    alphabet = np.frombuffer(CODE_ALPHABET.encode(), dtype=np.uint8)
+    length = random_length(bits)
+    if length > 16:
+        raise ValueError("at most 80 random bits per code")
+    head = min(length, _KEY_SYMBOLS)
+    keys = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64) >> np.uint64(64 - 5 * head)
+    keys = np.sort(keys)
+    block = np.empty((count, len(prefix) + length), dtype=np.uint8)
+    block[:, : len(prefix)] = np.frombuffer(prefix.encode(), dtype=np.uint8)
+    for digit in range(head):  # one column at a time: no count x head matrix of 64-bit words
+        shift = np.uint64(5 * (head - 1 - digit))
+        block[:, len(prefix) + digit] = alphabet[((keys >> shift) & np.uint64(31)).astype(np.uint8)]
+    if length > head:
+        tail = np.frombuffer(secrets.token_bytes(count * (length - head)), dtype=np.uint8) & np.uint8(31)
+        block[:, len(prefix) + head :] = alphabet[tail.reshape(count, length - head)]
+    return block
+
+
+assert "".join(sorted(CODE_ALPHABET)) == CODE_ALPHABET, "symbol order is byte order"
 
 
 # Random codes stay unguessable and cheap to generate only while the pool
