@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import subprocess
@@ -221,3 +222,20 @@ def take_all(settings: Settings, queue: str) -> list[tuple[Any, bytes]]:
             out.append((properties, body))
     finally:
         connection.close()
+
+
+def cell_map(envs: list[dict[str, str]]) -> str:
+    """A cell map (ISSUANCE_CELLS) over private services: cells "a", "b",
+    ... numbered in order, each with its own database, vhost and Redis."""
+    return json.dumps(
+        [
+            {
+                "name": "abcdefgh"[number],
+                "number": number,
+                "database_url": env[f"{PREFIX}DATABASE_URL"],
+                "amqp_url": env[f"{PREFIX}AMQP_URL"],
+                "redis_url": env[f"{PREFIX}REDIS_URL"],
+            }
+            for number, env in enumerate(envs)
+        ]
+    )

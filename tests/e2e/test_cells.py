@@ -28,7 +28,7 @@ from issuance.shared.errors import OperatorError
 from issuance.shared.settings import PREFIX, Settings, settings_from
 
 from tests.chaos.services import PrivatePostgres
-from tests.conftest import RABBIT_HOST, _rabbitmqctl, claim, private_services
+from tests.conftest import RABBIT_HOST, _rabbitmqctl, cell_map, claim, private_services
 from tests.e2e.conftest import Workers, consumers, wait_for
 
 PHONE_KEY = "test-phone-key-0123456789abcdef"
@@ -80,21 +80,6 @@ def private_instance_cell() -> Iterator[tuple[dict[str, str], PrivatePostgres]]:
 def cells() -> Iterator[tuple[list[dict[str, str]], PrivatePostgres]]:
     with private_services() as a, private_services() as b, private_instance_cell() as (c, postgres):
         yield [a, b, c], postgres
-
-
-def cell_map(envs: list[dict[str, str]]) -> str:
-    return json.dumps(
-        [
-            {
-                "name": name,
-                "number": number,
-                "database_url": env[f"{PREFIX}DATABASE_URL"],
-                "amqp_url": env[f"{PREFIX}AMQP_URL"],
-                "redis_url": env[f"{PREFIX}REDIS_URL"],
-            }
-            for number, (name, env) in enumerate(zip("abc", envs, strict=True))
-        ]
-    )
 
 
 def issuance(settings: Settings, *argv: str) -> tuple[int, str]:

@@ -32,7 +32,7 @@ from issuance.shared.cli import build_parser
 from issuance.shared.settings import PREFIX, Settings, settings_from
 
 from tests.cluster.hosts import NetHost
-from tests.conftest import claim, private_services
+from tests.conftest import cell_map, claim, private_services
 from tests.e2e.conftest import consumers, wait_for
 
 # Test hosts need iproute2 and socat (`make testhosts`) and root, as CI runs.
@@ -71,21 +71,6 @@ def hosts() -> Iterator[list[NetHost]]:
     finally:
         for host in made:
             host.close()
-
-
-def cell_map(envs: list[dict[str, str]]) -> str:
-    return json.dumps(
-        [
-            {
-                "name": name,
-                "number": number,
-                "database_url": env[f"{PREFIX}DATABASE_URL"],
-                "amqp_url": env[f"{PREFIX}AMQP_URL"],
-                "redis_url": env[f"{PREFIX}REDIS_URL"],
-            }
-            for number, (name, env) in enumerate(zip(CELLS, envs, strict=True))
-        ]
-    )
 
 
 def on_host(host: NetHost, env: dict[str, str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from issuance.shared.domain.cells import route_slot
 from issuance.shared.settings import PREFIX, Settings, settings_from
 from issuance.shared.wire.messages import OrderPlaced, OrderStatusChanged, ShareOpened, utcnow
 
-from tests.conftest import claim, private_services
+from tests.conftest import cell_map, claim, private_services
 from tests.e2e.conftest import Workers, consumers, wait_for
 
 CELLS = "ab"
@@ -57,21 +57,6 @@ OPENS = 5
 def two_cells() -> Iterator[list[dict[str, str]]]:
     with private_services() as a, private_services() as b:
         yield [a, b]
-
-
-def cell_map(envs: list[dict[str, str]]) -> str:
-    return json.dumps(
-        [
-            {
-                "name": name,
-                "number": number,
-                "database_url": env[f"{PREFIX}DATABASE_URL"],
-                "amqp_url": env[f"{PREFIX}AMQP_URL"],
-                "redis_url": env[f"{PREFIX}REDIS_URL"],
-            }
-            for number, (name, env) in enumerate(zip(CELLS, envs, strict=True))
-        ]
-    )
 
 
 def issuance(settings: Settings, *argv: str) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from issuance.shared.cli import build_parser
 from issuance.shared.domain import phone_digest
 from issuance.shared.settings import PREFIX, Settings, settings_from
 
-from tests.conftest import private_services
+from tests.conftest import cell_map, private_services
 from tests.e2e.conftest import Workers, consumers, wait_for
 from tests.integration.test_fastgate_cells import other_db
 from tests.integration.web_pipeline import page_client, post_claim, read_status, settle
@@ -50,21 +50,6 @@ def two_cells() -> Iterator[list[dict[str, str]]]:
         # Two Redis databases: each cell's workers write their grants to their own.
         b = {**b_env, f"{PREFIX}REDIS_URL": other_db(a[f"{PREFIX}REDIS_URL"])}
         yield [a, b]
-
-
-def cell_map(envs: list[dict[str, str]]) -> str:
-    return json.dumps(
-        [
-            {
-                "name": name,
-                "number": number,
-                "database_url": env[f"{PREFIX}DATABASE_URL"],
-                "amqp_url": env[f"{PREFIX}AMQP_URL"],
-                "redis_url": env[f"{PREFIX}REDIS_URL"],
-            }
-            for number, (name, env) in enumerate(zip("ab", envs, strict=True))
-        ]
-    )
 
 
 def issuance(settings: Settings, *argv: str) -> str:
