@@ -4,6 +4,7 @@ tracked while the credit step is stopped, then drained when it resumes."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -100,7 +101,23 @@ def _serving(port: int, proc: subprocess.Popen[bytes]) -> bool:
 
 
 def metrics_env(tmp_path: Path) -> dict[str, str]:
-    return {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "ISSUANCE_METRICS_PORT": str(free_port())}
+    return {
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        "ISSUANCE_METRICS_PORT": str(free_port()),
+        "ISSUANCE_METRICS_TARGETS_DIR": str(tmp_path / "targets"),
+    }
+
+
+def announced(env: dict[str, str], group: str) -> Samples | None:
+    """A scrape of the port a worker group announced (its configured one,
+    or a free one if that was still held, e.g. by a group just stopped);
+    None while it is not serving yet."""
+    path = Path(env["ISSUANCE_METRICS_TARGETS_DIR"]) / f"{group}.json"
+    try:
+        (target,) = json.loads(path.read_text())[0]["targets"]
+        return scrape(int(target.rpartition(":")[2]))
+    except (OSError, ValueError):
+        return None
 
 
 def leave_stale_values(directory: str, service_env: dict[str, str]) -> None:
@@ -323,7 +340,7 @@ def test_a_stopped_credit_step_puts_the_promise_at_risk_then_drains(
     assert value(after, "issuance_activity_promise_breaches", activity=act["slug"]) == 1
     promtool_fires(promise_series(after), {}, tmp_path)
 
-    workers = scrape(int(env["ISSUANCE_METRICS_PORT"]))
+    workers = wait_for(lambda: announced(env, "all"), timeout=30, what="the workers' metrics")
     # The one claim credited past its deadline is counted as a breach.
     assert value(workers, "issuance_promise_breaches_total") == 1
     assert value(workers, "issuance_claim_to_credit_seconds_bucket", le="86400.0") == 29
