@@ -188,20 +188,35 @@ def role(title: str) -> str:
     return "background"  # checkpointer, background writer, WAL writer, stats, launcher's siblings
 
 
-def cpu_by_role(postmaster: int) -> dict[str, float]:
-    """CPU seconds (user + system) of the instance's processes by role, and
-    ``exited``: the children the postmaster has reaped (the autovacuum workers
-    that came and went; a backend that ended)."""
-    usage = {"postmaster": 0.0, "backends": 0.0, "autovacuum": 0.0, "background": 0.0, "exited": 0.0}
+def cpu_by_pid(postmaster: int) -> dict[int, tuple[str, float]]:
+    """(role, CPU seconds: user + system) of each live process of the
+    instance; under pid 0, ``exited``: the CPU of the children the postmaster
+    has reaped (autovacuum workers that came and went, backends that ended)."""
     stat, _ = _proc(postmaster)
-    usage["postmaster"] = (int(stat[11]) + int(stat[12])) / TICK
-    usage["exited"] = (int(stat[13]) + int(stat[14])) / TICK
+    usage = {
+        0: ("exited", (int(stat[13]) + int(stat[14])) / TICK),
+        postmaster: ("postmaster", (int(stat[11]) + int(stat[12])) / TICK),
+    }
     children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False)
     for pid in (int(p) for p in children.stdout.split()):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
             stat, title = _proc(pid)
-            usage[role(title)] += (int(stat[11]) + int(stat[12])) / TICK
+            usage[pid] = (role(title), (int(stat[11]) + int(stat[12])) / TICK)
     return usage
+
+
+Readings = dict[int, tuple[str, float]]
+
+
+def cpu_between(before: Readings, after: Readings) -> dict[str, float]:
+    """CPU seconds by role spent between two cpu_by_pid() readings. A process
+    that ended in between moved its whole CPU time into the reaped children's
+    total: what it had spent before the first reading is taken off there."""
+    spent = {"postmaster": 0.0, "backends": 0.0, "autovacuum": 0.0, "background": 0.0, "exited": 0.0}
+    for pid, (kind, cpu) in after.items():
+        spent[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+    spent["exited"] -= sum(cpu for pid, (_, cpu) in before.items() if pid not in after)
+    return spent
 
 
 TABLES = """SELECT relname, pg_table_size(relid), pg_indexes_size(relid), n_live_tup, n_dead_tup,
@@ -228,7 +243,7 @@ def snapshot(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, Any]:
     bgw = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()
     return {
         "at": time.monotonic(),
-        "cpu": cpu_by_role(postmaster),
+        "cpu": cpu_by_pid(postmaster),
         "wal": float(row[0]) if row else 0.0,
         "checkpoints": int(bgw[0]) if bgw else 0,
         "tables": tables,
@@ -275,7 +290,7 @@ class Driver:
 
 def window_row(start: int, count: int, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     seconds = after["at"] - before["at"]
-    cpu = {k: after["cpu"][k] - before["cpu"][k] for k in after["cpu"]}
+    cpu = cpu_between(before["cpu"], after["cpu"])
     total = sum(cpu.values())
     runs = {
         kind: sum(t[kind] - before["tables"].get(n, {}).get(kind, 0) for n, t in after["tables"].items())
