@@ -61,3 +61,41 @@ def test_the_cells_benchmark_runs_and_reports_the_overhead(tmp_path):
     assert all(c["claims_per_s"] > 0 for n in ("2", "3") for c in results["cells"][n]["per_cell"])
     assert results["layer_over_direct"] > 0
     assert "Projection (arithmetic, not a measurement)" in result.stdout
+
+
+def test_the_growth_benchmark_runs_on_a_private_postgresql(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISSUANCE_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.growth",
+            "--claims",
+            "4000",
+            "--window",
+            "2000",
+            "--shared-buffers",
+            "128MB",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("growth-*.json")
+    report = json.loads(path.read_text())
+    assert [(w["from"], w["to"]) for w in report["windows"]] == [(0, 2000), (2000, 4000)]
+    assert all(w["pg_cpu_us_per_claim"] > 0 and w["claims_per_s"] > 0 for w in report["windows"])
+    assert report["windows"][-1]["tables_at_end"]["claims"]["live"] > 0
+    # The instance is our own, started with the sized settings.
+    assert report["settings"]["autovacuum"] == "on"
+    assert report["settings"]["synchronous_commit"] == "on"
+    assert report["settings"]["shared_buffers"] == "128MB"
+    assert report["outcomes"]["credited"] > 0
+    assert report["last_over_first"] > 0
+    assert "last/first window PostgreSQL CPU per claim" in result.stdout
