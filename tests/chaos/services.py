@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -35,9 +36,31 @@ CHANNEL_TICK_MS = 2000
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port a service started later can listen on: free now, and below the
+    kernel's ephemeral range, which outgoing connections draw their local
+    ports from. (A port picked inside it was taken by a client connection in
+    the seconds before RabbitMQ bound it: could_not_start_listener.)"""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 16_000), low)
+        if _bindable(socket.AF_INET, "127.0.0.1", port) and _bindable(socket.AF_INET6, "::", port):
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
+    """Whether ``port`` is free on ``host`` (RabbitMQ listens on "::" too);
+    a machine without IPv6 has nothing there to collide with."""
+    try:
+        s = socket.socket(family)
+    except OSError:
+        return family == socket.AF_INET6
+    with s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait(check: object, timeout: float, what: str) -> float:
