@@ -179,8 +179,7 @@ def _guard(conn: Conn, claims: Sequence[ClaimRequested], slots: Sequence[int]) -
     (wrong_cell). The state is read under a lock that its change waits for,
     so it holds until this transaction commits."""
     here = resources().cell
-    if here is None:
-        return
+    assert here is not None, "only a worker of a cell guards its transactions"
     verdicts = cells_db.slot_verdicts(conn, here.name, slots)
     if not verdicts:
         return
@@ -225,10 +224,14 @@ def _decide_in_cell(items: Sequence[handlers.PreparedClaim]) -> list[handlers.Cl
     uow, settings = unit_of_work(), resources().settings
     claims = [claim for claim, _, _ in items]
     prepared = handlers.Prepared.join(items)
-    slots = [route_slot(number or claim.phone) for claim, _, number in items]
+    # Only a worker of a cell reads the handover state; without a cell map
+    # no ring slot is worked out here (a hash per claim on the flusher).
+    guarded = resources().cell is not None
+    slots = [route_slot(number or claim.phone) for claim, _, number in items] if guarded else []
 
     def in_cell(conn: Conn, work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
-        _guard(conn, claims, slots)
+        if guarded:
+            _guard(conn, claims, slots)
         return _credit_later(uow, work(conn))
 
     def transact(work: Callable[[Conn], handlers.Outcomes]) -> handlers.Outcomes:
