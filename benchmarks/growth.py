@@ -241,11 +241,16 @@ def snapshot(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, Any]:
     }
     row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
     bgw = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()
+    # Full-page images: the first change to a page after a checkpoint logs the
+    # whole page, so their count per claim says how many distinct pages a
+    # checkpoint interval touches.
+    fpi = conn.execute("SELECT wal_fpi FROM pg_stat_wal").fetchone()
     return {
         "at": time.monotonic(),
         "cpu": cpu_by_pid(postmaster),
         "wal": float(row[0]) if row else 0.0,
         "checkpoints": int(bgw[0]) if bgw else 0,
+        "fpi": int(fpi[0]) if fpi else 0,
         "tables": tables,
         "driver_cpu": sum(os.times()[:2]),
         "load": os.getloadavg(),
@@ -307,6 +312,7 @@ def window_row(start: int, count: int, before: dict[str, Any], after: dict[str, 
         "pg_cpu_cores": round(total / seconds, 2),
         "driver_cpu_us_per_claim": round((after["driver_cpu"] - before["driver_cpu"]) * 1e6 / count, 1),
         "wal_bytes_per_claim": round((after["wal"] - before["wal"]) / count),
+        "full_page_images_per_claim": round((after["fpi"] - before["fpi"]) / count, 2),
         "checkpoints": after["checkpoints"] - before["checkpoints"],
         "autovacuum_runs": runs["autovacuum"],
         "autoanalyze_runs": runs["autoanalyze"],
@@ -398,7 +404,7 @@ def table(report: dict[str, Any]) -> Table:
     out = Table(title="PostgreSQL CPU per claim by window (µs; all processes of the private instance)")
     for name in ("claims", "claims/s", "PG µs/claim", "backends", "autovacuum+exited", "background"):
         out.add_column(name, justify="right")
-    for name in ("av runs", "WAL B/claim", "claims+codes MB"):
+    for name in ("av runs", "WAL B/claim", "FPI/claim", "claims+codes MB"):
         out.add_column(name, justify="right")
     for w in report["windows"]:
         by = w["pg_cpu_us_per_claim_by_role"]
@@ -416,6 +422,7 @@ def table(report: dict[str, Any]) -> Table:
             f"{by['background'] + by['postmaster']:.1f}",
             f"{w['autovacuum_runs']}/{w['autoanalyze_runs']}",
             f"{w['wal_bytes_per_claim']:,}",
+            f"{w['full_page_images_per_claim']:.2f}",
             f"{mb:,.0f}",
         )
     return out

@@ -781,6 +781,11 @@ class ChaosRun:
         closed channel, nor apply them twice."""
         group = next(g for g in self.groups if g.name == fault.target)
         rabbit, proxy = self.services.rabbit, self.proxies["rabbitmq"]
+        # A group the previous fault cut off reconnects a few seconds later
+        # (Dramatiq's consumer restart delay); frozen before that, it holds no
+        # delivery the timeout could act on. Freeze a consuming group.
+        waited = self._wait(self._consuming, 60, "both groups consuming before the freeze")
+        fault.evidence["waited_for_consumers_ms"] = round(waited * 1000)
         timeouts = rabbit.timed_out_channels()
         heartbeats = proxy.heartbeats_sent
         proxy.keepalive(fault.hold_s + 5)

@@ -42,7 +42,7 @@ budget: 10
 validity_days: 7
 exclusivity_group: cells-twins
 templates:
-  - {{prefix: {prefix}, kind: amount_off, value: 500}}
+  - {{prefix: '{prefix}', kind: amount_off, value: 500}}
 """
 
 

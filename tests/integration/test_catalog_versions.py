@@ -34,7 +34,7 @@ ends_at: 2030-01-01T00:00:00+08:00
 budget: {budget}
 validity_days: 7
 templates:
-  - {{prefix: {prefix}, kind: amount_off, value: 500}}
+  - {{prefix: '{prefix}', kind: amount_off, value: 500}}
 """
 
 

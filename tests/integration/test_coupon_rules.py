@@ -93,7 +93,7 @@ def test_a_bad_number_of_days_is_one_line_from_the_command(tmp_path, service_env
         spec.write_text(
             f"slug: spring-{secrets.token_hex(2)}\ntitle: Spring\nchannel: app\nbudget: 5\n"
             f"starts_at: {now.isoformat()}\nends_at: {(now + timedelta(days=1)).isoformat()}\n"
-            f"validity_days: {days}\ntemplates:\n- {{prefix: {prefix()}, kind: gift, value: 300}}\n"
+            f"validity_days: {days}\ntemplates:\n- {{prefix: '{prefix()}', kind: gift, value: 300}}\n"
         )
         line = one_error_line(issuance("activity", "create", "--file", str(spec), env=service_env))
         assert says in line, line
