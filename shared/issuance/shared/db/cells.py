@@ -477,7 +477,7 @@ class Handover:
         return Verdict.GONE if self.state == "done" else Verdict.HOLD
 
 
-HANDOVERS = "SELECT slot, from_cell, to_cell, state FROM ring_handovers WHERE slot = ANY(%s)"
+HANDOVERS = "SELECT slot, from_cell, to_cell, state FROM ring_handovers WHERE slot = ANY(%b::smallint[])"
 # Decisions share the lock; a change of state (SHARE ROW EXCLUSIVE) waits
 # for the decisions in flight and blocks new ones until it commits.
 GUARD = "LOCK TABLE ring_handovers IN SHARE MODE"
@@ -500,7 +500,7 @@ def slot_verdicts(conn: Conn, here: str, slots: Iterable[int]) -> dict[int, Verd
 
 RECORD_RING_SLOTS = """
 UPDATE members m SET ring_slot = u.slot
-  FROM unnest(%s::bytea[], %s::smallint[]) AS u(digest, slot)
+  FROM unnest(%b::bytea[], %b::smallint[]) AS u(digest, slot)
  WHERE m.phone_digest = u.digest AND m.ring_slot IS NULL
 """
 

@@ -19,7 +19,7 @@ from issuance.shared.db.store import Conn
 # with first).
 RECORD = """
 INSERT INTO claim_channels (claim_id, channel)
-SELECT u.claim_id, u.channel FROM unnest(%s::uuid[], %s::text[]) AS u(claim_id, channel)
+SELECT u.claim_id, u.channel FROM unnest(%b::uuid[], %b::text[]) AS u(claim_id, channel)
 ON CONFLICT (claim_id) DO NOTHING
 """
 

@@ -111,7 +111,7 @@ def activity_by_slug(conn: Conn, slug: str) -> ActivityTerms | None:
 def claims_by_ids(
     conn: Conn, claim_ids: Sequence[uuid.UUID], *, lock: bool = False
 ) -> dict[uuid.UUID, ClaimRow]:
-    sql = "SELECT claim_id, status, reason, member_id, payload_digest FROM claims WHERE claim_id = ANY(%s)"
+    sql = "SELECT claim_id, status, reason, member_id, payload_digest FROM claims WHERE claim_id = ANY(%b)"
     if lock:
         sql += " ORDER BY claim_id FOR UPDATE"
     cursor = conn.cursor(row_factory=kwargs_row(ClaimRow.from_row))
@@ -126,7 +126,7 @@ def lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> None:
     """Serialise concurrent deliveries of the same claims (transaction-level
     advisory locks, taken in one global order so batches cannot deadlock)."""
     keys = sorted({_claim_lock_key(c) for c in claim_ids})
-    conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (keys,))
+    conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%b::bigint[]) AS k", (keys,))
 
 
 def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
@@ -138,7 +138,7 @@ def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.U
     for claim_id in claim_ids:
         keys.setdefault(_claim_lock_key(claim_id), []).append(claim_id)
     rows = conn.execute(
-        "SELECT k FROM unnest(%s::bigint[]) AS k WHERE pg_try_advisory_xact_lock(k)", (list(keys),)
+        "SELECT k FROM unnest(%b::bigint[]) AS k WHERE pg_try_advisory_xact_lock(k)", (list(keys),)
     )
     return {claim_id for (k,) in rows for claim_id in keys[k]}
 
@@ -150,12 +150,12 @@ def try_lock_claim_ids(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> set[uuid.U
 # between cells finds its members by it (issuance.shared.db.cells).
 UPSERT_MEMBERS = """
 INSERT INTO members (phone_digest, phone_masked, status, phone_key_id, ring_slot)
-SELECT d, m, 'pending', %s, s FROM unnest(%s::bytea[], %s::text[], %s::smallint[]) AS u(d, m, s) ORDER BY d
+SELECT d, m, 'pending', %s, s FROM unnest(%b::bytea[], %b::text[], %b::smallint[]) AS u(d, m, s) ORDER BY d
 ON CONFLICT (phone_digest) DO UPDATE SET ring_slot = EXCLUDED.ring_slot WHERE members.ring_slot IS NULL
 RETURNING phone_digest, member_id
 """
 LOCK_MEMBERS = """
-SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%s)
+SELECT phone_digest, member_id FROM members WHERE phone_digest = ANY(%b)
 """
 
 
@@ -187,7 +187,7 @@ def lock_members(
 REKEY_MEMBERS = """
 WITH found AS (
     SELECT DISTINCT ON (u.new) m.member_id, u.new
-      FROM unnest(%s::bytea[], %s::bytea[]) AS u(old, new)
+      FROM unnest(%b::bytea[], %b::bytea[]) AS u(old, new)
       JOIN members m ON m.phone_digest = u.old
      WHERE NOT EXISTS (SELECT FROM members c WHERE c.phone_digest = u.new)
      ORDER BY u.new, m.member_id
@@ -217,7 +217,7 @@ def rekey_members(
         return []
     locks = sorted({int.from_bytes(d[:4], "big", signed=True) for ds in numbers for _, d in ds})
     conn.execute(
-        "SELECT count(pg_advisory_xact_lock(%s, k)) FROM unnest(%s::int[]) AS k", (DIGEST_LOCK_CLASS, locks)
+        "SELECT count(pg_advisory_xact_lock(%s, k)) FROM unnest(%b::int[]) AS k", (DIGEST_LOCK_CLASS, locks)
     )
     old, new = (list(column) for column in zip(*pairs, strict=True))
     rows = conn.execute(REKEY_MEMBERS, (old, new, key_id), prepare=False)
@@ -229,11 +229,11 @@ def rekey_members(
 # then still counts for its exclusivity group).
 MEMBER_GRANTS = """
 SELECT member_id, activity_id, exclusivity_group FROM claims
- WHERE member_id = ANY(%(m)s) AND status <> 'refused'
+ WHERE member_id = ANY(%(m)b) AND status <> 'refused'
 UNION ALL
 SELECT h.member_id, coalesce(a.activity_id, 0), h.exclusivity_group
   FROM member_holdings h LEFT JOIN activities a ON a.slug = h.activity_slug
- WHERE h.member_id = ANY(%(m)s)
+ WHERE h.member_id = ANY(%(m)b)
 """
 
 
@@ -257,12 +257,12 @@ def member_grants(conn: Conn, member_ids: Sequence[int]) -> dict[int, list[Holdi
 # transaction that rolls back are not mistaken for "sold out".
 FREE_SLOTS = """
 SELECT slot_no, slot_no FROM package_slots
- WHERE activity_id = %s AND NOT taken AND slot_no > %s AND slot_no <> ALL(%s::int[])
+ WHERE activity_id = %s AND NOT taken AND slot_no > %s AND slot_no <> ALL(%b::int[])
  ORDER BY slot_no LIMIT %s FOR UPDATE {skip}
 """
 FREE_CODES = """
 SELECT code, seq FROM codes
- WHERE template_id = %s AND status = 'available' AND seq > %s AND code <> ALL(%s::text[])
+ WHERE template_id = %s AND status = 'available' AND seq > %s AND code <> ALL(%b::text[])
  ORDER BY seq LIMIT %s FOR UPDATE {skip}
 """
 
@@ -302,9 +302,9 @@ INSERT INTO claims (claim_id, activity_slug, activity_id, exclusivity_group, mem
                     slot_no, status, reason, new_member, payload_digest, requested_at, deadline,
                     credited_at)
 SELECT u.*, CASE WHEN u.status = 'credited' THEN clock_timestamp() END
-  FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::bigint[], %s::uuid[],
-              %s::int[], %s::text[], %s::text[], %s::bool[], %s::bytea[], %s::timestamptz[],
-              %s::timestamptz[])
+  FROM unnest(%b::uuid[], %b::text[], %b::int[], %b::text[], %b::bigint[], %b::uuid[],
+              %b::int[], %b::text[], %b::text[], %b::bool[], %b::bytea[], %b::timestamptz[],
+              %b::timestamptz[])
        AS u(claim_id, activity_slug, activity_id, exclusivity_group, member_id, share_id,
             slot_no, status, reason, new_member, payload_digest, requested_at, deadline)
 ON CONFLICT (claim_id) DO NOTHING
@@ -338,11 +338,11 @@ def insert_claims(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
 BIND_CODES = """
 UPDATE codes SET status = 'unused', member_id = u.member_id, claim_id = u.claim_id,
        bound_at = now(), expires_at = u.expires_at
-  FROM unnest(%(codes)s::varchar[], %(claims)s::uuid[], %(members)s::bigint[], %(expiry)s::timestamptz[])
+  FROM unnest(%(codes)b::varchar[], %(claims)b::uuid[], %(members)b::bigint[], %(expiry)b::timestamptz[])
        AS u(code, claim_id, member_id, expires_at)
- WHERE codes.code = ANY(%(codes)s::varchar[]) AND codes.code = u.code
+ WHERE codes.code = ANY(%(codes)b::varchar[]) AND codes.code = u.code
 """
-TAKE_SLOTS = "UPDATE package_slots SET taken = true WHERE activity_id = %s AND slot_no = ANY(%s::int[])"
+TAKE_SLOTS = "UPDATE package_slots SET taken = true WHERE activity_id = %s AND slot_no = ANY(%b::int[])"
 
 
 def bind_codes(conn: Conn, bindings: Sequence[tuple[str, uuid.UUID, int, datetime]]) -> int:
@@ -364,7 +364,7 @@ def take_slots(conn: Conn, slots: Sequence[tuple[int, int]]) -> int:
 
 WRITE_WALLET = """
 INSERT INTO wallet_ledger (member_id, claim_id, code)
-SELECT member_id, claim_id, code FROM codes WHERE claim_id = ANY(%s)
+SELECT member_id, claim_id, code FROM codes WHERE claim_id = ANY(%b)
 ON CONFLICT (claim_id, code) DO NOTHING
 """
 
@@ -377,7 +377,7 @@ def write_wallet(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> int:
 
 LOCK_BOUND = """
 SELECT claim_id, requested_at FROM claims
- WHERE claim_id = ANY(%s) AND status = 'bound' ORDER BY claim_id FOR UPDATE
+ WHERE claim_id = ANY(%b) AND status = 'bound' ORDER BY claim_id FOR UPDATE
 """
 
 
@@ -391,7 +391,7 @@ def credit_claims(conn: Conn, claim_ids: Sequence[uuid.UUID]) -> tuple[int, list
     ids = [claim_id for claim_id, _ in bound]
     written = write_wallet(conn, ids)
     conn.execute(
-        "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = ANY(%s)", (ids,)
+        "UPDATE claims SET status = 'credited', credited_at = now() WHERE claim_id = ANY(%b)", (ids,)
     )
     return written, bound
 
