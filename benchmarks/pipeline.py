@@ -18,6 +18,7 @@ The workload has 5% re-sent claims and 2% bad numbers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -409,11 +410,18 @@ class Observer(threading.Thread):
     from a claim's request until a query sees it credited (or refused) is an
     upper bound of its latency (it includes the commit, and up to one poll
     interval). The database's own ``credited_at`` is stamped inside the
-    transaction, before its commit."""
+    transaction, before its commit.
 
-    def __init__(self, settings: Settings, every: int = 20, interval: float = 0.02) -> None:
+    Each poll asks for the ``cap`` oldest claims still pending, not for all:
+    once the pipeline fell behind, asking for every pending claim 50 times a
+    second cost PostgreSQL more than the claims themselves (the sustained run
+    decided 2,300-2,700 claims/s with it and 3,500-3,750 without). Claims are
+    decided about in order, so a younger claim is seen at most a few polls
+    late: a bias towards longer latencies, never shorter."""
+
+    def __init__(self, settings: Settings, every: int = 50, interval: float = 0.02, cap: int = 100) -> None:
         super().__init__(daemon=True)
-        self.settings, self.every, self.interval = settings, every, interval
+        self.settings, self.every, self.interval, self.cap = settings, every, interval, cap
         self.pending: dict[uuid.UUID, Any] = {}
         self.latencies: list[float] = []
         self.lock = threading.Lock()
@@ -428,10 +436,10 @@ class Observer(threading.Thread):
         with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
             while not (self.done.is_set() and not self.pending):
                 with self.lock:
-                    ids = list(self.pending)
+                    ids = list(itertools.islice(self.pending, self.cap))
                 if ids:
                     rows = conn.execute(
-                        "SELECT claim_id FROM claims WHERE claim_id = ANY(%s) AND status <> 'bound'", (ids,)
+                        "SELECT claim_id FROM claims WHERE claim_id = ANY(%b) AND status <> 'bound'", (ids,)
                     ).fetchall()
                     seen = utcnow()
                     with self.lock:

@@ -50,3 +50,19 @@ def test_an_error_reaches_every_submitter_of_its_flush() -> None:
         assert str(exc) == "database gone"
     else:
         raise AssertionError("the flush's error was not raised")
+
+
+def test_a_submission_travels_whole_and_an_items_error_stays_its_own() -> None:
+    flushes: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int | BaseException]:
+        flushes.append(list(items))
+        return [ValueError(f"bad {i}") if i == 7 else i * 2 for i in items]
+
+    commit: GroupCommit[int, int] = GroupCommit(run, max_batch=4)
+    results = commit.submit_each(list(range(10)))
+    assert [r for r in results if not isinstance(r, BaseException)] == [i * 2 for i in range(10) if i != 7]
+    assert str(results[7]) == "bad 7"
+    # Pieces of at most max_batch, never an item split from its piece, in order.
+    assert [i for flush in flushes for i in flush] == list(range(10))
+    assert all(len(flush) % 4 == 0 or flush[-1] == 9 for flush in flushes)
