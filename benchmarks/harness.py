@@ -111,8 +111,8 @@ def pgrep(pattern: str) -> list[int]:
 
 
 class ResourceMeter:
-    """CPU seconds spent by the broker, the database and the workers between
-    start() and stop(), and the workers' peak RSS."""
+    """CPU seconds spent by the broker, the database, the workers and this
+    process between start() and stop(), and the workers' peak RSS."""
 
     def __init__(self, workers: WorkerProcesses | None) -> None:
         self.workers = workers
@@ -126,6 +126,8 @@ class ResourceMeter:
         }
         if self.workers is not None:
             groups["workers"] = self.workers.pids()
+        # This process: the load generator and the observer of an open-loop run.
+        groups["benchmark_process"] = [os.getpid()]
         return groups
 
     def _cpu(self) -> dict[str, dict[int, float]]:
