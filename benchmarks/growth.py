@@ -31,14 +31,10 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,126 +47,12 @@ from issuance.workers.handlers import handle_claims
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.harness import machine_memory, private_postgres, production_settings
 from benchmarks.pipeline import Workload, make_activity
 
 console = Console(stderr=True)
-PG_BIN = Path(os.environ.get("ISSUANCE_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 TICK = os.sysconf("SC_CLK_TCK")
 DB = "issuance_growth"
-
-
-def machine_memory() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemTotal in /proc/meminfo")
-
-
-def production_settings(memory: int, cores: int) -> dict[str, str]:
-    """A production configuration for a dedicated box of ``memory`` bytes and
-    ``cores`` cores (the usual rules of thumb; nothing is tuned to the run)."""
-    mb = memory // 2**20
-    return {
-        "shared_buffers": f"{mb // 6}MB",
-        "effective_cache_size": f"{mb * 2 // 3}MB",
-        "maintenance_work_mem": f"{min(mb // 16, 2048)}MB",
-        "work_mem": "16MB",
-        "wal_buffers": "16MB",
-        "max_connections": "100",
-        "synchronous_commit": "on",
-        "fsync": "on",
-        "full_page_writes": "on",
-        "wal_compression": "on",
-        "checkpoint_timeout": "15min",
-        "checkpoint_completion_target": "0.9",
-        "max_wal_size": "8GB",
-        "min_wal_size": "1GB",
-        "random_page_cost": "1.1",
-        "effective_io_concurrency": "200",
-        "max_worker_processes": str(max(cores, 2)),
-        "max_parallel_workers": str(max(cores, 2)),
-        "max_parallel_workers_per_gather": str(max(cores // 2, 1)),
-        "autovacuum": "on",
-        "autovacuum_max_workers": "3",
-        "autovacuum_naptime": "30s",
-        # Large tables: a fixed share of 20% (the default) lets a 10M-row
-        # table collect 2M dead rows before vacuum; 2% and 1% keep it close.
-        "autovacuum_vacuum_scale_factor": "0.02",
-        "autovacuum_vacuum_insert_scale_factor": "0.05",
-        "autovacuum_analyze_scale_factor": "0.01",
-        "autovacuum_vacuum_cost_limit": "2000",
-        "log_autovacuum_min_duration": "0",
-        "log_checkpoints": "on",
-        "track_io_timing": "on",
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivatePostgres:
-    """A PostgreSQL instance of our own under ``base``, stopped on close()."""
-
-    def __init__(self, base: Path, conf: dict[str, str]) -> None:
-        self.dir = base
-        self.data = base / "data"
-        self.port = free_port()
-        self.conf = conf
-        as_postgres = os.geteuid() == 0
-        self.prefix = ["runuser", "-u", "postgres", "--"] if as_postgres else []
-        if as_postgres:
-            shutil.chown(base, "postgres", "postgres")
-        subprocess.run(
-            [*self.prefix, str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        lines = [f"{key} = '{value}'" for key, value in conf.items()]
-        lines += [
-            f"port = {self.port}",
-            "listen_addresses = '127.0.0.1'",
-            f"unix_socket_directories = '{base}'",
-        ]
-        with (self.data / "postgresql.conf").open("a") as f:
-            f.write("\n# benchmarks.growth\n" + "\n".join(lines) + "\n")
-        self._ctl("-l", str(base / "log"), "-w", "-t", "120", "start")
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DB}")
-
-    def _ctl(self, *args: str) -> None:
-        subprocess.run(
-            [*self.prefix, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-
-    def url(self, db: str = DB) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
-
-    def postmaster(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def close(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError):
-            self._ctl("-m", "fast", "-w", "stop")
-
-
-@contextlib.contextmanager
-def private_postgres(conf: dict[str, str]) -> Iterator[PrivatePostgres]:
-    base = Path(tempfile.mkdtemp(prefix="issuance-growth-"))
-    server = None
-    try:
-        server = PrivatePostgres(base, conf)
-        yield server
-    finally:
-        if server is not None:
-            server.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _proc(pid: int) -> tuple[list[str], str]:
@@ -339,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out / f"growth-{time.strftime('%Y%m%d-%H%M%S')}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
-    with private_postgres(conf) as server:
+    with private_postgres(conf, DB) as server:
         env = {f"{PREFIX}DATABASE_URL": server.url(), f"{PREFIX}PHONE_KEY": "benchmark-phone-key-growth"}
         settings = settings_from(env)
         database.upgrade(settings)

@@ -4,12 +4,16 @@ real services, workers as subprocesses, and per-process CPU and memory."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from issuance.shared.db import database
 from issuance.shared.settings import PREFIX, Settings, settings_from
 
 ROOT = Path(__file__).parents[1]
+PG_BIN = Path(os.environ.get("ISSUANCE_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ADMIN_DSN = os.environ.get("ISSUANCE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -27,16 +32,18 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @contextmanager
-def private_services(tag: str) -> Iterator[tuple[Settings, dict[str, str]]]:
-    """A fresh database and vhost named ``tag``, and Redis db 14, dropped after."""
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+def private_services(tag: str, admin_dsn: str = ADMIN_DSN) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """A fresh database (on the PostgreSQL of ``admin_dsn``) and vhost named
+    ``tag``, and Redis db 14, dropped after."""
+    server = admin_dsn.rsplit("/", 1)[0]
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{tag}"')
     subprocess.run(["rabbitmqctl", "-q", "delete_vhost", tag], capture_output=True, timeout=120, check=False)
     rabbitmqctl("add_vhost", tag)
     rabbitmqctl("set_permissions", "-p", tag, "guest", ".*", ".*", ".*")
     env = {
-        f"{PREFIX}DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{tag}",
+        f"{PREFIX}DATABASE_URL": f"{server}/{tag}",
         f"{PREFIX}AMQP_URL": f"amqp://guest:guest@127.0.0.1:5672/{tag}",
         f"{PREFIX}REDIS_URL": "redis://127.0.0.1:6379/14",
         f"{PREFIX}PHONE_KEY": f"benchmark-phone-key-{tag}",
@@ -47,9 +54,127 @@ def private_services(tag: str) -> Iterator[tuple[Settings, dict[str, str]]]:
     try:
         yield settings, env
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
         rabbitmqctl("delete_vhost", tag)
+
+
+# -- a private PostgreSQL with production-like settings ---------------------------
+def machine_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def production_settings(memory: int, cores: int) -> dict[str, str]:
+    """A production configuration for a dedicated box of ``memory`` bytes and
+    ``cores`` cores (the usual rules of thumb; nothing is tuned to the run)."""
+    mb = memory // 2**20
+    return {
+        "shared_buffers": f"{mb // 6}MB",
+        "effective_cache_size": f"{mb * 2 // 3}MB",
+        "maintenance_work_mem": f"{min(mb // 16, 2048)}MB",
+        "work_mem": "16MB",
+        "wal_buffers": "16MB",
+        "max_connections": "100",
+        "synchronous_commit": "on",
+        "fsync": "on",
+        "full_page_writes": "on",
+        "wal_compression": "on",
+        "checkpoint_timeout": "15min",
+        "checkpoint_completion_target": "0.9",
+        "max_wal_size": "8GB",
+        "min_wal_size": "1GB",
+        "random_page_cost": "1.1",
+        "effective_io_concurrency": "200",
+        "max_worker_processes": str(max(cores, 2)),
+        "max_parallel_workers": str(max(cores, 2)),
+        "max_parallel_workers_per_gather": str(max(cores // 2, 1)),
+        "autovacuum": "on",
+        "autovacuum_max_workers": "3",
+        "autovacuum_naptime": "30s",
+        # Large tables: a fixed share of 20% (the default) lets a 10M-row
+        # table collect 2M dead rows before vacuum; 2% and 1% keep it close.
+        "autovacuum_vacuum_scale_factor": "0.02",
+        "autovacuum_vacuum_insert_scale_factor": "0.05",
+        "autovacuum_analyze_scale_factor": "0.01",
+        "autovacuum_vacuum_cost_limit": "2000",
+        "log_autovacuum_min_duration": "0",
+        "log_checkpoints": "on",
+        "track_io_timing": "on",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL instance of our own under ``base``, stopped on close()."""
+
+    def __init__(self, base: Path, conf: dict[str, str], db: str | None = None) -> None:
+        self.dir = base
+        self.data = base / "data"
+        self.port = free_port()
+        self.conf = conf
+        as_postgres = os.geteuid() == 0
+        self.prefix = ["runuser", "-u", "postgres", "--"] if as_postgres else []
+        if as_postgres:
+            shutil.chown(base, "postgres", "postgres")
+        subprocess.run(
+            [*self.prefix, str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        lines = [f"{key} = '{value}'" for key, value in conf.items()]
+        lines += [
+            f"port = {self.port}",
+            "listen_addresses = '127.0.0.1'",
+            f"unix_socket_directories = '{base}'",
+        ]
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write("\n# benchmarks\n" + "\n".join(lines) + "\n")
+        self._ctl("-l", str(base / "log"), "-w", "-t", "120", "start")
+        self.db = db or "postgres"
+        if db is not None:
+            with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{db}"')
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self.prefix, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def url(self, db: str | None = None) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db or self.db}"
+
+    def postmaster(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def close(self) -> None:
+        with suppress(subprocess.SubprocessError):
+            self._ctl("-m", "fast", "-w", "stop")
+
+
+@contextmanager
+def private_postgres(conf: dict[str, str], db: str | None = None) -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL 15 with ``conf`` (and database ``db``), removed after."""
+    base = Path(tempfile.mkdtemp(prefix="issuance-pg-"))
+    server = None
+    try:
+        server = PrivatePostgres(base, conf, db)
+        yield server
+    finally:
+        if server is not None:
+            server.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 class WorkerProcesses:
@@ -170,4 +295,84 @@ def percentiles(conn: psycopg.Connection[Any], claim_ids: list[Any]) -> dict[str
         "p95_ms": round(p95 * 1000, 1),
         "p99_ms": round(p99 * 1000, 1),
         "max_ms": round(float(row[1]) * 1000, 1),
+    }
+
+
+# -- profiles (py-spy, a dev dependency) ---------------------------------------------
+def start_profiler(pid: int, seconds: int, out: Path, *flags: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling process ``pid`` for ``seconds`` into ``out`` (raw
+    collapsed stacks); ``flags``: --subprocesses, --idle, --gil, --threads."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "100", *flags]
+    argv += ["--duration", str(seconds), "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stacks(path: Path) -> Iterator[tuple[list[str], int]]:
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        yield [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")], int(count)
+
+
+def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
+    """The frames the samples were in (self time), as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for frames, count in _stacks(path):
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        total += count
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return {"samples": total, "self": {frame: round(100 * n / max(total, 1), 1) for frame, n in ranked}}
+
+
+# What a worker thread is, by its stack; what it is doing, by its innermost frames.
+ROLES = (("GroupCommit._flush_forever", "flushers"), ("WorkerThread.run", "deliveries"),
+         ("ConsumerThread.run", "consumers"))  # fmt: skip
+STATES = (("Connection.wait", "waiting on PostgreSQL"), ("Connection._wait", "waiting on PostgreSQL"),
+          ("pika/", "RabbitMQ I/O"), ("redis/", "Redis"))  # fmt: skip
+
+
+def _state(frames: list[str]) -> str:
+    tail = ";".join(frames[-3:])
+    if "GroupCommit.submit_each" in tail or "Future.exception" in tail:
+        return "waiting for a flush"
+    if frames[-1].startswith("GroupCommit._flush_forever"):
+        return "waiting for claims"  # in SimpleQueue.get, which py-spy does not see
+    if any(key in frames[-1] for key in ("Condition.wait", "Event.wait", "_wait_for_tstate_lock", "sleep")):
+        return "idle"
+    # py-spy cannot tell a thread running Python from one waiting for the GIL.
+    return next((name for key, name in STATES if key in tail), "Python or waiting for the GIL")
+
+
+def worker_profile(path: Path, *, gil_seconds: float | None = None) -> dict[str, Any]:
+    """A worker process's samples by thread role. Taken with --idle: where
+    each role's wall-clock time went (shares of that role's samples). Taken
+    with --gil over ``gil_seconds`` (only the thread holding the GIL is
+    sampled, 100 times a second): the share of the time each role held it,
+    and the frames it held it in."""
+    by_role: dict[str, dict[str, int]] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for frames, count in _stacks(path):
+        stack = ";".join(frames)
+        role = next((name for key, name in ROLES if key in stack), "other")
+        state = _state(frames)
+        by_role.setdefault(role, {}).setdefault(state, 0)
+        by_role[role][state] += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        total += count
+    if gil_seconds is not None:
+        ranked = sorted(own.items(), key=lambda item: -item[1])[:12]
+        ticks = 100 * gil_seconds
+        return {
+            "samples": total,
+            "gil_held_pct_by": {role: round(100 * sum(s.values()) / ticks, 1) for role, s in by_role.items()},
+            "self": {frame: round(100 * n / max(total, 1), 1) for frame, n in ranked},
+        }
+    return {
+        "samples": total,
+        "roles": {
+            role: {state: round(100 * n / sum(states.values()), 1) for state, n in sorted(states.items())}
+            for role, states in by_role.items()
+        },
     }

@@ -45,7 +45,15 @@ from issuance.shared.settings import PREFIX, Settings, settings_from
 from issuance.shared.wire.messages import OrderPlaced
 from issuance.shared.wire.publisher import Publisher, RabbitPublisher
 
-from benchmarks.harness import ROOT, ResourceMeter, WorkerProcesses, _stat, private_services
+from benchmarks.harness import (
+    ROOT,
+    ResourceMeter,
+    WorkerProcesses,
+    _stat,
+    private_services,
+    profile_summary,
+    start_profiler,
+)
 from benchmarks.pipeline import make_activity
 
 RESULTS = ROOT / "benchmarks" / "WEB_RESULTS.md"
@@ -283,27 +291,6 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start_profiler(pid: int, seconds: int, work: Path) -> subprocess.Popen[bytes]:
-    """py-spy (a dev dependency) sampling the page's processes during the load."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100"]
-    argv += ["--duration", str(seconds), "--format", "raw", "--output", str(work / "page.profile")]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
-    """The frames the page's samples were in (self time), as shares of all samples."""
-    own: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frame = re.sub(r":\d+\)$", ")", stack.rsplit(";", 1)[-1])
-        own[frame] = own.get(frame, 0) + int(count)
-        total += int(count)
-    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
-    return {"samples": total, "self": {frame: round(100 * n / max(total, 1), 1) for frame, n in ranked}}
-
-
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(p) for p in out.stdout.split()]
@@ -378,7 +365,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meter.start()
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids)
                 client_cpu = _children_cpu()
-                profiler = start_profiler(page.pid, args.seconds, work) if args.profile else None
+                profiler = (
+                    start_profiler(page.pid, args.seconds, work / "page.profile", "--subprocesses")
+                    if args.profile
+                    else None
+                )
                 load = run_wrk(url, script, slug, 20_000_000, args.seconds, args.connections)
                 page_cpu = sum(_stat(pid)[0] for pid in page_pids) - page_cpu
                 client_cpu = _children_cpu() - client_cpu  # before the profiler is reaped
