@@ -247,6 +247,8 @@ class ResourceMeter:
         groups = {
             "rabbitmq": pgrep("beam.smp"),
             "postgresql": pgrep("postgres"),
+            # Part of the above: vacuum and analyse of the tables the run grows.
+            "postgresql_autovacuum": pgrep("postgres: autovacuum worker"),
             "redis": pgrep("redis-server"),
         }
         if self.workers is not None:
