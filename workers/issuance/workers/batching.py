@@ -96,8 +96,11 @@ class GroupCommit(Generic[T, R]):
                     count += len(entries[-1][0])
             except queue.Empty:
                 pass
+            items = [item for piece, _ in entries for item in piece]
             try:
-                results = self.run([item for piece, _ in entries for item in piece])
+                results = self.run(items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"{len(results)} results for {len(items)} items")
             except BaseException as exc:  # every submitter re-raises it: Dramatiq retries each message
                 for _, future in entries:
                     future.set_exception(exc)
