@@ -50,6 +50,7 @@ from benchmarks.harness import (
     ResourceMeter,
     WorkerProcesses,
     _stat,
+    free_port,
     private_services,
     profile_summary,
     start_profiler,
@@ -107,12 +108,6 @@ function done(summary, latency, requests)
     latency.max / 1000))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class PrivateRedis:
