@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from tests.e2e.conftest import ROOT, wait_for
 from tests.e2e.test_observability import free_port
 
 
-def _start(env: dict[str, str], log: Path, *queues: str) -> subprocess.Popen[bytes]:
+def _start(env: dict[str, str], log: Path, *queues: str, prefetch: int | None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "issuance.shared.cli", "worker", "--processes", "1", "--threads", "2"]
+    if prefetch is not None:
+        argv += ["--prefetch", str(prefetch)]
     return subprocess.Popen(
         [*argv, "--queues", *queues],
         env=env,
@@ -49,7 +52,9 @@ def test_two_worker_groups_on_one_host(service_env, settings, tmp_path):
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = tmp_path / "workers.log"
     groups = {"claims+credits": ("claims", "credits"), "orders+shares": ("orders", "shares")}
-    procs = {name: _start(env, log, *queues) for name, queues in groups.items()}
+    # One group with its own delivery window, one with the default (twice its 2 threads).
+    prefetch = {"claims+credits": 5, "orders+shares": None}
+    procs = {name: _start(env, log, *queues, prefetch=prefetch[name]) for name, queues in groups.items()}
     try:
         files = {name: targets / f"{name}.json" for name in groups}
         wait_for(lambda: all(f.exists() for f in files.values()), timeout=60, what="both groups to announce")
@@ -79,6 +84,10 @@ def test_two_worker_groups_on_one_host(service_env, settings, tmp_path):
                 timeout=30,
                 what=f"the titles of {name}: {expected}, not {_titles(procs[name].pid)}",
             )
+        vhost = urllib.parse.urlsplit(service_env["ISSUANCE_AMQP_URL"]).path.lstrip("/")
+        windows = _prefetch_counts(vhost)
+        assert windows["claims"] == windows["credits"] == {5}, windows
+        assert windows["orders"] == windows["shares"] == {4}, windows
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)  # the main process stops its children
@@ -91,6 +100,31 @@ def test_two_worker_groups_on_one_host(service_env, settings, tmp_path):
     assert all(" INFO issuance." in line or " WARNING issuance." in line for line in lines), text
     assert sum("is taken" in line for line in lines) == 1, text
     assert len(lines) <= 12, text
+
+
+def _prefetch_counts(vhost: str) -> dict[str, set[int]]:
+    """The prefetch count of each consumer, by queue, as RabbitMQ reports them."""
+    out = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_consumers",
+            "-p",
+            vhost,
+            "queue_name",
+            "prefetch_count",
+            "--no-table-headers",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    counts: dict[str, set[int]] = {}
+    for line in out.splitlines():
+        queue, count = line.split()
+        counts.setdefault(queue, set()).add(int(count))
+    return counts
 
 
 def _scrape_has(port: int, needle: str) -> str | None:

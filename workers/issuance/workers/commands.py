@@ -15,7 +15,7 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-from issuance.shared.cli import Subparsers, instant
+from issuance.shared.cli import Subparsers, instant, positive
 from issuance.shared.settings import Settings
 
 
@@ -24,6 +24,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     metrics fork and the sweeper fork, which inherit this process's logging
     set-up and the worker group's name and metrics port."""
     import dramatiq.cli
+    import dramatiq.worker
     from issuance.shared.settings import PREFIX, load_settings
     from issuance.workers.process import group_name, set_title
 
@@ -36,6 +37,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     os.environ[f"{PREFIX}WORKER_GROUP"] = group
     if args.metrics_port is not None:
         os.environ[f"{PREFIX}METRICS_PORT"] = str(args.metrics_port)
+    # The delivery window. Dramatiq reads it from its environment when it is
+    # imported (which it has been by now) into this module constant; the
+    # worker processes it forks take the constant's value.
+    dramatiq.worker.QUEUE_PREFETCH = args.prefetch or 2 * args.threads
     # Worker processes count into files here; the metrics fork adds them up.
     # One directory per group: two groups on one host must not add up each other's.
     default_dir = Path(tempfile.gettempdir()) / f"issuance-metrics-{group}"
@@ -158,6 +163,12 @@ def register(sub: Subparsers) -> None:
         default=16,
         help="threads per process (default 16; a claim message's thread waits for its group commit,"
         " so the threads bound how many claims are decided together)",
+    )
+    worker.add_argument(
+        "--prefetch",
+        type=positive,
+        help="unacknowledged messages each process holds per queue (default: twice the threads); a claim"
+        " message stays unacknowledged until its claims commit, so this bounds the claims in flight",
     )
     worker.add_argument(
         "--queues", nargs="*", metavar="QUEUE", help="consume only these queues (default: every queue)"
