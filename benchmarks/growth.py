@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ).fetchall()
             }
             report["server_version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            report["huge_pages"] = server.huge_pages.as_json() if server.huge_pages else None
             console.print(f"[bold]private PostgreSQL[/] on port {server.port}: {report['settings']}")
+            console.print(f"huge pages: {report['huge_pages']}")
             started = time.monotonic()
             slug = make_activity(settings, "growth", args.claims, args.claims)
             conn.execute("VACUUM ANALYZE")

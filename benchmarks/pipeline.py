@@ -631,6 +631,7 @@ def services(args: argparse.Namespace, results: dict[str, Any]) -> Iterator[tupl
     conf = production_settings(machine_memory(), os.cpu_count() or 2)
     results["postgres"] = {"instance": "private", "settings": conf}
     with private_postgres(conf) as server, private_services(tag, server.url("postgres")) as found:
+        results["postgres"]["huge_pages"] = server.huge_pages.as_json() if server.huge_pages else None
         yield found
 
 

@@ -65,6 +65,20 @@ def test_the_growth_benchmark_runs_on_a_private_postgresql(tmp_path):
     assert report["settings"]["autovacuum"] == "on"
     assert report["settings"]["synchronous_commit"] == "on"
     assert report["settings"]["shared_buffers"] == "128MB"
+    assert report["huge_pages"]["needed"] > 0  # asked of the server; reserved where the kernel allows
     assert report["outcomes"]["credited"] > 0
     assert report["last_over_first"] > 0
     assert "last/first window PostgreSQL CPU per claim" in result.stdout
+
+
+def test_the_window_benchmark_takes_turns_between_windows(tmp_path):
+    result = run_benchmark(
+        "window", "--prefetch", "4,16", "--rounds", "2", "--backlog", "2000", "--seconds", "2",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    (path,) = tmp_path.glob("window-*.json")
+    report = json.loads(path.read_text())
+    assert report["verify"]["clean"]
+    assert [a["prefetch"] for a in report["arms"]] == [4, 16, 16, 4]
+    assert all(a["sustained"]["decided_during"] > 0 and a["half"]["p99_ms"] for a in report["arms"])
+    assert "sustained open loop by delivery window" in result.stdout
