@@ -51,7 +51,7 @@ import psycopg
 import redis
 from issuance.shared.db import database
 from issuance.shared.settings import PREFIX, Settings, settings_from
-from issuance.shared.wire.messages import ClaimRequested, utcnow
+from issuance.shared.wire.messages import ClaimRequested, new_claim_id, utcnow
 from issuance.shared.wire.publisher import RabbitPublisher
 from rich.console import Console
 from rich.table import Table
@@ -114,7 +114,7 @@ def claims_for(settings: Settings, count: int) -> tuple[str, list[ClaimRequested
     base = secrets.randbelow(10**7) * 10
     claims = [
         ClaimRequested(
-            claim_id=uuid.uuid4(), activity=slug, phone=f"+86139{(base + i) % 10**8:08d}", requested_at=now
+            claim_id=new_claim_id(), activity=slug, phone=f"+86139{(base + i) % 10**8:08d}", requested_at=now
         )
         for i in range(count)
     ]

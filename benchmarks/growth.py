@@ -142,9 +142,9 @@ def snapshot(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, Any]:
 class Driver:
     """The workers' claim decisions from ``threads`` threads, ``batch`` at a time."""
 
-    def __init__(self, settings: Settings, slug: str, threads: int, batch: int) -> None:
+    def __init__(self, settings: Settings, slug: str, threads: int, batch: int, *, random_ids: bool) -> None:
         self.settings = settings
-        self.workload = Workload(slug, seed=10)
+        self.workload = Workload(slug, seed=10, random_ids=random_ids)
         self.threads = threads
         self.batch = batch
         self.lock = threading.Lock()
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             conn.execute("CHECKPOINT")
             report["setup_seconds"] = round(time.monotonic() - started, 1)
             console.print(f"{args.claims:,} codes generated, vacuumed: {report['setup_seconds']} s")
-            driver = Driver(settings, slug, args.threads, args.batch)
+            driver = Driver(settings, slug, args.threads, args.batch, random_ids=args.random_ids)
             with database.pool(settings, min_size=args.threads, max_size=args.threads) as pool:
                 before = snapshot(conn, server.postmaster())
                 for start in range(0, args.claims, args.window):
@@ -324,6 +324,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument(
         "--max-minutes", type=float, default=0, help="stop at the first window boundary after"
+    )
+    parser.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="random (version 4) claim IDs instead of the page's time-ordered ones",
     )
     parser.add_argument("--shared-buffers", default="", help="override the sized shared_buffers, e.g. 128MB")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))

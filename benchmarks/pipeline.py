@@ -45,7 +45,7 @@ from issuance.shared.db import database, store
 from issuance.shared.settings import Settings
 from issuance.shared.wire import codec
 from issuance.shared.wire.codec import envelope, queue_arguments
-from issuance.shared.wire.messages import ClaimRequested, utcnow
+from issuance.shared.wire.messages import ClaimRequested, new_claim_id, utcnow
 from issuance.shared.wire.publisher import FLUSH_EVERY, RabbitPublisher, encode
 from issuance.workers.handlers import handle_claims
 from rich.console import Console
@@ -101,12 +101,16 @@ def make_activity(settings: Settings, slug: str, budget: int, pool: int, coupons
 
 
 class Workload:
-    """Claims with 5% re-sends and 2% bad numbers."""
+    """Claims with 5% re-sends and 2% bad numbers. Their IDs are made as the
+    activity page makes them (time-ordered, ``new_claim_id``), or random
+    (version 4) with ``random_ids``, as a caller of the publisher library
+    may send them."""
 
-    def __init__(self, slug: str, seed: int) -> None:
+    def __init__(self, slug: str, seed: int, *, random_ids: bool = False) -> None:
         self.slug = slug
         self.rng = random.Random(seed)
         self.sent: list[ClaimRequested] = []
+        self.new_id = uuid.uuid4 if random_ids else new_claim_id
 
     def take(self, count: int) -> list[ClaimRequested]:
         now = utcnow()
@@ -119,7 +123,7 @@ class Workload:
             phone = (
                 f"+86{self.rng.randrange(10**5)}" if roll < 0.07 else f"+8613{self.rng.randrange(10**9):09d}"
             )
-            claim = ClaimRequested(claim_id=uuid.uuid4(), activity=self.slug, phone=phone, requested_at=now)
+            claim = ClaimRequested(claim_id=self.new_id(), activity=self.slug, phone=phone, requested_at=now)
             self.sent.append(claim)
             out.append(claim)
         return out

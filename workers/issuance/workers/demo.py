@@ -23,7 +23,14 @@ from datetime import timedelta
 from typing import Any
 
 from issuance.shared.settings import PREFIX, settings_from
-from issuance.shared.wire.messages import ClaimRequested, Message, OrderPlaced, ShareOpened, utcnow
+from issuance.shared.wire.messages import (
+    ClaimRequested,
+    Message,
+    OrderPlaced,
+    ShareOpened,
+    new_claim_id,
+    utcnow,
+)
 
 SERVICE_VARS = ("ISSUANCE_DATABASE_URL", "ISSUANCE_REDIS_URL", "ISSUANCE_AMQP_URL")
 
@@ -82,7 +89,7 @@ def workload(slug: str, similar: str, claims: int, rng: random.Random) -> list[M
             phone = phones[i]
         activity = similar if roll > 0.97 else slug
         claim = ClaimRequested(
-            claim_id=uuid.uuid4(),
+            claim_id=new_claim_id(),
             activity=activity,
             phone=phone,
             requested_at=now,

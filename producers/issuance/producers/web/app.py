@@ -62,7 +62,15 @@ from issuance.shared.errors import PublishError
 from issuance.shared.metrics import metrics_response
 from issuance.shared.settings import PhoneKeyError, Settings, load_settings, require_phone_keys
 from issuance.shared.wire.cells import publisher_for
-from issuance.shared.wire.messages import CHANNEL, SLUG, ClaimRequested, Message, ShareOpened, utcnow
+from issuance.shared.wire.messages import (
+    CHANNEL,
+    SLUG,
+    ClaimRequested,
+    Message,
+    ShareOpened,
+    new_claim_id,
+    utcnow,
+)
 from issuance.shared.wire.publisher import Publisher
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
@@ -376,7 +384,7 @@ class ActivityPageApp:
         self, request: Request, form: ClaimForm, activity: ActivityPage, e164: str, now: datetime
     ) -> Response:
         (_, digest), *older = phone_digests(e164, self.phone_keys.secrets)
-        claim_id = form.claim_id or uuid.uuid4()
+        claim_id = form.claim_id or new_claim_id()
         cell = self.cells.cell_for_phone(e164).number if self.cells is not None else None
         verdict = await self.gate.check_claim(
             client_ip=_client_ip(request),

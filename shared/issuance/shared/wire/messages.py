@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
+import uuid6
 from issuance.shared.errors import InvalidMessage
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -568,3 +569,13 @@ PUBLIC_TYPES = (
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_claim_id() -> uuid.UUID:
+    """A new claim ID: a time-ordered UUID (version 7, RFC 9562: Unix
+    milliseconds, then random bits). A claim's ID keys its row, its codes'
+    binding and its wallet entries; IDs that grow with time put those
+    inserts and lookups on the indexes' newest pages, where random ones
+    touch pages all over ever larger B-trees (most of the database's CPU
+    growth per claim as the tables grow; benchmarks/RESULTS.md)."""
+    return uuid.UUID(int=uuid6.uuid7().int)
