@@ -525,9 +525,10 @@ def open_loop(
         "seconds": round(offered_seconds, 1),
         "decided_during": during,
         "throughput": round((during) / offered_seconds, 1),
-        # Every claim offered, over the time from the first offer to the last
-        # decision: the rate the pipeline held (equal to the offer when it keeps up).
-        "held_rate": round(unique / (offered_seconds + drain), 1),
+        # Every claim offered (re-sends included, as the drain's rate counts
+        # them), over the time from the first offer to the last decision: the
+        # rate the pipeline held (the offer's when it keeps up).
+        "held_rate": round(published / (offered_seconds + drain), 1),
         "drain_after_s": round(drain, 2),
         **percentiles(conn, workload.unique_ids(before)),
         **observer.stop(),
