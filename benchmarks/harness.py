@@ -61,10 +61,18 @@ def private_services(tag: str, admin_dsn: str = ADMIN_DSN) -> Iterator[tuple[Set
 
 # -- a private PostgreSQL with production-like settings ---------------------------
 def machine_memory() -> int:
+    total = _meminfo("MemTotal") * 1024
+    if not total:
+        raise RuntimeError("no MemTotal in /proc/meminfo")
+    return total
+
+
+def _meminfo(key: str) -> int:
+    """A figure of /proc/meminfo (kB, or pages for the HugePages_ lines); 0 when absent."""
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemTotal in /proc/meminfo")
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return 0
 
 
 def production_settings(memory: int, cores: int) -> dict[str, str]:
@@ -197,13 +205,6 @@ class PrivatePostgres:
 
 
 HUGE_PAGES = Path("/proc/sys/vm/nr_hugepages")
-
-
-def _meminfo(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    return 0
 
 
 class HugePages:

@@ -643,14 +643,15 @@ def services(args: argparse.Namespace, results: dict[str, Any]) -> Iterator[tupl
         yield found
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def new_results(args: argparse.Namespace) -> dict[str, Any]:
+    """A run's results, opened with its arguments and start time (its --out made)."""
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "started": utcnow().isoformat(),
-    }
-    with contextlib.ExitStack() as stack:
-        settings, env = stack.enter_context(services(args, results))
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "started": utcnow().isoformat()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results = new_results(args)
+    with services(args, results) as (settings, env):
         console.print("[bold]setting up[/] activities and code pools")
         planned = args.backlog + args.reference + int(args.sustained * 20_000) + 200_000
         ceiling = make_activity(settings, "bench-ceiling", args.ceiling_pool, args.ceiling_pool)

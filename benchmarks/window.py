@@ -20,7 +20,6 @@ with production-like settings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -28,18 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from issuance.shared.wire.messages import utcnow
+from issuance.shared.settings import Settings
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.harness import ResourceMeter, WorkerProcesses
-from benchmarks.pipeline import Workload, backlog_drain, make_activity, open_loop, services
+from benchmarks.pipeline import Workload, backlog_drain, make_activity, new_results, open_loop, services
 
 console = Console(stderr=True)
 
 
 def arm(
-    settings: Any, env: dict[str, str], workload: Workload, prefetch: int, rate: float, args: Any
+    settings: Settings, env: dict[str, str], workload: Workload, prefetch: int, rate: float, args: Any
 ) -> dict[str, Any]:
     """One arm: the workers with ``prefetch``, the sustained rate, then half of it."""
     workers = WorkerProcesses(
@@ -62,13 +61,8 @@ def arm(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "started": utcnow().isoformat(),
-    }
-    with contextlib.ExitStack() as stack:
-        settings, env = stack.enter_context(services(args, results))
+    results = new_results(args)
+    with services(args, results) as (settings, env):
         arms = args.rounds * len(args.prefetch)
         pool = args.backlog + int(arms * 1.6 * args.seconds * 6_000) + 100_000
         live = make_activity(settings, "bench-live", pool, pool)

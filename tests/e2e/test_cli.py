@@ -234,3 +234,15 @@ def test_the_outbox_relay_says_when_it_starts_and_what_it_published(settings, se
     assert lines[0] == "outbox relay: publishing issuance_outbox in batches of 2; Ctrl-C stops"
     assert re.fullmatch(r"outbox relay: published 3 rows in \d+\.\ds", lines[1]), out
     assert len(lines) == 2 and err == "", out + err
+
+
+def test_the_delivery_window_is_one_rabbitmq_takes():
+    from issuance.shared.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["worker", "--prefetch", "65535"]).prefetch == 65535
+    assert parser.parse_args(["worker"]).prefetch is None  # twice the threads, set when it runs
+    for bad in ("0", "65536", "many"):
+        result = issuance("worker", "--prefetch", bad)
+        assert result.returncode == 2, result.stderr
+        assert "argument --prefetch" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -153,6 +153,17 @@ def _register_dead_letters(sub: Subparsers) -> None:
     replay.set_defaults(func=cmd_dead_letters_replay)
 
 
+def delivery_window(value: str) -> int:
+    """A prefetch count RabbitMQ takes (an argparse ``type``): AMQP carries it
+    in 16 bits, and a larger one would fail every consumer at its start."""
+    number = positive(value)
+    if number > 65_535:
+        raise argparse.ArgumentTypeError(
+            f"must be at most 65535 (AMQP's largest prefetch count), got {number}"
+        )
+    return number
+
+
 def register(sub: Subparsers) -> None:
     """Add the workers' commands to the ``issuance`` subparsers."""
     worker = sub.add_parser("worker", help="run the Dramatiq workers")
@@ -166,7 +177,7 @@ def register(sub: Subparsers) -> None:
     )
     worker.add_argument(
         "--prefetch",
-        type=positive,
+        type=delivery_window,
         help="unacknowledged messages each process holds per queue (default: twice the threads); a claim"
         " message stays unacknowledged until its claims commit, so this bounds the claims in flight",
     )
